@@ -1,0 +1,199 @@
+"""CLIP from scratch: a ViT image tower, a causal Transformer text tower, one joint space.
+
+Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision", Figure 3 (the numpy-like pseudocode, also Figure 2 of Knowledge-CLIP):
+
+    I_f = image_encoder(I)            # (B, d_i)
+    T_f = text_encoder(T)             # (B, d_t)
+    I_e = l2_normalize(I_f @ W_i)     # (B, D)
+    T_e = l2_normalize(T_f @ W_t)     # (B, D)
+    logits = I_e @ T_e.T * exp(t)     # (B, B)
+
+This file holds everything up to `logits`; the loss lives in losses.py.
+Read it top to bottom: tokenizer -> Transformer block -> the two towers -> CLIP -> sizes.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------
+# Tokenizer: bytes, so it needs no downloaded vocabulary and reads any language.
+# id 0 = padding, ids 1..256 = the UTF-8 bytes, 257 = start of text, 258 = end of text.
+# End-of-text is the largest id, so `argmax` over a row finds it (as in OpenAI's CLIP).
+
+PAD, SOT, EOT = 0, 257, 258
+VOCAB_SIZE = 259
+
+
+def tokenize(texts, context_length):
+    """Captions -> (N, context_length) int64 ids: [SOT, bytes..., EOT, PAD...].
+    Captions longer than the context are cut, and the last slot still holds EOT."""
+    if isinstance(texts, str):
+        texts = [texts]
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"caption {i} is {type(t).__name__} ({t!r:.40}), expected str")
+        ids = [SOT] + [b + 1 for b in t.encode("utf-8")][: context_length - 2] + [EOT]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def decode(tokens):
+    """(L,) ids -> the caption (inverse of `tokenize` for captions that fit)."""
+    body = [int(t) - 1 for t in tokens if 0 < int(t) < SOT]
+    return bytes(body).decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------------------
+# One pre-norm Transformer block, shared by both towers (causal=True for text).
+
+class Block(nn.Module):
+    def __init__(self, width, heads, causal=False):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.ln_1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def attention(self, x):  # x: (B, L, W)
+        B, L, W = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, h, L, W/h)
+        return self.proj(y.transpose(1, 2).reshape(B, L, W))
+
+    def forward(self, x):
+        x = x + self.attention(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------------------
+# The towers.
+
+class VisionTransformer(nn.Module):
+    """Dosovitskiy et al. 2021: patchify conv, class token, learned positions, pre-norm blocks.
+    The class token's final state is the image feature I_f."""
+
+    def __init__(self, image_size, patch_size, width, layers, heads):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        n_patches = (image_size // patch_size) ** 2
+        self.patchify = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.cls_token = nn.Parameter(torch.randn(width) * width ** -0.5)
+        self.pos_emb = nn.Parameter(torch.randn(n_patches + 1, width) * 0.02)
+        self.ln_pre = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(layers)])
+        self.ln_post = nn.LayerNorm(width)
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, width)
+        x = self.patchify(images).flatten(2).transpose(1, 2)  # (B, n_patches, W)
+        cls = self.cls_token.expand(x.shape[0], 1, -1)  # (B, 1, W)
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.pos_emb)  # (B, 1 + n_patches, W)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x[:, 0])
+
+
+class TextTransformer(nn.Module):
+    """A causal Transformer over byte tokens; the state at the end-of-text token is T_f."""
+
+    def __init__(self, context_length, width, layers, heads):
+        super().__init__()
+        self.token_emb = nn.Embedding(VOCAB_SIZE, width)
+        self.pos_emb = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.blocks = nn.ModuleList([Block(width, heads, causal=True) for _ in range(layers)])
+        self.ln_final = nn.LayerNorm(width)
+
+    def forward(self, tokens):  # (B, L) int64 -> (B, width)
+        # Causal attention: positions after EOT never reach the EOT state, so the padding
+        # columns that no caption of this batch uses can be cut off without changing the result.
+        tokens = tokens[:, : int(tokens.ne(PAD).sum(1).max())]  # (B, L') with L' <= L
+        x = self.token_emb(tokens) + self.pos_emb[: tokens.shape[1]]  # (B, L', W)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_final(x)
+        eot = tokens.argmax(dim=-1)  # (B,) position of EOT, the largest id
+        return x[torch.arange(x.shape[0], device=x.device), eot]
+
+
+# ----------------------------------------------------------------------------------------
+# CLIP: the two towers, the projections W_i, W_t and the learned temperature t.
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 64  # D, the joint space
+    image_size: int = 32
+    patch_size: int = 8
+    vision_width: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    context_length: int = 64
+    text_width: int = 96
+    text_layers: int = 3
+    text_heads: int = 4
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width,
+                                        cfg.vision_layers, cfg.vision_heads)
+        self.text = TextTransformer(cfg.context_length, cfg.text_width, cfg.text_layers, cfg.text_heads)
+        self.image_proj = nn.Parameter(torch.randn(cfg.vision_width, cfg.embed_dim) * cfg.vision_width ** -0.5)  # W_i
+        self.text_proj = nn.Parameter(torch.randn(cfg.text_width, cfg.embed_dim) * cfg.text_width ** -0.5)  # W_t
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # t; exp(t) scales the logits
+
+    def encode_image(self, images, normalize=True):  # (B, 3, H, W) -> (B, D)
+        x = self.visual(images) @ self.image_proj
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens, normalize=True):  # (B, L) -> (B, D)
+        x = self.text(tokens) @ self.text_proj
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def tokenize(self, texts):
+        return tokenize(texts, self.cfg.context_length)
+
+    def forward(self, images, tokens):
+        """Returns I_e (B, D), T_e (B, D) and exp(t), the inputs of losses.clip_loss."""
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+
+
+# ----------------------------------------------------------------------------------------
+# Named sizes. `teacher` is several times `small`: CLIP-CID distils it into a student.
+
+SIZES = {
+    "tiny": CLIPConfig(embed_dim=64, vision_width=64, vision_layers=2, vision_heads=2,
+                       text_width=64, text_layers=2, text_heads=2),
+    "small": CLIPConfig(embed_dim=64, vision_width=96, vision_layers=3, vision_heads=4,
+                        text_width=96, text_layers=3, text_heads=4),
+    "base": CLIPConfig(embed_dim=128, vision_width=192, vision_layers=4, vision_heads=4,
+                       text_width=192, text_layers=4, text_heads=4),
+    "teacher": CLIPConfig(embed_dim=128, vision_width=192, vision_layers=6, vision_heads=6,
+                          text_width=192, text_layers=4, text_heads=6),
+}
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def build(size="small", **overrides):
+    """A CLIP of a named size; keyword overrides change single fields (e.g. image_size=64)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    return CLIP(CLIPConfig(**{**asdict(SIZES[size]), **overrides}))
+
+
+if __name__ == "__main__":
+    for name in SIZES:
+        m = build(name)
+        print(f"{name:8s} {count_params(m) / 1e6:6.2f}M params  "
+              f"(image {count_params(m.visual) / 1e6:.2f}M, text {count_params(m.text) / 1e6:.2f}M)")

@@ -1,0 +1,412 @@
+"""Image-caption data: an embedded procedural set, real CSV / webdataset pairs, eval sets.
+
+1. The embedded set ("shapes"): images of one or two coloured objects, drawn from a seed, with
+   captions from several templates and synonyms ("crimson" for red, "disk" for circle), so a
+   pretrained text model's knowledge can matter. Nothing to download, any size. Like web data
+   it is redundant on purpose: a fraction of near-duplicate pairs (`dup_frac`) and a long-tailed
+   class frequency (`imbalance`), so CLIP-CID's semantic balance has something real to remove.
+   Held out from training: 8 shape x colour combinations (compositional zero-shot) and one
+   word per attribute value plus one template (held-out wordings).
+2. Real pairs: open_clip-style CSV/TSV (`filepath`, `title`) and img2dataset webdataset tar
+   shards (`{key}.jpg` + `{key}.txt`), read with the standard library; corrupt or missing
+   images and empty captions are skipped and counted, never crash a run.
+3. Evaluation sets by name through torchvision, with class names and prompt templates.
+"""
+import csv
+import gzip
+import hashlib
+import io
+import os
+import re
+import shutil
+import tarfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------
+# 1. The embedded set. Attribute values, the words that name them, and the templates.
+
+SHAPES = ["circle", "square", "triangle", "diamond", "cross", "star", "hexagon", "ring"]
+COLOURS = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"]
+SIZES = ["small", "large"]
+POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
+
+RGB = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (0.95, 0.9, 0.1),
+       "green": (0.1, 0.75, 0.2), "cyan": (0.1, 0.85, 0.9), "blue": (0.15, 0.3, 1.0),
+       "purple": (0.55, 0.15, 0.8), "pink": (1.0, 0.5, 0.75)}
+
+# The words for each value. The LAST word of each list never appears in training captions:
+# it is the held-out wording (split "wordings"), like the held-out template below.
+WORDS = {
+    "red": ["red", "crimson", "scarlet"], "orange": ["orange", "tangerine", "amber"],
+    "yellow": ["yellow", "lemon", "golden"], "green": ["green", "emerald", "lime"],
+    "cyan": ["cyan", "aqua", "turquoise"], "blue": ["blue", "azure", "cobalt"],
+    "purple": ["purple", "violet", "lilac"], "pink": ["pink", "rose", "salmon"],
+    "circle": ["circle", "disk", "round dot"], "square": ["square", "box", "block"],
+    "triangle": ["triangle", "wedge", "pyramid"], "diamond": ["diamond", "rhombus", "lozenge"],
+    "cross": ["cross", "plus sign", "x shape"], "star": ["star", "five-pointed star", "starfish shape"],
+    "hexagon": ["hexagon", "six-sided shape", "honeycomb cell"], "ring": ["ring", "donut", "hoop"],
+    "small": ["small", "little", "tiny"], "large": ["large", "big", "huge"],
+    "top left": ["top left", "upper left", "top-left corner"],
+    "top right": ["top right", "upper right", "top-right corner"],
+    "bottom left": ["bottom left", "lower left", "bottom-left corner"],
+    "bottom right": ["bottom right", "lower right", "bottom-right corner"],
+}
+TEMPLATES = ["a {size} {colour} {shape} in the {pos}", "a photo of a {colour} {shape}",
+             "{size} {colour} {shape}, {pos}", "a {colour} {shape} on a dark background"]
+HELD_OUT_TEMPLATE = "one {size} {shape} coloured {colour}"
+PAIR_TEMPLATE = "a {colour} {shape} and a {colour2} {shape2}"  # two-object images
+
+# Compositional zero-shot: shape i never appears in colour (3i + 1) mod 8 during training.
+# One unseen colour per shape and one unseen shape per colour (a Latin pattern).
+UNSEEN = {(s, (3 * s + 1) % 8) for s in range(8)}
+SEEN_CLASSES = [c for c in range(64) if (c // 8, c % 8) not in UNSEEN]  # class = shape * 8 + colour
+UNSEEN_CLASSES = sorted(s * 8 + c for s, c in UNSEEN)
+CLASS_NAMES = [f"{COLOURS[c % 8]} {SHAPES[c // 8]}" for c in range(64)]
+
+
+def with_article(text):
+    return ("an " if text[0] in "aeiou" else "a ") + text
+
+
+def caption(shape, colour, size, pos, rng, held_out=False, second=None):
+    """One caption for an object (and an optional second object (shape, colour))."""
+    def word(value):
+        ws = WORDS[value]
+        return ws[-1] if held_out else ws[rng.integers(len(ws) - 1)]
+    sh, co = word(SHAPES[shape]), word(COLOURS[colour])
+    if second is not None:
+        text = PAIR_TEMPLATE.format(colour=co, shape=sh, colour2=word(COLOURS[second[1]]),
+                                    shape2=word(SHAPES[second[0]]))
+    else:
+        template = HELD_OUT_TEMPLATE if held_out else TEMPLATES[rng.integers(len(TEMPLATES))]
+        text = template.format(size=word(SIZES[size]), colour=co, shape=sh, pos=word(POSITIONS[pos]))
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def shape_mask(shape, u, v):
+    """Inside-test of a unit-radius shape; u, v are coordinates in units of the radius."""
+    r = np.sqrt(u * u + v * v)
+    name = SHAPES[shape]
+    if name == "circle":
+        return r <= 1
+    if name == "square":
+        return np.maximum(abs(u), abs(v)) <= 0.8
+    if name == "triangle":
+        return (v <= 0.75) & (abs(u) <= (v + 0.95) * 0.6)
+    if name == "diamond":
+        return abs(u) + abs(v) <= 1
+    if name == "cross":
+        return ((abs(u) <= 0.3) & (abs(v) <= 0.95)) | ((abs(v) <= 0.3) & (abs(u) <= 0.95))
+    if name == "star":
+        theta = np.arctan2(u, -v)
+        return r <= 0.4 + 0.6 * np.abs(np.cos(2.5 * theta)) ** 4
+    if name == "hexagon":
+        return np.maximum(abs(u) * 0.866 + abs(v) * 0.5, abs(v)) <= 0.9
+    return (r <= 1) & (r >= 0.5)  # ring
+
+
+def render(objects, background, size_px, noise_rng=None):
+    """objects: list of (shape, colour, size, pos, jitter (2,), shade); background: (level,
+    gradient (2,)). Returns a (3, S, S) uint8 image. Sub-pixel sampling smooths the edges."""
+    S = size_px
+    ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) / S  # (S, S) in [0, 1)
+    level, grad = background
+    img = np.empty((3, S, S), np.float32)
+    img[:] = level + grad[0] * (xs - 0.5) + grad[1] * (ys - 0.5)
+    offsets = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)]
+    for shape, colour, size, pos, jitter, shade in objects:
+        radius = (0.2, 0.3)[size]
+        cx = (0.3, 0.7)[pos % 2] + jitter[0]
+        cy = (0.3, 0.7)[pos // 2] + jitter[1]
+        cover = sum(shape_mask(shape, (xs + ox / S - cx) / radius, (ys + oy / S - cy) / radius)
+                    for ox, oy in offsets) / len(offsets)  # (S, S) in [0, 1]
+        rgb = np.array(RGB[COLOURS[colour]], np.float32)[:, None, None] * shade
+        img = img * (1 - cover) + rgb * cover
+    if noise_rng is not None:
+        img += noise_rng.normal(0, 0.03, img.shape).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+SPLITS = {"train": 0, "val": 1, "test": 2, "probe": 3, "wordings": 4}
+
+
+class ShapesDataset:
+    """The embedded set, generated in memory. Fields:
+    images (N, 3, S, S) uint8; captions: list of N str; attributes (N,) int64 each:
+    shape, colour, size, pos (of the main object), label = shape * 8 + colour,
+    label2 (the second object's class, or -1), n_objects,
+    dup_of (index of the pair this one nearly duplicates, or -1).
+
+    train: seen combinations only, long-tailed class frequency, `two_frac` two-object images,
+      `dup_frac` near-duplicates (the same scene, new pixel noise, a new caption).
+    val / test / probe: one object, all 64 combinations equally often, training wordings.
+    wordings: like test, but every caption uses the held-out words and template."""
+
+    def __init__(self, split, n, seed=0, image_size=32, dup_frac=0.3, imbalance=0.8, two_frac=0.2):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        rng = np.random.default_rng([seed, SPLITS[split]])
+        train = split == "train"
+        classes = np.array(SEEN_CLASSES if train else range(64))
+        if train:  # Zipf-like frequencies over a seeded random order of the seen classes
+            p = (1.0 + rng.permutation(len(classes))) ** -imbalance
+            p /= p.sum()
+        else:
+            p = np.full(len(classes), 1 / len(classes))
+        self.images = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
+        self.captions, scenes = [], []
+        fields = {k: np.zeros(n, np.int64) for k in ("shape", "colour", "size", "pos", "n_objects", "label2")}
+        dup_of = np.full(n, -1, np.int64)
+        for i in range(n):
+            if train and i > 0 and rng.random() < dup_frac:
+                j = int(rng.integers(i))
+                while dup_of[j] >= 0:
+                    j = int(dup_of[j])  # point at the original scene
+                dup_of[i], scene = j, scenes[j]
+            else:
+                label = int(rng.choice(classes, p=p))
+                objects = [(label // 8, label % 8, int(rng.integers(2)), int(rng.integers(4)),
+                            rng.uniform(-0.04, 0.04, 2), rng.uniform(0.8, 1.0))]
+                if train and rng.random() < two_frac:
+                    second = int(rng.choice(classes, p=p))
+                    pos2 = (objects[0][3] + 1 + int(rng.integers(3))) % 4  # another quadrant
+                    objects.append((second // 8, second % 8, 0, pos2, rng.uniform(-0.03, 0.03, 2),
+                                    rng.uniform(0.8, 1.0)))
+                scene = (objects, (rng.uniform(0.0, 0.35), rng.uniform(-0.15, 0.15, 2)))
+            scenes.append(scene)
+            objects = scene[0]
+            sh, co, sz, po = objects[0][:4]
+            second = objects[1][:2] if len(objects) > 1 else None
+            self.images[i] = torch.from_numpy(render(objects, scene[1], image_size, rng))
+            self.captions.append(caption(sh, co, sz, po, rng, held_out=split == "wordings", second=second))
+            label2 = second[0] * 8 + second[1] if second else -1
+            for k, val in zip(("shape", "colour", "size", "pos", "n_objects", "label2"), (sh, co, sz, po, len(objects), label2)):
+                fields[k][i] = val
+        self.attributes = {k: torch.from_numpy(v) for k, v in fields.items()}
+        self.attributes["label"] = self.attributes["shape"] * 8 + self.attributes["colour"]
+        self.attributes["dup_of"] = torch.from_numpy(dup_of)
+
+    def __len__(self):
+        return len(self.captions)
+
+
+# ----------------------------------------------------------------------------------------
+# Pixels -> model input. Images travel as uint8 (N, 3, S, S) and are normalised on the fly.
+
+MEAN, STD = 0.45, 0.25
+
+
+def to_input(images_uint8, device="cpu"):  # (B, 3, S, S) uint8 -> float32 on device
+    return (images_uint8.to(device).float() / 255 - MEAN) / STD
+
+
+def load_image(source, image_size):
+    """A path, bytes or PIL image -> (3, S, S) uint8: RGB, shorter side resized to S, centre crop."""
+    img = source if isinstance(source, Image.Image) else Image.open(
+        io.BytesIO(source) if isinstance(source, bytes) else source)
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = image_size / min(w, h)
+    img = img.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - image_size) // 2, (h - image_size) // 2
+    img = img.crop((left, top, left + image_size, top + image_size))
+    return torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Real pairs. A pair whose key hashes below `val_frac` (salted by the seed) is held out
+# for validation, the same way for CSV rows and shard members.
+
+def is_val(key, seed, val_frac):
+    h = hashlib.sha1(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2 ** 64 < val_frac
+
+
+class CsvPairs(torch.utils.data.Dataset):
+    """open_clip-style CSV (comma) or TSV (tab): one row per pair, image path relative to the
+    file. Rows with an empty caption are dropped when the file is read (counted in
+    `skipped_empty`); an unreadable image makes __getitem__ return None (see collate)."""
+
+    def __init__(self, path, image_size, img_key="filepath", caption_key="title",
+                 split="train", seed=0, val_frac=0.0):
+        delimiter = "\t" if path.endswith(".tsv") else ","
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            missing = {img_key, caption_key} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{path}: no column {', '.join(sorted(missing))}; columns are "
+                                 f"{reader.fieldnames} (set --csv-img-key / --csv-caption-key)")
+            rows = [(r[img_key], (r[caption_key] or "").strip()) for r in reader]
+        root = os.path.dirname(os.path.abspath(path))
+        self.skipped_empty = sum(1 for _, c in rows if not c)
+        keep_val = split == "val"
+        self.rows = [(os.path.join(root, p), c) for p, c in rows
+                     if c and is_val(p, seed, val_frac) == keep_val]
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        path, text = self.rows[i]
+        try:
+            return load_image(path, self.image_size), text
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return None
+
+
+def expand_braces(pattern):
+    """'cc3m-{00000..00002}.tar' -> ['cc3m-00000.tar', 'cc3m-00001.tar', 'cc3m-00002.tar'];
+    also '{a,b}' lists. Several patterns may be joined with '::'."""
+    out = []
+    for part in pattern.split("::"):
+        m = re.search(r"\{([^{}]*)\}", part)
+        if not m:
+            out.append(part)
+            continue
+        body = m.group(1)
+        rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        items = ([str(k).zfill(len(rng.group(1))) for k in range(int(rng.group(1)), int(rng.group(2)) + 1)]
+                 if rng else body.split(","))
+        for item in items:
+            out.extend(expand_braces(part[: m.start()] + item + part[m.end():]))
+    return out
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class ShardPairs(torch.utils.data.IterableDataset):
+    """webdataset tar shards as img2dataset writes them: members `{key}.{jpg,png,webp}` and
+    `{key}.txt` side by side. Shards are split over DataLoader workers; pairs with a missing or
+    corrupt image, a missing or empty caption, or an unreadable shard are skipped: they come
+    out as None, which `collate` counts and drops."""
+
+    def __init__(self, pattern, image_size, split="train", seed=0, val_frac=0.0):
+        self.shards = expand_braces(pattern)
+        missing = [s for s in self.shards if not os.path.exists(s)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(self.shards)} shards not found, e.g. {missing[0]}")
+        self.image_size, self.split, self.seed, self.val_frac = image_size, split, seed, val_frac
+        self.epoch = 0  # set by the caller; shard order is shuffled by (seed, epoch)
+
+    def samples(self, shard):
+        """Yield (key, image bytes or None, caption or None) for each key of one shard."""
+        current, parts = None, {}
+        try:
+            with tarfile.open(shard, "r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    if key != current and current is not None:
+                        yield current, parts.get("img"), parts.get("txt")
+                        parts = {}
+                    current = key
+                    data = tar.extractfile(member).read()
+                    if ext.lower() in IMAGE_EXTS:
+                        parts["img"] = data
+                    elif ext.lower() == "txt":
+                        parts["txt"] = data.decode("utf-8", errors="replace").strip()
+        except (tarfile.TarError, OSError, EOFError):
+            yield None, None, None  # a truncated or unreadable shard: counted once, skipped
+        if current is not None:
+            yield current, parts.get("img"), parts.get("txt")
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        shards = [self.shards[i] for i in order] if self.split == "train" else self.shards
+        if info is not None:
+            shards = shards[info.id:: info.num_workers]
+        keep_val = self.split == "val"
+        for shard in shards:
+            for key, img, txt in self.samples(shard):
+                if key is not None and is_val(key, self.seed, self.val_frac) != keep_val:
+                    continue
+                if key is None or img is None or not txt:
+                    yield None
+                    continue
+                try:
+                    yield load_image(img, self.image_size), txt
+                except (OSError, ValueError, Image.DecompressionBombError):
+                    yield None
+
+
+def collate(batch):
+    """Drop the pairs that failed to load. Returns (images (B, 3, S, S) uint8, captions, n_skipped)."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), [], len(batch)
+    return torch.stack([b[0] for b in good]), [b[1] for b in good], len(batch) - len(good)
+
+
+def real_pairs(spec, image_size, split="train", seed=0, val_frac=0.0, img_key="filepath", caption_key="title"):
+    """`--data` for real pairs: a .csv/.tsv path or a tar shard pattern."""
+    if spec.endswith((".csv", ".tsv")):
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"--data {spec}: no such file")
+        return CsvPairs(spec, image_size, img_key, caption_key, split, seed, val_frac)
+    if ".tar" in spec:
+        return ShardPairs(spec, image_size, split, seed, val_frac)
+    raise ValueError(f"--data {spec!r}: expected 'shapes', a .csv/.tsv file or a .tar shard pattern")
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Evaluation sets through torchvision: images, labels, class names, prompt templates.
+
+EVAL_SETS = {  # name: (torchvision class, how to ask for the test split)
+    "cifar10": ("CIFAR10", {"train": False}), "cifar100": ("CIFAR100", {"train": False}),
+    "fashion-mnist": ("FashionMNIST", {"train": False}), "mnist": ("MNIST", {"train": False}),
+    "stl10": ("STL10", {"split": "test"}),
+}
+TEMPLATES_BY_SET = {
+    "fashion-mnist": ["a photo of a {}.", "a photo of the {}, a type of clothing.", "a black and white photo of a {}."],
+    "mnist": ['a photo of the number: "{}".', "a handwritten digit {}."],
+}
+DEFAULT_EVAL_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the small {}.",
+                          "a low resolution photo of a {}."]
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def prepare_fashion_mnist(root):
+    """torchvision's FashionMNIST reads ROOT/FashionMNIST/raw/*-ubyte. Debian's
+    dataset-fashion-mnist ships the same files gzipped: unpack them there once, offline."""
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        dst, src = os.path.join(raw, name), os.path.join(DEBIAN_FASHION_MNIST, name + ".gz")
+        if not os.path.exists(dst) and os.path.exists(src):
+            os.makedirs(raw, exist_ok=True)
+            with gzip.open(src) as fin, open(dst + ".tmp", "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            os.replace(dst + ".tmp", dst)
+
+
+def load_eval_set(name, root, image_size, max_n=None, train=False):
+    """A named torchvision set as (images (N, 3, S, S) uint8, labels (N,), class names, templates).
+    Never downloads: a missing set is one clear error saying where it was looked for."""
+    import torchvision.datasets as tvd
+    if name not in EVAL_SETS:
+        raise ValueError(f"unknown eval set {name!r}; choose one of {', '.join(EVAL_SETS)}")
+    cls_name, split = EVAL_SETS[name]
+    if train:
+        split = {"split": "train"} if "split" in split else {"train": True}
+    if name == "fashion-mnist":
+        prepare_fashion_mnist(root)
+    try:
+        ds = getattr(tvd, cls_name)(root, download=False, **split)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
+        raise FileNotFoundError(f"eval set {name} not found under {root} ({e}); fetch it once with "
+                                f"torchvision.datasets.{cls_name}({root!r}, download=True)") from None
+    n = len(ds) if max_n is None else min(max_n, len(ds))
+    images = torch.stack([load_image(ds[i][0], image_size) for i in range(n)])
+    labels = torch.tensor([int(ds[i][1]) for i in range(n)])
+    classes = [c.replace("_", " ") for c in ds.classes]
+    if name == "mnist":
+        classes = [c.split(" - ")[1] for c in classes]
+    return images, labels, classes, TEMPLATES_BY_SET.get(name, DEFAULT_EVAL_TEMPLATES)
+

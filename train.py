@@ -1,0 +1,310 @@
+"""Train a CLIP: `python train.py --method clip`.
+
+One loop for every method. A method only decides which loss terms a batch produces
+(`loss_terms`); the loop sums them with their weights, steps AdamW, and does the rest:
+warmup + cosine learning rate, gradient clipping, the logit-scale clamp of CLIP
+(exp(t) <= 100), bf16 autocast on CUDA, a progress bar, DIR/log.jsonl, atomic checkpoints
+that resume exactly, a clear stop on a NaN loss, and DIR/results.json from eval.py at the end.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+import clip
+import data
+import eval as evaluation
+import losses
+
+# Presets: what a run does when you give no flags. `cpu` finishes in minutes on 2 cores;
+# `gpu` is the reduced-scale run for one GPU. Every field is also a flag.
+PRESETS = {
+    "cpu": dict(model="small", steps=500, batch_size=256, lr=2e-3, warmup=50, n_train=20000),
+    "gpu": dict(model="base", steps=10000, batch_size=1024, lr=1e-3, warmup=500, n_train=400000),
+}
+METHODS = ["clip"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", choices=METHODS, default="clip")
+    p.add_argument("--data", default="shapes", help="'shapes' (embedded, generated), a .csv/.tsv file or tar shards 'dir/cc3m-{00000..00331}.tar'")
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu on CUDA, else cpu")
+    p.add_argument("--model", choices=list(clip.SIZES), default=None, help="default: the preset's")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--n-train", type=int, default=None, help="pairs generated for --data shapes")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--dup-frac", type=float, default=0.3, help="shapes: near-duplicate fraction")
+    p.add_argument("--imbalance", type=float, default=0.8, help="shapes: Zipf exponent of class frequency")
+    p.add_argument("--val-frac", type=float, default=0.02, help="real data: held-out pairs for retrieval")
+    p.add_argument("--csv-img-key", default="filepath")
+    p.add_argument("--csv-caption-key", default="title")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for real data")
+    p.add_argument("--n-eval", type=int, default=2000, help="shapes: test pairs (probe 2x, val 0.5x)")
+    p.add_argument("--eval-sets", nargs="*", default=[], help="torchvision sets for zero-shot/probe, e.g. fashion-mnist")
+    p.add_argument("--data-root", default=os.path.expanduser("~/.cache/clip-distill"), help="where eval sets live")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="run folder; default runs/METHOD-MODEL-sSEED")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("steps", "batch_size", "n_train", "n_eval", "log_every", "ckpt_every", "image_size"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if args.batch_size < 2:
+        p.error("--batch-size must be at least 2: the contrastive loss needs negatives")
+    if not args.lr > 0 or not 0 <= args.val_frac < 1 or not 0 <= args.dup_frac < 1:
+        p.error("need --lr > 0, 0 <= --val-frac < 1 and 0 <= --dup-frac < 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+    args.out = args.out or os.path.join("runs", f"{args.method}-{args.model}-s{args.seed}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# Batches. Each one is a pure function of (seed, step), so a resumed run sees the same data.
+
+class ShapesStream:
+    """The embedded set in memory: epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, args):
+        self.ds = data.ShapesDataset("train", args.n_train, seed=args.seed, image_size=args.image_size,
+                                     dup_frac=args.dup_frac, imbalance=args.imbalance)
+        if args.batch_size > len(self.ds):
+            raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(self.ds)} training pairs")
+        self.tokens = clip.tokenize(self.ds.captions, clip.SIZES[args.model].context_length)  # (N, L)
+        self.batch_size, self.seed, self.perm_epoch = args.batch_size, args.seed, None
+
+    def batch(self, step):
+        per_epoch = len(self.ds) // self.batch_size
+        epoch, k = divmod(step, per_epoch)
+        if self.perm_epoch != epoch:
+            self.perm = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            self.perm_epoch = epoch
+        idx = self.perm[k * self.batch_size:(k + 1) * self.batch_size]  # (B,)
+        return {"images": self.ds.images[idx], "tokens": self.tokens[idx], "index": idx, "skipped": 0}
+
+
+class RealStream:
+    """CSV rows or tar shards through a DataLoader. Resuming at step s replays the epoch's
+    order and skips the batches already seen (CSV: without loading their images)."""
+
+    def __init__(self, args):
+        self.ds = data.real_pairs(args.data, args.image_size, "train", args.seed, args.val_frac,
+                                  args.csv_img_key, args.csv_caption_key)
+        self.args, self.iterator, self.skipped = args, None, getattr(self.ds, "skipped_empty", 0)
+
+    def epochs(self, start_step):
+        """Yield (images, captions, n_skipped) batches from step `start_step` on, epoch after epoch."""
+        a, step, epoch = self.args, 0, 0
+        kw = dict(batch_size=a.batch_size, num_workers=a.workers, collate_fn=data.collate)
+        while True:
+            if isinstance(self.ds, data.ShardPairs):
+                self.ds.epoch = epoch
+                loader = torch.utils.data.DataLoader(self.ds, **kw)
+            else:
+                order = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))
+                per_epoch = len(order) // a.batch_size
+                if per_epoch == 0:
+                    raise SystemExit(f"error: --data {a.data} has {len(order)} pairs, fewer than --batch-size {a.batch_size}")
+                skip = min(max(start_step - step, 0), per_epoch)  # batches already trained on
+                step += skip
+                loader = torch.utils.data.DataLoader(self.ds, sampler=order[skip * a.batch_size:per_epoch * a.batch_size].tolist(), **kw)
+            n_batches = 0
+            for images, captions, skipped in loader:
+                n_batches += 1
+                step += 1
+                if step > start_step:
+                    yield images, captions, skipped
+            if n_batches == 0 and isinstance(self.ds, data.ShardPairs):
+                raise SystemExit(f"error: --data {a.data} gave no usable pairs")
+            epoch += 1
+
+    def batch(self, step):
+        if self.iterator is None:
+            self.iterator = self.epochs(step)
+        images, captions, skipped = next(self.iterator)
+        self.skipped += skipped
+        while len(captions) < 2:  # every image of this batch was unreadable: take the next one
+            images, captions, skipped = next(self.iterator)
+            self.skipped += skipped
+        return {"images": images, "tokens": clip.tokenize(captions, clip.SIZES[self.args.model].context_length),
+                "index": None, "skipped": self.skipped}
+
+
+# ----------------------------------------------------------------------------------------
+# The method: which loss terms a batch produces, and their weights.
+
+def loss_terms(model, batch, args):
+    """{name: scalar loss}. The CLIP baseline has one term; other methods add theirs."""
+    image_emb, text_emb, scale = model(batch["images"], batch["tokens"])  # (B, D), (B, D), ()
+    return {"clip": losses.clip_loss(image_emb, text_emb, scale)}
+
+
+def loss_weights(args):
+    return {"clip": 1.0}
+
+
+# ----------------------------------------------------------------------------------------
+# Optimiser, schedule, checkpoints.
+
+def make_optimizer(model, args):
+    """AdamW; no weight decay on gains, biases and the logit scale (every tensor with < 2 dims)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def lr_at(step, args):
+    """Linear warmup to --lr, then cosine to zero. A pure function of the step: the
+    schedule's whole state is the step counter stored in the checkpoint."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return 0.5 * args.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def save_checkpoint(path, model, optimizer, step, args):
+    """Write to a temp file, then rename: a killed run never leaves a half-written ckpt.pt."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "model_config": asdict(model.cfg), "config": vars(args),
+             "rng": {"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+RESUME_MUST_MATCH = ("method", "model", "data", "seed", "batch_size", "n_train", "image_size", "dup_frac", "imbalance")
+
+
+def load_for_resume(path, model, optimizer, args):
+    ckpt = torch.load(path, map_location=args.device, weights_only=True)
+    diff = [k for k in RESUME_MUST_MATCH if ckpt["config"].get(k) != getattr(args, k)]
+    if diff:
+        raise SystemExit("error: cannot resume " + path + ": " + ", ".join(
+            f"--{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {getattr(args, k)!r}" for k in diff))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["step"]
+
+
+def trim_log(path, step):
+    """Drop log lines past the checkpoint's step (a killed run may have logged beyond it)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop.
+
+def train(args):
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
+        raise SystemExit(f"error: {args.out} already holds a run; pass --resume to continue it, "
+                         f"--overwrite to start afresh, or --out for a new folder")
+    stream = ShapesStream(args) if args.data == "shapes" else RealStream(args)
+    model = clip.build(args.model, image_size=args.image_size).to(device)
+    n_params = clip.count_params(model)
+    print(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x "
+          f"{args.batch_size} pairs on {device}, data {args.data} -> {args.out}")
+    optimizer = make_optimizer(model, args)
+    start = 0
+    if args.resume and os.path.exists(ckpt_path):
+        start = load_for_resume(ckpt_path, model, optimizer, args)
+        trim_log(log_path, start)
+        print(f"resumed from {ckpt_path} at step {start}")
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+    weights = loss_weights(args)
+    use_amp = device.type == "cuda"
+    t_start, seen = time.time(), 0
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method,
+               mininterval=1.0, disable=None)
+    completed = start  # steps whose update is in the weights
+    try:
+        for step in bar:
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = stream.batch(step)
+            images, tokens = data.to_input(batch["images"], device), batch["tokens"].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                terms = loss_terms(model, {**batch, "images": images, "tokens": tokens}, args)
+                loss = sum(weights[k] * v for k, v in terms.items())
+            if not torch.isfinite(loss):
+                save_checkpoint(ckpt_path, model, optimizer, step, args)  # the weights are still good
+                raise SystemExit(f"error: the loss became {loss.item()} at step {step}. The last good "
+                                 f"state (step {step}) is saved in {ckpt_path}; lower --lr and pass --resume")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))  # exp(t) stays in [1, 100]
+            completed = step + 1
+            seen += len(tokens)
+            rate = seen / (time.time() - t_start)
+            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+                record = {"step": step + 1, "lr": lr, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
+                          "logit_scale": model.logit_scale.exp().item(), "samples_per_s": rate,
+                          "skipped": batch["skipped"]}
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", sps=f"{rate:.0f}")
+            if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+                save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
+    except KeyboardInterrupt:
+        bar.close()
+        save_checkpoint(ckpt_path, model, optimizer, completed, args)
+        raise SystemExit(f"interrupted at step {completed}: saved {ckpt_path}; continue with --resume") from None
+    bar.close()
+    seconds = time.time() - t_start
+    results = {"method": args.method, "model": args.model, "params": n_params, "steps": args.steps,
+               "batch_size": args.batch_size, "seed": args.seed, "data": args.data,
+               "seconds": round(seconds, 1), "samples_per_second": round(seen / seconds, 1) if seen else None,
+               "skipped_pairs": stream.skipped if isinstance(stream, RealStream) else 0}
+    results.update(evaluation.evaluate(model, args, device))
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
