@@ -173,11 +173,11 @@ SIZES = {
     "tiny": CLIPConfig(embed_dim=64, vision_width=64, vision_layers=2, vision_heads=2,
                        text_width=64, text_layers=2, text_heads=2),
     "small": CLIPConfig(embed_dim=64, vision_width=96, vision_layers=3, vision_heads=4,
-                        text_width=96, text_layers=3, text_heads=4),
-    "base": CLIPConfig(embed_dim=128, vision_width=192, vision_layers=4, vision_heads=4,
-                       text_width=192, text_layers=4, text_heads=4),
-    "teacher": CLIPConfig(embed_dim=128, vision_width=192, vision_layers=6, vision_heads=6,
-                          text_width=192, text_layers=4, text_heads=6),
+                        text_width=96, text_layers=2, text_heads=4),
+    "base": CLIPConfig(embed_dim=128, vision_width=128, vision_layers=4, vision_heads=4,
+                       text_width=128, text_layers=3, text_heads=4),
+    "teacher": CLIPConfig(embed_dim=128, vision_width=160, vision_layers=6, vision_heads=5,
+                          text_width=128, text_layers=3, text_heads=4),
 }
 
 

@@ -160,6 +160,43 @@ def evaluate(model, args, device):
     return res
 
 
+# ----------------------------------------------------------------------------------------
+# Pictures (PNG through torchvision).
+
+def framed(images_uint8, scale=2):
+    """(N, 3, S, S) uint8 -> (N, 3, 2S, 2S) float in [0, 1], upscaled so 32-pixel images are visible."""
+    return F.interpolate(images_uint8.float() / 255, scale_factor=scale, mode="nearest")
+
+
+def save_duplicate_groups(images, groups, path, n_groups=8, per_row=8):
+    """CLIP-CID semantic balance: one row per group of near-duplicates, largest groups first;
+    the kept image comes first, framed in green, then the removed ones."""
+    import torchvision
+    rows = []
+    for members in sorted(groups, key=len, reverse=True)[:n_groups]:
+        row = framed(images[torch.as_tensor(members[:per_row])])
+        row[0, :, :2, :], row[0, :, -2:, :], row[0, :, :, :2], row[0, :, :, -2:] = 0, 0, 0, 0
+        row[0, 1, :2, :], row[0, 1, -2:, :], row[0, 1, :, :2], row[0, 1, :, -2:] = 1, 1, 1, 1  # green frame
+        rows.append(torch.cat([row, torch.zeros(per_row - len(row), *row.shape[1:])]))
+    if rows:
+        torchvision.utils.save_image(torch.cat(rows), path, nrow=per_row, padding=2, pad_value=1.0)
+        print(f"wrote {path} (kept image framed in green, removed duplicates beside it)")
+
+
+def save_cluster_grid(images, emb, centroids, labels, path, n_clusters=12, per_row=10):
+    """One row per cluster (the most populous first): its members nearest the centroid."""
+    import torchvision
+    counts = torch.bincount(labels, minlength=len(centroids))
+    rows = []
+    for k in counts.argsort(descending=True)[:n_clusters].tolist():
+        members = torch.nonzero(labels == k).squeeze(1)
+        best = members[(emb[members] @ centroids[k].cpu()).argsort(descending=True)[:per_row]]
+        row = framed(images[best])
+        rows.append(torch.cat([row, torch.zeros(per_row - len(row), *row.shape[1:])]))
+    torchvision.utils.save_image(torch.cat(rows), path, nrow=per_row, padding=2, pad_value=1.0)
+    print(f"wrote {path} (one row per cluster: the pairs nearest its centroid)")
+
+
 def load_checkpoint(path, device="cpu"):
     """A run folder or a ckpt.pt -> (model, saved config dict). Loaded with weights_only=True."""
     if os.path.isdir(path):

@@ -4,6 +4,8 @@ CLIP (Radford et al. 2021, Figure 3; Knowledge-CLIP Figure 2):
     logits = I_e @ T_e.T * exp(t)
     loss   = (CE(logits, arange(B), axis=0) + CE(logits, arange(B), axis=1)) / 2
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -18,3 +20,58 @@ def clip_loss(image_emb, text_emb, logit_scale):
     logits = logit_scale * image_emb @ text_emb.t()  # (B, B)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+# ----------------------------------------------------------------------------------------
+# CLIP-CID (Yang et al. 2024, arXiv 2408.09441), cluster and instance discrimination.
+# The paper gives no equations in code; these follow the same lab's UNICOM (margin softmax
+# over k-means pseudo-classes) and instance-level CLIP distillation, as ../shared/papers.md says.
+
+def arcface_logits(emb, centroids, labels, s=32.0, m=0.3):
+    """Additive angular margin (ArcFace, Deng et al. 2019) logits.
+
+    emb (B, D) and centroids (K, D) unit-norm; labels (B,) in [0, K).
+    logit_j = s * cos(theta_j) for j != y, logit_y = s * cos(theta_y + m), theta = arccos(cos).
+    arccos is taken on the cosine clamped to [-1 + 1e-6, 1 - 1e-6] (its slope is infinite at
+    +-1) and theta_y + m is capped at pi so the target logit stays monotone in theta_y.
+    Where this differs from unicom / arcface_torch: they apply the margin in place on the
+    logits under no_grad, so their backward pass is that of the plain cosine; here the margin
+    is part of the graph and autograd differentiates cos(arccos(c) + m)."""
+    cos = emb @ centroids.t()  # (B, K)
+    cos_y = cos.gather(1, labels[:, None]).clamp(-1 + 1e-6, 1 - 1e-6)  # (B, 1)
+    target = torch.cos((torch.arccos(cos_y) + m).clamp(max=math.pi))  # (B, 1)
+    return s * cos.scatter(1, labels[:, None], target)
+
+
+def sample_classes(labels, n_classes, frac, generator=None):
+    """Partial class sampling (PartialFC, An et al. 2022) for very large K: keep every class
+    that is a label in this batch, plus a random `frac` of the others. Returns
+    (kept class ids (K',), labels remapped into [0, K'))."""
+    positive = torch.unique(labels)  # sorted
+    is_pos = torch.zeros(n_classes, dtype=torch.bool, device=labels.device)
+    is_pos[positive] = True
+    negatives = torch.nonzero(~is_pos).squeeze(1)
+    n_keep = int(round(frac * len(negatives)))
+    pick = torch.randperm(len(negatives), generator=generator)[:n_keep].to(labels.device)
+    kept = torch.cat([positive, negatives[pick]])  # positives first
+    return kept, torch.searchsorted(positive, labels)
+
+
+def cluster_loss(emb, centroids, labels, s=32.0, m=0.3, sample_frac=1.0, generator=None):
+    """L_cd = -log( e^{s cos(theta_y + m)} / (e^{s cos(theta_y + m)} + sum_{j != y} e^{s cos theta_j}) ),
+    batch mean. emb (B, D_t) unit-norm student embeddings projected to the teacher's width;
+    centroids (K, D_t) the frozen unit k-means centroids of the teacher's image embeddings."""
+    if sample_frac < 1.0:
+        kept, labels = sample_classes(labels, len(centroids), sample_frac, generator)
+        centroids = centroids[kept]
+    return F.cross_entropy(arcface_logits(emb, centroids, labels, s, m), labels)
+
+
+def instance_loss(student_image, student_text, teacher_image, teacher_text, scale):
+    """Cross-model InfoNCE in the teacher's space: the student's image i must pick the
+    teacher's caption i among the batch, and the student's caption i the teacher's image i.
+    All (B, D_t) unit-norm; scale is the already exponentiated learned s'.
+    L_id = ( CE(s' P(I_s) T_t^T, arange) + CE(s' P(T_s) I_t^T, arange) ) / 2."""
+    labels = torch.arange(len(student_image), device=student_image.device)
+    return (F.cross_entropy(scale * student_image @ teacher_text.t(), labels)
+            + F.cross_entropy(scale * student_text @ teacher_image.t(), labels)) / 2

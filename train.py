@@ -14,13 +14,18 @@ import sys
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import clip
 import data
 import eval as evaluation
+import kmeans
 import losses
+import teachers
 
 # Presets: what a run does when you give no flags. `cpu` finishes in minutes on 2 cores;
 # `gpu` is the reduced-scale run for one GPU. Every field is also a flag.
@@ -28,7 +33,8 @@ PRESETS = {
     "cpu": dict(model="small", steps=500, batch_size=256, lr=2e-3, warmup=50, n_train=20000),
     "gpu": dict(model="base", steps=10000, batch_size=1024, lr=1e-3, warmup=500, n_train=400000),
 }
-METHODS = ["clip"]
+METHODS = ["clip", "cid"]
+TEACHER_STEPS = {"cpu": 600, "gpu": 20000}  # the default CLIP-CID teacher trains longer than its student
 
 
 def parse_args(argv=None):
@@ -54,6 +60,20 @@ def parse_args(argv=None):
     p.add_argument("--n-eval", type=int, default=2000, help="shapes: test pairs (probe 2x, val 0.5x)")
     p.add_argument("--eval-sets", nargs="*", default=[], help="torchvision sets for zero-shot/probe, e.g. fashion-mnist")
     p.add_argument("--data-root", default=os.path.expanduser("~/.cache/clip-distill"), help="where eval sets live")
+    g = p.add_argument_group("CLIP-CID (--method cid)")
+    g.add_argument("--teacher", default=None, help="run folder of a CLIP we trained, or a Hugging Face CLIPModel name/path; "
+                   "default: our own teacher for this data and preset, trained first if missing")
+    g.add_argument("--teacher-steps", type=int, default=None, help="steps of the default teacher; default: per preset")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow a Hugging Face teacher's own code")
+    g.add_argument("--clusters", type=int, default=64, help="K of the k-means on teacher image embeddings")
+    g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True, help="image semantic balance")
+    g.add_argument("--balance-threshold", type=float, default=0.95, help="cosine at or above which two images are duplicates")
+    g.add_argument("--balance-buckets", type=int, default=None, help="search duplicates within k-means buckets (large data)")
+    g.add_argument("--cd-weight", type=float, default=1.0, help="weight of the cluster discrimination loss")
+    g.add_argument("--id-weight", type=float, default=1.0, help="weight of the instance discrimination loss")
+    g.add_argument("--margin", type=float, default=0.3, help="ArcFace additive angular margin m")
+    g.add_argument("--arc-scale", type=float, default=32.0, help="ArcFace scale s")
+    g.add_argument("--class-frac", type=float, default=1.0, help="partial class sampling: fraction of negative clusters kept")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder; default runs/METHOD-MODEL-sSEED")
@@ -62,7 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=100)
     args = p.parse_args(argv)
-    preset = PRESETS[args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")]
+    args.preset = args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")
+    preset = PRESETS[args.preset]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -75,6 +96,11 @@ def parse_args(argv=None):
         p.error("need --lr > 0, 0 <= --val-frac < 1 and 0 <= --dup-frac < 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
+    if args.method == "cid" and args.data != "shapes":
+        p.error("--method cid runs on the embedded data for now (it indexes cached teacher embeddings by pair)")
+    if args.clusters < 1 or not 0 < args.class_frac <= 1 or not -1 <= args.balance_threshold <= 1:
+        p.error("need --clusters >= 1, 0 < --class-frac <= 1 and -1 <= --balance-threshold <= 1")
+    args.teacher_steps = args.teacher_steps or TEACHER_STEPS[args.preset]
     args.out = args.out or os.path.join("runs", f"{args.method}-{args.model}-s{args.seed}")
     return args
 
@@ -92,12 +118,20 @@ class ShapesStream:
             raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(self.ds)} training pairs")
         self.tokens = clip.tokenize(self.ds.captions, clip.SIZES[args.model].context_length)  # (N, L)
         self.batch_size, self.seed, self.perm_epoch = args.batch_size, args.seed, None
+        self.pool = torch.arange(len(self.ds))  # the pairs we train on (semantic balance may drop some)
+
+    def restrict(self, keep):
+        """Train only on the pairs where keep (N,) bool is True."""
+        self.pool = torch.nonzero(torch.as_tensor(keep)).squeeze(1)
+        if len(self.pool) < self.batch_size:
+            raise SystemExit(f"error: only {len(self.pool)} pairs left, fewer than --batch-size {self.batch_size}")
 
     def batch(self, step):
-        per_epoch = len(self.ds) // self.batch_size
+        per_epoch = len(self.pool) // self.batch_size
         epoch, k = divmod(step, per_epoch)
         if self.perm_epoch != epoch:
-            self.perm = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self.perm = self.pool[torch.randperm(len(self.pool), generator=g)]
             self.perm_epoch = epoch
         idx = self.perm[k * self.batch_size:(k + 1) * self.batch_size]  # (B,)
         return {"images": self.ds.images[idx], "tokens": self.tokens[idx], "index": idx, "skipped": 0}
@@ -151,25 +185,103 @@ class RealStream:
 
 
 # ----------------------------------------------------------------------------------------
-# The method: which loss terms a batch produces, and their weights.
+# The method: which loss terms a batch produces, and their weights. CLIP has one term;
+# CLIP-CID adds cluster and instance discrimination against a frozen teacher's cached embeddings.
 
-def loss_terms(model, batch, args):
-    """{name: scalar loss}. The CLIP baseline has one term; other methods add theirs."""
-    image_emb, text_emb, scale = model(batch["images"], batch["tokens"])  # (B, D), (B, D), ()
-    return {"clip": losses.clip_loss(image_emb, text_emb, scale)}
+class CIDHeads(nn.Module):
+    """The student's extra parameters in CLIP-CID: the projector P (D_s -> D_t) into the
+    teacher's space and the learned scale s' of the instance loss (initialised like CLIP's)."""
+
+    def __init__(self, d_student, d_teacher):
+        super().__init__()
+        self.proj = nn.Linear(d_student, d_teacher, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+def default_teacher_dir(args):
+    return os.path.join("runs", f"teacher-{args.preset}-n{args.n_train}-dup{args.dup_frac}-imb{args.imbalance}"
+                                f"-img{args.image_size}-s{args.seed}")
+
+
+def ensure_teacher(args):
+    """--teacher as given, or our own: train `--method clip --model teacher` first if missing."""
+    if args.teacher is not None:
+        return args.teacher
+    tdir = default_teacher_dir(args)
+    if os.path.exists(os.path.join(tdir, "results.json")):
+        print(f"cid: using the teacher in {tdir}")
+        return tdir
+    print(f"cid: no teacher for this data and preset in {tdir}; training it first ({args.teacher_steps} steps)")
+    targs = parse_args(["--method", "clip", "--model", "teacher", "--preset", args.preset, "--steps", str(args.teacher_steps),
+                        "--n-train", str(args.n_train), "--dup-frac", str(args.dup_frac), "--imbalance", str(args.imbalance),
+                        "--image-size", str(args.image_size), "--seed", str(args.seed), "--device", args.device,
+                        "--n-eval", str(args.n_eval), "--out", tdir, "--resume"])
+    train(targs)
+    return tdir
+
+
+def prepare_cid(args, stream, device):
+    """Everything CLIP-CID computes once, before the loop: teacher embeddings (cached),
+    semantic balance, k-means pseudo-classes. Returns the tensors loss_terms needs and a
+    summary for results.json."""
+    tdir = ensure_teacher(args)
+    teacher = teachers.load_clip_teacher(tdir, device, args.trust_remote_code)
+    cache = os.path.join(tdir, "cache") if os.path.isdir(tdir) else os.path.join("runs", "cache", tdir.replace("/", "--"))
+    t_img, t_txt = teachers.clip_teacher_embeddings(teacher, stream.ds.images, stream.ds.captions, cache)
+    t_img, t_txt = torch.from_numpy(np.array(t_img)), torch.from_numpy(np.array(t_txt))  # (N, D_t) each
+    info = {"teacher": tdir, "teacher_params": clip.count_params(teacher.model)}
+    tres = os.path.join(tdir, "results.json")
+    if os.path.exists(tres):
+        with open(tres) as f:
+            info["teacher_results"] = json.load(f)
+    keep = torch.ones(len(t_img), dtype=torch.bool)
+    if args.balance:
+        keep_np, stats, groups = teachers.semantic_balance(t_img.numpy(), args.balance_threshold, args.balance_buckets, args.seed)
+        keep = torch.from_numpy(keep_np)
+        print(f"cid: semantic balance removed {stats['removed']} of {stats['pairs_before']} pairs "
+              f"({100 * stats['removed_fraction']:.1f}%) in {stats['duplicate_groups']} groups of near-duplicates "
+              f"(largest {stats['largest_group']}, cos >= {args.balance_threshold})")
+        info["balance"] = stats
+        evaluation.save_duplicate_groups(stream.ds.images, groups, os.path.join(args.out, "balance_groups.png"))
+        stream.restrict(keep)
+    info["pairs_trained_on"] = int(keep.sum())
+    if args.clusters > int(keep.sum()):
+        raise SystemExit(f"error: --clusters {args.clusters} is more than the {int(keep.sum())} training pairs")
+    centroids = kmeans.fit(t_img[keep], args.clusters, spherical=True, seed=args.seed)  # (K, D_t)
+    labels, _ = kmeans.assign(t_img, centroids, spherical=True)  # (N,)
+    evaluation.save_cluster_grid(stream.ds.images, t_img, centroids, labels, os.path.join(args.out, "clusters.png"))
+    heads = CIDHeads(clip.SIZES[args.model].embed_dim, teacher.dim).to(device)
+    return heads, {"t_img": t_img, "t_txt": t_txt, "centroids": centroids.to(device), "labels": labels}, info
+
+
+def loss_terms(model, heads, batch, extra, args):
+    """{name: scalar loss} for one batch."""
+    image_emb, text_emb, scale = model(batch["images"], batch["tokens"])  # (B, D_s), (B, D_s), ()
+    terms = {"clip": losses.clip_loss(image_emb, text_emb, scale)}
+    if args.method == "cid":
+        idx, dev = batch["index"], image_emb.device
+        zi = F.normalize(heads.proj(image_emb).float(), dim=-1)  # (B, D_t) P(I_s)
+        zt = F.normalize(heads.proj(text_emb).float(), dim=-1)  # (B, D_t) P(T_s)
+        y, C = extra["labels"][idx].to(dev), extra["centroids"]
+        kw = dict(s=args.arc_scale, m=args.margin, sample_frac=args.class_frac)
+        terms["cd"] = (losses.cluster_loss(zi, C, y, **kw) + losses.cluster_loss(zt, C, y, **kw)) / 2
+        terms["id"] = losses.instance_loss(zi, zt, extra["t_img"][idx].to(dev), extra["t_txt"][idx].to(dev),
+                                           heads.logit_scale.exp())
+    return terms
 
 
 def loss_weights(args):
-    return {"clip": 1.0}
+    return {"clip": 1.0, "cd": args.cd_weight, "id": args.id_weight}
 
 
 # ----------------------------------------------------------------------------------------
 # Optimiser, schedule, checkpoints.
 
-def make_optimizer(model, args):
-    """AdamW; no weight decay on gains, biases and the logit scale (every tensor with < 2 dims)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+def make_optimizer(modules, args):
+    """AdamW; no weight decay on gains, biases and logit scales (every tensor with < 2 dims)."""
+    params = [p for m in modules for p in m.parameters()]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
 
@@ -183,9 +295,9 @@ def lr_at(step, args):
     return 0.5 * args.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def save_checkpoint(path, model, optimizer, step, args):
+def save_checkpoint(path, model, heads, optimizer, step, args):
     """Write to a temp file, then rename: a killed run never leaves a half-written ckpt.pt."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+    state = {"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "model_config": asdict(model.cfg), "config": vars(args),
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
@@ -193,16 +305,18 @@ def save_checkpoint(path, model, optimizer, step, args):
     os.replace(path + ".tmp", path)
 
 
-RESUME_MUST_MATCH = ("method", "model", "data", "seed", "batch_size", "n_train", "image_size", "dup_frac", "imbalance")
+RESUME_MUST_MATCH = ("method", "model", "data", "seed", "batch_size", "n_train", "image_size", "dup_frac", "imbalance",
+                     "teacher", "clusters", "balance", "balance_threshold")
 
 
-def load_for_resume(path, model, optimizer, args):
+def load_for_resume(path, model, heads, optimizer, args):
     ckpt = torch.load(path, map_location=args.device, weights_only=True)
     diff = [k for k in RESUME_MUST_MATCH if ckpt["config"].get(k) != getattr(args, k)]
     if diff:
         raise SystemExit("error: cannot resume " + path + ": " + ", ".join(
             f"--{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {getattr(args, k)!r}" for k in diff))
     model.load_state_dict(ckpt["model"])
+    heads.load_state_dict(ckpt["heads"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
@@ -235,10 +349,13 @@ def train(args):
     n_params = clip.count_params(model)
     print(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x "
           f"{args.batch_size} pairs on {device}, data {args.data} -> {args.out}")
-    optimizer = make_optimizer(model, args)
+    heads, extra, info = nn.ModuleDict(), {}, {}
+    if args.method == "cid":
+        heads, extra, info = prepare_cid(args, stream, device)
+    optimizer = make_optimizer([model, heads], args)
     start = 0
     if args.resume and os.path.exists(ckpt_path):
-        start = load_for_resume(ckpt_path, model, optimizer, args)
+        start = load_for_resume(ckpt_path, model, heads, optimizer, args)
         trim_log(log_path, start)
         print(f"resumed from {ckpt_path} at step {start}")
     elif os.path.exists(log_path):
@@ -247,7 +364,7 @@ def train(args):
     use_amp = device.type == "cuda"
     t_start, seen = time.time(), 0
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method,
-               mininterval=1.0, disable=None)
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
     completed = start  # steps whose update is in the weights
     try:
         for step in bar:
@@ -257,18 +374,20 @@ def train(args):
             batch = stream.batch(step)
             images, tokens = data.to_input(batch["images"], device), batch["tokens"].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                terms = loss_terms(model, {**batch, "images": images, "tokens": tokens}, args)
+                terms = loss_terms(model, heads, {**batch, "images": images, "tokens": tokens}, extra, args)
                 loss = sum(weights[k] * v for k, v in terms.items())
             if not torch.isfinite(loss):
-                save_checkpoint(ckpt_path, model, optimizer, step, args)  # the weights are still good
+                save_checkpoint(ckpt_path, model, heads, optimizer, step, args)  # the weights are still good
                 raise SystemExit(f"error: the loss became {loss.item()} at step {step}. The last good "
                                  f"state (step {step}) is saved in {ckpt_path}; lower --lr and pass --resume")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip)
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))  # exp(t) stays in [1, 100]
+                if isinstance(heads, CIDHeads):
+                    heads.logit_scale.clamp_(0, math.log(100))
             completed = step + 1
             seen += len(tokens)
             rate = seen / (time.time() - t_start)
@@ -278,19 +397,19 @@ def train(args):
                           "skipped": batch["skipped"]}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", sps=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", sps=f"{rate:.0f}", refresh=False)
             if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-                save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
+                save_checkpoint(ckpt_path, model, heads, optimizer, step + 1, args)
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(ckpt_path, model, optimizer, completed, args)
+        save_checkpoint(ckpt_path, model, heads, optimizer, completed, args)
         raise SystemExit(f"interrupted at step {completed}: saved {ckpt_path}; continue with --resume") from None
     bar.close()
     seconds = time.time() - t_start
     results = {"method": args.method, "model": args.model, "params": n_params, "steps": args.steps,
                "batch_size": args.batch_size, "seed": args.seed, "data": args.data,
                "seconds": round(seconds, 1), "samples_per_second": round(seen / seconds, 1) if seen else None,
-               "skipped_pairs": stream.skipped if isinstance(stream, RealStream) else 0}
+               "skipped_pairs": stream.skipped if isinstance(stream, RealStream) else 0, **info}
     results.update(evaluation.evaluate(model, args, device))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -1,0 +1,215 @@
+"""Frozen teachers, their embeddings computed once and cached, and CLIP-CID's semantic balance.
+
+A teacher is never run inside the training loop: before training, it embeds every training
+pair once; the embeddings go to a cache on disk (a .npy you can memory-map, plus a JSON that
+names the model and the data they came from), and the loop reads rows of that array.
+
+1. CLIP teachers (CLIP-CID): a checkpoint this project trained, or any Hugging Face CLIPModel.
+2. The cache: fingerprinted, rebuilt when the model or the data changed, crash-safe.
+3. Image semantic balance (CLIP-CID Sec. 3.1): union-find over pairs of teacher image
+   embeddings with cosine >= a threshold; each group keeps the member nearest its centroid.
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import clip
+import data
+import kmeans
+
+# ----------------------------------------------------------------------------------------
+# 1. CLIP teachers. Both kinds answer encode_images(uint8 images) and encode_texts(captions)
+# with unit-norm float32 embeddings, have a `name` for the cache and a width `dim`.
+
+
+class OwnClipTeacher:
+    """A CLIP trained by train.py (a run folder holding ckpt.pt), loaded with weights_only=True."""
+
+    def __init__(self, run_dir, device):
+        path = os.path.join(run_dir, "ckpt.pt")
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        self.model = clip.CLIP(clip.CLIPConfig(**ckpt["model_config"])).to(device).eval().requires_grad_(False)
+        self.model.load_state_dict(ckpt["model"])
+        digest = hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in ckpt["model"].values())).hexdigest()
+        self.name, self.dim, self.device = f"{os.path.abspath(run_dir)}@{digest[:12]}", self.model.cfg.embed_dim, device
+
+    @torch.no_grad()
+    def encode_images(self, images_uint8):  # (B, 3, S, S) uint8 -> (B, D_t)
+        return self.model.encode_image(data.to_input(images_uint8, self.device)).float()
+
+    @torch.no_grad()
+    def encode_texts(self, captions):  # list of B str -> (B, D_t)
+        return self.model.encode_text(self.model.tokenize(captions).to(self.device)).float()
+
+
+class HFClipTeacher:
+    """A Hugging Face CLIPModel by name or local path (e.g. openai/clip-vit-base-patch32).
+    Images are resized to the model's input size and normalised with CLIP's mean and std."""
+    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, name_or_path, device, trust_remote_code=False):
+        from transformers import AutoTokenizer, CLIPModel
+        self.model = CLIPModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        self.model = self.model.to(device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        self.size = self.model.config.vision_config.image_size
+        self.name, self.dim, self.device = name_or_path, self.model.config.projection_dim, device
+        self.dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        self.model.to(self.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images_uint8):
+        x = F.interpolate(images_uint8.to(self.device).float() / 255, size=self.size, mode="bicubic", align_corners=False)
+        mean, std = torch.tensor(self.MEAN, device=self.device), torch.tensor(self.STD, device=self.device)
+        x = ((x.clamp(0, 1) - mean[:, None, None]) / std[:, None, None]).to(self.dtype)
+        return F.normalize(features(self.model.get_image_features(pixel_values=x)), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, captions):
+        batch = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        return F.normalize(features(self.model.get_text_features(**batch)), dim=-1)
+
+
+def features(out):
+    """transformers < 5 returns the projected features; >= 5 an output whose pooler_output holds them."""
+    return (out if torch.is_tensor(out) else out.pooler_output).float()
+
+
+def load_clip_teacher(spec, device, trust_remote_code=False):
+    """A run folder of ours (has ckpt.pt) or a Hugging Face name / path."""
+    if os.path.isfile(os.path.join(spec, "ckpt.pt")):
+        return OwnClipTeacher(spec, device)
+    return HFClipTeacher(spec, device, trust_remote_code)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. The embedding cache. `meta` says what the array is (model, data fingerprint, kind); a
+# cache whose JSON differs is rebuilt, never reused. Write order makes a killed extraction
+# harmless: old JSON removed first, array written to a temp file and renamed, JSON written last.
+
+def fingerprint(*parts):
+    """A short hash of the data: tensors by their bytes, everything else by its repr."""
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p.contiguous().numpy().tobytes() if torch.is_tensor(p) else repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_embeddings(path, meta, n, encode, batch_size=512, desc="embedding"):
+    """(n, D) float32 array memory-mapped from `path`.npy, computing it first if needed.
+    encode(start, stop) -> (stop - start, D) tensor of embeddings for items [start, stop)."""
+    npy, js = path + ".npy", path + ".json"
+    if os.path.exists(npy) and os.path.exists(js):
+        with open(js) as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in meta} == meta and old.get("count") == n:
+            return np.load(npy, mmap_mode="r")
+        print(f"cache {npy} was made for {old.get('model')} on data {old.get('fingerprint')}; rebuilding it")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.exists(js):
+        os.remove(js)
+    out = None
+    for start in tqdm(range(0, n, batch_size), desc=desc, mininterval=2.0):
+        emb = encode(start, min(n, start + batch_size)).float().cpu().numpy()
+        if out is None:
+            out = np.lib.format.open_memmap(npy + ".tmp", mode="w+", dtype=np.float32, shape=(n, emb.shape[1]))
+        out[start:start + len(emb)] = emb
+    out.flush()
+    del out
+    os.replace(npy + ".tmp", npy)
+    arr = np.load(npy, mmap_mode="r")
+    with open(js + ".tmp", "w") as f:
+        json.dump({**meta, "count": n, "width": arr.shape[1], "dtype": "float32"}, f, indent=2)
+    os.replace(js + ".tmp", js)
+    return arr
+
+
+def clip_teacher_embeddings(teacher, images, captions, cache_dir):
+    """Teacher image and text embeddings of a whole in-memory training set, cached."""
+    fp = fingerprint(images, captions)
+    img = cached_embeddings(os.path.join(cache_dir, f"image-{fp}"), {"model": teacher.name, "fingerprint": fp, "kind": "image"},
+                            len(images), lambda a, b: teacher.encode_images(images[a:b]), desc="teacher images")
+    txt = cached_embeddings(os.path.join(cache_dir, f"text-{fp}"), {"model": teacher.name, "fingerprint": fp, "kind": "text"},
+                            len(captions), lambda a, b: teacher.encode_texts(captions[a:b]), desc="teacher texts")
+    return img, txt
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Image semantic balance.
+
+def flatten(parent):
+    """Point every node straight at its root (pointer jumping)."""
+    while True:
+        grand = parent[parent]
+        if (grand == parent).all():
+            return parent
+        parent[:] = grand
+
+
+def union(parent, pairs):
+    """Vectorised union-find: hook the larger root under the smaller, pair by pair, until both
+    ends of every pair share a root. parent (N,) int64, updated in place; pairs (P, 2)."""
+    i, j = pairs[:, 0], pairs[:, 1]
+    while len(i):
+        flatten(parent)
+        ri, rj = parent[i], parent[j]
+        differ = ri != rj
+        i, j, ri, rj = i[differ], j[differ], ri[differ], rj[differ]
+        np.minimum.at(parent, np.maximum(ri, rj), np.minimum(ri, rj))
+
+
+def similar_pairs(emb, threshold, block=2048):
+    """Exact: yields, block by block of the (N, N) similarity matrix (never all of it at once),
+    every pair (i < j) with cos >= threshold as a (P, 2) int64 array. emb (N, D) unit-norm."""
+    emb = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
+    for a in range(0, len(emb), block):
+        for b in range(a, len(emb), block):
+            sim = emb[a:a + block] @ emb[b:b + block].t()  # (block, block)
+            i, j = torch.nonzero(sim >= threshold, as_tuple=True)
+            i, j = i + a, j + b
+            yield torch.stack([i[i < j], j[i < j]], 1).numpy()
+
+
+def similar_pairs_bucketed(emb, threshold, n_buckets, seed=0):
+    """For large N: spherical k-means buckets, then the exact search inside each bucket only.
+    Near-duplicates share a bucket unless they straddle a border, which is rare."""
+    x = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
+    labels, _ = kmeans.assign(x, kmeans.fit(x, n_buckets, spherical=True, seed=seed), spherical=True)
+    for k in range(n_buckets):
+        members = torch.nonzero(labels == k).squeeze(1).numpy()
+        for local in similar_pairs(x[members], threshold):
+            yield members[local]
+
+
+def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0):
+    """Keep one pair per group of near-duplicates. emb (N, D) unit-norm teacher image
+    embeddings. Groups are the connected components of the graph 'cos >= threshold'; each keeps
+    the member nearest its (normalised mean) centroid. n_buckets=None: exact blocked search;
+    an int: search within that many k-means buckets. Returns (keep (N,) bool, stats dict,
+    groups: a list of index arrays, kept member first, for groups of two or more)."""
+    x = np.asarray(emb, dtype=np.float32)
+    n = len(x)
+    parent = np.arange(n)
+    for pairs in (similar_pairs(x, threshold) if n_buckets is None else similar_pairs_bucketed(x, threshold, n_buckets, seed)):
+        union(parent, pairs)
+    root = flatten(parent)
+    size = np.bincount(root, minlength=n)
+    centre = np.zeros_like(x)
+    np.add.at(centre, root, x)
+    centre /= np.linalg.norm(centre, axis=1, keepdims=True) + 1e-12  # (N, D), row r = group r's centroid
+    score = (x * centre[root]).sum(1)  # cos to own centroid
+    order = np.lexsort((-score, root))  # by group, best first
+    first = order[np.r_[True, root[order][1:] != root[order][:-1]]]  # best member of each group
+    keep = np.zeros(n, dtype=bool)
+    keep[first] = True
+    grouped = order[size[root[order]] > 1]
+    groups = np.split(grouped, np.nonzero(np.diff(root[grouped]))[0] + 1) if len(grouped) else []
+    stats = {"pairs_before": n, "pairs_after": int(keep.sum()), "removed": int(n - keep.sum()),
+             "removed_fraction": float(1 - keep.mean()), "duplicate_groups": len(groups),
+             "largest_group": int(size.max()), "threshold": threshold}
+    return keep, stats, groups
