@@ -24,6 +24,7 @@ import tarfile
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------
 # 1. The embedded set. Attribute values, the words that name them, and the templates.
@@ -160,7 +161,7 @@ class ShapesDataset:
         self.captions, scenes = [], []
         fields = {k: np.zeros(n, np.int64) for k in ("shape", "colour", "size", "pos", "n_objects", "label2")}
         dup_of = np.full(n, -1, np.int64)
-        for i in range(n):
+        for i in tqdm(range(n), desc=f"drawing {split} pairs", disable=n < 50000, mininterval=2.0):
             if train and i > 0 and rng.random() < dup_frac:
                 j = int(rng.integers(i))
                 while dup_of[j] >= 0:
@@ -410,3 +411,19 @@ def load_eval_set(name, root, image_size, max_n=None, train=False):
         classes = [c.split(" - ")[1] for c in classes]
     return images, labels, classes, TEMPLATES_BY_SET.get(name, DEFAULT_EVAL_TEMPLATES)
 
+
+
+if __name__ == "__main__":  # python data.py: look at the embedded data
+    import argparse
+    import torchvision
+    p = argparse.ArgumentParser(description="Write a grid of embedded training pairs and print their captions.")
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="shapes.png")
+    a = p.parse_args()
+    ds = ShapesDataset("train", a.n, seed=a.seed)
+    big = torch.nn.functional.interpolate(ds.images.float() / 255, scale_factor=3, mode="nearest")
+    torchvision.utils.save_image(big, a.out, nrow=8, padding=2, pad_value=1.0)
+    for i, c in enumerate(ds.captions):
+        print(f"{i:3d}  {c}" + (f"   (near-duplicate of {int(ds.attributes['dup_of'][i])})" if ds.attributes["dup_of"][i] >= 0 else ""))
+    print(f"wrote {a.out}")

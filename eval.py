@@ -101,7 +101,7 @@ def eval_shapes(model, device, seed=0, n_test=2000):
     splits = {name: data.ShapesDataset(name, n, seed=seed, image_size=S)
               for name, n in (("test", n_test), ("probe", n_probe), ("val", n_val), ("wordings", n_test))}
     test = splits["test"]
-    img = {k: embed_images(model, v.images, device) for k, v in splits.items() if k != "wordings"}
+    img = {k: embed_images(model, v.images, device) for k, v in splits.items()}
     lab = {k: v.attributes["label"] for k, v in splits.items()}
     seen = torch.tensor([l in set(data.UNSEEN_CLASSES) for l in lab["test"].tolist()]).logical_not()
     pred = (img["test"] @ classifier_for(model, data.CLASS_NAMES, device).t()).argmax(1)
@@ -111,8 +111,8 @@ def eval_shapes(model, device, seed=0, n_test=2000):
            "zero_shot_shape_top1": top1(img["test"], classifier_for(model, data.SHAPES, device), test.attributes["shape"]),
            "zero_shot_colour_top1": top1(img["test"], classifier_for(model, data.COLOURS, device), test.attributes["colour"])}
     res.update(retrieval(img["test"], embed_texts(model, test.captions, device)))
-    held = retrieval(img["test"], embed_texts(model, splits["wordings"].captions, device), ks=(1,))
-    res["retrieval_heldout_wordings_i2t_r1"] = held["retrieval_i2t_r1"]  # same images, held-out words
+    held = retrieval(img["wordings"], embed_texts(model, splits["wordings"].captions, device), ks=(1,))
+    res["retrieval_heldout_wordings_i2t_r1"] = held["retrieval_i2t_r1"]  # captions in held-out words
     res["linear_probe_top1"], res["linear_probe_wd"] = linear_probe(
         (img["probe"], lab["probe"]), (img["val"], lab["val"]), (img["test"], lab["test"]), 64)
     return res

@@ -432,6 +432,15 @@ def test_clear_errors_for_bad_flags(tmp_path, capsys):
         run(tmp_path, "--batch-size", "4000")
 
 
+def test_default_out_folder_never_reuses_a_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert train.parse_args(["--method", "cid"]).out == os.path.join("runs", "cid-small-s0")
+    os.makedirs("runs/cid-small-s0")
+    open("runs/cid-small-s0/ckpt.pt", "w").close()
+    assert train.parse_args(["--method", "cid"]).out == os.path.join("runs", "cid-small-s0-2")
+    assert train.parse_args(["--method", "cid", "--resume"]).out == os.path.join("runs", "cid-small-s0")
+
+
 def test_training_on_csv_pairs(tmp_path):
     colours = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
     rows = []

@@ -67,7 +67,7 @@ def parse_args(argv=None):
     g.add_argument("--trust-remote-code", action="store_true", help="allow a Hugging Face teacher's own code")
     g.add_argument("--clusters", type=int, default=64, help="K of the k-means on teacher image embeddings")
     g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True, help="image semantic balance")
-    g.add_argument("--balance-threshold", type=float, default=0.95, help="cosine at or above which two images are duplicates")
+    g.add_argument("--balance-threshold", type=float, default=0.99, help="cosine at or above which two images are duplicates")
     g.add_argument("--balance-buckets", type=int, default=None, help="search duplicates within k-means buckets (large data)")
     g.add_argument("--cd-weight", type=float, default=1.0, help="weight of the cluster discrimination loss")
     g.add_argument("--id-weight", type=float, default=1.0, help="weight of the instance discrimination loss")
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     g.add_argument("--class-frac", type=float, default=1.0, help="partial class sampling: fraction of negative clusters kept")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="run folder; default runs/METHOD-MODEL-sSEED")
+    p.add_argument("--out", default=None, help="run folder; default runs/METHOD-MODEL-sSEED (then -2, -3, ... if taken)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
     p.add_argument("--log-every", type=int, default=10)
@@ -101,7 +101,12 @@ def parse_args(argv=None):
     if args.clusters < 1 or not 0 < args.class_frac <= 1 or not -1 <= args.balance_threshold <= 1:
         p.error("need --clusters >= 1, 0 < --class-frac <= 1 and -1 <= --balance-threshold <= 1")
     args.teacher_steps = args.teacher_steps or TEACHER_STEPS[args.preset]
-    args.out = args.out or os.path.join("runs", f"{args.method}-{args.model}-s{args.seed}")
+    if args.out is None:  # the default folder; a finished or broken run there is kept, not reused
+        base = args.out = os.path.join("runs", f"{args.method}-{args.model}-s{args.seed}")
+        k = 1
+        while os.path.exists(os.path.join(args.out, "ckpt.pt")) and not (args.resume or args.overwrite):
+            k += 1
+            args.out = f"{base}-{k}"
     return args
 
 
@@ -226,7 +231,8 @@ def prepare_cid(args, stream, device):
     summary for results.json."""
     tdir = ensure_teacher(args)
     teacher = teachers.load_clip_teacher(tdir, device, args.trust_remote_code)
-    cache = os.path.join(tdir, "cache") if os.path.isdir(tdir) else os.path.join("runs", "cache", tdir.replace("/", "--"))
+    own = isinstance(teacher, teachers.OwnClipTeacher)  # never write into someone's Hugging Face folder
+    cache = os.path.join(tdir, "cache") if own else os.path.join("runs", "cache", tdir.strip("/").replace("/", "--"))
     t_img, t_txt = teachers.clip_teacher_embeddings(teacher, stream.ds.images, stream.ds.captions, cache)
     t_img, t_txt = torch.from_numpy(np.array(t_img)), torch.from_numpy(np.array(t_txt))  # (N, D_t) each
     info = {"teacher": tdir, "teacher_params": clip.count_params(teacher.model)}
