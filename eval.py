@@ -15,6 +15,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import clip
 import data
@@ -103,7 +104,7 @@ def eval_shapes(model, device, seed=0, n_test=2000):
     test = splits["test"]
     img = {k: embed_images(model, v.images, device) for k, v in splits.items()}
     lab = {k: v.attributes["label"] for k, v in splits.items()}
-    seen = torch.tensor([l in set(data.UNSEEN_CLASSES) for l in lab["test"].tolist()]).logical_not()
+    seen = ~torch.isin(lab["test"], torch.tensor(data.UNSEEN_CLASSES))  # (n_test,) bool
     pred = (img["test"] @ classifier_for(model, data.CLASS_NAMES, device).t()).argmax(1)
     correct = pred.eq(lab["test"]).float()
     res = {"zero_shot_top1": 100.0 * correct[seen].mean().item(),
@@ -163,21 +164,23 @@ def evaluate(model, args, device):
 # ----------------------------------------------------------------------------------------
 # Pictures (PNG through torchvision).
 
-def framed(images_uint8, scale=2):
-    """(N, 3, S, S) uint8 -> (N, 3, 2S, 2S) float in [0, 1], upscaled so 32-pixel images are visible."""
-    return F.interpolate(images_uint8.float() / 255, scale_factor=scale, mode="nearest")
+def picture_row(images_uint8, per_row, scale=2):
+    """(n <= per_row, 3, S, S) uint8 -> (per_row, 3, scale*S, scale*S) floats in [0, 1]: upscaled so
+    32-pixel images are visible, padded with black tiles to a full row."""
+    row = F.interpolate(images_uint8.float() / 255, scale_factor=scale, mode="nearest")
+    return torch.cat([row, torch.zeros(per_row - len(row), *row.shape[1:])])
 
 
 def save_duplicate_groups(images, groups, path, n_groups=8, per_row=8):
     """CLIP-CID semantic balance: one row per group of near-duplicates, largest groups first;
     the kept image comes first, framed in green, then the removed ones."""
-    import torchvision
     rows = []
     for members in sorted(groups, key=len, reverse=True)[:n_groups]:
-        row = framed(images[torch.as_tensor(members[:per_row])])
-        row[0, :, :2, :], row[0, :, -2:, :], row[0, :, :, :2], row[0, :, :, -2:] = 0, 0, 0, 0
-        row[0, 1, :2, :], row[0, 1, -2:, :], row[0, 1, :, :2], row[0, 1, :, -2:] = 1, 1, 1, 1  # green frame
-        rows.append(torch.cat([row, torch.zeros(per_row - len(row), *row.shape[1:])]))
+        row = picture_row(images[torch.as_tensor(members[:per_row])], per_row)
+        frame = torch.ones_like(row[0], dtype=torch.bool)
+        frame[:, 2:-2, 2:-2] = False
+        row[0][frame] = torch.tensor([0.0, 1.0, 0.0])[:, None, None].expand_as(row[0])[frame]  # green
+        rows.append(row)
     if rows:
         torchvision.utils.save_image(torch.cat(rows), path, nrow=per_row, padding=2, pad_value=1.0)
         print(f"wrote {path} (kept image framed in green, removed duplicates beside it)")
@@ -185,14 +188,12 @@ def save_duplicate_groups(images, groups, path, n_groups=8, per_row=8):
 
 def save_cluster_grid(images, emb, centroids, labels, path, n_clusters=12, per_row=10):
     """One row per cluster (the most populous first): its members nearest the centroid."""
-    import torchvision
     counts = torch.bincount(labels, minlength=len(centroids))
     rows = []
     for k in counts.argsort(descending=True)[:n_clusters].tolist():
         members = torch.nonzero(labels == k).squeeze(1)
         best = members[(emb[members] @ centroids[k].cpu()).argsort(descending=True)[:per_row]]
-        row = framed(images[best])
-        rows.append(torch.cat([row, torch.zeros(per_row - len(row), *row.shape[1:])]))
+        rows.append(picture_row(images[best], per_row))
     torchvision.utils.save_image(torch.cat(rows), path, nrow=per_row, padding=2, pad_value=1.0)
     print(f"wrote {path} (one row per cluster: the pairs nearest its centroid)")
 

@@ -467,6 +467,9 @@ def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path
     tdir = res["teacher"]
     assert os.path.exists(os.path.join(tdir, "results.json")) and res["teacher_params"] > 3 * res["params"]
     log = read_log("student/log.jsonl")
+    train.main(args[:-1] + ["student-again"])  # the same run, now reusing the teacher: the same numbers
+    assert read_log("student-again/log.jsonl") == [{**r, "samples_per_s": a["samples_per_s"]}
+                                                   for r, a in zip(log, read_log("student-again/log.jsonl"))]
     for term in ("clip", "cd", "id"):
         first, last = np.mean([r[term] for r in log[:2]]), np.mean([r[term] for r in log[-2:]])
         assert last < first, term

@@ -227,8 +227,8 @@ def ensure_teacher(args):
 
 def prepare_cid(args, stream, device):
     """Everything CLIP-CID computes once, before the loop: teacher embeddings (cached),
-    semantic balance, k-means pseudo-classes. Returns the tensors loss_terms needs and a
-    summary for results.json."""
+    semantic balance, k-means pseudo-classes. Returns the teacher's width D_t, the tensors
+    loss_terms needs and a summary for results.json."""
     tdir = ensure_teacher(args)
     teacher = teachers.load_clip_teacher(tdir, device, args.trust_remote_code)
     own = isinstance(teacher, teachers.OwnClipTeacher)  # never write into someone's Hugging Face folder
@@ -256,8 +256,7 @@ def prepare_cid(args, stream, device):
     centroids = kmeans.fit(t_img[keep], args.clusters, spherical=True, seed=args.seed)  # (K, D_t)
     labels, _ = kmeans.assign(t_img, centroids, spherical=True)  # (N,)
     evaluation.save_cluster_grid(stream.ds.images, t_img, centroids, labels, os.path.join(args.out, "clusters.png"))
-    heads = CIDHeads(clip.SIZES[args.model].embed_dim, teacher.dim).to(device)
-    return heads, {"t_img": t_img, "t_txt": t_txt, "centroids": centroids.to(device), "labels": labels}, info
+    return teacher.dim, {"t_img": t_img, "t_txt": t_txt, "centroids": centroids.to(device), "labels": labels}, info
 
 
 def loss_terms(model, heads, batch, extra, args):
@@ -357,7 +356,10 @@ def train(args):
           f"{args.batch_size} pairs on {device}, data {args.data} -> {args.out}")
     heads, extra, info = nn.ModuleDict(), {}, {}
     if args.method == "cid":
-        heads, extra, info = prepare_cid(args, stream, device)
+        rng = torch.get_rng_state()  # training a teacher first must not change the student's init
+        teacher_dim, extra, info = prepare_cid(args, stream, device)
+        torch.set_rng_state(rng)
+        heads = CIDHeads(model.cfg.embed_dim, teacher_dim).to(device)
     optimizer = make_optimizer([model, heads], args)
     start = 0
     if args.resume and os.path.exists(ckpt_path):
