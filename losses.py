@@ -3,6 +3,8 @@
 CLIP (Radford et al. 2021, Figure 3; Knowledge-CLIP Figure 2):
     logits = I_e @ T_e.T * exp(t)
     loss   = (CE(logits, arange(B), axis=0) + CE(logits, arange(B), axis=1)) / 2
+CLIP-CID (Yang et al. 2024): cluster discrimination with an additive angular margin
+(arcface_logits, cluster_loss, sample_classes) and instance discrimination (instance_loss).
 """
 import math
 

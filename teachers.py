@@ -36,7 +36,8 @@ class OwnClipTeacher:
         self.model = clip.CLIP(clip.CLIPConfig(**ckpt["model_config"])).to(device).eval().requires_grad_(False)
         self.model.load_state_dict(ckpt["model"])
         digest = hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in ckpt["model"].values())).hexdigest()
-        self.name, self.dim, self.device = f"{os.path.abspath(run_dir)}@{digest[:12]}", self.model.cfg.embed_dim, device
+        # named by its weights, so a moved runs/ folder keeps its cache and retrained weights do not
+        self.name, self.dim, self.device = f"{os.path.basename(os.path.normpath(run_dir))}@{digest[:12]}", self.model.cfg.embed_dim, device
 
     @torch.no_grad()
     def encode_images(self, images_uint8):  # (B, 3, S, S) uint8 -> (B, D_t)
