@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import clip
 import data
+import eval as evaluation
 import kmeans
 
 # ----------------------------------------------------------------------------------------
@@ -31,11 +31,8 @@ class OwnClipTeacher:
     """A CLIP trained by train.py (a run folder holding ckpt.pt), loaded with weights_only=True."""
 
     def __init__(self, run_dir, device):
-        path = os.path.join(run_dir, "ckpt.pt")
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        self.model = clip.CLIP(clip.CLIPConfig(**ckpt["model_config"])).to(device).eval().requires_grad_(False)
-        self.model.load_state_dict(ckpt["model"])
-        digest = hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in ckpt["model"].values())).hexdigest()
+        self.model = evaluation.load_checkpoint(run_dir, device)[0].eval().requires_grad_(False)
+        digest = hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in self.model.state_dict().values())).hexdigest()
         # named by its weights, so a moved runs/ folder keeps its cache and retrained weights do not
         self.name, self.dim, self.device = f"{os.path.basename(os.path.normpath(run_dir))}@{digest[:12]}", self.model.cfg.embed_dim, device
 
