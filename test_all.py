@@ -565,6 +565,92 @@ def test_eval_smoke(cub, awa2):
     assert {"awa2_unseen_zero_shot_top1", "awa2_unseen_attr_zero_shot_top1", "awa2_attr_auc"} <= set(res)
     assert in_range(res) and res["awa2_n_skipped"] == 1 and res["awa2_unseen_zero_shot_top1"] == 100.0
 
+# The EM text probe
+
+EM_CAPS = ["a red star", "a blue ring", "a large green box in the top left", "hello",
+        "a red ring", "a photo of an emerald box"]
+
+
+def test_exact_match_hand_cases():
+    refs = ["a red star", "a red star", "a red star", "a blue ring"]
+    assert evaluation.exact_match(["a red star", "A red star", "a red star ", "a blue ring"], refs) == 50.0
+    assert evaluation.exact_match(["a  red star"], ["a red star"]) == 0.0  # inner whitespace counts too
+    assert evaluation.exact_match(refs, refs) == 100.0
+    assert evaluation.exact_match(["x", "y", "z"], ["x", "q", "q"]) == pytest.approx(100 / 3)
+    with pytest.raises(ValueError, match="empty"):
+        evaluation.exact_match([], [])
+    with pytest.raises(ValueError, match="predictions for"):
+        evaluation.exact_match(["a"], ["a", "b"])
+
+
+def spelling_decoder(text, width=16):
+    """A hand-built decoder that ignores z and spells `text`: every block is the identity (all
+    weights zero), position i is one-hot, and the head maps position i to token i + 1."""
+    target = clip.tokenize(text, width)[0]  # [SOT, bytes..., EOT, PAD...]
+    dec = evaluation.CaptionDecoder(width, layers=1, heads=2, context_length=width)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.zero_()
+        dec.pos_emb.copy_(torch.eye(width))
+        dec.ln_final.weight.fill_(1.0)
+        n = int(target.ne(clip.PAD).sum())
+        for i in range(n - 1):
+            dec.head.weight[target[i + 1], i] = 1.0
+    return dec
+
+
+def test_greedy_decode_hand_built_decoder():
+    dec = spelling_decoder("hi there")
+    assert evaluation.greedy_decode(dec, torch.zeros(3, 16)) == ["hi there"] * 3
+    assert evaluation.greedy_decode(dec, torch.zeros(2, 16), max_len=4) == ["hi "] * 2  # SOT + 3 bytes
+    assert evaluation.greedy_decode(dec, torch.zeros(5, 16), batch_size=2) == ["hi there"] * 5
+
+
+def test_tiny_autoencoder_memorises_its_captions():
+    ae = evaluation.train_autoencoder(EM_CAPS, steps=300, batch_size=16, lr=3e-3, width=32, layers=1, heads=2)
+    with torch.no_grad():
+        z = ae.encode(clip.tokenize(EM_CAPS, ae.decoder.context_length))  # (6, 32)
+    assert evaluation.exact_match(evaluation.greedy_decode(ae.decoder, z), EM_CAPS) == 100.0  # lengths 5..33 in one batch
+
+
+def test_adapter_stage_trains_only_the_adapter():
+    dec = evaluation.CaptionDecoder(32, layers=1, heads=2)
+    before = {k: v.clone() for k, v in dec.state_dict().items()}
+    emb = torch.randn(len(EM_CAPS), 5, generator=torch.Generator().manual_seed(1))  # (N, 5)
+    ad = evaluation.train_adapter(dec, emb, EM_CAPS, steps=5, batch_size=4, lr=1e-2, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in dec.state_dict().items())
+    assert not any(p.requires_grad for p in dec.parameters())
+    torch.manual_seed(0)
+    init = evaluation.em_adapter(5, 32)  # train_adapter's adapter before training (same seed)
+    assert not torch.equal(init[0].weight, ad[0].weight) and not torch.equal(init[1].weight, ad[1].weight)
+
+
+def test_distinct_splits_drop_training_strings():
+    train, test = evaluation.distinct_splits(["b", "a", "b"], ["c", "a", "c", "d"])
+    assert train == ["a", "b"] and test == ["c", "d"]
+    with pytest.raises(ValueError, match="no held-out"):
+        evaluation.distinct_splits(["a", "b"], ["b", "a"])
+
+
+def bag_of_bytes(captions):  # list of N str -> (N, 256)
+    """An order-free reference encoder: how often each byte occurs."""
+    out = torch.zeros(len(captions), 256)
+    for i, c in enumerate(captions):
+        out[i] += torch.bincount(torch.tensor(list(c.encode("utf-8")), dtype=torch.long), minlength=256)
+    return out
+
+
+def test_text_em_is_deterministic():
+    a, b = (evaluation.train_autoencoder(EM_CAPS, steps=20, batch_size=4, width=32, layers=1, heads=2, seed=5)
+            for _ in range(2))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    kw = dict(steps=40, adapter_steps=10, width=32, layers=1, heads=2, batch_size=8, seed=3)
+    test = ["a blue star", "a red box", "a red star"]  # "a red star" is a training caption: dropped
+    runs = [evaluation.text_em({"bytes": bag_of_bytes}, EM_CAPS, test, **kw) for _ in range(2)]
+    assert list(runs[0]) == [evaluation.POC, "bytes"]
+    assert runs[0] == runs[1]
+    assert all(v in (0.0, 50.0, 100.0) for v in runs[0].values())  # 2 held-out captions
+
 # ========================================================================================
 # train.py
 
@@ -676,6 +762,8 @@ def test_training_on_csv_pairs(tmp_path):
     res = run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "8", "--steps", "12",
               "--val-frac", "0.3", "--workers", "0")
     assert res["skipped_pairs"] >= 1 and "retrieval_i2t_r1" in res and "zero_shot_top1" not in res
+    with pytest.raises(SystemExit, match="--text-em uses the embedded captions"):
+        evaluation.main(["--text-em", "--ckpt", str(tmp_path / "run")])
 
 
 def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path, monkeypatch, capsys):
