@@ -254,6 +254,10 @@ class CsvPairs(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
+    @property
+    def captions(self):  # all N captions, read without touching an image (a text teacher needs only these)
+        return [c for _, c in self.rows]
+
     def __getitem__(self, i):
         path, text = self.rows[i]
         try:

@@ -749,7 +749,8 @@ def test_default_out_folder_never_reuses_a_run(tmp_path, monkeypatch):
     assert train.parse_args(["--method", "cid", "--resume"]).out == os.path.join("runs", "cid-small-s0")
 
 
-def test_training_on_csv_pairs(tmp_path):
+def test_training_on_csv_pairs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the text teacher's cache goes to ./runs/cache
     colours = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
     rows = []
     for i in range(60):
@@ -764,6 +765,10 @@ def test_training_on_csv_pairs(tmp_path):
     assert res["skipped_pairs"] >= 1 and "retrieval_i2t_r1" in res and "zero_shot_top1" not in res
     with pytest.raises(SystemExit, match="--text-em uses the embedded captions"):
         evaluation.main(["--text-em", "--ckpt", str(tmp_path / "run")])
+    res = run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "8", "--steps", "12", "--val-frac", "0.3",
+              "--workers", "0", "--method", "kclip", "--concepts", "3", name="kclip")  # captions read from the CSV
+    log = read_log(tmp_path / "kclip" / "log.jsonl")
+    assert res["text_teacher"].startswith("all-MiniLM") and all(r["emb"] > 0 and r["concept"] > 0 for r in log)
 
 
 def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path, monkeypatch, capsys):

@@ -109,8 +109,10 @@ def parse_args(argv=None):
         p.error(f"--eval-sets {' '.join(unknown)}: unknown; choose from {', '.join([*data.EVAL_SETS, *data.ATTRIBUTE_SETS])}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
-    if args.method != "clip" and args.data != "shapes":
-        p.error(f"--method {args.method} runs on the embedded data for now (it indexes cached teacher embeddings by pair)")
+    if args.method == "cid" and args.data != "shapes":
+        p.error("--method cid runs on the embedded data for now (it indexes cached teacher embeddings by pair)")
+    if args.method == "kclip" and ".tar" in args.data:
+        p.error("--method kclip needs every caption before training: use --data shapes or a CSV/TSV file, not shards")
     if args.concepts < 1 or not args.concept_tau > 0:
         p.error("need --concepts >= 1 and --concept-tau > 0")
     if args.clusters < 1 or not 0 < args.class_frac <= 1 or not -1 <= args.balance_threshold <= 1:
@@ -201,7 +203,7 @@ class RealStream:
             images, captions, skipped = next(self.iterator)
             self.skipped += skipped
         return {"images": images, "tokens": clip.tokenize(captions, clip.SIZES[self.args.model].context_length),
-                "index": None, "skipped": self.skipped}
+                "captions": captions, "index": None, "skipped": self.skipped}
 
 
 # ----------------------------------------------------------------------------------------
@@ -227,18 +229,21 @@ def prepare_kclip(args, stream, device):
     concept label s_i = softmax_k(cos(L(x_i), mu_k) / tau_c). Returns D_t, tensors, a summary."""
     teacher = teachers.load_text_teacher(args.text_teacher, device, args.pool, args.trust_remote_code)
     cache = os.path.join("runs", "cache", teacher.name.replace("/", "--").replace(":", "-"))
-    t_txt = torch.from_numpy(np.array(teachers.text_teacher_embeddings(teacher, stream.ds.captions, cache)))  # (N, D_t)
+    captions = stream.ds.captions  # CSV rows: read without their images
+    t_txt = torch.from_numpy(np.array(teachers.text_teacher_embeddings(teacher, captions, cache)))  # (N, D_t)
     if args.concepts > len(t_txt):
         raise SystemExit(f"error: --concepts {args.concepts} is more than the {len(t_txt)} training captions")
     centroids = kmeans.fit(t_txt, args.concepts, spherical=True, seed=args.seed)  # (K, D_t)
     soft = kmeans.soft_assign(t_txt, centroids, args.concept_tau)  # (N, K)
     concept = soft.argmax(1)  # (N,)
-    evaluation.save_cluster_grid(stream.ds.images, F.normalize(t_txt, dim=-1), centroids, concept,
-                                 os.path.join(args.out, "concepts.png"))
+    if isinstance(stream, ShapesStream):  # images in memory
+        evaluation.save_cluster_grid(stream.ds.images, F.normalize(t_txt, dim=-1), centroids, concept,
+                                     os.path.join(args.out, "concepts.png"))
     info = {"text_teacher": teacher.name, "text_teacher_params": clip.count_params(teacher.model),
             "concept_sizes": torch.bincount(concept, minlength=args.concepts).tolist(),
             "soft_label_max_mean": round(soft.max(1).values.mean().item(), 4)}
-    return teacher.dim, {"t_txt": t_txt, "soft": soft}, info
+    row = {c: i for i, c in enumerate(captions)}  # real data's batches find their rows by caption
+    return teacher.dim, {"t_txt": t_txt, "soft": soft, "row": row}, info
 
 
 class CIDHeads(nn.Module):
@@ -314,6 +319,8 @@ def loss_terms(model, heads, batch, extra, args):
     text_emb = F.normalize(text_feat, dim=-1)  # (B, D_s) T_e
     terms = {"clip": losses.clip_loss(image_emb, text_emb, model.logit_scale.exp())}
     idx, dev = batch["index"], image_emb.device
+    if idx is None and "row" in extra:  # CSV batches: pairs found by their caption
+        idx = torch.tensor([extra["row"][c] for c in batch["captions"]])
     if args.method == "kclip":
         terms["emb"] = losses.embedding_distill_loss(heads.proj(text_feat).float(), extra["t_txt"][idx].to(dev))
         terms["concept"] = losses.concept_loss(heads.classifier(image_emb), heads.classifier(text_emb),
@@ -372,7 +379,7 @@ RESUME_MUST_MATCH = ("method", "model", "data", "seed", "batch_size", "n_train",
 
 def load_for_resume(path, model, heads, optimizer, args):
     ckpt = torch.load(path, map_location=args.device, weights_only=True)
-    diff = [k for k in RESUME_MUST_MATCH if ckpt["config"].get(k) != getattr(args, k)]
+    diff = [k for k in RESUME_MUST_MATCH if ckpt["config"].get(k, getattr(args, k)) != getattr(args, k)]  # absent: older flag
     if diff:
         raise SystemExit("error: cannot resume " + path + ": " + ", ".join(
             f"--{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {getattr(args, k)!r}" for k in diff))
