@@ -457,6 +457,71 @@ def save_cluster_grid(images, emb, centroids, labels, path, n_clusters=12, per_r
     print(f"wrote {path} (one row per cluster: the pairs nearest its centroid)")
 
 
+# ----------------------------------------------------------------------------------------
+# Plots. matplotlib is an optional extra: without it, a run says so in one line and goes on.
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only, or None (with one line) when it is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(logs, path):
+    """Training curves: one panel per loss term, one line per run. logs: {label: log.jsonl records}."""
+    plt = pyplot()
+    if plt is None:
+        return
+    terms = [t for t in ("loss", "clip", "emb", "concept", "cd", "id") if any(t in r for rs in logs.values() for r in rs)]
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        for label, records in logs.items():
+            points = [(r["step"], r[term]) for r in records if term in r]
+            if points:
+                ax.plot(*zip(*points), label=label)
+        ax.set(title=term, xlabel="step", yscale="log")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def pca_2d(x):  # (N, D) -> (N, 2)
+    """The centred rows of x on their first two principal directions (right singular vectors)."""
+    x = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # (D', D), rows by decreasing variance
+    return x @ vh[:2].t()
+
+
+def plot_text_pca(panels, labels, path):
+    """Knowledge-CLIP's Figures 4-5 at our scale: a 2-D PCA of caption embeddings, one panel per
+    encoder (e.g. the teacher's L(x) and the student's T_e), points coloured by concept.
+    panels: {title: (N, D) embeddings of the same N captions}; labels (N,) concept ids."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    for ax, (title, emb) in zip(axes[0], panels.items()):
+        xy = pca_2d(F.normalize(emb.float(), dim=-1))
+        ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab20", s=3)
+        ax.set(title=title, xticks=[], yticks=[])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def load_checkpoint(path, device="cpu"):
     """A run folder or a ckpt.pt -> (model, saved config dict). Loaded with weights_only=True."""
     if os.path.isdir(path):
@@ -500,7 +565,9 @@ def text_em_table(ckpt, baseline, device, text_teacher=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a CLIP checkpoint (zero-shot, retrieval, linear probe), "
                                             "or its text encoder with the EM probe (--text-em).")
-    p.add_argument("--ckpt", required=True, help="run folder (DIR/ckpt.pt) or checkpoint file")
+    p.add_argument("--ckpt", help="run folder (DIR/ckpt.pt) or checkpoint file")
+    p.add_argument("--curves", nargs="+", metavar="DIR", help="plot these runs' loss curves side by side into --out")
+    p.add_argument("--out", default="curves.png", help="with --curves: the PNG to write")
     p.add_argument("--eval-sets", nargs="*", default=None, help="torchvision sets, e.g. fashion-mnist cifar10, or cub awa2")
     p.add_argument("--data-root", default=None)
     p.add_argument("--text-em", action="store_true", help="EM text probe of --ckpt, --baseline and the text teacher")
@@ -508,6 +575,13 @@ def main(argv=None):
     p.add_argument("--text-teacher", default=None, help="with --text-em: default, the --ckpt run's text teacher")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    if a.curves:
+        missing = [d for d in a.curves if not os.path.exists(os.path.join(d, "log.jsonl"))]
+        if missing:
+            raise SystemExit(f"error: no log.jsonl in {', '.join(missing)}")
+        return plot_curves({d: read_log(d) for d in a.curves}, a.out)
+    if a.ckpt is None:
+        p.error("give --ckpt DIR (or --curves DIR ...)")
     folder = a.ckpt if os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt)
     try:
         if a.text_em:

@@ -1,6 +1,7 @@
 """Tests, one section per file: clip, losses, data, eval, train, kmeans.
 Run: python -m pytest -q test_all.py   (CPU, offline, a few minutes)."""
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -651,6 +652,36 @@ def test_text_em_is_deterministic():
     assert runs[0] == runs[1]
     assert all(v in (0.0, 50.0, 100.0) for v in runs[0].values())  # 2 held-out captions
 
+def test_pca_2d_matches_numpy_and_plots_write(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.2, 0.1])  # variance by axis
+    xy = evaluation.pca_2d(x)
+    centred = (x - x.mean(0)).numpy()
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    ref = centred @ vt[:2].T
+    assert np.allclose(np.abs(xy.numpy()), np.abs(ref), atol=1e-4)  # same up to the sign of each axis
+    assert np.allclose(xy.pow(2).sum(0).numpy(), s[:2] ** 2, rtol=1e-4)  # the two largest variances
+    pytest.importorskip("matplotlib")  # an optional extra: the drawing itself needs it
+    logs = {"a": [{"step": 1, "loss": 2.0, "clip": 2.0}, {"step": 2, "loss": 1.0, "clip": 1.0}],
+            "b": [{"step": 1, "loss": 3.0, "clip": 2.5, "emb": 0.5}]}
+    evaluation.plot_curves(logs, str(tmp_path / "c.png"))
+    evaluation.plot_text_pca({"t": x, "s": x[:, :3]}, torch.arange(50) % 4, str(tmp_path / "p.png"))
+    assert Image.open(tmp_path / "c.png").size[0] > 3 * Image.open(tmp_path / "c.png").size[1]  # 3 panels in a row
+    assert Image.open(tmp_path / "p.png").size[0] > 1.5 * Image.open(tmp_path / "p.png").size[1]
+
+
+def test_plots_say_so_when_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    evaluation.plot_curves({"a": [{"step": 1, "loss": 1.0}]}, str(tmp_path / "c.png"))
+    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "c.png").exists()
+
 # ========================================================================================
 # train.py
 
@@ -817,6 +848,8 @@ def test_kclip_run_every_term_falls_and_teacher_cache_reused(tmp_path, monkeypat
         assert last < first, term
     assert res["text_teacher"].startswith("all-MiniLM-L6-v2@") and sum(res["concept_sizes"]) == 1000
     assert os.path.exists("kc/concepts.png")
+    if importlib.util.find_spec("matplotlib"):  # optional extra
+        assert os.path.exists("kc/curves.png") and os.path.exists("kc/text_pca.png")
     cache = [os.path.join(d, f) for d, _, fs in os.walk("runs/cache") for f in fs]
     mtimes = [os.path.getmtime(f) for f in cache]
     train.main(args[:-1] + ["kc2", "--steps", "5", "--emb-weight", "0"])  # reuses the cached embeddings

@@ -483,6 +483,12 @@ def train(args):
                "seconds": round(seconds, 1), "samples_per_second": round(seen / seconds, 1) if seen else None,
                "skipped_pairs": stream.skipped if isinstance(stream, RealStream) else 0, **info}
     results.update(evaluation.evaluate(model, args, device))
+    evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))
+    if args.method == "kclip" and isinstance(stream, ShapesStream):  # teacher vs student text space, by concept
+        sample = torch.arange(min(2000, len(stream.ds)))
+        student = evaluation.embed_texts(model, [stream.ds.captions[i] for i in sample], device)
+        evaluation.plot_text_pca({"teacher L(x)": extra["t_txt"][sample], "student T_e": student},
+                                 extra["soft"][sample].argmax(1), os.path.join(args.out, "text_pca.png"))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))
