@@ -78,6 +78,14 @@ def _world():
     return 0, 1
 
 
+def shard(x):
+    """This rank's contiguous slice of the rows of x (all of x when not distributed): what each
+    rank passes to `fit` so that the ranks together hold every row once, in order."""
+    rank, world = _world()
+    n = len(x)
+    return x[rank * n // world:(rank + 1) * n // world]
+
+
 def _all_reduce(t):
     if _world()[1] > 1:
         dist.all_reduce(t)

@@ -14,16 +14,25 @@ import torch
 import torch.nn.functional as F
 
 
-def clip_loss(image_emb, text_emb, logit_scale):
+def clip_loss(image_emb, text_emb, logit_scale, image_all=None, text_all=None, offset=0):
     """Symmetric InfoNCE of the CLIP pseudocode.
 
     image_emb, text_emb: (B, D) L2-normalised embeddings; pair i is (image_emb[i], text_emb[i]).
     logit_scale: the already exponentiated temperature exp(t), a scalar tensor.
     Row i of `logits` scores image i against every caption (axis=1, image -> text); column j
-    scores caption j against every image (axis=0, text -> image)."""
-    logits = logit_scale * image_emb @ text_emb.t()  # (B, B)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    scores caption j against every image (axis=0, text -> image).
+
+    Data parallel (open_clip's gathered features with a local loss): image_all, text_all (W*B, D)
+    hold every rank's embeddings, gathered with their gradients; this rank's B rows are scored
+    against all W*B columns, pair i's answer being column offset + i. The mean of this over the
+    W ranks is the loss of the whole global batch."""
+    if image_all is None:
+        logits = logit_scale * image_emb @ text_emb.t()  # (B, B)
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    labels = torch.arange(len(image_emb), device=image_emb.device) + offset
+    return (F.cross_entropy(logit_scale * image_emb @ text_all.t(), labels)  # (B, W*B)
+            + F.cross_entropy(logit_scale * text_emb @ image_all.t(), labels)) / 2
 
 
 # ----------------------------------------------------------------------------------------
@@ -92,11 +101,13 @@ def cluster_loss(emb, centroids, labels, s=32.0, m=0.3, sample_frac=1.0, generat
     return F.cross_entropy(arcface_logits(emb, centroids, labels, s, m), labels)
 
 
-def instance_loss(student_image, student_text, teacher_image, teacher_text, scale):
+def instance_loss(student_image, student_text, teacher_image, teacher_text, scale, offset=0):
     """Cross-model InfoNCE in the teacher's space: the student's image i must pick the
     teacher's caption i among the batch, and the student's caption i the teacher's image i.
     All (B, D_t) unit-norm; scale is the already exponentiated learned s'.
-    L_id = ( CE(s' P(I_s) T_t^T, arange) + CE(s' P(T_s) I_t^T, arange) ) / 2."""
-    labels = torch.arange(len(student_image), device=student_image.device)
+    L_id = ( CE(s' P(I_s) T_t^T, arange) + CE(s' P(T_s) I_t^T, arange) ) / 2.
+    Data parallel: the teacher's rows are the whole global batch (W*B, D_t) and this rank's
+    pair i is row offset + i (the teacher is frozen: nothing to gather with gradients)."""
+    labels = torch.arange(len(student_image), device=student_image.device) + offset
     return (F.cross_entropy(scale * student_image @ teacher_text.t(), labels)
             + F.cross_entropy(scale * student_text @ teacher_image.t(), labels)) / 2

@@ -266,7 +266,7 @@ def similar_pairs_bucketed(emb, threshold, n_buckets, seed=0):
     """For large N: spherical k-means buckets, then the exact search inside each bucket only.
     Near-duplicates share a bucket unless they straddle a border, which is rare."""
     x = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
-    labels, _ = kmeans.assign(x, kmeans.fit(x, n_buckets, spherical=True, seed=seed), spherical=True)
+    labels, _ = kmeans.assign(x, kmeans.fit(kmeans.shard(x), n_buckets, spherical=True, seed=seed), spherical=True)
     for k in range(n_buckets):
         members = torch.nonzero(labels == k).squeeze(1).numpy()
         for local in similar_pairs(x[members], threshold):

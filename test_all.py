@@ -1,4 +1,4 @@
-"""Tests, one section per file: clip, losses, data, eval, train, kmeans.
+"""Tests, one section per file: clip, losses, data, eval, train, teachers, kmeans.
 Run: python -m pytest -q test_all.py   (CPU, offline, a few minutes)."""
 import csv
 import importlib.util
@@ -858,6 +858,39 @@ def test_kclip_run_every_term_falls_and_teacher_cache_reused(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="--concepts 5000 is more than the 1000"):
         train.main(args[:-1] + ["kc3", "--concepts", "5000"])
 
+
+def _ddp_worker(rank, port, argv):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train.main(argv)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["clip", "cid"])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, monkeypatch, method):
+    """torchrun's data parallelism on 2 CPU processes (gloo): each rank takes half of every
+    global batch and gathers the other half's embeddings; the logged loss, and the weights after
+    8 steps, equal one process training on the whole global batch."""
+    import socket
+    monkeypatch.chdir(tmp_path)
+    argv = ["--method", method, "--model", "tiny", "--steps", "8", "--batch-size", "32", "--n-train", "256",
+            "--n-eval", "100", "--warmup", "2", "--log-every", "2", "--ckpt-every", "4", "--teacher-steps", "4",
+            "--clusters", "4", "--no-balance"]
+    train.main(argv + ["--out", "one"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, argv + ["--out", "two"]), nprocs=2, join=True)
+    one, two = read_log("one/log.jsonl"), read_log("two/log.jsonl")
+    assert [r["step"] for r in two] == [2, 4, 6, 8]
+    for a, b in zip(one, two):
+        for term in ("loss", "clip", "cd", "id"):
+            if term in a:
+                assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-5), (term, a["step"])
+    wa, wb = (torch.load(f"{d}/ckpt.pt", weights_only=True)["model"] for d in ("one", "two"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-4), k
+    assert json.load(open("two/results.json"))["steps"] == 8 and not os.path.exists("two/results.json.tmp")
 
 # ========================================================================================
 # teachers.py

@@ -5,6 +5,7 @@ One loop for every method. A method only decides which loss terms a batch produc
 warmup + cosine learning rate, gradient clipping, the logit-scale clamp of CLIP
 (exp(t) <= 100), bf16 autocast on CUDA, a progress bar, DIR/log.jsonl, atomic checkpoints
 that resume exactly, a clear stop on a NaN loss, and DIR/results.json from eval.py at the end.
+`torchrun --nproc_per_node N train.py ...` runs the same loop data-parallel on N processes.
 """
 import argparse
 import json
@@ -16,6 +17,8 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -128,6 +131,53 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
+# Data parallelism. torchrun starts N processes; each takes 1/N of every global batch,
+# DistributedDataParallel averages the gradients, and the contrastive losses score each rank's
+# rows against every rank's embeddings (gathered with their gradients, as open_clip does).
+# Rank 0 alone writes logs, checkpoints, pictures and results. One process: all of this is a no-op.
+
+def world():
+    """(rank, number of processes); (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def init_distributed(args):
+    """Join the process group torchrun describes: nccl on CUDA (one GPU per process), gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        out = [args.out]
+        dist.broadcast_object_list(out, src=0)  # every rank writes (or reads) rank 0's folder
+        args.out = out[0]
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def rank0_first(fn):
+    """fn() on rank 0 first, then on the other ranks, which find what rank 0 cached."""
+    if world()[0] > 0:
+        barrier()
+    out = fn()
+    if world()[0] == 0:
+        barrier()
+    return out
+
+
+def gather(x):  # (B, D) on each rank -> (W*B, D), rank order; gradients flow back to each rank's rows
+    return torch.cat(dist_fn.all_gather(x)) if world()[1] > 1 else x
+
+
+def say(message):
+    if world()[0] == 0:
+        print(message)
+
+
+# ----------------------------------------------------------------------------------------
 # Batches. Each one is a pure function of (seed, step), so a resumed run sees the same data.
 
 class ShapesStream:
@@ -155,8 +205,11 @@ class ShapesStream:
             g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
             self.perm = self.pool[torch.randperm(len(self.pool), generator=g)]
             self.perm_epoch = epoch
-        idx = self.perm[k * self.batch_size:(k + 1) * self.batch_size]  # (B,)
-        return {"images": self.ds.images[idx], "tokens": self.tokens[idx], "index": idx, "skipped": 0}
+        idx = self.perm[k * self.batch_size:(k + 1) * self.batch_size]  # (B,) the global batch
+        rank, n = world()
+        local = idx.view(n, -1)[rank]  # (B / W,) this rank's share
+        return {"images": self.ds.images[local], "tokens": self.tokens[local], "index": local, "global_index": idx,
+                "skipped": 0}
 
 
 class RealStream:
@@ -171,7 +224,8 @@ class RealStream:
     def epochs(self, start_step):
         """Yield (images, captions, n_skipped) batches from step `start_step` on, epoch after epoch."""
         a, step, epoch = self.args, 0, 0
-        kw = dict(batch_size=a.batch_size, num_workers=a.workers, collate_fn=data.collate)
+        rank, n = world()
+        kw = dict(batch_size=a.batch_size // n, num_workers=a.workers, collate_fn=data.collate)
         while True:
             if isinstance(self.ds, data.ShardPairs):
                 self.ds.epoch = epoch
@@ -183,7 +237,8 @@ class RealStream:
                     raise SystemExit(f"error: --data {a.data} has {len(order)} pairs, fewer than --batch-size {a.batch_size}")
                 skip = min(max(start_step - step, 0), per_epoch)  # batches already trained on
                 step += skip
-                loader = torch.utils.data.DataLoader(self.ds, sampler=order[skip * a.batch_size:per_epoch * a.batch_size].tolist(), **kw)
+                mine = order[skip * a.batch_size:per_epoch * a.batch_size].view(-1, n, a.batch_size // n)[:, rank]
+                loader = torch.utils.data.DataLoader(self.ds, sampler=mine.flatten().tolist(), **kw)
             n_batches = 0
             for images, captions, skipped in loader:
                 n_batches += 1
@@ -230,13 +285,13 @@ def prepare_kclip(args, stream, device):
     teacher = teachers.load_text_teacher(args.text_teacher, device, args.pool, args.trust_remote_code)
     cache = os.path.join("runs", "cache", teacher.name.replace("/", "--").replace(":", "-"))
     captions = stream.ds.captions  # CSV rows: read without their images
-    t_txt = torch.from_numpy(np.array(teachers.text_teacher_embeddings(teacher, captions, cache)))  # (N, D_t)
+    t_txt = torch.from_numpy(np.array(rank0_first(lambda: teachers.text_teacher_embeddings(teacher, captions, cache))))  # (N, D_t)
     if args.concepts > len(t_txt):
         raise SystemExit(f"error: --concepts {args.concepts} is more than the {len(t_txt)} training captions")
-    centroids = kmeans.fit(t_txt, args.concepts, spherical=True, seed=args.seed)  # (K, D_t)
+    centroids = kmeans.fit(kmeans.shard(t_txt), args.concepts, spherical=True, seed=args.seed)  # (K, D_t)
     soft = kmeans.soft_assign(t_txt, centroids, args.concept_tau)  # (N, K)
     concept = soft.argmax(1)  # (N,)
-    if isinstance(stream, ShapesStream):  # images in memory
+    if isinstance(stream, ShapesStream) and world()[0] == 0:  # images in memory
         evaluation.save_cluster_grid(stream.ds.images, F.normalize(t_txt, dim=-1), centroids, concept,
                                      os.path.join(args.out, "concepts.png"))
     info = {"text_teacher": teacher.name, "text_teacher_params": clip.count_params(teacher.model),
@@ -267,9 +322,9 @@ def ensure_teacher(args):
         return args.teacher
     tdir = default_teacher_dir(args)
     if os.path.exists(os.path.join(tdir, "results.json")):
-        print(f"cid: using the teacher in {tdir}")
+        say(f"cid: using the teacher in {tdir}")
         return tdir
-    print(f"cid: no teacher for this data and preset in {tdir}; training it first ({args.teacher_steps} steps)")
+    say(f"cid: no teacher for this data and preset in {tdir}; training it first ({args.teacher_steps} steps)")
     targs = parse_args(["--method", "clip", "--model", "teacher", "--preset", args.preset, "--steps", str(args.teacher_steps),
                         "--n-train", str(args.n_train), "--dup-frac", str(args.dup_frac), "--imbalance", str(args.imbalance),
                         "--image-size", str(args.image_size), "--seed", str(args.seed), "--device", args.device,
@@ -286,7 +341,7 @@ def prepare_cid(args, stream, device):
     teacher = teachers.load_clip_teacher(tdir, device, args.trust_remote_code)
     own = isinstance(teacher, teachers.OwnClipTeacher)  # never write into someone's Hugging Face folder
     cache = os.path.join(tdir, "cache") if own else os.path.join("runs", "cache", tdir.strip("/").replace("/", "--"))
-    t_img, t_txt = teachers.clip_teacher_embeddings(teacher, stream.ds.images, stream.ds.captions, cache)
+    t_img, t_txt = rank0_first(lambda: teachers.clip_teacher_embeddings(teacher, stream.ds.images, stream.ds.captions, cache))
     t_img, t_txt = torch.from_numpy(np.array(t_img)), torch.from_numpy(np.array(t_txt))  # (N, D_t) each
     info = {"teacher": tdir, "teacher_params": clip.count_params(teacher.model)}
     tres = os.path.join(tdir, "results.json")
@@ -297,18 +352,20 @@ def prepare_cid(args, stream, device):
     if args.balance:
         keep_np, stats, groups = teachers.semantic_balance(t_img.numpy(), args.balance_threshold, args.balance_buckets, args.seed)
         keep = torch.from_numpy(keep_np)
-        print(f"cid: semantic balance removed {stats['removed']} of {stats['pairs_before']} pairs "
+        say(f"cid: semantic balance removed {stats['removed']} of {stats['pairs_before']} pairs "
               f"({100 * stats['removed_fraction']:.1f}%) in {stats['duplicate_groups']} groups of near-duplicates "
               f"(largest {stats['largest_group']}, cos >= {args.balance_threshold})")
         info["balance"] = stats
-        evaluation.save_duplicate_groups(stream.ds.images, groups, os.path.join(args.out, "balance_groups.png"))
+        if world()[0] == 0:
+            evaluation.save_duplicate_groups(stream.ds.images, groups, os.path.join(args.out, "balance_groups.png"))
         stream.restrict(keep)
     info["pairs_trained_on"] = int(keep.sum())
     if args.clusters > int(keep.sum()):
         raise SystemExit(f"error: --clusters {args.clusters} is more than the {int(keep.sum())} training pairs")
-    centroids = kmeans.fit(t_img[keep], args.clusters, spherical=True, seed=args.seed)  # (K, D_t)
+    centroids = kmeans.fit(kmeans.shard(t_img[keep]), args.clusters, spherical=True, seed=args.seed)  # (K, D_t)
     labels, _ = kmeans.assign(t_img, centroids, spherical=True)  # (N,)
-    evaluation.save_cluster_grid(stream.ds.images, t_img, centroids, labels, os.path.join(args.out, "clusters.png"))
+    if world()[0] == 0:
+        evaluation.save_cluster_grid(stream.ds.images, t_img, centroids, labels, os.path.join(args.out, "clusters.png"))
     return teacher.dim, {"t_img": t_img, "t_txt": t_txt, "centroids": centroids.to(device), "labels": labels}, info
 
 
@@ -317,7 +374,9 @@ def loss_terms(model, heads, batch, extra, args):
     image_emb = model.encode_image(batch["images"])  # (B, D_s) I_e
     text_feat = model.encode_text(batch["tokens"], normalize=False)  # (B, D_s) E_T(x), before normalising
     text_emb = F.normalize(text_feat, dim=-1)  # (B, D_s) T_e
-    terms = {"clip": losses.clip_loss(image_emb, text_emb, model.logit_scale.exp())}
+    rank, n = world()
+    gathered = {} if n == 1 else dict(image_all=gather(image_emb), text_all=gather(text_emb), offset=rank * len(image_emb))
+    terms = {"clip": losses.clip_loss(image_emb, text_emb, model.logit_scale.exp(), **gathered)}
     idx, dev = batch["index"], image_emb.device
     if idx is None and "row" in extra:  # CSV batches: pairs found by their caption
         idx = torch.tensor([extra["row"][c] for c in batch["captions"]])
@@ -331,14 +390,27 @@ def loss_terms(model, heads, batch, extra, args):
         y, C = extra["labels"][idx].to(dev), extra["centroids"]
         kw = dict(s=args.arc_scale, m=args.margin, sample_frac=args.class_frac)
         terms["cd"] = (losses.cluster_loss(zi, C, y, **kw) + losses.cluster_loss(zt, C, y, **kw)) / 2
-        terms["id"] = losses.instance_loss(zi, zt, extra["t_img"][idx].to(dev), extra["t_txt"][idx].to(dev),
-                                           heads.logit_scale.exp())
+        every = batch["global_index"]  # the teacher's rows: the whole global batch
+        terms["id"] = losses.instance_loss(zi, zt, extra["t_img"][every].to(dev), extra["t_txt"][every].to(dev),
+                                           heads.logit_scale.exp(), offset=rank * len(idx))
     return terms
 
 
 def loss_weights(args):
     return {"clip": args.clip_weight, "emb": args.emb_weight, "concept": args.concept_weight,
             "cd": args.cd_weight, "id": args.id_weight}
+
+
+class Student(nn.Module):
+    """The CLIP and its method's heads as one module whose forward gives the loss terms: the unit
+    DistributedDataParallel wraps (its gradient all-reduce hooks fire for what forward computed)."""
+
+    def __init__(self, model, heads, extra, args):
+        super().__init__()
+        self.model, self.heads, self.extra, self.args = model, heads, extra, args
+
+    def forward(self, batch):
+        return loss_terms(self.model, self.heads, batch, self.extra, self.args)
 
 
 # ----------------------------------------------------------------------------------------
@@ -407,16 +479,22 @@ def trim_log(path, step):
 def train(args):
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    os.makedirs(args.out, exist_ok=True)
+    rank, n_proc = world()
+    main_rank = rank == 0  # writes logs, checkpoints, pictures, results
+    if args.batch_size % n_proc or (n_proc > 1 and ".tar" in args.data):
+        raise SystemExit(f"error: with {n_proc} processes, --batch-size must be a multiple of {n_proc} "
+                         f"(it is {args.batch_size}) and --data shapes or a CSV (not shards)")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
         raise SystemExit(f"error: {args.out} already holds a run; pass --resume to continue it, "
                          f"--overwrite to start afresh, or --out for a new folder")
+    barrier()  # every rank has looked before rank 0 writes
+    os.makedirs(args.out, exist_ok=True)
     stream = ShapesStream(args) if args.data == "shapes" else RealStream(args)
     model = clip.build(args.model, image_size=args.image_size).to(device)
     n_params = clip.count_params(model)
-    print(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x "
-          f"{args.batch_size} pairs on {device}, data {args.data} -> {args.out}")
+    say(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x "
+          f"{args.batch_size} pairs on {device}{f' x {n_proc} processes' if n_proc > 1 else ''}, data {args.data} -> {args.out}")
     heads, extra, info = nn.ModuleDict(), {}, {}
     if args.method != "clip":
         rng = torch.get_rng_state()  # loading or training a teacher must not change the student's init
@@ -425,17 +503,21 @@ def train(args):
         heads = (CIDHeads(model.cfg.embed_dim, teacher_dim) if args.method == "cid"
                  else KCLIPHeads(model.cfg.embed_dim, teacher_dim, args.concepts)).to(device)
     optimizer = make_optimizer([model, heads], args)
+    student = Student(model, heads, extra, args)
+    if n_proc > 1:
+        student = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     start = 0
     if args.resume and os.path.exists(ckpt_path):
         start = load_for_resume(ckpt_path, model, heads, optimizer, args)
-        trim_log(log_path, start)
-        print(f"resumed from {ckpt_path} at step {start}")
-    elif os.path.exists(log_path):
+        if main_rank:
+            trim_log(log_path, start)
+        say(f"resumed from {ckpt_path} at step {start}")
+    elif os.path.exists(log_path) and main_rank:
         os.remove(log_path)
     weights = loss_weights(args)
     use_amp = device.type == "cuda"
     t_start, seen = time.time(), 0
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method,
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, disable=not main_rank,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     completed = start  # steps whose update is in the weights
     try:
@@ -446,11 +528,16 @@ def train(args):
             batch = stream.batch(step)
             images, tokens = data.to_input(batch["images"], device), batch["tokens"].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                terms = loss_terms(model, heads, {**batch, "images": images, "tokens": tokens}, extra, args)
+                terms = student({**batch, "images": images, "tokens": tokens})
                 loss = sum(weights[k] * v for k, v in terms.items())
-            if not torch.isfinite(loss):
-                save_checkpoint(ckpt_path, model, heads, optimizer, step, args)  # the weights are still good
-                raise SystemExit(f"error: the loss became {loss.item()} at step {step}. The last good "
+            values = torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
+            if n_proc > 1:  # what is logged and checked: the mean over ranks = the global batch's loss
+                dist.all_reduce(values)
+                values /= n_proc
+            if not torch.isfinite(values[0]):
+                if main_rank:
+                    save_checkpoint(ckpt_path, model, heads, optimizer, step, args)  # the weights are still good
+                raise SystemExit(f"error: the loss became {values[0].item()} at step {step}. The last good "
                                  f"state (step {step}) is saved in {ckpt_path}; lower --lr and pass --resume")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -461,23 +548,27 @@ def train(args):
                 if isinstance(heads, CIDHeads):
                     heads.logit_scale.clamp_(0, math.log(100))
             completed = step + 1
-            seen += len(tokens)
+            seen += len(tokens) * n_proc
             rate = seen / (time.time() - t_start)
-            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-                record = {"step": step + 1, "lr": lr, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
+            if main_rank and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
+                record = {"step": step + 1, "lr": lr, "loss": values[0].item(), **dict(zip(terms, values[1:].tolist())),
                           "logit_scale": model.logit_scale.exp().item(), "samples_per_s": rate,
                           "skipped": batch["skipped"]}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", sps=f"{rate:.0f}", refresh=False)
-            if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+                bar.set_postfix(loss=f"{values[0].item():.3f}", lr=f"{lr:.1e}", sps=f"{rate:.0f}", refresh=False)
+            if main_rank and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
                 save_checkpoint(ckpt_path, model, heads, optimizer, step + 1, args)
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(ckpt_path, model, heads, optimizer, completed, args)
+        if main_rank:
+            save_checkpoint(ckpt_path, model, heads, optimizer, completed, args)
         raise SystemExit(f"interrupted at step {completed}: saved {ckpt_path}; continue with --resume") from None
     bar.close()
     seconds = time.time() - t_start
+    if not main_rank:
+        barrier()  # wait for rank 0's evaluation and results.json
+        return None
     results = {"method": args.method, "model": args.model, "params": n_params, "steps": args.steps,
                "batch_size": args.batch_size, "seed": args.seed, "data": args.data,
                "seconds": round(seconds, 1), "samples_per_second": round(seen / seconds, 1) if seen else None,
@@ -492,11 +583,13 @@ def train(args):
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))
+    barrier()
     return results
 
 
 def main(argv=None):
     args = parse_args(argv)
+    init_distributed(args)
     try:
         return train(args)
     except (FileNotFoundError, ValueError) as e:
