@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -328,7 +329,7 @@ def fit_em(params, batch_loss, n, steps, batch_size, lr, seed, desc):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(1, steps // 20)
-    for step in (bar := tqdm(range(steps), desc=desc, mininterval=2.0)):
+    for step in (bar := tqdm(range(steps), desc=desc, mininterval=2.0 if sys.stderr.isatty() else 30.0)):
         for group in opt.param_groups:
             group["lr"] = lr * min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
         loss = batch_loss(torch.randint(n, (batch_size,), generator=g))
@@ -483,12 +484,16 @@ def plot_curves(logs, path):
     if plt is None:
         return
     terms = [t for t in ("loss", "clip", "emb", "concept", "cd", "id") if any(t in r for rs in logs.values() for r in rs)]
-    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3), squeeze=False)
-    for ax, term in zip(axes[0], terms):
-        for label, records in logs.items():
+    cols = min(3, len(terms))
+    rows = -(-len(terms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat[len(terms):]:
+        ax.axis("off")
+    for ax, term in zip(axes.flat, terms):
+        for i, (label, records) in enumerate(logs.items()):
             points = [(r["step"], r[term]) for r in records if term in r]
             if points:
-                ax.plot(*zip(*points), label=label)
+                ax.plot(*zip(*points), color=f"C{i}", label=label)  # one colour per run in every panel
         ax.set(title=term, xlabel="step", yscale="log")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

@@ -652,7 +652,7 @@ def test_text_em_is_deterministic():
     assert runs[0] == runs[1]
     assert all(v in (0.0, 50.0, 100.0) for v in runs[0].values())  # 2 held-out captions
 
-def test_pca_2d_matches_numpy_and_plots_write(tmp_path):
+def test_pca_2d_matches_numpy(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 6, generator=g) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.2, 0.1])  # variance by axis
     xy = evaluation.pca_2d(x)
@@ -661,12 +661,16 @@ def test_pca_2d_matches_numpy_and_plots_write(tmp_path):
     ref = centred @ vt[:2].T
     assert np.allclose(np.abs(xy.numpy()), np.abs(ref), atol=1e-4)  # same up to the sign of each axis
     assert np.allclose(xy.pow(2).sum(0).numpy(), s[:2] ** 2, rtol=1e-4)  # the two largest variances
-    pytest.importorskip("matplotlib")  # an optional extra: the drawing itself needs it
+
+
+def test_plots_write_pngs(tmp_path):
+    pytest.importorskip("matplotlib")  # an optional extra: the drawing needs it
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
     logs = {"a": [{"step": 1, "loss": 2.0, "clip": 2.0}, {"step": 2, "loss": 1.0, "clip": 1.0}],
             "b": [{"step": 1, "loss": 3.0, "clip": 2.5, "emb": 0.5}]}
     evaluation.plot_curves(logs, str(tmp_path / "c.png"))
     evaluation.plot_text_pca({"t": x, "s": x[:, :3]}, torch.arange(50) % 4, str(tmp_path / "p.png"))
-    assert Image.open(tmp_path / "c.png").size[0] > 3 * Image.open(tmp_path / "c.png").size[1]  # 3 panels in a row
+    assert Image.open(tmp_path / "c.png").size[0] > 3 * Image.open(tmp_path / "c.png").size[1]  # 3 panels, one row
     assert Image.open(tmp_path / "p.png").size[0] > 1.5 * Image.open(tmp_path / "p.png").size[1]
 
 
