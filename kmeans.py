@@ -71,7 +71,7 @@ INIT_DIM = 64  # k-means++ runs on a random projection of the sample to this man
 # distributed helpers: no-ops in a single process
 
 
-def _world():
+def world():
     """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -81,21 +81,21 @@ def _world():
 def shard(x):
     """This rank's contiguous slice of the rows of x (all of x when not distributed): what each
     rank passes to `fit` so that the ranks together hold every row once, in order."""
-    rank, world = _world()
+    rank, n_ranks = world()
     n = len(x)
-    return x[rank * n // world:(rank + 1) * n // world]
+    return x[rank * n // n_ranks:(rank + 1) * n // n_ranks]
 
 
 def _all_reduce(t):
-    if _world()[1] > 1:
+    if world()[1] > 1:
         dist.all_reduce(t)
     return t
 
 
 def _shard_sizes(n, device):
-    """Number of rows on every rank, (world,) int64."""
-    rank, world = _world()
-    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    """Number of rows on every rank, (n_ranks,) int64."""
+    rank, n_ranks = world()
+    sizes = torch.zeros(n_ranks, dtype=torch.int64, device=device)
     sizes[rank] = n
     return _all_reduce(sizes).cpu()
 
@@ -215,7 +215,7 @@ def _sample(x, n_total, size, g, device, spherical):
         idx = torch.arange(n_total)
     else:  # with replacement then de-duplicated: no O(N) permutation for huge N
         idx = torch.unique(torch.randint(n_total, (size,), generator=g))
-    rank, _ = _world()
+    rank, _ = world()
     sizes = _shard_sizes(x.shape[0], device)
     lo = sizes[:rank].sum().item()
     mine = ((idx >= lo) & (idx < lo + x.shape[0])).nonzero()[:, 0]  # positions we hold
@@ -314,7 +314,7 @@ def _init(x, k, init, init_sample, n_total, g, device, spherical):
         finally:
             torch.set_num_threads(threads)
         c = p[chosen[_prune(q, q[chosen], k)]]
-    if _world()[1] > 1:
+    if world()[1] > 1:
         dist.broadcast(c, src=0)  # guard against floating-point differences between ranks
     return c
 
@@ -428,7 +428,7 @@ def fit(x, k, *, iters=20, batch_size=None, spherical=False, init="k-means++", s
         raise ValueError(f"kmeans: need 1 <= k <= N, got k={k} with N={n_total} points")
     if verbose is None:  # only when it takes more than a few seconds
         verbose = 2 * n_total * k * d * iters > 1e12
-    verbose = verbose and _world()[0] == 0
+    verbose = verbose and world()[0] == 0
 
     g = torch.Generator().manual_seed(seed)
     c = _init(x, k, init, init_sample, n_total, g, device, spherical)  # (K, D)

@@ -695,14 +695,9 @@ def run(tmp_path, *extra, name="run"):
     return train.main(args)
 
 
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_short_training_run_learns(tmp_path):
     res = run(tmp_path, "--steps", "80", "--lr", "3e-3", "--n-train", "2000")
-    log = read_log(tmp_path / "run" / "log.jsonl")
+    log = evaluation.read_log(tmp_path / "run")
     assert log[-1]["clip"] < log[0]["clip"] - 0.5
     assert res["zero_shot_colour_top1"] > 2 * 100 / 8  # chance is 12.5%
     assert res["zero_shot_top1"] > 3 * 100 / 64
@@ -740,7 +735,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
     b = torch.load(tmp_path / "broken" / "ckpt.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert [r["step"] for r in read_log(tmp_path / "broken" / "log.jsonl")] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in evaluation.read_log(tmp_path / "broken")] == [5, 10, 15, 20, 25, 30]
     with pytest.raises(SystemExit, match="--batch-size was 64, now 32"):
         run(tmp_path, "--resume", "--batch-size", "32", name="broken")
 
@@ -802,7 +797,7 @@ def test_training_on_csv_pairs(tmp_path, monkeypatch):
         evaluation.main(["--text-em", "--ckpt", str(tmp_path / "run")])
     res = run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "8", "--steps", "12", "--val-frac", "0.3",
               "--workers", "0", "--method", "kclip", "--concepts", "3", name="kclip")  # captions read from the CSV
-    log = read_log(tmp_path / "kclip" / "log.jsonl")
+    log = evaluation.read_log(tmp_path / "kclip")
     assert res["text_teacher"].startswith("all-MiniLM") and all(r["emb"] > 0 and r["concept"] > 0 for r in log)
 
 
@@ -816,10 +811,10 @@ def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path
     assert "no teacher for this data and preset" in out
     tdir = res["teacher"]
     assert os.path.exists(os.path.join(tdir, "results.json")) and res["teacher_params"] > 3 * res["params"]
-    log = read_log("student/log.jsonl")
+    log = evaluation.read_log("student")
     train.main(args[:-1] + ["student-again"])  # the same run, now reusing the teacher: the same numbers
-    assert read_log("student-again/log.jsonl") == [{**r, "samples_per_s": a["samples_per_s"]}
-                                                   for r, a in zip(log, read_log("student-again/log.jsonl"))]
+    assert evaluation.read_log("student-again") == [{**r, "samples_per_s": a["samples_per_s"]}
+                                                   for r, a in zip(log, evaluation.read_log("student-again"))]
     for term in ("clip", "cd", "id"):
         first, last = np.mean([r[term] for r in log[:2]]), np.mean([r[term] for r in log[-2:]])
         assert last < first, term
@@ -846,7 +841,7 @@ def test_kclip_run_every_term_falls_and_teacher_cache_reused(tmp_path, monkeypat
     args = ["--method", "kclip", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
             "--n-eval", "200", "--warmup", "5", "--log-every", "5", "--lr", "3e-3", "--concepts", "8", "--out", "kc"]
     res = train.main(args)
-    log = read_log("kc/log.jsonl")
+    log = evaluation.read_log("kc")
     for term in ("clip", "emb", "concept"):
         first, last = np.mean([r[term] for r in log[:2]]), np.mean([r[term] for r in log[-2:]])
         assert last < first, term
@@ -858,7 +853,7 @@ def test_kclip_run_every_term_falls_and_teacher_cache_reused(tmp_path, monkeypat
     mtimes = [os.path.getmtime(f) for f in cache]
     train.main(args[:-1] + ["kc2", "--steps", "5", "--emb-weight", "0"])  # reuses the cached embeddings
     assert [os.path.getmtime(f) for f in cache] == mtimes
-    assert read_log("kc2/log.jsonl")[0]["emb"] > 0  # alpha = 0: still logged, not trained on
+    assert evaluation.read_log("kc2")[0]["emb"] > 0  # alpha = 0: still logged, not trained on
     with pytest.raises(SystemExit, match="--concepts 5000 is more than the 1000"):
         train.main(args[:-1] + ["kc3", "--concepts", "5000"])
 
@@ -885,7 +880,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, monkeypatch,
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, argv + ["--out", "two"]), nprocs=2, join=True)
-    one, two = read_log("one/log.jsonl"), read_log("two/log.jsonl")
+    one, two = evaluation.read_log("one"), evaluation.read_log("two")
     assert [r["step"] for r in two] == [2, 4, 6, 8]
     for a, b in zip(one, two):
         for term in ("loss", "clip", "cd", "id"):

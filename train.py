@@ -136,9 +136,7 @@ def parse_args(argv=None):
 # rows against every rank's embeddings (gathered with their gradients, as open_clip does).
 # Rank 0 alone writes logs, checkpoints, pictures and results. One process: all of this is a no-op.
 
-def world():
-    """(rank, number of processes); (0, 1) without torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+world = kmeans.world  # (rank, number of processes); (0, 1) without torchrun
 
 
 def init_distributed(args):
@@ -577,8 +575,8 @@ def train(args):
     evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))
     if args.method == "kclip" and isinstance(stream, ShapesStream):  # teacher vs student text space, by concept
         sample = torch.arange(min(2000, len(stream.ds)))
-        student = evaluation.embed_texts(model, [stream.ds.captions[i] for i in sample], device)
-        evaluation.plot_text_pca({"teacher L(x)": extra["t_txt"][sample], "student T_e": student},
+        student_text = evaluation.embed_texts(model, [stream.ds.captions[i] for i in sample], device)
+        evaluation.plot_text_pca({"teacher L(x)": extra["t_txt"][sample], "student T_e": student_text},
                                  extra["soft"][sample].argmax(1), os.path.join(args.out, "text_pca.png"))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
