@@ -55,6 +55,7 @@ class Block(nn.Module):
     def __init__(self, width, heads, causal=False):
         super().__init__()
         self.heads, self.causal = heads, causal
+        self.fused = True  # False: the textbook formula (train.py --bench times both)
         self.ln_1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -64,7 +65,13 @@ class Block(nn.Module):
     def attention(self, x):  # x: (B, L, W)
         B, L, W = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, h, L, W/h)
+        if self.fused:  # one kernel that never materialises the (L, L) scores
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, h, L, W/h)
+        else:  # softmax(q k^T / sqrt(d) + causal mask) v, step by step
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, h, L, L)
+            if self.causal:
+                scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            y = scores.softmax(-1) @ v  # (B, h, L, W/h)
         return self.proj(y.transpose(1, 2).reshape(B, L, W))
 
     def forward(self, x):
@@ -109,11 +116,13 @@ class TextTransformer(nn.Module):
         self.pos_emb = nn.Parameter(torch.randn(context_length, width) * 0.01)
         self.blocks = nn.ModuleList([Block(width, heads, causal=True) for _ in range(layers)])
         self.ln_final = nn.LayerNorm(width)
+        self.trim = True  # False: run all context_length positions (train.py --bench times both)
 
     def forward(self, tokens):  # (B, L) int64 -> (B, width)
         # Causal attention: positions after EOT never reach the EOT state, so the padding
         # columns that no caption of this batch uses can be cut off without changing the result.
-        tokens = tokens[:, : int(tokens.ne(PAD).sum(1).max())]  # (B, L') with L' <= L
+        if self.trim:
+            tokens = tokens[:, : int(tokens.ne(PAD).sum(1).max())]  # (B, L') with L' <= L
         x = self.token_emb(tokens) + self.pos_emb[: tokens.shape[1]]  # (B, L', W)
         for block in self.blocks:
             x = block(x)

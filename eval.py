@@ -437,10 +437,10 @@ def cached_autoencoder(path, train, seed=0, steps=600, device="cpu"):
     """train_autoencoder(train) saved at `path` and reused while the captions, seed and steps are
     the same (the reproduction sweep probes many runs of one seed with one decoder)."""
     meta = {"captions": hashlib.sha1("\n".join(train).encode()).hexdigest()[:16], "seed": seed, "steps": steps}
-    ae = CaptionAutoencoder().to(device)
     if os.path.exists(path):
         saved = torch.load(path, map_location=device, weights_only=True)
         if saved["meta"] == meta:
+            ae = CaptionAutoencoder().to(device)
             ae.load_state_dict(saved["state"])
             return ae.eval()
     ae = train_autoencoder(train, steps, seed=seed, device=device)

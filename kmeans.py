@@ -78,6 +78,12 @@ def world():
     return 0, 1
 
 
+def barrier():
+    """Wait for every rank (nothing to wait for in one process)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
 def shard(x):
     """This rank's contiguous slice of the rows of x (all of x when not distributed): what each
     rank passes to `fit` so that the ranks together hold every row once, in order."""

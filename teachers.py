@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -184,31 +185,63 @@ def fingerprint(*parts):
 
 def cached_embeddings(path, meta, n, encode, batch_size=512, desc="embedding"):
     """(n, D) float32 array memory-mapped from `path`.npy, computing it first if needed.
-    encode(start, stop) -> (stop - start, D) tensor of embeddings for items [start, stop)."""
+    encode(start, stop) -> (stop - start, D) tensor of embeddings for items [start, stop).
+    Under torchrun every rank embeds its contiguous share of the rows into a part file, and
+    rank 0 joins the parts (all ranks must call this together)."""
     npy, js = path + ".npy", path + ".json"
-    if os.path.exists(npy) and os.path.exists(js):
+    rank, n_ranks = kmeans.world()
+    valid = [False]
+    if rank == 0 and os.path.exists(npy) and os.path.exists(js):
         with open(js) as f:
             old = json.load(f)
-        if {k: old.get(k) for k in meta} == meta and old.get("count") == n:
-            return np.load(npy, mmap_mode="r")
-        print(f"cache {npy} was made for {old.get('model')} on data {old.get('fingerprint')}; rebuilding it")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if os.path.exists(js):
-        os.remove(js)
-    out = None
-    for start in tqdm(range(0, n, batch_size), desc=desc, mininterval=2.0):
-        emb = encode(start, min(n, start + batch_size)).float().cpu().numpy()
-        if out is None:
-            out = np.lib.format.open_memmap(npy + ".tmp", mode="w+", dtype=np.float32, shape=(n, emb.shape[1]))
-        out[start:start + len(emb)] = emb
+        valid[0] = {k: old.get(k) for k in meta} == meta and old.get("count") == n
+        if not valid[0]:
+            print(f"cache {npy} was made for {old.get('model')} on data {old.get('fingerprint')}; rebuilding it")
+    if n_ranks > 1:
+        dist.broadcast_object_list(valid, src=0)  # one decision for every rank
+    if not valid[0]:
+        if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if os.path.exists(js):
+                os.remove(js)
+        kmeans.barrier()
+        mine = kmeans.shard(range(n))  # this rank's rows
+        part = npy + (f".part{rank}" if n_ranks > 1 else "") + ".tmp"
+        out = None
+        for start in tqdm(range(mine.start, mine.stop, batch_size), desc=desc, mininterval=2.0, disable=rank > 0):
+            emb = encode(start, min(mine.stop, start + batch_size)).float().cpu().numpy()
+            if out is None:
+                out = np.lib.format.open_memmap(part, mode="w+", dtype=np.float32, shape=(len(mine), emb.shape[1]))
+            out[start - mine.start:start - mine.start + len(emb)] = emb
+        if out is not None:
+            out.flush()
+            del out
+        kmeans.barrier()
+        if rank == 0:
+            if n_ranks > 1:
+                join_parts(npy, n, n_ranks)
+            os.replace(npy + ".tmp", npy)
+            width = np.load(npy, mmap_mode="r").shape[1]
+            with open(js + ".tmp", "w") as f:
+                json.dump({**meta, "count": n, "width": width, "dtype": "float32"}, f, indent=2)
+            os.replace(js + ".tmp", js)
+        kmeans.barrier()
+    return np.load(npy, mmap_mode="r")
+
+
+def join_parts(npy, n, n_ranks):
+    """The ranks' part files, in rank order, into one (n, D) array at npy.tmp; parts removed."""
+    names = [f"{npy}.part{r}.tmp" for r in range(n_ranks) if os.path.exists(f"{npy}.part{r}.tmp")]  # an empty share wrote none
+    parts = [np.load(name, mmap_mode="r") for name in names]
+    out = np.lib.format.open_memmap(npy + ".tmp", mode="w+", dtype=np.float32, shape=(n, parts[0].shape[1]))
+    row = 0
+    for p in parts:
+        out[row:row + len(p)] = p
+        row += len(p)
     out.flush()
-    del out
-    os.replace(npy + ".tmp", npy)
-    arr = np.load(npy, mmap_mode="r")
-    with open(js + ".tmp", "w") as f:
-        json.dump({**meta, "count": n, "width": arr.shape[1], "dtype": "float32"}, f, indent=2)
-    os.replace(js + ".tmp", js)
-    return arr
+    del out, parts
+    for name in names:
+        os.remove(name)
 
 
 def text_teacher_embeddings(teacher, captions, cache_dir, batch_size=256):

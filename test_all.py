@@ -70,6 +70,24 @@ def test_text_encoder_ignores_padding_after_eot():
         assert torch.allclose(m.encode_text(short)[0], m.encode_text(both)[0], atol=1e-5)
 
 
+def test_textbook_attention_and_untrimmed_text_match_the_fast_path():
+    """train.py --bench times the naive path against ours: they must compute the same thing."""
+    torch.manual_seed(0)
+    m = clip.build("tiny").eval()
+    images, tokens = torch.rand(3, 3, 32, 32), m.tokenize(["a red circle", "a blue star in the top right", "x"])
+    fast = [m.encode_image(images), m.encode_text(tokens)]
+    params = [p for n, p in m.named_parameters() if n != "logit_scale"]
+    grads_fast = torch.autograd.grad(sum(f.sum() for f in fast), params)
+    for b in m.modules():
+        if isinstance(b, clip.Block):
+            b.fused = False
+    m.text.trim = False
+    slow = [m.encode_image(images), m.encode_text(tokens)]
+    grads_slow = torch.autograd.grad(sum(f.sum() for f in slow), params)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast, slow))
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads_fast, grads_slow))
+
+
 # ========================================================================================
 # losses.py
 
@@ -652,6 +670,21 @@ def test_text_em_is_deterministic():
     assert runs[0] == runs[1]
     assert all(v in (0.0, 50.0, 100.0) for v in runs[0].values())  # 2 held-out captions
 
+def test_em_of_one_encoder_equals_text_em_and_the_autoencoder_cache(tmp_path, monkeypatch):
+    """The sweep probes one run at a time through a saved autoencoder: same numbers as text_em."""
+    test = ["a blue star", "a red box"]
+    full = evaluation.text_em({"bytes": bag_of_bytes}, EM_CAPS, test, steps=8, adapter_steps=4, seed=2)
+    train_caps, held = evaluation.distinct_splits(EM_CAPS, test)
+    path = str(tmp_path / "ae.pt")
+    ae = evaluation.cached_autoencoder(path, train_caps, seed=2, steps=8)
+    assert evaluation.em_poc(ae, held) == full[evaluation.POC]
+    monkeypatch.setattr(evaluation, "train_autoencoder", lambda *a, **k: pytest.fail("retrained"))
+    again = evaluation.cached_autoencoder(path, train_caps, seed=2, steps=8)  # loaded, not retrained
+    assert evaluation.em_of(again, bag_of_bytes, train_caps, held, adapter_steps=4, seed=2) == full["bytes"]
+    with pytest.raises(pytest.fail.Exception):
+        evaluation.cached_autoencoder(path, train_caps, seed=3, steps=8)  # another seed: not this one
+
+
 def test_pca_2d_matches_numpy(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 6, generator=g) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.2, 0.1])  # variance by axis
@@ -858,28 +891,44 @@ def test_kclip_run_every_term_falls_and_teacher_cache_reused(tmp_path, monkeypat
         train.main(args[:-1] + ["kc3", "--concepts", "5000"])
 
 
-def _ddp_worker(rank, port, argv):
+def _ddp_worker(rank, port, argv, stop_at=None):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train.main(argv)
+    if stop_at is not None:  # Ctrl-C on every rank as step `stop_at` begins
+        real = train.ShapesStream.batch
+
+        def batch(self, step):
+            if step == stop_at:
+                raise KeyboardInterrupt
+            return real(self, step)
+        train.ShapesStream.batch = batch
+    try:
+        train.main(argv)
+    except SystemExit:
+        if stop_at is None:
+            raise
     torch.distributed.destroy_process_group()
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("method", ["clip", "cid"])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, monkeypatch, method):
     """torchrun's data parallelism on 2 CPU processes (gloo): each rank takes half of every
     global batch and gathers the other half's embeddings; the logged loss, and the weights after
-    8 steps, equal one process training on the whole global batch."""
-    import socket
+    8 steps, equal one process training on the whole global batch. (clip: a 2-process run
+    interrupted at step 5 and resumed ends exactly where the uninterrupted one did.)"""
     monkeypatch.chdir(tmp_path)
     argv = ["--method", method, "--model", "tiny", "--steps", "8", "--batch-size", "32", "--n-train", "256",
             "--n-eval", "100", "--warmup", "2", "--log-every", "2", "--ckpt-every", "4", "--teacher-steps", "4",
             "--clusters", "4", "--no-balance"]
     train.main(argv + ["--out", "one"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, argv + ["--out", "two"]), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), argv + ["--out", "two"]), nprocs=2, join=True)
     one, two = evaluation.read_log("one"), evaluation.read_log("two")
     assert [r["step"] for r in two] == [2, 4, 6, 8]
     for a, b in zip(one, two):
@@ -890,6 +939,67 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, monkeypatch,
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-4), k
     assert json.load(open("two/results.json"))["steps"] == 8 and not os.path.exists("two/results.json.tmp")
+    if method == "clip":
+        mp.spawn(_ddp_worker, args=(free_port(), argv + ["--out", "three"], 5), nprocs=2, join=True)
+        assert torch.load("three/ckpt.pt", weights_only=True)["step"] == 5 and not os.path.exists("three/results.json")
+        mp.spawn(_ddp_worker, args=(free_port(), argv + ["--out", "three", "--resume"]), nprocs=2, join=True)
+        three = evaluation.read_log("three")
+        assert [(r["step"], r["loss"]) for r in three] == [(r["step"], r["loss"]) for r in two]
+        w3 = torch.load("three/ckpt.pt", weights_only=True)["model"]
+        assert all(torch.equal(wb[k], w3[k]) for k in wb)
+
+def test_mean_std_hand_cases():
+    assert train.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std: sqrt(2 / 2)
+    assert train.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_step_flops_backward_is_about_twice_forward():
+    """FLOPs of a training step = forward + backward; the backward of a matmul costs 2 forwards,
+    except the patchify convolution, whose input (the image) needs no gradient."""
+    torch.manual_seed(0)
+    m = clip.build("tiny")
+    batch = {"images": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), "tokens": m.tokenize(["a red circle"] * 8)}
+    fwd, step = train.step_flops(m, batch, train_step=False), train.step_flops(m, batch)
+    assert fwd > 0 and 2.8 * fwd < step <= 3 * fwd
+    args = train.parse_args(["--model", "tiny", "--steps", "10", "--batch-size", "8", "--n-train", "64",
+                             "--teacher-steps", "5"])
+    teacher_step = train.step_flops(clip.build("teacher"), train.ShapesStream(args).batch(0))
+    student_step = train.step_flops(clip.build("tiny"), train.ShapesStream(args).batch(0))
+    n = train.equal_compute_steps(args)
+    assert n >= 10 + 5 * teacher_step / student_step > 10 + 5 * 4  # the teacher's steps cost > 4 of the student's
+
+
+def test_sweep_writes_the_table_resumes_and_refuses_other_flags(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "SWEEP", [("clip", "CLIP", ["--method", "clip"], True)])
+    argv = ["--sweep", "--model", "tiny", "--steps", "10", "--batch-size", "32", "--n-train", "300", "--n-eval", "100",
+            "--warmup", "2", "--em-steps", "10", "5", "--seeds", "0", "1", "--out", "sw"]
+    train.main(argv)
+    assert capsys.readouterr().out.count("sweep: CLIP, seed") == 2
+    table = json.load(open("sw/table.json"))
+    runs = [json.load(open(f"sw/clip-s{s}/results.json")) for s in (0, 1)]
+    cell = table["rows"]["CLIP"]["zero_shot_top1"]
+    assert cell["values"] == [r["zero_shot_top1"] for r in runs]
+    assert cell["mean"] == pytest.approx(np.mean(cell["values"])) and cell["std"] == pytest.approx(np.std(cell["values"], ddof=1))
+    assert all("text_em" in r and "wall_seconds" in r for r in runs)
+    assert len(table["rows"]["EM reference: proof of concept"]["text_em"]["values"]) == 2
+    md = open("sw/table.md").read()
+    assert "| CLIP | " in md and "±" in md
+    os.remove("sw/clip-s1/results.json")  # killed after training: only that run is redone (from its checkpoint)
+    train.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("sweep: CLIP, seed") == 1 and "resumed" in out
+    again = json.load(open("sw/clip-s1/results.json"))
+    assert again["zero_shot_top1"] == runs[1]["zero_shot_top1"] and again["text_em"] == runs[1]["text_em"]
+    with pytest.raises(SystemExit, match="pass another --out"):
+        train.main([*argv, "--steps", "20"])
+
+
+def test_bench_prints_each_variant(capsys):
+    train.main(["--bench", "--model", "tiny", "--batch-size", "16", "--n-train", "200"])
+    out = capsys.readouterr().out
+    assert "GFLOP per step" in out and out.count("x |") == 3 and "| naive" in out and "text tower" in out
+
 
 # ========================================================================================
 # teachers.py
@@ -963,6 +1073,34 @@ def test_embedding_cache_reuse_invalidation_and_crash_safety(tmp_path):
     calls.clear()
     teachers.cached_embeddings(path, {"model": "m3", "fingerprint": "f1"}, 10, encode, batch_size=4)
     assert calls == [0, 4, 8]
+
+
+def _cache_dist_worker(rank, init_file, path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    calls = []
+
+    def encode(a, b):
+        calls.append((a, b))
+        return torch.arange(a, b, dtype=torch.float32)[:, None].repeat(1, 3)  # (b - a, 3): row i is i
+    first = np.array(teachers.cached_embeddings(path, {"model": "m"}, 7, encode, batch_size=2))
+    again = np.array(teachers.cached_embeddings(path, {"model": "m"}, 7, encode, batch_size=2))
+    torch.save({"calls": calls, "first": first, "again": again}, f"{path}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_embedding_cache_split_over_two_ranks(tmp_path):
+    """Under torchrun each rank embeds its contiguous share; rank 0 joins the parts; all read it."""
+    path = str(tmp_path / "emb")
+    mp.spawn(_cache_dist_worker, args=(str(tmp_path / "init"), path), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{path}.rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["calls"] == [(0, 2), (2, 3)] and r1["calls"] == [(3, 5), (5, 7)]  # each row once; none on reuse
+    want = np.arange(7, dtype=np.float32)[:, None].repeat(3, 1)
+    for r in (r0, r1):
+        assert np.array_equal(r["first"], want) and np.array_equal(r["again"], want)
+    assert not [f for f in os.listdir(tmp_path) if "part" in f or f.endswith(".tmp")]  # no parts left behind
+    assert json.load(open(path + ".json"))["count"] == 7
 
 
 def test_hf_clip_teacher_tiny_random_config(tmp_path):
@@ -1049,6 +1187,15 @@ def test_minilm_paraphrases_closer_than_unrelated():
     paraphrase, unrelated = (ea * ep).sum(1), (ea * eo).sum(1)
     assert (paraphrase > unrelated + 0.1).all(), (paraphrase, unrelated)
     assert t.dim == 384 and t.name.startswith("all-MiniLM-L6-v2@")
+
+
+def test_random_init_text_teacher_is_seeded_and_named_apart():
+    a, b, c = (teachers.load_text_teacher(teachers.DEFAULT_TEXT_TEACHER, "cpu", random_init_seed=s) for s in (0, 0, 1))
+    pretrained = teachers.load_text_teacher(teachers.DEFAULT_TEXT_TEACHER, "cpu")
+    caps = ["a red circle", "a blue star"]
+    assert torch.equal(a.encode_texts(caps), b.encode_texts(caps)) and a.name == b.name
+    assert "-random@" in a.name and a.name != c.name and not torch.allclose(a.encode_texts(caps), c.encode_texts(caps))
+    assert "-random@" not in pretrained.name and a.dim == pretrained.dim
 
 
 def test_text_teacher_cache_reuse_and_invalidation(tmp_path, capsys):

@@ -6,6 +6,8 @@ warmup + cosine learning rate, gradient clipping, the logit-scale clamp of CLIP
 (exp(t) <= 100), bf16 autocast on CUDA, a progress bar, DIR/log.jsonl, atomic checkpoints
 that resume exactly, a clear stop on a NaN loss, and DIR/results.json from eval.py at the end.
 `torchrun --nproc_per_node N train.py ...` runs the same loop data-parallel on N processes.
+`python train.py --sweep` trains and evaluates every row of the README's results table over 3
+seeds; `python train.py --bench` times the training step against a naive version of itself.
 """
 import argparse
 import json
@@ -93,6 +95,7 @@ def parse_args(argv=None):
     g.add_argument("--sweep", action="store_true", help="train and evaluate every row of the results table "
                    "(SWEEP) for every --seeds into --out (default runs/sweep); rerun to resume; writes table.md/json")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--bench", action="store_true", help="time the student's training step (ours vs a naive version) and exit")
     g.add_argument("--em-steps", type=int, nargs=2, default=[600, 400], metavar=("AUTOENCODER", "ADAPTER"),
                    help="steps of the EM probe's two stages")
     p.add_argument("--seed", type=int, default=0)
@@ -147,6 +150,7 @@ def parse_args(argv=None):
 # Rank 0 alone writes logs, checkpoints, pictures and results. One process: all of this is a no-op.
 
 world = kmeans.world  # (rank, number of processes); (0, 1) without torchrun
+barrier = kmeans.barrier  # wait for every rank
 
 
 def init_distributed(args):
@@ -161,21 +165,6 @@ def init_distributed(args):
         args.out = out[0]
 
 
-def barrier():
-    if world()[1] > 1:
-        dist.barrier()
-
-
-def rank0_first(fn):
-    """fn() on rank 0 first, then on the other ranks, which find what rank 0 cached."""
-    if world()[0] > 0:
-        barrier()
-    out = fn()
-    if world()[0] == 0:
-        barrier()
-    return out
-
-
 def gather(x):  # (B, D) on each rank -> (W*B, D), rank order; gradients flow back to each rank's rows
     return torch.cat(dist_fn.all_gather(x)) if world()[1] > 1 else x
 
@@ -183,6 +172,16 @@ def gather(x):  # (B, D) on each rank -> (W*B, D), rank order; gradients flow ba
 def say(message):
     if world()[0] == 0:
         print(message)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -294,7 +293,7 @@ def prepare_kclip(args, stream, device):
                                          random_init_seed=args.seed if args.text_teacher_init == "random" else None)
     cache = os.path.join("runs", "cache", teacher.name.replace("/", "--").replace(":", "-"))
     captions = stream.ds.captions  # CSV rows: read without their images
-    t_txt = torch.from_numpy(np.array(rank0_first(lambda: teachers.text_teacher_embeddings(teacher, captions, cache))))  # (N, D_t)
+    t_txt = torch.from_numpy(np.array(teachers.text_teacher_embeddings(teacher, captions, cache)))  # (N, D_t)
     if args.concepts > len(t_txt):
         raise SystemExit(f"error: --concepts {args.concepts} is more than the {len(t_txt)} training captions")
     centroids = kmeans.fit(kmeans.shard(t_txt), args.concepts, spherical=True, seed=args.seed)  # (K, D_t)
@@ -350,13 +349,12 @@ def prepare_cid(args, stream, device):
     teacher = teachers.load_clip_teacher(tdir, device, args.trust_remote_code)
     own = isinstance(teacher, teachers.OwnClipTeacher)  # never write into someone's Hugging Face folder
     cache = os.path.join(tdir, "cache") if own else os.path.join("runs", "cache", tdir.strip("/").replace("/", "--"))
-    t_img, t_txt = rank0_first(lambda: teachers.clip_teacher_embeddings(teacher, stream.ds.images, stream.ds.captions, cache))
+    t_img, t_txt = teachers.clip_teacher_embeddings(teacher, stream.ds.images, stream.ds.captions, cache)
     t_img, t_txt = torch.from_numpy(np.array(t_img)), torch.from_numpy(np.array(t_txt))  # (N, D_t) each
     info = {"teacher": tdir, "teacher_params": clip.count_params(teacher.model)}
     tres = os.path.join(tdir, "results.json")
     if os.path.exists(tres):
-        with open(tres) as f:
-            info["teacher_results"] = json.load(f)
+        info["teacher_results"] = read_json(tres)
     keep = torch.ones(len(t_img), dtype=torch.bool)
     if args.balance:
         keep_np, stats, groups = teachers.semantic_balance(t_img.numpy(), args.balance_threshold, args.balance_buckets, args.seed)
@@ -589,8 +587,7 @@ def train(args):
         student_text = evaluation.embed_texts(model, [stream.ds.captions[i] for i in sample], device)
         evaluation.plot_text_pca({"teacher L(x)": extra["t_txt"][sample], "student T_e": student_text},
                                  extra["soft"][sample].argmax(1), os.path.join(args.out, "text_pca.png"))
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(os.path.join(args.out, "results.json"), results)
     print(json.dumps(results, indent=2))
     barrier()
     return results
@@ -624,17 +621,85 @@ TABLE = [  # (results.json key, column)
 ]
 
 
+def clip_step_loss(model, batch, device):
+    """The CLIP loss of a batch, the student's step without a method's extras (bench, FLOPs)."""
+    image = model.encode_image(data.to_input(batch["images"], device))  # (B, D)
+    text = model.encode_text(batch["tokens"].to(device))  # (B, D)
+    return losses.clip_loss(image, text, model.logit_scale.exp())
+
+
 def step_flops(model, batch, train_step=True):
     """FLOPs of one forward (+ backward if train_step) of the CLIP loss on a batch, counted by
     torch's FlopCounterMode (matmuls, convolutions and attention; elementwise work is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter, torch.set_grad_enabled(train_step):
-        image, text = model.encode_image(data.to_input(batch["images"])), model.encode_text(batch["tokens"])
-        loss = losses.clip_loss(image, text, model.logit_scale.exp())
+        loss = clip_step_loss(model, batch, next(model.parameters()).device)
         if train_step:
             loss.backward()
     return counter.get_total_flops()
+
+
+def bench(args, steps=20):
+    """Time the student's training step (CLIP loss, AdamW) on real batches of the preset: a naive
+    version (textbook attention over every context position, fp32), then each optimisation in
+    turn; the towers apart; FLOP/s against this device's own measured matmul peak."""
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(args.seed)
+    stream = ShapesStream(args)
+    batches = [stream.batch(i) for i in range(steps + 3)]
+    model = clip.build(args.model, image_size=args.image_size).to(device)
+    optimizer = make_optimizer([model], args)
+    blocks = [m for m in model.modules() if isinstance(m, clip.Block)]
+
+    def seconds_per_step(fn):  # fn(batch) for 3 warmup batches, then the mean over `steps` batches
+        for b in batches[:3]:
+            fn(b)
+        sync()
+        t = time.time()
+        for b in batches[3:]:
+            fn(b)
+        sync()
+        return (time.time() - t) / steps
+
+    def train_step(batch, amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = clip_step_loss(model, batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    flops = step_flops(model, batches[0])  # the model's FLOPs (padding columns cut): what MFU counts
+    variants = [("naive: textbook attention, all 64 text positions, fp32", False, False, False),
+                ("+ fused attention (scaled_dot_product_attention)", True, False, False),
+                ("+ unused padding columns cut: ours" + (" on CPU" if device.type == "cuda" else ""), True, True, False)]
+    if device.type == "cuda":
+        variants.append(("+ bf16 autocast: ours on GPU", True, True, True))
+    peak = {}
+    n = 8192 if device.type == "cuda" else 1024
+    for dtype in ([torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        peak[dtype] = 2 * n ** 3 / seconds_per_step(lambda _: a @ a)
+    print(f"bench: {args.model} student, batch {args.batch_size}, {steps} steps, {device}"
+          f"{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}; "
+          f"{flops / 1e9:.1f} GFLOP per step; matmul peak measured here "
+          + ", ".join(f"{str(d).split('.')[-1]} {p / 1e12:.2f} TFLOP/s" for d, p in peak.items()))
+    print("| step | ms | samples/s | vs naive | TFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|")
+    base = None
+    for name, fused, trim, amp in variants:
+        for b in blocks:
+            b.fused = fused
+        model.text.trim = trim
+        t = seconds_per_step(lambda b: train_step(b, amp))
+        base = base or t
+        rate = flops / t
+        print(f"| {name} | {1000 * t:.1f} | {args.batch_size / t:.0f} | {base / t:.2f}x | {rate / 1e12:.3f} | "
+              f"{100 * rate / peak[torch.bfloat16 if amp else torch.float32]:.0f}% |")
+    for name, tower, key in (("image", model.encode_image, "images"), ("text", model.encode_text, "tokens")):
+        prep = (lambda b: data.to_input(b, device)) if key == "images" else (lambda b: b.to(device))
+        t = seconds_per_step(lambda b: tower(prep(b[key])).sum().backward())
+        print(f"{name} tower forward + backward alone: {1000 * t:.1f} ms")
 
 
 def equal_compute_steps(args):
@@ -660,25 +725,23 @@ def sweep_em(run_dir, root, cfg, steps):
         teacher = teachers.load_text_teacher(cfg.text_teacher, cfg.device, cfg.pool, cfg.trust_remote_code)
         ref = {"proof of concept": evaluation.em_poc(ae, test), f"text teacher {teacher.name}": em(
             lambda caps: torch.cat([teacher.encode_texts(caps[i:i + 256]).cpu() for i in range(0, len(caps), 256)]))}
-        with open(path, "w") as f:
-            json.dump(ref, f, indent=2)
+        write_json(path, ref)
     return em(lambda caps: evaluation.embed_texts(model, caps, cfg.device))
+
+
+def sweep_flags(args):
+    """The flags every run of the sweep shares, as given to (or defaulted by) this call."""
+    return [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SWEEP_FLAGS]
 
 
 def sweep(args):
     """Train, evaluate and EM-probe every SWEEP row for every seed, then write the table."""
-    root, t0 = args.out, time.time()
-    base = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SWEEP_FLAGS]
+    root, t0, base = args.out, time.time(), sweep_flags(args)
     os.makedirs(root, exist_ok=True)
-    spec_path = os.path.join(root, "sweep.json")
-    spec = {"flags": base, "em_steps": args.em_steps}
-    if os.path.exists(spec_path):
-        with open(spec_path) as f:
-            old = json.load(f)
-        if old != spec:
-            raise SystemExit(f"error: the sweep in {root} was made with {old}, not {spec}; pass another --out")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f, indent=2)
+    spec_path, spec = os.path.join(root, "sweep.json"), {"flags": base, "em_steps": args.em_steps}
+    if os.path.exists(spec_path) and read_json(spec_path) != spec:
+        raise SystemExit(f"error: the sweep in {root} was made with {read_json(spec_path)}, not {spec}; pass another --out")
+    write_json(spec_path, spec)
     for folder, row, flags, em in SWEEP:
         for seed in args.seeds:
             out, argv = os.path.join(root, f"{folder}-s{seed}"), base + flags + ["--seed", str(seed)]
@@ -689,18 +752,11 @@ def sweep(args):
             if not os.path.exists(res_path):
                 print(f"\nsweep: {row}, seed {seed} -> {out}")
                 start = time.time()
-                train(run)
-                with open(res_path) as f:
-                    res = json.load(f)
-                res["wall_seconds"] = round(time.time() - start, 1)
-                with open(res_path, "w") as f:
-                    json.dump(res, f, indent=2)
-            with open(res_path) as f:
-                res = json.load(f)
+                res = train(run)
+                write_json(res_path, {**res, "wall_seconds": round(time.time() - start, 1)})
+            res = read_json(res_path)
             if em and "text_em" not in res:
-                res["text_em"] = sweep_em(out, root, run, args.em_steps)
-                with open(res_path, "w") as f:
-                    json.dump(res, f, indent=2)
+                write_json(res_path, {**res, "text_em": sweep_em(out, root, run, args.em_steps)})
             write_table(root, args)
     first = {row: os.path.join(root, f"{folder}-s{args.seeds[0]}") for folder, row, _, _ in SWEEP[:3]}
     evaluation.plot_curves({row: evaluation.read_log(d) for row, d in first.items() if os.path.isdir(d)},
@@ -716,33 +772,31 @@ def mean_std(values):
 
 def write_table(root, args):
     """root/table.json (every value per seed, mean, std) and root/table.md (mean ± std; '(n=k)'
-    when fewer seeds than asked have finished; train s = the training loop alone)."""
+    when fewer seeds than asked have finished; train s = the training loop alone). A run's
+    results.json is read with its eval.json, if any, on top."""
     rows, wall = {}, 0.0
-    teacher_dirs = [default_teacher_dir(parse_args([f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SWEEP_FLAGS]
-                                                   + ["--seed", str(s)])) for s in args.seeds]
+    teacher_dirs = [default_teacher_dir(parse_args(sweep_flags(args) + ["--seed", str(s)])) for s in args.seeds]
     sources = [("teacher", "CLIP-CID teacher (CLIP loss, --model teacher)", teacher_dirs)]
     sources += [(folder, row, [os.path.join(root, f"{folder}-s{s}") for s in args.seeds]) for folder, row, _, _ in SWEEP]
     for folder, row, dirs in sources:
         found = []
         for d in dirs:
             if os.path.exists(os.path.join(d, "results.json")):
-                with open(os.path.join(d, "results.json")) as f:
-                    found.append(json.load(f))
+                found.append(read_json(os.path.join(d, "results.json")))
+                if os.path.exists(os.path.join(d, "eval.json")):  # re-evaluated later by `python eval.py --ckpt DIR`
+                    found[-1].update(read_json(os.path.join(d, "eval.json")))
                 wall += found[-1].get("wall_seconds", 0.0)  # the whole run: teacher, training, evaluation, EM
         if found:
             rows[row] = {key: {"values": [r[key] for r in found if key in r]} for key, _ in TABLE}
     for s in args.seeds:  # the EM probe's references, per seed
         path = os.path.join(root, f"em-reference-s{s}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                for name, value in json.load(f).items():
-                    rows.setdefault(f"EM reference: {name}", {"text_em": {"values": []}})["text_em"]["values"].append(value)
+        for name, value in (read_json(path) if os.path.exists(path) else {}).items():
+            rows.setdefault(f"EM reference: {name}", {"text_em": {"values": []}})["text_em"]["values"].append(value)
     for cells in rows.values():
         for cell in cells.values():
             if cell["values"]:
                 cell["mean"], cell["std"] = mean_std(cell["values"])
-    with open(os.path.join(root, "table.json"), "w") as f:
-        json.dump({"seeds": args.seeds, "rows": rows}, f, indent=2)
+    write_json(os.path.join(root, "table.json"), {"seeds": args.seeds, "rows": rows})
 
     def show(key, cell):
         if not cell or not cell["values"]:
@@ -768,6 +822,8 @@ def main(argv=None):
     else:
         init_distributed(args)
     try:
+        if args.bench:
+            return bench(args)
         return sweep(args) if args.sweep else train(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
