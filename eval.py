@@ -555,6 +555,11 @@ def plot_text_pca(panels, labels, path):
     print(f"wrote {path}")
 
 
+def in_batches(encode, captions, batch_size=256):
+    """encode (list of str -> (n, D)) over all captions, batch by batch -> (N, D) on the CPU."""
+    return torch.cat([encode(captions[i:i + batch_size]).cpu() for i in range(0, len(captions), batch_size)])
+
+
 def load_checkpoint(path, device="cpu"):
     """A run folder or a ckpt.pt -> (model, saved config dict). Loaded with weights_only=True."""
     if os.path.isdir(path):
@@ -580,8 +585,7 @@ def text_em_table(ckpt, baseline, device, text_teacher=None):
         raise ValueError("--text-em uses the embedded captions: the --ckpt run must have trained on --data shapes")
     spec = text_teacher or cfg.get("text_teacher") or teachers.DEFAULT_TEXT_TEACHER
     teacher = teachers.load_text_teacher(spec, device, cfg.get("pool", "mean"), cfg.get("trust_remote_code", False))
-    encoders = {f"teacher {teacher.name}": lambda caps: torch.cat(
-        [teacher.encode_texts(caps[i:i + 256]).cpu() for i in range(0, len(caps), 256)])}
+    encoders = {f"teacher {teacher.name}": lambda caps: in_batches(teacher.encode_texts, caps)}
     torch.manual_seed(cfg["seed"])  # a control: the same tower untrained (random features keep a lot)
     towers = {f"untrained {cfg['model']} CLIP, random init": clip.CLIP(model.cfg).to(device)}
     if baseline is not None:

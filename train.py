@@ -724,7 +724,7 @@ def sweep_em(run_dir, root, cfg, steps):
     if not os.path.exists(path):
         teacher = teachers.load_text_teacher(cfg.text_teacher, cfg.device, cfg.pool, cfg.trust_remote_code)
         ref = {"proof of concept": evaluation.em_poc(ae, test), f"text teacher {teacher.name}": em(
-            lambda caps: torch.cat([teacher.encode_texts(caps[i:i + 256]).cpu() for i in range(0, len(caps), 256)]))}
+            lambda caps: evaluation.in_batches(teacher.encode_texts, caps))}
         write_json(path, ref)
     return em(lambda caps: evaluation.embed_texts(model, caps, cfg.device))
 
@@ -776,9 +776,9 @@ def write_table(root, args):
     results.json is read with its eval.json, if any, on top."""
     rows, wall = {}, 0.0
     teacher_dirs = [default_teacher_dir(parse_args(sweep_flags(args) + ["--seed", str(s)])) for s in args.seeds]
-    sources = [("teacher", "CLIP-CID teacher (CLIP loss, --model teacher)", teacher_dirs)]
-    sources += [(folder, row, [os.path.join(root, f"{folder}-s{s}") for s in args.seeds]) for folder, row, _, _ in SWEEP]
-    for folder, row, dirs in sources:
+    sources = [("CLIP-CID teacher (CLIP loss, --model teacher)", teacher_dirs)]
+    sources += [(row, [os.path.join(root, f"{folder}-s{s}") for s in args.seeds]) for folder, row, _, _ in SWEEP]
+    for row, dirs in sources:
         found = []
         for d in dirs:
             if os.path.exists(os.path.join(d, "results.json")):
