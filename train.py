@@ -180,8 +180,10 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
+    """Atomically (temp file, then rename): a killed run never leaves half a results.json."""
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------
