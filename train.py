@@ -95,9 +95,9 @@ def parse_args(argv=None):
     g.add_argument("--sweep", action="store_true", help="train and evaluate every row of the results table "
                    "(SWEEP) for every --seeds into --out (default runs/sweep); rerun to resume; writes table.md/json")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--bench", action="store_true", help="time the student's training step (ours vs a naive version) and exit")
     g.add_argument("--em-steps", type=int, nargs=2, default=[600, 400], metavar=("AUTOENCODER", "ADAPTER"),
                    help="steps of the EM probe's two stages")
+    p.add_argument("--bench", action="store_true", help="time the student's training step (ours vs a naive version) and exit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="run folder; default runs/METHOD-MODEL-sSEED (then -2, -3, ... if taken)")
@@ -746,11 +746,14 @@ def sweep(args):
     write_json(spec_path, spec)
     for folder, row, flags, em in SWEEP:
         for seed in args.seeds:
-            out, argv = os.path.join(root, f"{folder}-s{seed}"), base + flags + ["--seed", str(seed)]
+            out = os.path.join(root, f"{folder}-s{seed}")
+            res_path = os.path.join(out, "results.json")
+            if os.path.exists(res_path) and not (em and "text_em" not in read_json(res_path)):
+                continue  # finished: nothing to redo
+            argv = base + flags + ["--seed", str(seed)]
             if folder == "clip-equal":
                 argv += ["--steps", str(equal_compute_steps(parse_args(argv)))]
             run = parse_args(argv + ["--out", out, "--resume"])
-            res_path = os.path.join(out, "results.json")
             if not os.path.exists(res_path):
                 print(f"\nsweep: {row}, seed {seed} -> {out}")
                 start = time.time()
@@ -760,6 +763,7 @@ def sweep(args):
             if em and "text_em" not in res:
                 write_json(res_path, {**res, "text_em": sweep_em(out, root, run, args.em_steps)})
             write_table(root, args)
+    write_table(root, args)
     first = {row: os.path.join(root, f"{folder}-s{args.seeds[0]}") for folder, row, _, _ in SWEEP[:3]}
     evaluation.plot_curves({row: evaluation.read_log(d) for row, d in first.items() if os.path.isdir(d)},
                            os.path.join(root, "curves.png"))
