@@ -243,6 +243,26 @@ def test_kclip_gradients_reach_only_their_modules():
     assert reached("clip") == {"image": True, "text": True, "W_e": False, "C": False}
 
 
+def test_loss_terms_are_fp32_under_bf16_autocast():
+    """On CUDA the towers run under bf16 autocast; every loss (the ArcFace margin's scatter
+    included, which failed on mixed dtypes) must still be computed in fp32 from their outputs:
+    the same terms as without autocast, to fp32 rounding."""
+    torch.manual_seed(0)
+    model, heads = clip.build("tiny"), train.CIDHeads(64, 12)
+    emb_i, emb_t = torch.randn(8, 64), torch.randn(8, 64)  # what the towers would return
+    model.encode_image = lambda images: F.normalize(emb_i, dim=-1)
+    model.encode_text = lambda tokens, normalize=True: emb_t
+    extra = {"labels": torch.randint(5, (8,)), "centroids": F.normalize(torch.randn(5, 12), dim=-1),
+             "t_img": F.normalize(torch.randn(8, 12), dim=-1), "t_txt": F.normalize(torch.randn(8, 12), dim=-1)}
+    batch = {"images": None, "tokens": None, "index": torch.arange(8), "global_index": torch.arange(8)}
+    args = train.parse_args(["--method", "cid"])
+    plain = train.loss_terms(model, heads, batch, extra, args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = train.loss_terms(model, heads, batch, extra, args)
+    for k in plain:
+        assert mixed[k].dtype == torch.float32 and abs(mixed[k].item() - plain[k].item()) < 1e-5, k
+
+
 # ========================================================================================
 # data.py
 

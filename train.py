@@ -382,27 +382,29 @@ def loss_terms(model, heads, batch, extra, args):
     """{name: scalar loss} for one batch."""
     image_emb = model.encode_image(batch["images"])  # (B, D_s) I_e
     text_feat = model.encode_text(batch["tokens"], normalize=False)  # (B, D_s) E_T(x), before normalising
-    text_emb = F.normalize(text_feat, dim=-1)  # (B, D_s) T_e
-    rank, n = world()
-    gathered = {} if n == 1 else dict(image_all=gather(image_emb), text_all=gather(text_emb), offset=rank * len(image_emb))
-    terms = {"clip": losses.clip_loss(image_emb, text_emb, model.logit_scale.exp(), **gathered)}
-    idx, dev = batch["index"], image_emb.device
-    if idx is None and "row" in extra:  # CSV batches: pairs found by their caption
-        idx = torch.tensor([extra["row"][c] for c in batch["captions"]])
-    if args.method == "kclip":
-        terms["emb"] = losses.embedding_distill_loss(heads.proj(text_feat).float(), extra["t_txt"][idx].to(dev))
-        terms["concept"] = losses.concept_loss(heads.classifier(image_emb), heads.classifier(text_emb),
-                                               extra["soft"][idx].to(dev))
-    if args.method == "cid":
-        zi = F.normalize(heads.proj(image_emb).float(), dim=-1)  # (B, D_t) P(I_s)
-        zt = F.normalize(heads.proj(text_emb).float(), dim=-1)  # (B, D_t) P(T_s)
-        y, C = extra["labels"][idx].to(dev), extra["centroids"]
-        kw = dict(s=args.arc_scale, m=args.margin, sample_frac=args.class_frac)
-        terms["cd"] = (losses.cluster_loss(zi, C, y, **kw) + losses.cluster_loss(zt, C, y, **kw)) / 2
-        every = batch["global_index"]  # the teacher's rows: the whole global batch
-        terms["id"] = losses.instance_loss(zi, zt, extra["t_img"][every].to(dev), extra["t_txt"][every].to(dev),
-                                           heads.logit_scale.exp(), offset=rank * len(idx))
-    return terms
+    with torch.autocast(image_emb.device.type, enabled=False):  # the losses in fp32, also under bf16 autocast
+        image_emb, text_feat = image_emb.float(), text_feat.float()
+        text_emb = F.normalize(text_feat, dim=-1)  # (B, D_s) T_e
+        rank, n = world()
+        gathered = {} if n == 1 else dict(image_all=gather(image_emb), text_all=gather(text_emb), offset=rank * len(image_emb))
+        terms = {"clip": losses.clip_loss(image_emb, text_emb, model.logit_scale.exp(), **gathered)}
+        idx, dev = batch["index"], image_emb.device
+        if idx is None and "row" in extra:  # CSV batches: pairs found by their caption
+            idx = torch.tensor([extra["row"][c] for c in batch["captions"]])
+        if args.method == "kclip":
+            terms["emb"] = losses.embedding_distill_loss(heads.proj(text_feat), extra["t_txt"][idx].to(dev))
+            terms["concept"] = losses.concept_loss(heads.classifier(image_emb), heads.classifier(text_emb),
+                                                   extra["soft"][idx].to(dev))
+        if args.method == "cid":
+            zi = F.normalize(heads.proj(image_emb), dim=-1)  # (B, D_t) P(I_s)
+            zt = F.normalize(heads.proj(text_emb), dim=-1)  # (B, D_t) P(T_s)
+            y, C = extra["labels"][idx].to(dev), extra["centroids"]
+            kw = dict(s=args.arc_scale, m=args.margin, sample_frac=args.class_frac)
+            terms["cd"] = (losses.cluster_loss(zi, C, y, **kw) + losses.cluster_loss(zt, C, y, **kw)) / 2
+            every = batch["global_index"]  # the teacher's rows: the whole global batch
+            terms["id"] = losses.instance_loss(zi, zt, extra["t_img"][every].to(dev), extra["t_txt"][every].to(dev),
+                                               heads.logit_scale.exp(), offset=rank * len(idx))
+        return terms
 
 
 def loss_weights(args):
@@ -425,13 +427,17 @@ class Student(nn.Module):
 # ----------------------------------------------------------------------------------------
 # Optimiser, schedule, checkpoints.
 
-def make_optimizer(modules, args):
-    """AdamW; no weight decay on gains, biases and logit scales (every tensor with < 2 dims)."""
+def make_optimizer(modules, args, fused=None):
+    """AdamW; no weight decay on gains, biases and logit scales (every tensor with < 2 dims).
+    On CUDA the fused kernel updates every parameter at once (the default loop launches a
+    handful of kernels per tensor, which dominates a small model's step: train.py --bench)."""
     params = [p for m in modules for p in m.parameters()]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
+    fused = torch.device(args.device).type == "cuda" if fused is None else fused
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
+                             fused=fused)
 
 
 def lr_at(step, args):
@@ -467,9 +473,9 @@ def load_for_resume(path, model, heads, optimizer, args):
     model.load_state_dict(ckpt["model"])
     heads.load_state_dict(ckpt["heads"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # RNG states are CPU tensors, also when loaded onto CUDA
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in ckpt["rng"]["cuda"]])
     return ckpt["step"]
 
 
@@ -652,7 +658,8 @@ def bench(args, steps=20):
     stream = ShapesStream(args)
     batches = [stream.batch(i) for i in range(steps + 3)]
     model = clip.build(args.model, image_size=args.image_size).to(device)
-    optimizer = make_optimizer([model], args)
+    cuda = device.type == "cuda"
+    optimizers = {fused: make_optimizer([model], args, fused=fused) for fused in ([False, True] if cuda else [False])}
     blocks = [m for m in model.modules() if isinstance(m, clip.Block)]
 
     def seconds_per_step(fn):  # fn(batch) for 3 warmup batches, then the mean over `steps` batches
@@ -665,7 +672,7 @@ def bench(args, steps=20):
         sync()
         return (time.time() - t) / steps
 
-    def train_step(batch, amp):
+    def train_step(batch, amp, optimizer):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = clip_step_loss(model, batch, device)
         optimizer.zero_grad(set_to_none=True)
@@ -673,27 +680,29 @@ def bench(args, steps=20):
         optimizer.step()
 
     flops = step_flops(model, batches[0])  # the model's FLOPs (padding columns cut): what MFU counts
-    variants = [("naive: textbook attention, all 64 text positions, fp32", False, False, False),
-                ("+ fused attention (scaled_dot_product_attention)", True, False, False),
-                ("+ unused padding columns cut: ours" + (" on CPU" if device.type == "cuda" else ""), True, True, False)]
-    if device.type == "cuda":
-        variants.append(("+ bf16 autocast: ours on GPU", True, True, True))
+    # (name, fused attention, padding cut, bf16, fused AdamW)
+    variants = [("naive: textbook attention, all 64 text positions, fp32", False, False, False, False),
+                ("+ fused attention (scaled_dot_product_attention)", True, False, False, False),
+                ("+ unused padding columns cut: ours" + (" on CPU" if cuda else ""), True, True, False, False)]
+    if cuda:
+        variants += [("+ bf16 autocast", True, True, True, False),
+                     ("+ fused AdamW: ours on GPU", True, True, True, True)]
     peak = {}
-    n = 8192 if device.type == "cuda" else 1024
-    for dtype in ([torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])):
+    n = 8192 if cuda else 1024
+    for dtype in ([torch.float32] + ([torch.bfloat16] if cuda else [])):
         a = torch.randn(n, n, device=device, dtype=dtype)
         peak[dtype] = 2 * n ** 3 / seconds_per_step(lambda _: a @ a)
     print(f"bench: {args.model} student, batch {args.batch_size}, {steps} steps, {device}"
-          f"{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}; "
+          f"{f' ({torch.get_num_threads()} threads)' if not cuda else ''}; "
           f"{flops / 1e9:.1f} GFLOP per step; matmul peak measured here "
           + ", ".join(f"{str(d).split('.')[-1]} {p / 1e12:.2f} TFLOP/s" for d, p in peak.items()))
     print("| step | ms | samples/s | vs naive | TFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|")
     base = None
-    for name, fused, trim, amp in variants:
+    for name, fused, trim, amp, fused_adam in variants:
         for b in blocks:
             b.fused = fused
         model.text.trim = trim
-        t = seconds_per_step(lambda b: train_step(b, amp))
+        t = seconds_per_step(lambda b: train_step(b, amp, optimizers[fused_adam]))
         base = base or t
         rate = flops / t
         print(f"| {name} | {1000 * t:.1f} | {args.batch_size / t:.0f} | {base / t:.2f}x | {rate / 1e12:.3f} | "
@@ -822,6 +831,8 @@ def write_table(root, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.device.startswith("cuda"):  # cuDNN's attention plans a kernel per shape: the text length changes per batch
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.sweep:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SystemExit("error: run --sweep in one process (it runs its rows one after another)")
