@@ -40,23 +40,41 @@ RGB = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (0.95, 0.9,
        "green": (0.1, 0.75, 0.2), "cyan": (0.1, 0.85, 0.9), "blue": (0.15, 0.3, 1.0),
        "purple": (0.55, 0.15, 0.8), "pink": (1.0, 0.5, 0.75)}
 
-# The words for each value. The LAST word of each list never appears in training captions:
-# it is the held-out wording (split "wordings"), like the held-out template below.
-WORDS = {
-    "red": ["red", "crimson", "scarlet"], "orange": ["orange", "tangerine", "amber"],
-    "yellow": ["yellow", "lemon", "golden"], "green": ["green", "emerald", "lime"],
-    "cyan": ["cyan", "aqua", "turquoise"], "blue": ["blue", "azure", "cobalt"],
-    "purple": ["purple", "violet", "lilac"], "pink": ["pink", "rose", "salmon"],
-    "circle": ["circle", "disk", "round dot"], "square": ["square", "box", "block"],
-    "triangle": ["triangle", "wedge", "pyramid"], "diamond": ["diamond", "rhombus", "lozenge"],
-    "cross": ["cross", "plus sign", "x shape"], "star": ["star", "five-pointed star", "starfish shape"],
-    "hexagon": ["hexagon", "six-sided shape", "honeycomb cell"], "ring": ["ring", "donut", "hoop"],
-    "small": ["small", "little", "tiny"], "large": ["large", "big", "huge"],
-    "top left": ["top left", "upper left", "top-left corner"],
-    "top right": ["top right", "upper right", "top-right corner"],
-    "bottom left": ["bottom left", "lower left", "bottom-left corner"],
-    "bottom right": ["bottom right", "lower right", "bottom-right corner"],
+# The words for each value, in three tiers (train.py reports each tier apart):
+#   common: the training captions use them all the time (each about equally often);
+#   rare: each mention of a colour or shape uses its rare word with probability RARE_FRAC,
+#     so each rare word is in a fraction of a percent of the training captions;
+#   never-seen: in no training caption; only in the held-out split "wordings", in prompts and in
+#     the text-only corpus (`text_corpus`). Sizes and positions have no rare word.
+# The rare and never-seen words are ones the default text teacher (all-MiniLM-L6-v2) matches
+# to their colour or shape where it can (python eval.py --tiers measures it; it misses some
+# colours whichever synonym is taken), and none is a spelling variant of a common word.
+RARE_FRAC = 0.02
+WORDS = {  # value: (common words, rare word or None, never-seen word)
+    "red": (["red", "scarlet"], "ruby", "crimson"), "orange": (["orange", "amber"], "peach", "apricot"),
+    "yellow": (["yellow", "golden"], "lemon", "canary"), "green": (["green", "emerald"], "olive", "lime"),
+    "cyan": (["cyan", "aqua"], "teal", "turquoise"), "blue": (["blue", "azure"], "cobalt", "navy"),
+    "purple": (["purple", "lilac"], "lavender", "violet"), "pink": (["pink", "rose"], "blush", "fuchsia"),
+    "circle": (["circle", "disk"], "ball", "orb"), "square": (["square", "box"], "tile", "block"),
+    "triangle": (["triangle", "wedge"], "three-sided shape", "pyramid"),
+    "diamond": (["diamond", "rhombus"], "lozenge", "gem"), "cross": (["cross", "plus sign"], "x shape", "crucifix"),
+    "star": (["star", "five-pointed star"], "pentagram", "asterisk"),
+    "hexagon": (["hexagon", "six-sided shape"], "hex", "honeycomb cell"), "ring": (["ring", "hoop"], "bagel", "donut"),
+    "small": (["small", "little"], None, "tiny"), "large": (["large", "big"], None, "huge"),
+    "top left": (["top left", "upper left"], None, "top-left corner"),
+    "top right": (["top right", "upper right"], None, "top-right corner"),
+    "bottom left": (["bottom left", "lower left"], None, "bottom-left corner"),
+    "bottom right": (["bottom right", "lower right"], None, "bottom-right corner"),
 }
+TIERS = ("common", "rare", "never-seen")
+
+
+def tier_words(value, tier):
+    """The words of one value in one tier: a list (empty when the value has no rare word)."""
+    common, rare, never = WORDS[value]
+    return {"common": common, "rare": [rare] if rare else [], "never-seen": [never]}[tier]
+
+
 TEMPLATES = ["a {size} {colour} {shape} in the {pos}", "a photo of a {colour} {shape}",
              "{size} {colour} {shape}, {pos}", "a {colour} {shape} on a dark background"]
 HELD_OUT_TEMPLATE = "one {size} {shape} coloured {colour}"
@@ -77,8 +95,12 @@ def with_article(text):
 def caption(shape, colour, size, pos, rng, held_out=False, second=None):
     """One caption for an object (and an optional second object (shape, colour))."""
     def word(value):
-        ws = WORDS[value]
-        return ws[-1] if held_out else ws[rng.integers(len(ws) - 1)]
+        common, rare, never = WORDS[value]
+        if held_out:
+            return never
+        if rare is not None and rng.random() < RARE_FRAC:
+            return rare
+        return common[rng.integers(len(common))]
     sh, co = word(SHAPES[shape]), word(COLOURS[colour])
     if second is not None:
         text = PAIR_TEMPLATE.format(colour=co, shape=sh, colour2=word(COLOURS[second[1]]),
@@ -87,6 +109,28 @@ def caption(shape, colour, size, pos, rng, held_out=False, second=None):
         template = HELD_OUT_TEMPLATE if held_out else TEMPLATES[rng.integers(len(TEMPLATES))]
         text = template.format(size=word(SIZES[size]), colour=co, shape=sh, pos=word(POSITIONS[pos]))
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def text_corpus(n=10000, seed=0):
+    """The default text-only corpus of `train.py --text-corpus` (beyond the papers): n phrases
+    in the caption templates, every word drawn from a tier chosen at random (common, rare or
+    never-seen, equally often), so it holds every never-seen word that no training caption has.
+    The student distils the text teacher on these lines as on its captions (L_emb)."""
+    rng = np.random.default_rng([seed, len(SPLITS)])
+
+    def word(value):
+        tiers = [t for t in TIERS if tier_words(value, t)]
+        ws = tier_words(value, tiers[rng.integers(len(tiers))])
+        return ws[rng.integers(len(ws))]
+    templates = TEMPLATES + [HELD_OUT_TEMPLATE]
+    lines = []
+    for _ in range(n):
+        shape, colour = SHAPES[rng.integers(8)], COLOURS[rng.integers(8)]
+        template = templates[rng.integers(len(templates))]
+        text = template.format(size=word(SIZES[rng.integers(2)]), colour=word(colour), shape=word(shape),
+                               pos=word(POSITIONS[rng.integers(4)]))
+        lines.append(re.sub(r"\ba (?=[aeiou])", "an ", text))
+    return lines
 
 
 def shape_mask(shape, u, v):

@@ -129,11 +129,49 @@ def eval_shapes(model, device, seed=0, n_test=2000):
     by_attr = (cos["shape"][:, :, None] + cos["colour"][:, None, :]).flatten(1)  # (n_test, 64), shape * 8 + colour
     res["zero_shot_by_attributes_top1"] = top1(by_attr[seen], lab["test"][seen])
     res["zero_shot_by_attributes_unseen_top1"] = top1(by_attr[~seen], lab["test"][~seen])
+    for tier, key in (("rare", "rare"), ("never-seen", "never")):  # the same 64 classes, prompts in that tier's words
+        names = [f"{data.tier_words(data.COLOURS[c % 8], tier)[0]} {data.tier_words(data.SHAPES[c // 8], tier)[0]}"
+                 for c in range(64)]
+        scores = img["test"] @ classifier_for(model, names, device).t()
+        res[f"zero_shot_{key}_words_top1"] = top1(scores[seen], lab["test"][seen])
+    res.update({f"text_probe_{k}": v for k, v in tier_probe(lambda t: embed_texts(model, t, device)).items()})
     res.update(retrieval(img["test"], embed_texts(model, test.captions, device)))
     held = retrieval(img["wordings"], embed_texts(model, splits["wordings"].captions, device), ks=(1,))
     res["retrieval_heldout_wordings_i2t_r1"] = held["retrieval_i2t_r1"]  # captions in held-out words
     res["linear_probe_top1"], res["linear_probe_wd"] = linear_probe(
         (img["probe"], lab["probe"]), (img["val"], lab["val"]), (img["test"], lab["test"]), 64)
+    return res
+
+
+# Vocabulary tiers (data.WORDS: common, rare, never-seen words). Above: zero-shot with the class
+# prompts worded in each tier. Here: a text-space probe. A word is placed in the 8 phrases 'a photo
+# of a ruby circle', ... (the other attribute's common words), embedded, normalised and averaged;
+# it is right when its nearest of the 8 first common words of its attribute ('red', 'orange', ...)
+# is its own value's. The common tier asks the second common word ('scarlet' -> 'red').
+
+def word_vectors(encode, words, kind):  # encode: list of str -> (N, D); kind 'colour' or 'shape' -> (W, D)
+    others = data.SHAPES if kind == "colour" else data.COLOURS
+    phrases = ["a photo of " + data.with_article(f"{w} {o}" if kind == "colour" else f"{o} {w}")
+               for w in words for o in others]
+    e = F.normalize(encode(phrases).float(), dim=-1).view(len(words), len(others), -1)  # (W, 8, D)
+    return F.normalize(e.mean(1), dim=-1)
+
+
+def nearest_word_hits(queries, candidates, targets):  # (Q, D), (C, D), (Q,) -> (Q,) bool: nearest is the target
+    return (queries @ candidates.t()).argmax(1) == targets
+
+
+def tier_probe(encode):
+    """{tier key: % of the tier's colour and shape words whose nearest common word is right}."""
+    res = {}
+    for tier, key in (("common", "common"), ("rare", "rare"), ("never-seen", "never")):
+        hits = []
+        for kind, values in (("colour", data.COLOURS), ("shape", data.SHAPES)):
+            candidates = word_vectors(encode, [data.tier_words(v, "common")[0] for v in values], kind)  # (8, D)
+            words = [(w, i) for i, v in enumerate(values) for w in data.tier_words(v, tier)[tier == "common":]]
+            queries = word_vectors(encode, [w for w, _ in words], kind)  # (Q, D)
+            hits.append(nearest_word_hits(queries, candidates, torch.tensor([i for _, i in words])))
+        res[key] = 100.0 * torch.cat(hits).float().mean().item()
     return res
 
 
@@ -603,6 +641,21 @@ def em_captions(cfg):
     return train, data.ShapesDataset("test", cfg["n_eval"], **kw).captions
 
 
+def print_tiers(a):
+    """python eval.py --tiers: how often the nearest common word is right, per vocabulary tier."""
+    import teachers
+    cfg = load_checkpoint(a.ckpt, a.device)[1] if a.ckpt else {}
+    teacher = teachers.load_text_teacher(a.text_teacher or cfg.get("text_teacher") or teachers.DEFAULT_TEXT_TEACHER,
+                                         a.device, cfg.get("pool", "mean"))
+    encoders = {f"text teacher {teacher.name}": lambda t: in_batches(teacher.encode_texts, t)}
+    if a.ckpt:
+        model = load_checkpoint(a.ckpt, a.device)[0]
+        encoders[f"{cfg['method']} ({a.ckpt})"] = lambda t: embed_texts(model, t, a.device)
+    print("| text encoder | common | rare | never-seen |\n|---|---|---|---|")
+    for name, encode in encoders.items():
+        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in tier_probe(encode).values()) + " |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a CLIP checkpoint (zero-shot, retrieval, linear probe), "
                                             "or its text encoder with the EM probe (--text-em).")
@@ -613,7 +666,9 @@ def main(argv=None):
     p.add_argument("--data-root", default=None)
     p.add_argument("--text-em", action="store_true", help="EM text probe of --ckpt, --baseline and the text teacher")
     p.add_argument("--baseline", default=None, help="with --text-em: a plain CLIP run folder to compare with")
-    p.add_argument("--text-teacher", default=None, help="with --text-em: default, the --ckpt run's text teacher")
+    p.add_argument("--text-teacher", default=None, help="with --text-em or --tiers: default, the --ckpt run's text teacher")
+    p.add_argument("--tiers", action="store_true", help="text-space probe per vocabulary tier: the text teacher's "
+                                                         "own, and --ckpt's if given")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if a.curves:
@@ -621,6 +676,8 @@ def main(argv=None):
         if missing:
             raise SystemExit(f"error: no log.jsonl in {', '.join(missing)}")
         return plot_curves({d: read_log(d) for d in a.curves}, a.out)
+    if a.tiers:
+        return print_tiers(a)
     if a.ckpt is None:
         p.error("give --ckpt DIR (or --curves DIR ...)")
     folder = a.ckpt if os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt)

@@ -263,14 +263,53 @@ def test_loss_terms_are_fp32_under_bf16_autocast():
         assert mixed[k].dtype == torch.float32 and abs(mixed[k].item() - plain[k].item()) < 1e-5, k
 
 
+def test_text_only_batch_trains_the_text_tower_and_w_e_never_the_image_tower():
+    """--text-corpus: L_emb on lines with no image reaches the text tower and W_e only."""
+    torch.manual_seed(0)
+    model, heads = clip.build("tiny"), train.KCLIPHeads(64, 10, 5)
+    ds = data.ShapesDataset("test", 8)
+    lines = data.text_corpus(20)
+    extra = {"t_txt": torch.randn(8, 10), "soft": torch.softmax(torch.randn(8, 5), 1),
+             "corpus_tokens": model.tokenize(lines), "corpus_emb": torch.randn(20, 10)}
+    batch = {"images": data.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8),
+             "corpus_index": torch.tensor([3, 7, 11, 19])}
+    terms = train.loss_terms(model, heads, batch, extra, train.parse_args(["--method", "kclip", "--text-corpus"]))
+    assert set(terms) == {"clip", "emb", "concept", "corpus"}
+    terms["corpus"].backward()
+    got = {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+           for name, m in (("image", model.visual), ("text", model.text), ("W_e", heads.proj), ("C", heads.classifier))}
+    assert got == {"image": False, "text": True, "W_e": True, "C": False}
+    direct = losses.embedding_distill_loss(heads.proj(model.encode_text(extra["corpus_tokens"][batch["corpus_index"]],
+                                                                        normalize=False)), extra["corpus_emb"][[3, 7, 11, 19]])
+    assert torch.allclose(terms["corpus"], direct)
+    idx = [train.corpus_index(5, 20, train.parse_args(["--method", "kclip", "--text-corpus", "--corpus-batch", "6"]))
+           for _ in range(2)]
+    assert torch.equal(idx[0], idx[1]) and len(idx[0]) == 6  # a pure function of (seed, step): resumes draw the same
+
+
 # ========================================================================================
 # data.py
 
-HELD_OUT_WORDS = [w[-1] for w in data.WORDS.values()]
+HELD_OUT_WORDS = [never for _, _, never in data.WORDS.values()]
 
 
 def has_word(caption, word):
     return re.search(r"\b" + re.escape(word) + r"\b", caption) is not None
+
+
+def test_vocabulary_tiers_in_captions_and_the_generated_corpus():
+    """Common words in many captions, each rare word in a fraction of a percent of them, the
+    never-seen words in none; the generated text corpus holds every never-seen word."""
+    caps = data.ShapesDataset("train", 8000, seed=0).captions
+    count = lambda w, texts: sum(has_word(t, w) for t in texts)  # noqa: E731
+    for value in data.COLOURS + data.SHAPES:
+        common, rare, never = data.WORDS[value]
+        assert all(count(w, caps) > 100 for w in common), value
+        assert 0 < count(rare, caps) < 0.01 * len(caps), (value, rare)
+        assert count(never, caps) == 0, (value, never)
+    corpus = data.text_corpus(3000, seed=0)
+    assert all(count(w, corpus) > 0 for w in HELD_OUT_WORDS) and corpus == data.text_corpus(3000, seed=0)
+    assert data.tier_words("small", "rare") == [] and data.tier_words("red", "never-seen") == ["crimson"]
 
 
 def test_shapes_deterministic_from_seed():
@@ -515,6 +554,29 @@ def test_retrieval_hand_cases():
     t = e[[1, 0, 2, 3]]
     r = evaluation.retrieval(e, t, ks=(1, 2))
     assert r["retrieval_i2t_r1"] == 50 and r["retrieval_i2t_r2"] == 100 and r["retrieval_t2i_r1"] == 50
+
+
+def test_tier_probe_on_hand_built_embeddings():
+    """nearest_word_hits on a hand-made table, then tier_probe with hand-built encoders: one that
+    knows every word's meaning scores 100 on every tier; one that knows only the first common
+    words (an unknown word gets its own direction) is at chance on every tier."""
+    cand = torch.eye(3)  # three common words
+    queries = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8], [0.6, 0.7, 0.0]])
+    assert evaluation.nearest_word_hits(queries, cand, torch.tensor([0, 2, 0])).tolist() == [True, True, False]
+    meaning = {w: (attr, i) for attr, values in (("colour", data.COLOURS), ("shape", data.SHAPES))
+               for i, v in enumerate(values) for tier in data.TIERS for w in data.tier_words(v, tier)}
+
+    def oracle(phrases, known=lambda w: True):  # a phrase -> one-hot of its colour + one-hot of its shape
+        out = torch.zeros(len(phrases), 16 + len(phrases))
+        for r, ph in enumerate(phrases):
+            for w, (attr, i) in meaning.items():
+                if has_word(ph, w) and not any(w != o and w in o and has_word(ph, o) for o in meaning):
+                    out[r, (i if attr == "colour" else 8 + i) if known(w) else 16 + r] += 1
+        return out
+    assert evaluation.tier_probe(oracle) == {"common": 100.0, "rare": 100.0, "never": 100.0}
+    first = {v: data.tier_words(v, "common")[0] for v in data.COLOURS + data.SHAPES}
+    only_common = evaluation.tier_probe(lambda ph: oracle(ph, known=lambda w: w in first.values()))
+    assert all(v <= 12.5 for v in only_common.values())  # chance: every candidate ties (argmax takes the first)
 
 
 def test_zero_shot_classifier_is_renormalised_mean():
@@ -909,6 +971,27 @@ def test_kclip_run_every_term_falls_and_teacher_cache_reused(tmp_path, monkeypat
     assert evaluation.read_log("kc2")[0]["emb"] > 0  # alpha = 0: still logged, not trained on
     with pytest.raises(SystemExit, match="--concepts 5000 is more than the 1000"):
         train.main(args[:-1] + ["kc3", "--concepts", "5000"])
+
+
+def test_kclip_with_a_text_corpus_file(tmp_path, monkeypatch, capsys):
+    """--text-corpus PATH: its lines are embedded once by the teacher, the text-only term falls,
+    the tier metrics are reported; bad uses are one-line errors."""
+    monkeypatch.chdir(tmp_path)
+    with open("corpus.txt", "w") as f:
+        f.write("\n".join(data.text_corpus(60, seed=1)) + "\n\n")  # a blank line is skipped
+    args = ["--method", "kclip", "--model", "tiny", "--steps", "40", "--batch-size", "32", "--n-train", "300",
+            "--n-eval", "100", "--warmup", "4", "--log-every", "4", "--lr", "3e-3", "--concepts", "4",
+            "--text-corpus", "corpus.txt", "--corpus-batch", "16", "--out", "kc"]
+    res = train.main(args)
+    log = evaluation.read_log("kc")
+    assert np.mean([r["corpus"] for r in log[-2:]]) < np.mean([r["corpus"] for r in log[:2]])
+    assert res["text_corpus"]["lines"] == 60
+    assert all(k in res for k in ("zero_shot_never_words_top1", "text_probe_rare", "text_probe_never"))
+    with pytest.raises(SystemExit, match="no such file"):
+        train.main([a if a != "corpus.txt" else "missing.txt" for a in args[:-1]] + ["kc2"])
+    with pytest.raises(SystemExit):
+        train.main(["--method", "clip", "--text-corpus"])
+    assert "--text-corpus distils the text teacher" in capsys.readouterr().err
 
 
 def _ddp_worker(rank, port, argv, stop_at=None):

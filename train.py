@@ -78,6 +78,12 @@ def parse_args(argv=None):
     g.add_argument("--concept-tau", type=float, default=0.05, help="temperature tau_c of the soft concept labels")
     g.add_argument("--emb-weight", type=float, default=1.0, help="alpha, weight of the text embedding distillation")
     g.add_argument("--concept-weight", type=float, default=0.01, help="beta, weight of the concept KL loss")
+    g = p.add_argument_group("beyond Knowledge-CLIP: distil the text teacher on text-only lines too (--method kclip)")
+    g.add_argument("--text-corpus", nargs="?", const="shapes", default=None, metavar="PATH",
+                   help="a text file, one phrase per line; 'shapes' or no value: the corpus data.py generates "
+                        "(with the never-seen words); default: none (the paper's recipe)")
+    g.add_argument("--corpus-weight", type=float, default=1.0, help="weight of L_emb on the text-only batch")
+    g.add_argument("--corpus-batch", type=int, default=128, help="text-only lines per step")
     g = p.add_argument_group("CLIP-CID (--method cid)")
     g.add_argument("--teacher", default=None, help="run folder of a CLIP we trained, or a Hugging Face CLIPModel name/path; "
                    "default: our own teacher for this data and preset, trained first if missing")
@@ -95,6 +101,7 @@ def parse_args(argv=None):
     g.add_argument("--sweep", action="store_true", help="train and evaluate every row of the results table "
                    "(SWEEP) for every --seeds into --out (default runs/sweep); rerun to resume; writes table.md/json")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    g.add_argument("--rows", nargs="+", default=None, metavar="ROW", help="only these rows (train.SWEEP's folder names)")
     g.add_argument("--em-steps", type=int, nargs=2, default=[600, 400], metavar=("AUTOENCODER", "ADAPTER"),
                    help="steps of the EM probe's two stages")
     p.add_argument("--bench", action="store_true", help="time the student's training step (ours vs a naive version) and exit")
@@ -127,11 +134,18 @@ def parse_args(argv=None):
         p.error("--method cid runs on the embedded data for now (it indexes cached teacher embeddings by pair)")
     if args.method == "kclip" and ".tar" in args.data:
         p.error("--method kclip needs every caption before training: use --data shapes or a CSV/TSV file, not shards")
+    if args.text_corpus and args.method != "kclip":
+        p.error("--text-corpus distils the text teacher: it needs --method kclip")
+    if args.corpus_batch < 1 or args.corpus_batch % int(os.environ.get("WORLD_SIZE", "1")):
+        p.error("--corpus-batch must be at least 1 and a multiple of the number of processes")
     if args.concepts < 1 or not args.concept_tau > 0:
         p.error("need --concepts >= 1 and --concept-tau > 0")
     if args.clusters < 1 or not 0 < args.class_frac <= 1 or not -1 <= args.balance_threshold <= 1:
         p.error("need --clusters >= 1, 0 < --class-frac <= 1 and -1 <= --balance-threshold <= 1")
     args.teacher_steps = args.teacher_steps or TEACHER_STEPS[args.preset]
+    unknown = set(args.rows or []) - {folder for folder, *_ in SWEEP}
+    if unknown:
+        p.error(f"--rows {' '.join(sorted(unknown))}: unknown; choose from {', '.join(f for f, *_ in SWEEP)}")
     if args.sweep:
         args.out = args.out or os.path.join("runs", "sweep")
     if args.out is None:  # the default folder; a finished or broken run there is kept, not reused
@@ -308,7 +322,35 @@ def prepare_kclip(args, stream, device):
             "concept_sizes": torch.bincount(concept, minlength=args.concepts).tolist(),
             "soft_label_max_mean": round(soft.max(1).values.mean().item(), 4)}
     row = {c: i for i, c in enumerate(captions)}  # real data's batches find their rows by caption
-    return teacher.dim, {"t_txt": t_txt, "soft": soft, "row": row}, info
+    extra = {"t_txt": t_txt, "soft": soft, "row": row}
+    if args.text_corpus:  # text-only lines: their tokens and teacher embeddings, cached like the captions'
+        lines = read_corpus(args.text_corpus, args.seed)
+        extra["corpus_tokens"] = clip.tokenize(lines, clip.SIZES[args.model].context_length)  # (M, L)
+        extra["corpus_emb"] = torch.from_numpy(np.array(teachers.text_teacher_embeddings(teacher, lines, cache)))  # (M, D_t)
+        info["text_corpus"] = {"path": args.text_corpus, "lines": len(lines), "distinct": len(set(lines))}
+    return teacher.dim, extra, info
+
+
+def read_corpus(spec, seed):
+    """--text-corpus: 'shapes' -> data.text_corpus; else a UTF-8 file, one phrase per line."""
+    if spec == "shapes":
+        return data.text_corpus(seed=seed)
+    if not os.path.isfile(spec):
+        raise SystemExit(f"error: --text-corpus {spec}: no such file")
+    with open(spec, encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise SystemExit(f"error: --text-corpus {spec} has no non-empty line")
+    return lines
+
+
+def corpus_index(step, n_lines, args):
+    """(B_c / W,) this rank's text-only lines at a step: a pure function of (seed, step), so a
+    resumed run draws the same lines; the global draw is split over ranks like the pairs."""
+    g = torch.Generator().manual_seed(args.seed * 1000003 + step)
+    idx = torch.randint(n_lines, (args.corpus_batch,), generator=g)  # (B_c,)
+    rank, n = world()
+    return idx.view(n, -1)[rank]
 
 
 class CIDHeads(nn.Module):
@@ -382,6 +424,9 @@ def loss_terms(model, heads, batch, extra, args):
     """{name: scalar loss} for one batch."""
     image_emb = model.encode_image(batch["images"])  # (B, D_s) I_e
     text_feat = model.encode_text(batch["tokens"], normalize=False)  # (B, D_s) E_T(x), before normalising
+    if "corpus_index" in batch:  # text-only lines (--text-corpus): the text tower alone
+        corpus_feat = model.encode_text(extra["corpus_tokens"][batch["corpus_index"]].to(image_emb.device),
+                                        normalize=False)  # (B_c, D_s)
     with torch.autocast(image_emb.device.type, enabled=False):  # the losses in fp32, also under bf16 autocast
         image_emb, text_feat = image_emb.float(), text_feat.float()
         text_emb = F.normalize(text_feat, dim=-1)  # (B, D_s) T_e
@@ -395,6 +440,9 @@ def loss_terms(model, heads, batch, extra, args):
             terms["emb"] = losses.embedding_distill_loss(heads.proj(text_feat), extra["t_txt"][idx].to(dev))
             terms["concept"] = losses.concept_loss(heads.classifier(image_emb), heads.classifier(text_emb),
                                                    extra["soft"][idx].to(dev))
+        if "corpus_index" in batch:  # the same W_e and L_emb, on lines with no image
+            terms["corpus"] = losses.embedding_distill_loss(heads.proj(corpus_feat.float()),
+                                                            extra["corpus_emb"][batch["corpus_index"]].to(dev))
         if args.method == "cid":
             zi = F.normalize(heads.proj(image_emb), dim=-1)  # (B, D_t) P(I_s)
             zt = F.normalize(heads.proj(text_emb), dim=-1)  # (B, D_t) P(T_s)
@@ -409,7 +457,7 @@ def loss_terms(model, heads, batch, extra, args):
 
 def loss_weights(args):
     return {"clip": args.clip_weight, "emb": args.emb_weight, "concept": args.concept_weight,
-            "cd": args.cd_weight, "id": args.id_weight}
+            "cd": args.cd_weight, "id": args.id_weight, "corpus": args.corpus_weight}
 
 
 class Student(nn.Module):
@@ -461,7 +509,7 @@ def save_checkpoint(path, model, heads, optimizer, step, args):
 
 RESUME_MUST_MATCH = ("method", "model", "data", "seed", "batch_size", "n_train", "image_size", "dup_frac", "imbalance",
                      "teacher", "clusters", "balance", "balance_threshold", "text_teacher", "pool", "concepts",
-                     "concept_tau", "text_teacher_init")
+                     "concept_tau", "text_teacher_init", "text_corpus", "corpus_batch")
 
 
 def load_for_resume(path, model, heads, optimizer, args):
@@ -541,6 +589,8 @@ def train(args):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = stream.batch(step)
+            if "corpus_tokens" in extra:
+                batch["corpus_index"] = corpus_index(step, len(extra["corpus_tokens"]), args)
             images, tokens = data.to_input(batch["images"], device), batch["tokens"].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 terms = student({**batch, "images": images, "tokens": tokens})
@@ -615,6 +665,10 @@ SWEEP = [  # (folder, row of the table, flags, EM text probe?)
     ("kclip-random", "Knowledge-CLIP, random-init text teacher", ["--method", "kclip", "--text-teacher-init", "random"], True),
     ("kclip-alpha0", "Knowledge-CLIP, alpha = 0 (no L_emb)", ["--method", "kclip", "--emb-weight", "0"], True),
     ("kclip-beta0", "Knowledge-CLIP, beta = 0 (no concept KL)", ["--method", "kclip", "--concept-weight", "0"], True),
+    # beyond the paper: distil the teacher on text-only lines that hold the never-seen words too
+    ("kclip-corpus", "Knowledge-CLIP + text corpus", ["--method", "kclip", "--text-corpus"], True),
+    ("kclip-random-corpus", "Knowledge-CLIP + text corpus, random-init teacher",
+     ["--method", "kclip", "--text-corpus", "--text-teacher-init", "random"], True),
     ("cid-cd", "CLIP-CID, cluster term alone", ["--method", "cid", "--id-weight", "0"], False),
     ("cid-id", "CLIP-CID, instance term alone", ["--method", "cid", "--cd-weight", "0"], False),
     ("clip-equal", "CLIP, equal total compute", ["--method", "clip"], False),  # --steps: equal_compute_steps
@@ -626,6 +680,11 @@ TABLE = [  # (results.json key, column)
     ("linear_probe_top1", "linear probe"), ("retrieval_i2t_r1", "R@1 i2t"), ("retrieval_t2i_r1", "R@1 t2i"),
     ("zero_shot_by_attributes_top1", "attributes seen"), ("zero_shot_by_attributes_unseen_top1", "attributes unseen"),
     ("text_em", "EM"), ("params", "params"), ("steps", "steps"), ("seconds", "train s"),
+]
+TIER_TABLE = [  # the vocabulary tiers (data.WORDS): zero-shot with prompts in each tier, text-space probe
+    ("zero_shot_top1", "zero-shot, common words"), ("zero_shot_rare_words_top1", "zero-shot, rare words"),
+    ("zero_shot_never_words_top1", "zero-shot, never-seen words"), ("text_probe_common", "probe, common"),
+    ("text_probe_rare", "probe, rare"), ("text_probe_never", "probe, never-seen"),
 ]
 
 
@@ -753,7 +812,14 @@ def sweep(args):
     if os.path.exists(spec_path) and read_json(spec_path) != spec:
         raise SystemExit(f"error: the sweep in {root} was made with {read_json(spec_path)}, not {spec}; pass another --out")
     write_json(spec_path, spec)
+    tiers_path = os.path.join(root, "text-teacher-tiers.json")  # the text teacher's own synonym matching
+    if not os.path.exists(tiers_path):
+        teacher = teachers.load_text_teacher(args.text_teacher, args.device, args.pool, args.trust_remote_code)
+        write_json(tiers_path, {"name": teacher.name, **{f"text_probe_{k}": v for k, v in evaluation.tier_probe(
+            lambda t: evaluation.in_batches(teacher.encode_texts, t)).items()}})
     for folder, row, flags, em in SWEEP:
+        if args.rows and folder not in args.rows:
+            continue
         for seed in args.seeds:
             out = os.path.join(root, f"{folder}-s{seed}")
             res_path = os.path.join(out, "results.json")
@@ -802,11 +868,15 @@ def write_table(root, args):
                     found[-1].update(read_json(os.path.join(d, "eval.json")))
                 wall += found[-1].get("wall_seconds", 0.0)  # the whole run: teacher, training, evaluation, EM
         if found:
-            rows[row] = {key: {"values": [r[key] for r in found if key in r]} for key, _ in TABLE}
+            rows[row] = {key: {"values": [r[key] for r in found if key in r]} for key, _ in TABLE + TIER_TABLE}
     for s in args.seeds:  # the EM probe's references, per seed
         path = os.path.join(root, f"em-reference-s{s}.json")
         for name, value in (read_json(path) if os.path.exists(path) else {}).items():
             rows.setdefault(f"EM reference: {name}", {"text_em": {"values": []}})["text_em"]["values"].append(value)
+    tiers_path = os.path.join(root, "text-teacher-tiers.json")
+    if os.path.exists(tiers_path):  # the text teacher in its own space: one value, no seed
+        ref = read_json(tiers_path)
+        rows[f"text teacher {ref.pop('name')}, its own space"] = {k: {"values": [v], "seedless": True} for k, v in ref.items()}
     for cells in rows.values():
         for cell in cells.values():
             if cell["values"]:
@@ -820,12 +890,16 @@ def write_table(root, args):
             return f"{cell['mean'] / 1e6:.2f}M" if key == "params" else f"{cell['mean']:.0f}"
         many = len(cell["values"]) > 1 and key != "seconds"
         text = f"{cell['mean']:.1f} ± {cell['std']:.1f}" if many else f"{cell['mean']:.{0 if key == 'seconds' else 1}f}"
-        return text + (f" (n={len(cell['values'])})" if len(cell["values"]) < len(args.seeds) else "")
-    lines = ["| | " + " | ".join(c for _, c in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
-    lines += [f"| {row} | " + " | ".join(show(k, cells.get(k)) for k, _ in TABLE) + " |" for row, cells in rows.items()]
+        return text + (f" (n={len(cell['values'])})" if len(cell["values"]) < len(args.seeds) and "seedless" not in cell else "")
+    def markdown(columns):  # the rows with a value in these columns
+        lines = ["| | " + " | ".join(c for _, c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        return "\n".join(lines + [f"| {row} | " + " | ".join(show(k, cells.get(k)) for k, _ in columns) + " |"
+                                  for row, cells in rows.items() if any(cells.get(k, {}).get("values") for k, _ in columns)])
     with open(os.path.join(root, "table.md"), "w") as f:
         f.write(f"mean ± std over seeds {' '.join(map(str, args.seeds))} (sample std); the sweep's runs took "
-                f"{wall / 60:.0f} min of wall time\n\n" + "\n".join(lines) + "\n")
+                f"{wall / 60:.0f} min of wall time\n\n{markdown(TABLE)}\n\nVocabulary tiers (zero-shot on seen "
+                f"combinations, prompts in each tier's words; probe: nearest common word right, %)\n\n"
+                f"{markdown(TIER_TABLE)}\n")
     return rows
 
 
