@@ -1088,6 +1088,9 @@ def test_sweep_writes_the_table_resumes_and_refuses_other_flags(tmp_path, monkey
     assert len(table["rows"]["EM reference: proof of concept"]["text_em"]["values"]) == 2
     md = open("sw/table.md").read()
     assert "| CLIP | " in md and "±" in md
+    assert md.count("| CLIP | ") == 2 and "probe, never-seen" in md  # the main table and the tier table
+    teacher_row = table["rows"][next(r for r in table["rows"] if r.startswith("text teacher"))]
+    assert set(teacher_row) == {"text_probe_common", "text_probe_rare", "text_probe_never"}
     os.remove("sw/clip-s1/results.json")  # killed after training: only that run is redone (from its checkpoint)
     train.main(argv)
     out = capsys.readouterr().out

@@ -876,7 +876,8 @@ def write_table(root, args):
     tiers_path = os.path.join(root, "text-teacher-tiers.json")
     if os.path.exists(tiers_path):  # the text teacher in its own space: one value, no seed
         ref = read_json(tiers_path)
-        rows[f"text teacher {ref.pop('name')}, its own space"] = {k: {"values": [v], "seedless": True} for k, v in ref.items()}
+        name = ref.pop("name")
+        rows[f"text teacher {name}, its own space"] = {k: {"values": [v], "seedless": True} for k, v in ref.items()}
     for cells in rows.values():
         for cell in cells.values():
             if cell["values"]:
