@@ -946,6 +946,14 @@ def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path
     res2 = json.load(open("student2/results.json"))
     assert res2["balance"]["pairs_before"] == 1000 and res2["pairs_trained_on"] == res2["balance"]["pairs_after"]
     assert os.path.exists("student2/clusters.png")
+    # a teacher left by other data (here: its fingerprint edited, as an older data.py would leave it) is refused
+    tres = json.load(open(os.path.join(tdir, "results.json")))
+    assert tres["data_fingerprint"] == res2["data_fingerprint"]
+    json.dump({**tres, "data_fingerprint": "0" * 16}, open(os.path.join(tdir, "results.json"), "w"))
+    with pytest.raises(SystemExit, match=r"trained on other data \(0{16}, this run's is [0-9a-f]{16}\)"):
+        train.main(args[:-1] + ["student3", "--steps", "2"])
+    assert not os.path.exists("student3/results.json") and open(os.path.join(tdir, "ckpt.pt"), "rb").read() == teacher_bytes
+    train.main(args[:-1] + ["student3", "--steps", "2", "--teacher", tdir])  # named explicitly: used as it is
     teacher = teachers.load_clip_teacher(tdir, "cpu")  # frozen: no parameter can take a gradient
     assert not any(p.requires_grad for p in teacher.model.parameters())
     assert not teacher.encode_images(data.ShapesDataset("test", 2).images).requires_grad

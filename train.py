@@ -214,6 +214,7 @@ class ShapesStream:
         self.tokens = clip.tokenize(self.ds.captions, clip.SIZES[args.model].context_length)  # (N, L)
         self.batch_size, self.seed, self.perm_epoch = args.batch_size, args.seed, None
         self.pool = torch.arange(len(self.ds))  # the pairs we train on (semantic balance may drop some)
+        self.fingerprint = teachers.fingerprint(self.ds.images, self.ds.captions)  # names this data in results.json
 
     def restrict(self, keep):
         """Train only on the pairs where keep (N,) bool is True."""
@@ -368,12 +369,18 @@ def default_teacher_dir(args):
                                 f"-img{args.image_size}-s{args.seed}")
 
 
-def ensure_teacher(args):
-    """--teacher as given, or our own: train `--method clip --model teacher` first if missing."""
+def ensure_teacher(args, stream):
+    """--teacher as given, or our own: train `--method clip --model teacher` first if missing.
+    Ours is reused only if it was trained on this very data (its results.json's fingerprint):
+    a teacher left by an older data.py would otherwise be distilled without a word."""
     if args.teacher is not None:
         return args.teacher
     tdir = default_teacher_dir(args)
     if os.path.exists(os.path.join(tdir, "results.json")):
+        trained_on = read_json(os.path.join(tdir, "results.json")).get("data_fingerprint")
+        if trained_on != stream.fingerprint:
+            raise SystemExit(f"error: the teacher in {tdir} was trained on other data ({trained_on or 'an older data.py'}, "
+                             f"this run's is {stream.fingerprint}); move it away to train a new one, or pass --teacher {tdir}")
         say(f"cid: using the teacher in {tdir}")
         return tdir
     say(f"cid: no teacher for this data and preset in {tdir}; training it first ({args.teacher_steps} steps)")
@@ -389,7 +396,7 @@ def prepare_cid(args, stream, device):
     """Everything CLIP-CID computes once, before the loop: teacher embeddings (cached),
     semantic balance, k-means pseudo-classes. Returns the teacher's width D_t, the tensors
     loss_terms needs and a summary for results.json."""
-    tdir = ensure_teacher(args)
+    tdir = ensure_teacher(args, stream)
     teacher = teachers.load_clip_teacher(tdir, device, args.trust_remote_code)
     own = isinstance(teacher, teachers.OwnClipTeacher)  # never write into someone's Hugging Face folder
     cache = os.path.join(tdir, "cache") if own else os.path.join("runs", "cache", tdir.strip("/").replace("/", "--"))
@@ -638,6 +645,8 @@ def train(args):
                "batch_size": args.batch_size, "seed": args.seed, "data": args.data,
                "seconds": round(seconds, 1), "samples_per_second": round(seen / seconds, 1) if seen else None,
                "skipped_pairs": stream.skipped if isinstance(stream, RealStream) else 0, **info}
+    if isinstance(stream, ShapesStream):
+        results["data_fingerprint"] = stream.fingerprint
     results.update(evaluation.evaluate(model, args, device))
     evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))
     if args.method == "kclip" and isinstance(stream, ShapesStream):  # teacher vs student text space, by concept
