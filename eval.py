@@ -161,18 +161,24 @@ def nearest_word_hits(queries, candidates, targets):  # (Q, D), (C, D), (Q,) -> 
     return (queries @ candidates.t()).argmax(1) == targets
 
 
-def tier_probe(encode):
-    """{tier key: % of the tier's colour and shape words whose nearest common word is right}."""
+def tier_hits(encode):
+    """{tier: [(word, right?)]} for each colour and shape word of each tier (data.TIERS)."""
     res = {}
-    for tier, key in (("common", "common"), ("rare", "rare"), ("never-seen", "never")):
-        hits = []
+    for tier in data.TIERS:
+        res[tier] = []
         for kind, values in (("colour", data.COLOURS), ("shape", data.SHAPES)):
             candidates = word_vectors(encode, [data.tier_words(v, "common")[0] for v in values], kind)  # (8, D)
             words = [(w, i) for i, v in enumerate(values) for w in data.tier_words(v, tier)[tier == "common":]]
             queries = word_vectors(encode, [w for w, _ in words], kind)  # (Q, D)
-            hits.append(nearest_word_hits(queries, candidates, torch.tensor([i for _, i in words])))
-        res[key] = 100.0 * torch.cat(hits).float().mean().item()
+            right = nearest_word_hits(queries, candidates, torch.tensor([i for _, i in words]))
+            res[tier] += [(w, bool(r)) for (w, _), r in zip(words, right)]
     return res
+
+
+def tier_probe(encode):
+    """{tier key: % of the tier's colour and shape words whose nearest common word is right}."""
+    return {key: 100.0 * sum(r for _, r in hits) / len(hits)
+            for key, hits in zip(("common", "rare", "never"), tier_hits(encode).values())}
 
 
 def eval_named_set(model, name, root, device, max_n=5000):
@@ -651,9 +657,12 @@ def print_tiers(a):
     if a.ckpt:
         model = load_checkpoint(a.ckpt, a.device)[0]
         encoders[f"{cfg['method']} ({a.ckpt})"] = lambda t: embed_texts(model, t, a.device)
-    print("| text encoder | common | rare | never-seen |\n|---|---|---|---|")
+    print("| text encoder | common | rare | never-seen | rare and never-seen words it gets right |\n|---|---|---|---|---|")
     for name, encode in encoders.items():
-        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in tier_probe(encode).values()) + " |")
+        hits = tier_hits(encode)
+        right = [w for tier in ("rare", "never-seen") for w, r in hits[tier] if r]
+        print(f"| {name} | " + " | ".join(f"{100.0 * sum(r for _, r in h) / len(h):.1f}" for h in hits.values())
+              + f" | {', '.join(right) or '-'} |")
 
 
 def main(argv=None):

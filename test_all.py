@@ -574,6 +574,9 @@ def test_tier_probe_on_hand_built_embeddings():
                     out[r, (i if attr == "colour" else 8 + i) if known(w) else 16 + r] += 1
         return out
     assert evaluation.tier_probe(oracle) == {"common": 100.0, "rare": 100.0, "never": 100.0}
+    hits = evaluation.tier_hits(oracle)  # every colour and shape word of each tier, each right
+    assert [len(h) for h in hits.values()] == [16, 16, 16] and all(r for h in hits.values() for _, r in h)
+    assert {w for w, _ in hits["never-seen"]} == {data.tier_words(v, "never-seen")[0] for v in data.COLOURS + data.SHAPES}
     first = {v: data.tier_words(v, "common")[0] for v in data.COLOURS + data.SHAPES}
     only_common = evaluation.tier_probe(lambda ph: oracle(ph, known=lambda w: w in first.values()))
     assert all(v <= 12.5 for v in only_common.values())  # chance: every candidate ties (argmax takes the first)
