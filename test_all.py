@@ -998,6 +998,10 @@ def test_kclip_with_a_text_corpus_file(tmp_path, monkeypatch, capsys):
     assert np.mean([r["corpus"] for r in log[-2:]]) < np.mean([r["corpus"] for r in log[:2]])
     assert res["text_corpus"]["lines"] == 60
     assert all(k in res for k in ("zero_shot_never_words_top1", "text_probe_rare", "text_probe_never"))
+    capsys.readouterr()
+    evaluation.main(["--tiers", "--ckpt", "kc"])  # the teacher's row and the run's, its numbers as in results.json
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| text teacher") or "(kc)" in line]
+    assert len(rows) == 2 and rows[1].split(" | ")[1:4] == [f"{res[f'text_probe_{k}']:.1f}" for k in ("common", "rare", "never")]
     with pytest.raises(SystemExit, match="no such file"):
         train.main([a if a != "corpus.txt" else "missing.txt" for a in args[:-1]] + ["kc2"])
     with pytest.raises(SystemExit):
