@@ -175,10 +175,13 @@ def tier_hits(encode):
     return res
 
 
+def percent_right(hits):  # [(word, right?)] -> % right
+    return 100.0 * sum(r for _, r in hits) / len(hits)
+
+
 def tier_probe(encode):
     """{tier key: % of the tier's colour and shape words whose nearest common word is right}."""
-    return {key: 100.0 * sum(r for _, r in hits) / len(hits)
-            for key, hits in zip(("common", "rare", "never"), tier_hits(encode).values())}
+    return {key: percent_right(hits) for key, hits in zip(("common", "rare", "never"), tier_hits(encode).values())}
 
 
 def eval_named_set(model, name, root, device, max_n=5000):
@@ -661,7 +664,7 @@ def print_tiers(a):
     for name, encode in encoders.items():
         hits = tier_hits(encode)
         right = [w for tier in ("rare", "never-seen") for w, r in hits[tier] if r]
-        print(f"| {name} | " + " | ".join(f"{100.0 * sum(r for _, r in h) / len(h):.1f}" for h in hits.values())
+        print(f"| {name} | " + " | ".join(f"{percent_right(h):.1f}" for h in hits.values())
               + f" | {', '.join(right) or '-'} |")
 
 
