@@ -653,12 +653,11 @@ def em_captions(cfg):
 def print_tiers(a):
     """python eval.py --tiers: how often the nearest common word is right, per vocabulary tier."""
     import teachers
-    cfg = load_checkpoint(a.ckpt, a.device)[1] if a.ckpt else {}
+    model, cfg = load_checkpoint(a.ckpt, a.device) if a.ckpt else (None, {})
     teacher = teachers.load_text_teacher(a.text_teacher or cfg.get("text_teacher") or teachers.DEFAULT_TEXT_TEACHER,
                                          a.device, cfg.get("pool", "mean"))
     encoders = {f"text teacher {teacher.name}": lambda t: in_batches(teacher.encode_texts, t)}
-    if a.ckpt:
-        model = load_checkpoint(a.ckpt, a.device)[0]
+    if model is not None:
         encoders[f"{cfg['method']} ({a.ckpt})"] = lambda t: embed_texts(model, t, a.device)
     print("| text encoder | common | rare | never-seen | rare and never-seen words it gets right |\n|---|---|---|---|---|")
     for name, encode in encoders.items():
