@@ -92,6 +92,10 @@ def with_article(text):
     return ("an " if text[0] in "aeiou" else "a ") + text
 
 
+def fix_articles(text):  # a template's "a" before a vowel: "a amber star" -> "an amber star"
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
 def caption(shape, colour, size, pos, rng, held_out=False, second=None):
     """One caption for an object (and an optional second object (shape, colour))."""
     def word(value):
@@ -108,7 +112,7 @@ def caption(shape, colour, size, pos, rng, held_out=False, second=None):
     else:
         template = HELD_OUT_TEMPLATE if held_out else TEMPLATES[rng.integers(len(TEMPLATES))]
         text = template.format(size=word(SIZES[size]), colour=co, shape=sh, pos=word(POSITIONS[pos]))
-    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+    return fix_articles(text)
 
 
 def text_corpus(n=10000, seed=0):
@@ -129,7 +133,7 @@ def text_corpus(n=10000, seed=0):
         template = templates[rng.integers(len(templates))]
         text = template.format(size=word(SIZES[rng.integers(2)]), colour=word(colour), shape=word(shape),
                                pos=word(POSITIONS[rng.integers(4)]))
-        lines.append(re.sub(r"\ba (?=[aeiou])", "an ", text))
+        lines.append(fix_articles(text))
     return lines
 
 
