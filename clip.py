@@ -13,6 +13,8 @@ This file holds everything up to `logits`; the loss lives in losses.py.
 Read it top to bottom: tokenizer -> Transformer block -> the two towers -> CLIP -> sizes.
 """
 import math
+import os
+import pickle
 from dataclasses import dataclass, asdict
 
 import torch
@@ -199,6 +201,33 @@ def build(size="small", **overrides):
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
     return CLIP(CLIPConfig(**{**asdict(SIZES[size]), **overrides}))
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: every .pt file of this project is read here, as weights only (no unpickling).
+
+def load_file(path, device="cpu"):
+    """torch.load(path, weights_only=True), with one-line errors: no file, a truncated or
+    corrupt file, or a pickled file (which we refuse to unpickle: it could run any code)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is not a weights-only checkpoint (it holds pickled objects); "
+                         "we will not unpickle it, since unpickling can run arbitrary code") from None
+    except (RuntimeError, EOFError) as e:  # a truncated zip archive, an empty file
+        raise ValueError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]})") from None
+
+
+def load_checkpoint(path, device="cpu"):
+    """A run folder or a ckpt.pt of train.py -> (CLIP model, the run's saved config dict)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    ckpt = load_file(path, device)
+    model = CLIP(CLIPConfig(**ckpt["model_config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt["config"]
 
 
 if __name__ == "__main__":

@@ -115,11 +115,13 @@ def caption(shape, colour, size, pos, rng, held_out=False, second=None):
     return fix_articles(text)
 
 
-def text_corpus(n=10000, seed=0):
+def text_corpus(n=10000, seed=0, exclude=frozenset()):
     """The default text-only corpus of `train.py --text-corpus` (beyond the papers): n phrases
     in the caption templates, every word drawn from a tier chosen at random (common, rare or
     never-seen, equally often), so it holds every never-seen word that no training caption has.
-    The student distils the text teacher on these lines as on its captions (L_emb)."""
+    The student distils the text teacher on these lines as on its captions (L_emb). A phrase in
+    `exclude` (the evaluation captions: `eval_captions`) is drawn again, so the corpus never
+    holds a caption that retrieval or the EM probe tests on."""
     rng = np.random.default_rng([seed, len(SPLITS)])
 
     def word(value):
@@ -128,13 +130,20 @@ def text_corpus(n=10000, seed=0):
         return ws[rng.integers(len(ws))]
     templates = TEMPLATES + [HELD_OUT_TEMPLATE]
     lines = []
-    for _ in range(n):
+    while len(lines) < n:
         shape, colour = SHAPES[rng.integers(8)], COLOURS[rng.integers(8)]
         template = templates[rng.integers(len(templates))]
-        text = template.format(size=word(SIZES[rng.integers(2)]), colour=word(colour), shape=word(shape),
-                               pos=word(POSITIONS[rng.integers(4)]))
-        lines.append(fix_articles(text))
+        text = fix_articles(template.format(size=word(SIZES[rng.integers(2)]), colour=word(colour), shape=word(shape),
+                                            pos=word(POSITIONS[rng.integers(4)])))
+        if text not in exclude:
+            lines.append(text)
     return lines
+
+
+def eval_captions(n_eval, seed=0, image_size=32):
+    """The captions that evaluation tests on (the test split, also the EM probe's held-out
+    captions, and the held-out wordings), as a set: no text-only corpus may contain them."""
+    return {c for split in ("test", "wordings") for c in ShapesDataset(split, n_eval, seed=seed, image_size=image_size).captions}
 
 
 def shape_mask(shape, u, v):
@@ -277,26 +286,48 @@ def is_val(key, seed, val_frac):
     return int.from_bytes(h[:8], "big") / 2 ** 64 < val_frac
 
 
+def skipped(where, why):
+    """A pair that cannot be used travels through the DataLoader as this string, its reason
+    (`collate` counts and drops it; a run that finds no usable pair prints one)."""
+    return f"{where}: {why}"
+
+
+def utf8(text):  # False for a field read with errors="surrogateescape" from bytes that are not UTF-8
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 class CsvPairs(torch.utils.data.Dataset):
     """open_clip-style CSV (comma) or TSV (tab): one row per pair, image path relative to the
-    file. Rows with an empty caption are dropped when the file is read (counted in
-    `skipped_empty`); an unreadable image makes __getitem__ return None (see collate)."""
+    file. Rows with an empty caption or bytes that are not UTF-8 are dropped when the file is
+    read (counted in `skipped_rows`, the first one's reason in `skip_reason`); an Excel BOM
+    before the header is ignored; an unreadable image makes __getitem__ return its reason."""
 
     def __init__(self, path, image_size, img_key="filepath", caption_key="title",
                  split="train", seed=0, val_frac=0.0):
         delimiter = "\t" if path.endswith(".tsv") else ","
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             missing = {img_key, caption_key} - set(reader.fieldnames or [])
             if missing:
                 raise ValueError(f"{path}: no column {', '.join(sorted(missing))}; columns are "
                                  f"{reader.fieldnames} (set --csv-img-key / --csv-caption-key)")
-            rows = [(r[img_key], (r[caption_key] or "").strip()) for r in reader]
+            rows, bad = [], []
+            for line, r in enumerate(reader, start=2):
+                img, text = r[img_key] or "", (r[caption_key] or "").strip()
+                if not (utf8(img) and utf8(text)):
+                    bad.append(skipped(f"{path} line {line}", "bytes that are not UTF-8"))
+                elif not text or not img:
+                    bad.append(skipped(f"{path} line {line}", "no caption" if not text else "no image path"))
+                else:
+                    rows.append((img, text))
         root = os.path.dirname(os.path.abspath(path))
-        self.skipped_empty = sum(1 for _, c in rows if not c)
+        self.skipped_rows, self.skip_reason = len(bad), bad[0] if bad else None
         keep_val = split == "val"
-        self.rows = [(os.path.join(root, p), c) for p, c in rows
-                     if c and is_val(p, seed, val_frac) == keep_val]
+        self.rows = [(os.path.join(root, p), c) for p, c in rows if is_val(p, seed, val_frac) == keep_val]
         self.image_size = image_size
 
     def __len__(self):
@@ -310,8 +341,8 @@ class CsvPairs(torch.utils.data.Dataset):
         path, text = self.rows[i]
         try:
             return load_image(path, self.image_size), text
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return skipped(path, e)
 
 
 def expand_braces(pattern):
@@ -339,7 +370,7 @@ class ShardPairs(torch.utils.data.IterableDataset):
     """webdataset tar shards as img2dataset writes them: members `{key}.{jpg,png,webp}` and
     `{key}.txt` side by side. Shards are split over DataLoader workers; pairs with a missing or
     corrupt image, a missing or empty caption, or an unreadable shard are skipped: they come
-    out as None, which `collate` counts and drops."""
+    out as their reason (`skipped`), which `collate` counts and drops."""
 
     def __init__(self, pattern, image_size, split="train", seed=0, val_frac=0.0):
         self.shards = expand_braces(pattern)
@@ -350,7 +381,8 @@ class ShardPairs(torch.utils.data.IterableDataset):
         self.epoch = 0  # set by the caller; shard order is shuffled by (seed, epoch)
 
     def samples(self, shard):
-        """Yield (key, image bytes or None, caption or None) for each key of one shard."""
+        """Yield (key, image bytes or None, caption or None) for each key of one shard, and its
+        reason (`skipped`) once for a shard that cannot be read to its end."""
         current, parts = None, {}
         try:
             with tarfile.open(shard, "r|*") as tar:
@@ -367,8 +399,8 @@ class ShardPairs(torch.utils.data.IterableDataset):
                         parts["img"] = data
                     elif ext.lower() == "txt":
                         parts["txt"] = data.decode("utf-8", errors="replace").strip()
-        except (tarfile.TarError, OSError, EOFError):
-            yield None, None, None  # a truncated or unreadable shard: counted once, skipped
+        except (tarfile.TarError, OSError, EOFError) as e:
+            yield skipped(shard, f"unreadable shard ({e})")  # counted once
         if current is not None:
             yield current, parts.get("img"), parts.get("txt")
 
@@ -380,24 +412,31 @@ class ShardPairs(torch.utils.data.IterableDataset):
             shards = shards[info.id:: info.num_workers]
         keep_val = self.split == "val"
         for shard in shards:
-            for key, img, txt in self.samples(shard):
-                if key is not None and is_val(key, self.seed, self.val_frac) != keep_val:
+            for item in self.samples(shard):
+                if isinstance(item, str):  # the shard could not be read on
+                    yield item
                     continue
-                if key is None or img is None or not txt:
-                    yield None
+                key, img, txt = item
+                if is_val(key, self.seed, self.val_frac) != keep_val:
+                    continue
+                where = f"{shard}:{key}"
+                if img is None or not txt:
+                    yield skipped(where, "no image" if img is None else "no caption (.txt)" if txt is None else "empty caption")
                     continue
                 try:
                     yield load_image(img, self.image_size), txt
-                except (OSError, ValueError, Image.DecompressionBombError):
-                    yield None
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    yield skipped(where, e)
 
 
 def collate(batch):
-    """Drop the pairs that failed to load. Returns (images (B, 3, S, S) uint8, captions, n_skipped)."""
-    good = [b for b in batch if b is not None]
+    """Drop the pairs that failed to load (their reasons, strings). Returns (images (B, 3, S, S)
+    uint8, captions, n_skipped, the first skipped pair's reason or None)."""
+    good = [b for b in batch if not isinstance(b, str)]
+    why = next((b for b in batch if isinstance(b, str)), None)
     if not good:
-        return torch.empty(0, dtype=torch.uint8), [], len(batch)
-    return torch.stack([b[0] for b in good]), [b[1] for b in good], len(batch) - len(good)
+        return torch.empty(0, dtype=torch.uint8), [], len(batch), why
+    return torch.stack([b[0] for b in good]), [b[1] for b in good], len(batch) - len(good), why
 
 
 def real_pairs(spec, image_size, split="train", seed=0, val_frac=0.0, img_key="filepath", caption_key="title"):
@@ -441,9 +480,9 @@ def prepare_fashion_mnist(root):
             os.replace(dst + ".tmp", dst)
 
 
-def load_eval_set(name, root, image_size, max_n=None, train=False):
-    """A named torchvision set as (images (N, 3, S, S) uint8, labels (N,), class names, templates).
-    Never downloads: a missing set is one clear error saying where it was looked for."""
+def open_eval_set(name, root, train=False):
+    """The torchvision dataset object of a named set's test (or train) split. Never downloads:
+    a missing set is one clear error saying where it was looked for."""
     import torchvision.datasets as tvd
     if name not in EVAL_SETS:
         raise ValueError(f"unknown eval set {name!r}; choose one of {', '.join(EVAL_SETS)}")
@@ -453,11 +492,19 @@ def load_eval_set(name, root, image_size, max_n=None, train=False):
     if name == "fashion-mnist":
         prepare_fashion_mnist(root)
     try:
-        ds = getattr(tvd, cls_name)(root, download=False, **split)
+        return getattr(tvd, cls_name)(root, download=False, **split)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
         raise FileNotFoundError(f"eval set {name} not found under {root} ({e}); fetch it once with "
                                 f"torchvision.datasets.{cls_name}({root!r}, download=True)") from None
+
+
+def load_eval_set(name, root, image_size, max_n=None, train=False):
+    """A named torchvision set as (images (N, 3, S, S) uint8, labels (N,), class names, templates):
+    its first max_n images (said in one line when that is not all of them)."""
+    ds = open_eval_set(name, root, train)
     n = len(ds) if max_n is None else min(max_n, len(ds))
+    if n < len(ds):
+        print(f"{name}: the first {n} of the {len(ds)} {'train' if train else 'test'} images")
     images = torch.stack([load_image(ds[i][0], image_size) for i in range(n)])
     labels = torch.tensor([int(ds[i][1]) for i in range(n)])
     classes = [c.replace("_", " ") for c in ds.classes]
@@ -582,6 +629,23 @@ def load_awa2(root, image_size, split="test", max_per_class=None):
 
 
 ATTRIBUTE_SETS = {"cub": load_cub, "awa2": load_awa2}
+ATTRIBUTE_FILES = {  # what each attribute set's loader reads, to check before a run trains
+    "cub": ("CUB_200_2011", CUB_LAYOUT, ["classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
+                                         "images", os.path.join("attributes", "class_attribute_labels_continuous.txt")]),
+    "awa2": ("Animals_with_Attributes2", AWA2_LAYOUT, ["classes.txt", "predicates.txt", "predicate-matrix-continuous.txt",
+                                                      "trainclasses.txt", "testclasses.txt", "JPEGImages"]),
+}
+
+
+def check_eval_set(name, root):
+    """A one-line FileNotFoundError now if an --eval-sets set is not under root (train.py asks
+    before it trains, so a missing set never costs a run)."""
+    if name in ATTRIBUTE_SETS:
+        folder, layout, files = ATTRIBUTE_FILES[name]
+        for f in files:
+            need(os.path.join(inside(root, folder), f), layout)
+    else:
+        open_eval_set(name, root), open_eval_set(name, root, train=True)  # the probe needs the train split too
 
 
 if __name__ == "__main__":  # python data.py: look at the embedded data

@@ -2,7 +2,8 @@
 
 - Zero-shot (Radford et al. 2021, Sec. 3.1.4): each class is the mean of its prompt-template
   text embeddings, renormalised; an image takes the class of highest cosine.
-- Retrieval: recall@k, image->text and text->image, pair i being the only right answer for i.
+- Retrieval: recall@k, image->text and text->image; pairs with the same caption string are one
+  right answer, and a tie with a wrong candidate is a miss.
 - Linear probe: multinomial logistic regression on frozen, normalised image features, in torch
   (L-BFGS), its weight decay chosen on a validation split, then scored once on the test split.
 - Attributes (Knowledge-CLIP's AWA2 / CUB evaluation): zero-shot from attribute prompts.
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 import clip
 import data
+import teachers
 
 
 @torch.no_grad()
@@ -61,13 +63,27 @@ def top1(scores, labels, candidates=None):
     return 100.0 * scores.argmax(1).eq(labels).float().mean().item()
 
 
-def retrieval(image_emb, text_emb, ks=(1, 5, 10)):
-    """Recall@k (%) both ways; pair i's right answer is index i."""
-    sim = image_emb @ text_emb.t()  # (N, N)
-    target = torch.arange(len(sim)).unsqueeze(1)
-    out = {}
+def retrieval(image_emb, text_emb, captions=None, ks=(1, 5, 10)):
+    """Recall@k (%) both ways, and n_pairs: how many pairs the figures are over.
+
+    Right answers (the COCO convention of several correct captions per image): pairs whose
+    caption strings are identical are one answer, in both directions, so image i may retrieve
+    any caption equal to its own and a caption any image whose caption equals it (captions
+    None: pair i alone). A query's rank is how many wrong candidates score at least as high as
+    its best right one: an exact tie counts as a miss, so a collapsed tower cannot score above
+    chance (a text tower that maps every caption to one vector scores 0 image->text)."""
+    sim = image_emb.float() @ text_emb.float().t()  # (N, N)
+    n = len(sim)
+    if captions is None:
+        group = torch.arange(n)
+    else:
+        ids = {}
+        group = torch.tensor([ids.setdefault(c, len(ids)) for c in captions])  # (N,) one id per distinct caption
+    right = group[:, None] == group[None, :]  # (N, N) symmetric: image i and caption j match
+    out = {"retrieval_n_pairs": n}
     for name, s in (("i2t", sim), ("t2i", sim.t())):
-        rank = (s > s.gather(1, target)).sum(1)  # how many candidates beat the right one
+        best = s.masked_fill(~right, float("-inf")).max(1, keepdim=True).values  # (N, 1) best right score
+        rank = ((s >= best) & ~right).sum(1)  # (N,) wrong candidates at or above it
         for k in ks:
             out[f"retrieval_{name}_r{k}"] = 100.0 * (rank < k).float().mean().item()
     return out
@@ -135,8 +151,9 @@ def eval_shapes(model, device, seed=0, n_test=2000):
         scores = img["test"] @ classifier_for(model, names, device).t()
         res[f"zero_shot_{key}_words_top1"] = top1(scores[seen], lab["test"][seen])
     res.update({f"text_probe_{k}": v for k, v in tier_probe(lambda t: embed_texts(model, t, device)).items()})
-    res.update(retrieval(img["test"], embed_texts(model, test.captions, device)))
-    held = retrieval(img["wordings"], embed_texts(model, splits["wordings"].captions, device), ks=(1,))
+    res.update(retrieval(img["test"], embed_texts(model, test.captions, device), test.captions))
+    held = retrieval(img["wordings"], embed_texts(model, splits["wordings"].captions, device), splits["wordings"].captions,
+                     ks=(1,))
     res["retrieval_heldout_wordings_i2t_r1"] = held["retrieval_i2t_r1"]  # captions in held-out words
     res["linear_probe_top1"], res["linear_probe_wd"] = linear_probe(
         (img["probe"], lab["probe"]), (img["val"], lab["val"]), (img["test"], lab["test"]), 64)
@@ -195,6 +212,7 @@ def eval_named_set(model, name, root, device, max_n=5000):
     n_val = len(tr) // 10
     res[f"{name}_linear_probe_top1"], _ = linear_probe((tr[n_val:], tr_labels[n_val:]), (tr[:n_val], tr_labels[:n_val]),
                                                        (emb, labels), len(classes))
+    res.update({f"{name}_n_test": len(labels), f"{name}_n_train": len(tr_labels)})  # images scored (at most max_n each)
     return res
 
 
@@ -204,15 +222,15 @@ def eval_real_pairs(model, args, device, max_n=2000):
                          args.csv_img_key, args.csv_caption_key)
     pairs = []
     for item in (ds[i] for i in range(len(ds))) if isinstance(ds, data.CsvPairs) else ds:
-        if item is not None:
+        if not isinstance(item, str):  # a string: a pair that could not be read (data.skipped)
             pairs.append(item)
         if len(pairs) >= max_n:
             break
     if len(pairs) < 2:
         print(f"eval: only {len(pairs)} held-out pairs (raise --val-frac); retrieval skipped")
         return {}
-    images = torch.stack([p[0] for p in pairs])
-    return retrieval(embed_images(model, images, device), embed_texts(model, [p[1] for p in pairs], device))
+    images, captions = torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+    return retrieval(embed_images(model, images, device), embed_texts(model, captions, device), captions)
 
 
 def evaluate(model, args, device):
@@ -485,7 +503,11 @@ def cached_autoencoder(path, train, seed=0, steps=600, device="cpu"):
     the same (the reproduction sweep probes many runs of one seed with one decoder)."""
     meta = {"captions": hashlib.sha1("\n".join(train).encode()).hexdigest()[:16], "seed": seed, "steps": steps}
     if os.path.exists(path):
-        saved = torch.load(path, map_location=device, weights_only=True)
+        try:
+            saved = clip.load_file(path, device)
+        except ValueError as e:  # truncated by a kill: train it again
+            print(f"{e}; training the autoencoder again")
+            saved = {"meta": None}
         if saved["meta"] == meta:
             ae = CaptionAutoencoder().to(device)
             ae.load_state_dict(saved["state"])
@@ -607,36 +629,24 @@ def in_batches(encode, captions, batch_size=256):
     return torch.cat([encode(captions[i:i + batch_size]).cpu() for i in range(0, len(captions), batch_size)])
 
 
-def load_checkpoint(path, device="cpu"):
-    """A run folder or a ckpt.pt -> (model, saved config dict). Loaded with weights_only=True."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = clip.CLIP(clip.CLIPConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model, ckpt["config"]
-
-
 METHOD_NAMES = {"clip": "CLIP", "kclip": "Knowledge-CLIP", "cid": "CLIP-CID"}
 
 
-def text_em_table(ckpt, baseline, device, text_teacher=None):
+def text_em_table(ckpt, baseline, device, text_teacher=None, trust_remote_code=False):
     """EM of the text teacher, of the --ckpt run's CLIP tower untrained (a control: random
     features keep much of a caption), of the baseline CLIP and of the --ckpt run, on the captions
-    of the data that run trained on. Returns dict name -> EM %, the proof of concept first."""
-    import teachers  # here, not at the top: teachers.py imports this file
-    model, cfg = load_checkpoint(ckpt, device)
+    of the data that run trained on. Returns dict name -> EM %, the proof of concept first.
+    trust_remote_code comes from eval.py's command line only, never from the checkpoint."""
+    model, cfg = clip.load_checkpoint(ckpt, device)
     if cfg["data"] != "shapes":
         raise ValueError("--text-em uses the embedded captions: the --ckpt run must have trained on --data shapes")
     spec = text_teacher or cfg.get("text_teacher") or teachers.DEFAULT_TEXT_TEACHER
-    teacher = teachers.load_text_teacher(spec, device, cfg.get("pool", "mean"), cfg.get("trust_remote_code", False))
+    teacher = teachers.load_text_teacher(spec, device, cfg.get("pool", "mean"), trust_remote_code)
     encoders = {f"teacher {teacher.name}": lambda caps: in_batches(teacher.encode_texts, caps)}
     torch.manual_seed(cfg["seed"])  # a control: the same tower untrained (random features keep a lot)
     towers = {f"untrained {cfg['model']} CLIP, random init": clip.CLIP(model.cfg).to(device)}
     if baseline is not None:
-        towers[f"CLIP ({baseline})"] = load_checkpoint(baseline, device)[0]
+        towers[f"CLIP ({baseline})"] = clip.load_checkpoint(baseline, device)[0]
     towers[f"{METHOD_NAMES.get(cfg['method'], cfg['method'])} ({ckpt})"] = model
     for name, m in towers.items():
         encoders[name] = lambda caps, m=m: embed_texts(m, caps, device)
@@ -652,10 +662,9 @@ def em_captions(cfg):
 
 def print_tiers(a):
     """python eval.py --tiers: how often the nearest common word is right, per vocabulary tier."""
-    import teachers
-    model, cfg = load_checkpoint(a.ckpt, a.device) if a.ckpt else (None, {})
+    model, cfg = clip.load_checkpoint(a.ckpt, a.device) if a.ckpt else (None, {})
     teacher = teachers.load_text_teacher(a.text_teacher or cfg.get("text_teacher") or teachers.DEFAULT_TEXT_TEACHER,
-                                         a.device, cfg.get("pool", "mean"))
+                                         a.device, cfg.get("pool", "mean"), a.trust_remote_code)
     encoders = {f"text teacher {teacher.name}": lambda t: in_batches(teacher.encode_texts, t)}
     if model is not None:
         encoders[f"{cfg['method']} ({a.ckpt})"] = lambda t: embed_texts(model, t, a.device)
@@ -680,24 +689,30 @@ def main(argv=None):
     p.add_argument("--text-teacher", default=None, help="with --text-em or --tiers: default, the --ckpt run's text teacher")
     p.add_argument("--tiers", action="store_true", help="text-space probe per vocabulary tier: the text teacher's "
                                                          "own, and --ckpt's if given")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the text teacher's own code (only this "
+                                                                     "flag grants it, never a checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (--help lists the flags)\n")
     a = p.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: CUDA is not available here")
     if a.curves:
         missing = [d for d in a.curves if not os.path.exists(os.path.join(d, "log.jsonl"))]
         if missing:
             raise SystemExit(f"error: no log.jsonl in {', '.join(missing)}")
         return plot_curves({d: read_log(d) for d in a.curves}, a.out)
-    if a.tiers:
-        return print_tiers(a)
-    if a.ckpt is None:
+    if a.ckpt is None and not a.tiers:
         p.error("give --ckpt DIR (or --curves DIR ...)")
-    folder = a.ckpt if os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt)
+    folder = a.ckpt if a.ckpt is None or os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt)
     try:
+        if a.tiers:
+            return print_tiers(a)
         if a.text_em:
-            res, out = text_em_table(a.ckpt, a.baseline, a.device, a.text_teacher), os.path.join(folder, "text_em.json")
+            res = text_em_table(a.ckpt, a.baseline, a.device, a.text_teacher, a.trust_remote_code)
+            out = os.path.join(folder, "text_em.json")
             print("\n| text encoder | EM % |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in res.items()))
         else:
-            model, cfg = load_checkpoint(a.ckpt, a.device)
+            model, cfg = clip.load_checkpoint(a.ckpt, a.device)
             run = argparse.Namespace(**cfg)
             if a.eval_sets is not None:
                 run.eval_sets = a.eval_sets

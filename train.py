@@ -112,6 +112,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=100)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (--help lists the flags)\n")  # no usage dump
     args = p.parse_args(argv)
     args.preset = args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")
     preset = PRESETS[args.preset]
@@ -238,49 +239,68 @@ class ShapesStream:
 
 class RealStream:
     """CSV rows or tar shards through a DataLoader. Resuming at step s replays the epoch's
-    order and skips the batches already seen (CSV: without loading their images)."""
+    order and skips the batches already seen (CSV: without loading their images). Every batch
+    holds --batch-size pulls (shards: each worker's last partial batch is dropped), less the
+    pairs that could not be read; a batch with fewer than 2 usable pairs is skipped."""
 
     def __init__(self, args):
         self.ds = data.real_pairs(args.data, args.image_size, "train", args.seed, args.val_frac,
                                   args.csv_img_key, args.csv_caption_key)
-        self.args, self.iterator, self.skipped = args, None, getattr(self.ds, "skipped_empty", 0)
+        self.args, self.iterator, self.skipped = args, None, getattr(self.ds, "skipped_rows", 0)
 
     def epochs(self, start_step):
-        """Yield (images, captions, n_skipped) batches from step `start_step` on, epoch after epoch."""
+        """Yield (images, captions, n_skipped) batches from step `start_step` on, epoch after epoch.
+        A whole pass that yields no batch stops the run with one line that says why."""
         a, step, epoch = self.args, 0, 0
         rank, n = world()
         kw = dict(batch_size=a.batch_size // n, num_workers=a.workers, collate_fn=data.collate)
+        carry, reason = 0, getattr(self.ds, "skip_reason", None)  # skipped pulls not yet reported; an example
         while True:
+            full_pass = True  # this epoch reads every pair (not a resumed epoch's remainder)
             if isinstance(self.ds, data.ShardPairs):
                 self.ds.epoch = epoch
-                loader = torch.utils.data.DataLoader(self.ds, **kw)
+                loader = torch.utils.data.DataLoader(self.ds, drop_last=True, **kw)
             else:
                 order = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))
                 per_epoch = len(order) // a.batch_size
                 if per_epoch == 0:
-                    raise SystemExit(f"error: --data {a.data} has {len(order)} pairs, fewer than --batch-size {a.batch_size}")
+                    dropped = f" ({self.skipped} rows dropped, e.g. {reason})" if self.skipped else ""
+                    raise SystemExit(f"error: --data {a.data} has {len(order)} pairs{dropped}, fewer than --batch-size "
+                                     f"{a.batch_size}")
                 skip = min(max(start_step - step, 0), per_epoch)  # batches already trained on
-                step += skip
+                step, full_pass = step + skip, skip == 0
                 mine = order[skip * a.batch_size:per_epoch * a.batch_size].view(-1, n, a.batch_size // n)[:, rank]
                 loader = torch.utils.data.DataLoader(self.ds, sampler=mine.flatten().tolist(), **kw)
-            n_batches = 0
-            for images, captions, skipped in loader:
+            n_batches = usable = 0
+            for images, captions, skipped, why in loader:
                 n_batches += 1
                 step += 1
+                reason = reason or why
+                if len(captions) < 2:  # nothing to contrast: skipped, its pairs counted
+                    carry += skipped + len(captions)
+                    continue
+                usable += 1
                 if step > start_step:
-                    yield images, captions, skipped
-            if n_batches == 0 and isinstance(self.ds, data.ShardPairs):
-                raise SystemExit(f"error: --data {a.data} gave no usable pairs")
+                    yield images, captions, carry + skipped
+                    carry = 0
+            if full_pass and usable == 0:
+                raise SystemExit(self.no_batch_error(n_batches, carry, reason))
             epoch += 1
+
+    def no_batch_error(self, n_batches, n_skipped, reason):
+        a = self.args
+        if n_batches == 0:  # shards: every DataLoader worker had fewer than one batch of pairs
+            return (f"error: --data {a.data} gave no full batch of --batch-size {a.batch_size} in a whole pass "
+                    f"(each of the {max(a.workers, 1)} DataLoader workers batches its own shards); lower --batch-size "
+                    f"or --workers")
+        hint = " (CSV image paths are read relative to the CSV file's folder)" if isinstance(self.ds, data.CsvPairs) else ""
+        return f"error: --data {a.data}: no usable pair in a whole pass ({n_skipped} skipped), e.g. {reason}{hint}"
 
     def batch(self, step):
         if self.iterator is None:
             self.iterator = self.epochs(step)
         images, captions, skipped = next(self.iterator)
         self.skipped += skipped
-        while len(captions) < 2:  # every image of this batch was unreadable: take the next one
-            images, captions, skipped = next(self.iterator)
-            self.skipped += skipped
         return {"images": images, "tokens": clip.tokenize(captions, clip.SIZES[self.args.model].context_length),
                 "captions": captions, "index": None, "skipped": self.skipped}
 
@@ -325,31 +345,44 @@ def prepare_kclip(args, stream, device):
     row = {c: i for i, c in enumerate(captions)}  # real data's batches find their rows by caption
     extra = {"t_txt": t_txt, "soft": soft, "row": row}
     if args.text_corpus:  # text-only lines: their tokens and teacher embeddings, cached like the captions'
-        lines = read_corpus(args.text_corpus, args.seed)
+        lines, dropped = read_corpus(args)
         extra["corpus_tokens"] = clip.tokenize(lines, clip.SIZES[args.model].context_length)  # (M, L)
         extra["corpus_emb"] = torch.from_numpy(np.array(teachers.text_teacher_embeddings(teacher, lines, cache)))  # (M, D_t)
-        info["text_corpus"] = {"path": args.text_corpus, "lines": len(lines), "distinct": len(set(lines))}
+        info["text_corpus"] = {"path": args.text_corpus, "lines": len(lines), "distinct": len(set(lines)),
+                               "evaluation_captions_dropped": dropped}
     return teacher.dim, extra, info
 
 
-def read_corpus(spec, seed):
-    """--text-corpus: 'shapes' -> data.text_corpus; else a UTF-8 file, one phrase per line."""
-    if spec == "shapes":
-        return data.text_corpus(seed=seed)
-    if not os.path.isfile(spec):
-        raise SystemExit(f"error: --text-corpus {spec}: no such file")
-    with open(spec, encoding="utf-8", errors="replace") as f:
+def read_corpus(args):
+    """--text-corpus: 'shapes' -> data.text_corpus; else a UTF-8 file, one phrase per line. On the
+    embedded data no line may be an evaluation caption (data.eval_captions): the generated corpus
+    draws none, and a file's such lines are dropped and counted. -> (lines, lines dropped)."""
+    held = data.eval_captions(args.n_eval, args.seed, args.image_size) if args.data == "shapes" else set()
+    if args.text_corpus == "shapes":
+        return data.text_corpus(seed=args.seed, exclude=held), 0
+    if not os.path.isfile(args.text_corpus):
+        raise SystemExit(f"error: --text-corpus {args.text_corpus}: no such file")
+    with open(args.text_corpus, encoding="utf-8", errors="replace") as f:
         lines = [line.strip() for line in f if line.strip()]
-    if not lines:
-        raise SystemExit(f"error: --text-corpus {spec} has no non-empty line")
-    return lines
+    kept = [line for line in lines if line not in held]
+    if not kept:
+        raise SystemExit(f"error: --text-corpus {args.text_corpus} has no non-empty line"
+                         + (" that is not an evaluation caption" if lines else ""))
+    if len(kept) < len(lines):
+        say(f"kclip: dropped {len(lines) - len(kept)} lines of --text-corpus that are evaluation captions")
+    return kept, len(lines) - len(kept)
+
+
+def step_generator(seed, step, stream):
+    """The random draws a step makes inside the loop come from here, a pure function of (seed,
+    step, stream), never from the global RNG: a resumed run draws exactly what an unbroken one
+    did, wherever it was stopped. stream 0: text-only lines; 1: partial class sampling."""
+    return torch.Generator().manual_seed(seed * 1000003 + step + stream * 2 ** 40)
 
 
 def corpus_index(step, n_lines, args):
-    """(B_c / W,) this rank's text-only lines at a step: a pure function of (seed, step), so a
-    resumed run draws the same lines; the global draw is split over ranks like the pairs."""
-    g = torch.Generator().manual_seed(args.seed * 1000003 + step)
-    idx = torch.randint(n_lines, (args.corpus_batch,), generator=g)  # (B_c,)
+    """(B_c / W,) this rank's text-only lines at a step; the global draw is split over ranks like the pairs."""
+    idx = torch.randint(n_lines, (args.corpus_batch,), generator=step_generator(args.seed, step, 0))  # (B_c,)
     rank, n = world()
     return idx.view(n, -1)[rank]
 
@@ -454,7 +487,8 @@ def loss_terms(model, heads, batch, extra, args):
             zi = F.normalize(heads.proj(image_emb), dim=-1)  # (B, D_t) P(I_s)
             zt = F.normalize(heads.proj(text_emb), dim=-1)  # (B, D_t) P(T_s)
             y, C = extra["labels"][idx].to(dev), extra["centroids"]
-            kw = dict(s=args.arc_scale, m=args.margin, sample_frac=args.class_frac)
+            kw = dict(s=args.arc_scale, m=args.margin, sample_frac=args.class_frac,
+                      generator=step_generator(args.seed, batch["step"], 1) if args.class_frac < 1 else None)
             terms["cd"] = (losses.cluster_loss(zi, C, y, **kw) + losses.cluster_loss(zt, C, y, **kw)) / 2
             every = batch["global_index"]  # the teacher's rows: the whole global batch
             terms["id"] = losses.instance_loss(zi, zt, extra["t_img"][every].to(dev), extra["t_txt"][every].to(dev),
@@ -504,23 +538,32 @@ def lr_at(step, args):
     return 0.5 * args.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def finite_weights(*modules):
+    return all(torch.isfinite(t).all() for m in modules for t in m.state_dict().values() if t.is_floating_point())
+
+
 def save_checkpoint(path, model, heads, optimizer, step, args):
-    """Write to a temp file, then rename: a killed run never leaves a half-written ckpt.pt."""
+    """Write to a temp file, then rename: a killed run never leaves a half-written ckpt.pt.
+    Weights with a NaN or inf are never written (the good checkpoint on disk stays): False then."""
+    if not finite_weights(model, heads):
+        return False
     state = {"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "model_config": asdict(model.cfg), "config": vars(args),
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
+    return True
 
 
 RESUME_MUST_MATCH = ("method", "model", "data", "seed", "batch_size", "n_train", "image_size", "dup_frac", "imbalance",
-                     "teacher", "clusters", "balance", "balance_threshold", "text_teacher", "pool", "concepts",
-                     "concept_tau", "text_teacher_init", "text_corpus", "corpus_batch")
+                     "val_frac", "csv_img_key", "csv_caption_key", "teacher", "clusters", "balance", "balance_threshold",
+                     "balance_buckets", "class_frac", "text_teacher", "pool", "concepts", "concept_tau",
+                     "text_teacher_init", "text_corpus", "corpus_batch")
 
 
 def load_for_resume(path, model, heads, optimizer, args):
-    ckpt = torch.load(path, map_location=args.device, weights_only=True)
+    ckpt = clip.load_file(path, args.device)
     diff = [k for k in RESUME_MUST_MATCH if ckpt["config"].get(k, getattr(args, k)) != getattr(args, k)]  # absent: older flag
     if diff:
         raise SystemExit("error: cannot resume " + path + ": " + ", ".join(
@@ -558,6 +601,8 @@ def train(args):
     if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
         raise SystemExit(f"error: {args.out} already holds a run; pass --resume to continue it, "
                          f"--overwrite to start afresh, or --out for a new folder")
+    for name in args.eval_sets:  # a missing eval set is found now, not after training
+        data.check_eval_set(name, args.data_root)
     barrier()  # every rank has looked before rank 0 writes
     os.makedirs(args.out, exist_ok=True)
     stream = ShapesStream(args) if args.data == "shapes" else RealStream(args)
@@ -582,20 +627,38 @@ def train(args):
         if main_rank:
             trim_log(log_path, start)
         say(f"resumed from {ckpt_path} at step {start}")
-    elif os.path.exists(log_path) and main_rank:
-        os.remove(log_path)
+    else:
+        if args.resume:
+            say(f"--resume: no checkpoint in {args.out} yet; starting from step 0")
+        if os.path.exists(log_path) and main_rank:
+            os.remove(log_path)
     weights = loss_weights(args)
     use_amp = device.type == "cuda"
     t_start, seen = time.time(), 0
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, disable=not main_rank,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     completed = start  # steps whose update is in the weights
+    saved = start if args.resume and os.path.exists(ckpt_path) else None  # the step ckpt.pt holds
+
+    def on_disk():  # what a user can go back to
+        return (f"{ckpt_path} holds step {saved}: lower --lr and pass --resume (if it stops again at once, the weights "
+                f"had diverged before that step: start afresh with --overwrite)") if saved is not None else \
+            "no checkpoint was written yet: start again with a lower --lr"
+
+    def save(step_done):  # the checkpoint after `step_done` updates, or a clear stop if the weights are not finite
+        nonlocal saved
+        if main_rank:
+            if not save_checkpoint(ckpt_path, model, heads, optimizer, step_done, args):
+                raise SystemExit(f"error: the weights hold NaN or inf after step {step_done}; {on_disk()}")
+            saved = step_done
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     try:
         for step in bar:
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = stream.batch(step)
+            batch = {**stream.batch(step), "step": step}
             if "corpus_tokens" in extra:
                 batch["corpus_index"] = corpus_index(step, len(extra["corpus_tokens"]), args)
             images, tokens = data.to_input(batch["images"], device), batch["tokens"].to(device)
@@ -606,14 +669,15 @@ def train(args):
             if n_proc > 1:  # what is logged and checked: the mean over ranks = the global batch's loss
                 dist.all_reduce(values)
                 values /= n_proc
-            if not torch.isfinite(values[0]):
-                if main_rank:
-                    save_checkpoint(ckpt_path, model, heads, optimizer, step, args)  # the weights are still good
-                raise SystemExit(f"error: the loss became {values[0].item()} at step {step}. The last good "
-                                 f"state (step {step}) is saved in {ckpt_path}; lower --lr and pass --resume")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip)
+            grad_norm = values[0]
+            if torch.isfinite(values[0]):
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the same on every rank
+            if not (torch.isfinite(values[0]) and torch.isfinite(grad_norm)):  # stop before the bad update
+                what = "loss" if not torch.isfinite(values[0]) else "gradient norm"
+                raise SystemExit(f"error: the {what} became {grad_norm.item()} at step {step}, which was not applied; "
+                                 f"the checkpoint was left as it was. {on_disk()}")
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))  # exp(t) stays in [1, 100]
@@ -629,12 +693,11 @@ def train(args):
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{values[0].item():.3f}", lr=f"{lr:.1e}", sps=f"{rate:.0f}", refresh=False)
-            if main_rank and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
-                save_checkpoint(ckpt_path, model, heads, optimizer, step + 1, args)
+            if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+                save(step + 1)
     except KeyboardInterrupt:
         bar.close()
-        if main_rank:
-            save_checkpoint(ckpt_path, model, heads, optimizer, completed, args)
+        save(completed)
         raise SystemExit(f"interrupted at step {completed}: saved {ckpt_path}; continue with --resume") from None
     bar.close()
     seconds = time.time() - t_start
@@ -794,7 +857,7 @@ def equal_compute_steps(args):
 
 def sweep_em(run_dir, root, cfg, steps):
     """EM % of a run's text tower, through the seed's autoencoder (trained once, kept in root)."""
-    model = evaluation.load_checkpoint(run_dir, cfg.device)[0]
+    model = clip.load_checkpoint(run_dir, cfg.device)[0]
     train_caps, test = evaluation.distinct_splits(*evaluation.em_captions(vars(cfg)))
     ae = evaluation.cached_autoencoder(os.path.join(root, f"em-autoencoder-s{cfg.seed}.pt"), train_caps, cfg.seed,
                                        steps[0], cfg.device)
