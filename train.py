@@ -4,7 +4,8 @@ One loop for every method. A method only decides which loss terms a batch produc
 (`loss_terms`); the loop sums them with their weights, steps AdamW, and does the rest:
 warmup + cosine learning rate, gradient clipping, the logit-scale clamp of CLIP
 (exp(t) <= 100), bf16 autocast on CUDA, a progress bar, DIR/log.jsonl, atomic checkpoints
-that resume exactly, a clear stop on a NaN loss, and DIR/results.json from eval.py at the end.
+that resume exactly, a clear stop before an update whose loss or gradient is NaN or inf, and
+DIR/results.json from eval.py at the end.
 `torchrun --nproc_per_node N train.py ...` runs the same loop data-parallel on N processes.
 `python train.py --sweep` trains and evaluates every row of the README's results table over 3
 seeds; `python train.py --bench` times the training step against a naive version of itself.
