@@ -129,6 +129,11 @@ def _load(x, index, device, spherical, shift=None):
     return xb if shift is None else xb - shift
 
 
+def _centre_of(rows):
+    """(D,) the mean of rows (R, D), summed in float64: the shift that centres an L2 problem."""
+    return rows.double().mean(0).float()
+
+
 def _chunks(x, rows, device, spherical, shift=None):
     """Yield consecutive chunks of at most `rows` rows, each (B, D) float32 on device."""
     for s in range(0, x.shape[0], rows):
@@ -194,7 +199,7 @@ def assign(x, centroids, *, spherical=False, chunk_mb=64, device=None):
         raise ValueError(f"kmeans: x has D={x.shape[1]} but centroids have shape {tuple(c.shape)}")
     if not torch.isfinite(c).all():
         raise ValueError("kmeans: centroids contain NaN or inf values")
-    shift = None if spherical else c.double().mean(0).float()  # (D,) centre the problem near the origin
+    shift = None if spherical else _centre_of(c)  # (D,) centre the problem near the origin
     c = F.normalize(c, dim=1) if spherical else c - shift
     rows, kc = _blocks(c.shape[0], c.shape[1], chunk_mb)
     c_sq = _centroid_sq(c, spherical)
@@ -324,7 +329,7 @@ def _init(x, k, init, init_sample, n_total, g, device, spherical):
         c = init.to(device=device, dtype=torch.float32).clone()
         if spherical:
             return F.normalize(c, dim=1), None
-        shift = c.double().mean(0).float()
+        shift = _centre_of(c)
         return c - shift, shift
     if init not in ("k-means++", "random"):
         raise ValueError(f"kmeans: init must be 'k-means++', 'random' or a tensor, got {init!r}")
@@ -334,7 +339,7 @@ def _init(x, k, init, init_sample, n_total, g, device, spherical):
     if distinct < k:
         raise ValueError(f"kmeans: k={k} needs {k} distinct points, but the {len(p)} sampled rows hold only "
                          f"{distinct} (duplicated data: lower k{'' if len(p) == n_total else ', or raise init_sample'})")
-    shift = None if spherical else p.double().mean(0).float()  # (D,)
+    shift = None if spherical else _centre_of(p)  # (D,)
     if shift is not None:
         p = p - shift
     if init == "random":

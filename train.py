@@ -671,13 +671,13 @@ def train(args):
                 dist.all_reduce(values)
                 values /= n_proc
             optimizer.zero_grad(set_to_none=True)
-            grad_norm = values[0]
-            if torch.isfinite(values[0]):
+            bad = ("loss", values[0]) if not torch.isfinite(values[0]) else None
+            if bad is None:
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the same on every rank
-            if not (torch.isfinite(values[0]) and torch.isfinite(grad_norm)):  # stop before the bad update
-                what = "loss" if not torch.isfinite(values[0]) else "gradient norm"
-                raise SystemExit(f"error: the {what} became {grad_norm.item()} at step {step}, which was not applied; "
+                bad = ("gradient norm", grad_norm) if not torch.isfinite(grad_norm) else None
+            if bad is not None:  # stop before the bad update
+                raise SystemExit(f"error: the {bad[0]} became {bad[1].item()} at step {step}, which was not applied; "
                                  f"the checkpoint was left as it was. {on_disk()}")
             optimizer.step()
             with torch.no_grad():
