@@ -189,6 +189,12 @@ SIZES = {
                        text_width=128, text_layers=3, text_heads=4),
     "teacher": CLIPConfig(embed_dim=128, vision_width=160, vision_layers=6, vision_heads=5,
                           text_width=128, text_layers=3, text_heads=4),
+    # 224-pixel sizes for real data (CC3M): CLIP ViT-B/32's shape (Radford et al. 2021, Table 19:
+    # the byte tokenizer makes its embedding table 259 rows, not 49,408) and a ViT-S/32 student.
+    "vit-b-32": CLIPConfig(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12,
+                           vision_heads=12, context_length=77, text_width=512, text_layers=12, text_heads=8),
+    "vit-s-32": CLIPConfig(embed_dim=384, image_size=224, patch_size=32, vision_width=384, vision_layers=12,
+                           vision_heads=6, context_length=77, text_width=384, text_layers=6, text_heads=6),
 }
 
 
@@ -233,5 +239,5 @@ def load_checkpoint(path, device="cpu"):
 if __name__ == "__main__":
     for name in SIZES:
         m = build(name)
-        print(f"{name:8s} {count_params(m) / 1e6:6.2f}M params  "
+        print(f"{name:8s} {count_params(m) / 1e6:6.2f}M params, {m.cfg.image_size} px, {m.cfg.context_length} tokens  "
               f"(image {count_params(m.visual) / 1e6:.2f}M, text {count_params(m.text) / 1e6:.2f}M)")

@@ -13,6 +13,7 @@
 3. Evaluation sets by name through torchvision, with class names and prompt templates.
 4. Attribute sets as published (CUB-200-2011, AWA2): images, classes, class x attribute matrix.
 """
+import copy
 import csv
 import gzip
 import hashlib
@@ -263,8 +264,15 @@ def to_input(images_uint8, device="cpu"):  # (B, 3, S, S) uint8 -> float32 on de
     return (images_uint8.to(device).float() / 255 - MEAN) / STD
 
 
-def load_image(source, image_size):
-    """A path, bytes or PIL image -> (3, S, S) uint8: RGB, shorter side resized to S, centre crop."""
+def load_image(source, image_size, crop=None):
+    """A path, bytes, PIL image or (3, H, W) uint8 tensor -> (3, C, C) uint8: RGB, shorter side
+    resized to image_size (bicubic), centre crop of C = crop (default image_size). A tensor that
+    already has the asked size is returned as it is."""
+    crop = crop or image_size
+    if torch.is_tensor(source):
+        if source.shape[-2:] == (crop, crop) and crop == image_size:
+            return source
+        source = Image.fromarray(source.permute(1, 2, 0).numpy())
     img = source if isinstance(source, Image.Image) else Image.open(
         io.BytesIO(source) if isinstance(source, bytes) else source)
     img = img.convert("RGB")
@@ -272,14 +280,21 @@ def load_image(source, image_size):
     scale = image_size / min(w, h)
     img = img.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))), Image.BICUBIC)
     w, h = img.size
-    left, top = (w - image_size) // 2, (h - image_size) // 2
-    img = img.crop((left, top, left + image_size, top + image_size))
+    left, top = (w - crop) // 2, (h - crop) // 2
+    img = img.crop((left, top, left + crop, top + crop))
     return torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------
-# 2. Real pairs. A pair whose key hashes below `val_frac` (salted by the seed) is held out
-# for validation, the same way for CSV rows and shard members.
+# 2. Pairs by row: real CSV / shard data, and the embedded set seen the same way. A `Pairs` is
+# every pair of a data set in a fixed order. Row i has a stable key (`keys[i]`: the shard's name
+# and the sample's __key__; a CSV row's image path or key column; the embedded pair's index),
+# and reading it gives (image (3, S, S) uint8, caption, i), or the reason it cannot be used.
+# Rows come in `parts` (a tar shard each; 10,000 CSV rows; 5,000 embedded pairs): the teacher
+# store (teachers.py) builds, fingerprints and resumes one part at a time. Shards are read by
+# row too: one scan of their headers records where each member's bytes lie, so CSV rows, shards
+# and the embedded set shuffle, resume mid-epoch and split over ranks the same way.
+# A pair whose key hashes below `val_frac` (salted by the seed) is held out for validation.
 
 def is_val(key, seed, val_frac):
     h = hashlib.sha1(f"{seed}:{key}".encode()).digest()
@@ -300,22 +315,89 @@ def utf8(text):  # False for a field read with errors="surrogateescape" from byt
         return False
 
 
-class CsvPairs(torch.utils.data.Dataset):
+def chunks(n, size):  # [(start, stop)] covering range(n) in pieces of `size`
+    return [(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+class Pairs(torch.utils.data.Dataset):
+    """What every data set answers. Subclasses set `keys` (N str), `parts` [(name, start, stop)],
+    `skipped_rows` / `skip_reason` (pairs dropped when the listing was read), and define
+    source(i) (path, bytes, uint8 tensor, or None: no image), caption(i) (str, or None: none),
+    where(i) (for messages) and part_fingerprint(j) (changes when part j's pairs change)."""
+    image_size, crop, skipped_rows, skip_reason = 32, None, 0, None
+
+    def __len__(self):
+        return len(self.keys)
+
+    def at_size(self, image_size, crop=None):
+        """The same pairs read at another size (a teacher's own input size)."""
+        view = copy.copy(self)
+        view.image_size, view.crop = image_size, crop
+        return view
+
+    def __getitem__(self, i):
+        text = self.caption(i)
+        if not text:
+            return skipped(self.where(i), "no caption (.txt)" if text is None else "empty caption")
+        source = self.source(i)
+        if source is None:
+            return skipped(self.where(i), "no image")
+        try:
+            return load_image(source, self.image_size, self.crop), text, i
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return skipped(self.where(i), e)
+
+    def fingerprint(self):
+        """A short hash of every part's fingerprint: names this data in results.json."""
+        return hashlib.sha1(repr([self.part_fingerprint(j) for j in range(len(self.parts))]).encode()).hexdigest()[:16]
+
+
+def fingerprint_of(*parts):
+    """A short hash: tensors by their bytes, everything else by its repr."""
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p.contiguous().numpy().tobytes() if torch.is_tensor(p) else repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+class ShapesPairs(Pairs):
+    """The embedded set (a ShapesDataset in memory) by row."""
+
+    def __init__(self, ds, part_rows=5000):
+        self.ds, self.image_size = ds, ds.images.shape[-1]
+        self.keys = [str(i) for i in range(len(ds))]
+        self.parts = [(f"pairs-{a:07d}", a, b) for a, b in chunks(len(ds), part_rows)]
+
+    def source(self, i):
+        return self.ds.images[i]
+
+    def caption(self, i):
+        return self.ds.captions[i]
+
+    def where(self, i):
+        return f"pair {i}"
+
+    def part_fingerprint(self, j):
+        _, a, b = self.parts[j]
+        return fingerprint_of(self.ds.images[a:b], self.ds.captions[a:b])
+
+
+class CsvPairs(Pairs):
     """open_clip-style CSV (comma) or TSV (tab): one row per pair, image path relative to the
     file. Rows with an empty caption or bytes that are not UTF-8 are dropped when the file is
     read (counted in `skipped_rows`, the first one's reason in `skip_reason`); an Excel BOM
-    before the header is ignored; an unreadable image makes __getitem__ return its reason."""
+    before the header is ignored. Key: the `key_column` if given, else the image path as written
+    (the k-th repeat of a path gets '#k')."""
 
-    def __init__(self, path, image_size, img_key="filepath", caption_key="title",
-                 split="train", seed=0, val_frac=0.0):
+    def __init__(self, path, image_size=32, img_key="filepath", caption_key="title", key_column=None, part_rows=10000):
         delimiter = "\t" if path.endswith(".tsv") else ","
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
-            missing = {img_key, caption_key} - set(reader.fieldnames or [])
+            missing = {img_key, caption_key, *([key_column] if key_column else [])} - set(reader.fieldnames or [])
             if missing:
                 raise ValueError(f"{path}: no column {', '.join(sorted(missing))}; columns are "
-                                 f"{reader.fieldnames} (set --csv-img-key / --csv-caption-key)")
-            rows, bad = [], []
+                                 f"{reader.fieldnames} (set --csv-img-key / --csv-caption-key / --csv-key)")
+            rows, keys, bad, seen = [], [], [], {}
             for line, r in enumerate(reader, start=2):
                 img, text = r[img_key] or "", (r[caption_key] or "").strip()
                 if not (utf8(img) and utf8(text)):
@@ -323,26 +405,32 @@ class CsvPairs(torch.utils.data.Dataset):
                 elif not text or not img:
                     bad.append(skipped(f"{path} line {line}", "no caption" if not text else "no image path"))
                 else:
+                    key = r[key_column] if key_column else img
+                    seen[key] = seen.get(key, 0) + 1
+                    keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
                     rows.append((img, text))
         root = os.path.dirname(os.path.abspath(path))
+        self.path, self.image_size, self.keys = path, image_size, keys
         self.skipped_rows, self.skip_reason = len(bad), bad[0] if bad else None
-        keep_val = split == "val"
-        self.rows = [(os.path.join(root, p), c) for p, c in rows if is_val(p, seed, val_frac) == keep_val]
-        self.image_size = image_size
-
-    def __len__(self):
-        return len(self.rows)
+        self.rows = [(os.path.join(root, p), c) for p, c in rows]
+        self.parts = [(f"rows-{a:09d}", a, b) for a, b in chunks(len(rows), part_rows)]
 
     @property
-    def captions(self):  # all N captions, read without touching an image (a text teacher needs only these)
+    def captions(self):  # all N captions, read without touching an image
         return [c for _, c in self.rows]
 
-    def __getitem__(self, i):
-        path, text = self.rows[i]
-        try:
-            return load_image(path, self.image_size), text
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            return skipped(path, e)
+    def source(self, i):
+        return self.rows[i][0]
+
+    def caption(self, i):
+        return self.rows[i][1]
+
+    def where(self, i):
+        return self.rows[i][0]
+
+    def part_fingerprint(self, j):
+        _, a, b = self.parts[j]
+        return fingerprint_of(self.keys[a:b], self.rows[a:b])
 
 
 def expand_braces(pattern):
@@ -366,88 +454,190 @@ def expand_braces(pattern):
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-class ShardPairs(torch.utils.data.IterableDataset):
-    """webdataset tar shards as img2dataset writes them: members `{key}.{jpg,png,webp}` and
-    `{key}.txt` side by side. Shards are split over DataLoader workers; pairs with a missing or
-    corrupt image, a missing or empty caption, or an unreadable shard are skipped: they come
-    out as their reason (`skipped`), which `collate` counts and drops."""
+def scan_shard(path):
+    """Where each sample of a tar shard lies, from its headers alone (the data is seeked over):
+    ([(key, image (offset, size) or None, caption (offset, size) or None)], reason or None).
+    Members `{key}.{jpg,png,webp}` and `{key}.txt` make a sample, as img2dataset writes them;
+    a shard that cannot be read to its end keeps the samples before the break and says why."""
+    samples, reason, size, end = {}, None, os.path.getsize(path), 0
+    try:
+        with tarfile.open(path, "r:") as tar:  # plain tar: random access needs it uncompressed
+            for m in tar:
+                end = m.offset_data + -(-m.size // 512) * 512  # where the member's padded data ends
+                if not m.isfile():
+                    continue
+                if m.offset_data + m.size > size:
+                    break
+                folder, name = os.path.split(m.name)
+                stem, _, ext = name.partition(".")
+                parts = samples.setdefault(os.path.join(folder, stem), {})
+                if ext.lower() in IMAGE_EXTS:
+                    parts["img"] = (m.offset_data, m.size)
+                elif ext.lower() == "txt":
+                    parts["txt"] = (m.offset_data, m.size)
+        if size < end + 1024:  # a whole tar ends with two zero blocks: this one was cut short
+            reason = "truncated shard: the samples before the cut are read"
+    except (tarfile.TarError, OSError, EOFError) as e:
+        reason = f"unreadable shard ({e})"
+    return [(k, p.get("img"), p.get("txt")) for k, p in samples.items()], reason
 
-    def __init__(self, pattern, image_size, split="train", seed=0, val_frac=0.0):
+
+def read_bytes(path, span):  # span (offset, size): a member's bytes, without reading the rest of the shard
+    with open(path, "rb") as f:
+        f.seek(span[0])
+        return f.read(span[1])
+
+
+class ShardPairs(Pairs):
+    """webdataset tar shards as img2dataset writes them, by row: one part per shard, key
+    'shard/__key__'. A sample with no image, no or an empty caption, or a corrupt image comes out
+    as its reason; an unreadable or truncated shard is counted once in `skipped_rows`."""
+
+    def __init__(self, pattern, image_size=32):
         self.shards = expand_braces(pattern)
         missing = [s for s in self.shards if not os.path.exists(s)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(self.shards)} shards not found, e.g. {missing[0]}")
-        self.image_size, self.split, self.seed, self.val_frac = image_size, split, seed, val_frac
-        self.epoch = 0  # set by the caller; shard order is shuffled by (seed, epoch)
+        names = [os.path.basename(s) for s in self.shards]
+        names = names if len(set(names)) == len(names) else self.shards  # two folders with the same shard names
+        self.image_size, self.keys, self.spans, self.parts, self.listing, problems = image_size, [], [], [], [], []
+        for s, (shard, name) in enumerate(tqdm(list(zip(self.shards, names)), desc="scanning shards", unit="shard",
+                                                disable=len(self.shards) < 50, mininterval=2.0)):
+            samples, reason = scan_shard(shard)
+            if reason:
+                problems.append(skipped(shard, reason))
+            self.parts.append((name, len(self.keys), len(self.keys) + len(samples)))
+            self.listing.append(f"{name}:{os.path.getsize(shard)} bytes:{fingerprint_of(samples)}")
+            self.keys += [f"{name}/{k}" for k, _, _ in samples]
+            self.spans += [(s, img, txt) for _, img, txt in samples]
+        self.skipped_rows, self.skip_reason = len(problems), problems[0] if problems else None
 
-    def samples(self, shard):
-        """Yield (key, image bytes or None, caption or None) for each key of one shard, and its
-        reason (`skipped`) once for a shard that cannot be read to its end."""
-        current, parts = None, {}
-        try:
-            with tarfile.open(shard, "r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    if key != current and current is not None:
-                        yield current, parts.get("img"), parts.get("txt")
-                        parts = {}
-                    current = key
-                    data = tar.extractfile(member).read()
-                    if ext.lower() in IMAGE_EXTS:
-                        parts["img"] = data
-                    elif ext.lower() == "txt":
-                        parts["txt"] = data.decode("utf-8", errors="replace").strip()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            yield skipped(shard, f"unreadable shard ({e})")  # counted once
-        if current is not None:
-            yield current, parts.get("img"), parts.get("txt")
+    def source(self, i):
+        shard, img, _ = self.spans[i]
+        return None if img is None else read_bytes(self.shards[shard], img)
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
-        shards = [self.shards[i] for i in order] if self.split == "train" else self.shards
-        if info is not None:
-            shards = shards[info.id:: info.num_workers]
-        keep_val = self.split == "val"
-        for shard in shards:
-            for item in self.samples(shard):
-                if isinstance(item, str):  # the shard could not be read on
-                    yield item
-                    continue
-                key, img, txt = item
-                if is_val(key, self.seed, self.val_frac) != keep_val:
-                    continue
-                where = f"{shard}:{key}"
-                if img is None or not txt:
-                    yield skipped(where, "no image" if img is None else "no caption (.txt)" if txt is None else "empty caption")
-                    continue
-                try:
-                    yield load_image(img, self.image_size), txt
-                except (OSError, ValueError, Image.DecompressionBombError) as e:
-                    yield skipped(where, e)
+    def caption(self, i):
+        shard, _, txt = self.spans[i]
+        return None if txt is None else read_bytes(self.shards[shard], txt).decode("utf-8", errors="replace").strip()
+
+    def where(self, i):
+        return f"{self.shards[self.spans[i][0]]}:{self.keys[i].rpartition('/')[2]}"
+
+    def part_fingerprint(self, j):  # the shard's name, size and member listing
+        return self.listing[j]
+
+
+class TextLines(Pairs):
+    """Text-only lines (a Knowledge-CLIP text corpus) by row, for the text teacher's store."""
+
+    def __init__(self, lines, part_rows=10000):
+        self.lines, self.keys = lines, [str(i) for i in range(len(lines))]
+        self.parts = [(f"lines-{a:09d}", a, b) for a, b in chunks(len(lines), part_rows)]
+
+    def source(self, i):
+        return None
+
+    def caption(self, i):
+        return self.lines[i]
+
+    def where(self, i):
+        return f"line {i + 1}"
+
+    def part_fingerprint(self, j):
+        _, a, b = self.parts[j]
+        return fingerprint_of(self.lines[a:b])
 
 
 def collate(batch):
     """Drop the pairs that failed to load (their reasons, strings). Returns (images (B, 3, S, S)
-    uint8, captions, n_skipped, the first skipped pair's reason or None)."""
+    uint8, captions, rows (B,) int64, n_skipped, the first skipped pair's reason or None)."""
     good = [b for b in batch if not isinstance(b, str)]
     why = next((b for b in batch if isinstance(b, str)), None)
     if not good:
-        return torch.empty(0, dtype=torch.uint8), [], len(batch), why
-    return torch.stack([b[0] for b in good]), [b[1] for b in good], len(batch) - len(good), why
+        return torch.empty(0, dtype=torch.uint8), [], torch.empty(0, dtype=torch.int64), len(batch), why
+    return (torch.stack([b[0] for b in good]), [b[1] for b in good], torch.tensor([b[2] for b in good]),
+            len(batch) - len(good), why)
 
 
-def real_pairs(spec, image_size, split="train", seed=0, val_frac=0.0, img_key="filepath", caption_key="title"):
+def real_pairs(spec, image_size=32, img_key="filepath", caption_key="title", key_column=None):
     """`--data` for real pairs: a .csv/.tsv path or a tar shard pattern."""
     if spec.endswith((".csv", ".tsv")):
         if not os.path.exists(spec):
             raise FileNotFoundError(f"--data {spec}: no such file")
-        return CsvPairs(spec, image_size, img_key, caption_key, split, seed, val_frac)
+        return CsvPairs(spec, image_size, img_key, caption_key, key_column)
     if ".tar" in spec:
-        return ShardPairs(spec, image_size, split, seed, val_frac)
+        if spec.endswith((".tar.gz", ".tgz")):
+            raise ValueError(f"--data {spec}: compressed shards cannot be read by row; unpack them to plain .tar")
+        return ShardPairs(spec, image_size)
     raise ValueError(f"--data {spec!r}: expected 'shapes', a .csv/.tsv file or a .tar shard pattern")
+
+
+def folder_caption(rel_path):
+    """'animals/birds/red_parrot_01.png' -> 'animals birds red parrot': the folders and the file
+    name as words, digits and separators dropped (noisy, like web alt-text)."""
+    words = re.split(r"[\W_]+", os.path.splitext(rel_path)[0].replace(os.sep, " "))
+    return " ".join(w.lower() for w in words if w and not w.isdigit())
+
+
+def web_image(path, max_side):
+    """An image as img2dataset would store it: RGB (transparency composited on white), the
+    shorter side at most max_side (aspect kept), JPEG bytes. None if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced size
+            img = img.convert("RGBA")
+            scale = max_side / min(img.size)
+            if scale < 1:
+                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+            flat = Image.new("RGB", img.size, (255, 255, 255))
+            flat.paste(img, mask=img.getchannel("A"))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    buf = io.BytesIO()
+    flat.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def convert_folder(folder, out, shard_size=1000, max_side=256):
+    """A folder of images (any tree) -> out/images/*.jpg, out/pairs.csv (filepath, title) and
+    out/shards/pairs-{00000..}.tar (webdataset: {key}.jpg + {key}.txt): the same pairs in the
+    same order, each image resized as img2dataset does (`web_image`). An image's caption: its
+    sidecar FILE.txt if there is one, else `folder_caption`. Unreadable images are left out and
+    counted. Returns (pairs written, images left out, the shard pattern)."""
+    files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder)
+                   for f in fs if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .jpg, .png or .webp image in it")
+    for sub in ("images", "shards"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    rows, bad = [], 0
+    for rel in tqdm(files, desc="resizing images", unit="image", mininterval=2.0):
+        jpeg = web_image(os.path.join(folder, rel), max_side)
+        if jpeg is None:
+            bad += 1
+            continue
+        side = os.path.join(folder, os.path.splitext(rel)[0] + ".txt")
+        text = open(side, encoding="utf-8", errors="replace").read() if os.path.isfile(side) else folder_caption(rel)
+        key = f"{len(rows):09d}"
+        with open(os.path.join(out, "images", key + ".jpg"), "wb") as f:
+            f.write(jpeg)
+        rows.append((key, jpeg, " ".join(text.split())))
+    with open(os.path.join(out, "pairs.csv") + ".tmp", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title"])
+        w.writerows((os.path.join("images", key + ".jpg"), text) for key, _, text in rows)
+    os.replace(os.path.join(out, "pairs.csv") + ".tmp", os.path.join(out, "pairs.csv"))
+    n_shards = -(-len(rows) // shard_size)
+    for s in range(n_shards):
+        path = os.path.join(out, "shards", f"pairs-{s:05d}.tar")
+        with tarfile.open(path + ".tmp", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, jpeg, text in rows[s * shard_size:(s + 1) * shard_size]:
+                for name, payload in ((key + ".jpg", jpeg), (key + ".txt", text.encode("utf-8"))):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        os.replace(path + ".tmp", path)
+    return len(rows), bad, os.path.join(out, "shards", f"pairs-{{00000..{n_shards - 1:05d}}}.tar")
 
 
 # ----------------------------------------------------------------------------------------
@@ -648,17 +838,27 @@ def check_eval_set(name, root):
         open_eval_set(name, root), open_eval_set(name, root, train=True)  # the probe needs the train split too
 
 
-if __name__ == "__main__":  # python data.py: look at the embedded data
+if __name__ == "__main__":  # python data.py: look at the embedded data, or convert a folder of images
     import argparse
     import torchvision
-    p = argparse.ArgumentParser(description="Write a grid of embedded training pairs and print their captions.")
+    p = argparse.ArgumentParser(description="Write a grid of embedded training pairs and print their captions; or, "
+                                "with --convert FOLDER, turn a folder of images into pairs.csv and webdataset shards.")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="shapes.png")
+    p.add_argument("--out", default=None, help="the grid's PNG (default shapes.png), or --convert's output folder")
+    p.add_argument("--convert", metavar="FOLDER", help="e.g. /usr/share/openclipart/png (Debian's openclipart-png)")
+    p.add_argument("--shard-size", type=int, default=1000, help="--convert: pairs per shard")
+    p.add_argument("--max-side", type=int, default=256, help="--convert: images resized to this shorter side at most")
     a = p.parse_args()
+    if a.convert:
+        if not os.path.isdir(a.convert):
+            p.exit(2, f"error: --convert {a.convert}: no such folder\n")
+        n, bad, pattern = convert_folder(a.convert, a.out or "pairs", a.shard_size, a.max_side)
+        print(f"wrote {n} pairs ({bad} unreadable images left out): {os.path.join(a.out or 'pairs', 'pairs.csv')} and {pattern}")
+        raise SystemExit
     ds = ShapesDataset("train", a.n, seed=a.seed)
     big = torch.nn.functional.interpolate(ds.images.float() / 255, scale_factor=3, mode="nearest")
-    torchvision.utils.save_image(big, a.out, nrow=8, padding=2, pad_value=1.0)
+    torchvision.utils.save_image(big, a.out or "shapes.png", nrow=8, padding=2, pad_value=1.0)
     for i, c in enumerate(ds.captions):
         print(f"{i:3d}  {c}" + (f"   (near-duplicate of {int(ds.attributes['dup_of'][i])})" if ds.attributes["dup_of"][i] >= 0 else ""))
-    print(f"wrote {a.out}")
+    print(f"wrote {a.out or 'shapes.png'}")

@@ -217,19 +217,21 @@ def eval_named_set(model, name, root, device, max_n=5000):
 
 
 def eval_real_pairs(model, args, device, max_n=2000):
-    """Retrieval on the held-out slice of a CSV / shard set (--val-frac, fixed by the seed)."""
-    ds = data.real_pairs(args.data, model.cfg.image_size, "val", args.seed, args.val_frac,
-                         args.csv_img_key, args.csv_caption_key)
-    pairs = []
-    for item in (ds[i] for i in range(len(ds))) if isinstance(ds, data.CsvPairs) else ds:
+    """Retrieval on the held-out pairs of a CSV / shard set (--val-frac, picked by key and seed)."""
+    pairs = data.real_pairs(args.data, model.cfg.image_size, args.csv_img_key, args.csv_caption_key,
+                            getattr(args, "csv_key", None))
+    held = [i for i, k in enumerate(pairs.keys) if data.is_val(k, args.seed, args.val_frac)]
+    found = []
+    for i in held:
+        item = pairs[i]
         if not isinstance(item, str):  # a string: a pair that could not be read (data.skipped)
-            pairs.append(item)
-        if len(pairs) >= max_n:
+            found.append(item)
+        if len(found) >= max_n:
             break
-    if len(pairs) < 2:
-        print(f"eval: only {len(pairs)} held-out pairs (raise --val-frac); retrieval skipped")
+    if len(found) < 2:
+        print(f"eval: only {len(found)} held-out pairs (raise --val-frac); retrieval skipped")
         return {}
-    images, captions = torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+    images, captions = torch.stack([p[0] for p in found]), [p[1] for p in found]
     return retrieval(embed_images(model, images, device), embed_texts(model, captions, device), captions)
 
 
@@ -524,16 +526,17 @@ def cached_autoencoder(path, train, seed=0, steps=600, device="cpu"):
 def picture_row(images_uint8, per_row, scale=2):
     """(n <= per_row, 3, S, S) uint8 -> (per_row, 3, scale*S, scale*S) floats in [0, 1]: upscaled so
     32-pixel images are visible, padded with black tiles to a full row."""
+    scale = scale if images_uint8.shape[-1] <= 32 else 1
     row = F.interpolate(images_uint8.float() / 255, scale_factor=scale, mode="nearest")
     return torch.cat([row, torch.zeros(per_row - len(row), *row.shape[1:])])
 
 
 def save_duplicate_groups(images, groups, path, n_groups=8, per_row=8):
     """CLIP-CID semantic balance: one row per group of near-duplicates, largest groups first;
-    the kept image comes first, framed in green, then the removed ones."""
+    the kept image comes first, framed in green, then the removed ones. images(rows) -> uint8."""
     rows = []
     for members in sorted(groups, key=len, reverse=True)[:n_groups]:
-        row = picture_row(images[torch.as_tensor(members[:per_row])], per_row)
+        row = picture_row(images(torch.as_tensor(members[:per_row])), per_row)
         frame = torch.ones_like(row[0], dtype=torch.bool)
         frame[:, 2:-2, 2:-2] = False
         row[0][frame] = torch.tensor([0.0, 1.0, 0.0])[:, None, None].expand_as(row[0])[frame]  # green
@@ -543,15 +546,17 @@ def save_duplicate_groups(images, groups, path, n_groups=8, per_row=8):
         print(f"wrote {path} (kept image framed in green, removed duplicates beside it)")
 
 
-def save_cluster_grid(images, emb, centroids, labels, path, n_clusters=12, per_row=10):
-    """One row per cluster (the most populous first): its members nearest the centroid."""
+def save_cluster_grid(images, emb, centroids, labels, rows, path, n_clusters=12, per_row=10):
+    """One row per cluster (the most populous first): its members nearest the centroid.
+    labels (M,) the clusters of the data rows `rows` (M,); emb(positions) -> their (n, D)
+    embeddings, images(data rows) -> (n, 3, S, S) uint8."""
     counts = torch.bincount(labels, minlength=len(centroids))
-    rows = []
+    pictures = []
     for k in counts.argsort(descending=True)[:n_clusters].tolist():
-        members = torch.nonzero(labels == k).squeeze(1)
-        best = members[(emb[members] @ centroids[k].cpu()).argsort(descending=True)[:per_row]]
-        rows.append(picture_row(images[best], per_row))
-    torchvision.utils.save_image(torch.cat(rows), path, nrow=per_row, padding=2, pad_value=1.0)
+        members = torch.nonzero(labels == k).squeeze(1)  # positions in rows
+        best = members[(emb(members) @ centroids[k].cpu()).argsort(descending=True)[:per_row]]
+        pictures.append(picture_row(images(torch.as_tensor(rows)[best]), per_row))
+    torchvision.utils.save_image(torch.cat(pictures), path, nrow=per_row, padding=2, pad_value=1.0)
     print(f"wrote {path} (one row per cluster: the pairs nearest its centroid)")
 
 

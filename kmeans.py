@@ -448,7 +448,7 @@ def _minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical, shift):
 
 
 def fit(x, k, *, iters=20, batch_size=None, spherical=False, init="k-means++", seed=0,
-        device=None, chunk_mb=64, init_sample=None, verbose=None, return_history=False):
+        device=None, chunk_mb=64, init_sample=None, max_points=None, verbose=None, return_history=False):
     """k-means on the rows of x (N, D): torch tensor, numpy array or np.memmap.
 
     batch_size=None runs full-batch Lloyd for at most `iters` iterations (it stops early once
@@ -458,6 +458,8 @@ def fit(x, k, *, iters=20, batch_size=None, spherical=False, init="k-means++", s
     "random", or a (K, D) tensor of initial centroids. spherical=True clusters by cosine
     similarity and returns unit-norm centroids. chunk_mb bounds the memory of one distance
     block (MiB).
+    max_points: train on a random sample of at most this many rows (faiss trains on at most 256
+    per centroid): past that, more points move the centroids little and cost a pass each.
     verbose: tqdm progress bar (None: only when the work is long, and only on rank 0).
 
     Returns centroids (K, D) float32 on `device`; with return_history=True also a list with
@@ -467,6 +469,10 @@ def fit(x, k, *, iters=20, batch_size=None, spherical=False, init="k-means++", s
     """
     _check_x(x)
     device = _default_device(x, device)
+    g = torch.Generator().manual_seed(seed)
+    if max_points is not None and _shard_sizes(x.shape[0], device).sum().item() > max_points:
+        frac = max_points / _shard_sizes(x.shape[0], device).sum().item()  # each rank samples its share
+        x = x[sample_indices(x.shape[0], max(1, round(frac * x.shape[0])), g).numpy()]
     n, d = x.shape
     n_total = _shard_sizes(n, device).sum().item()
     if k < 1 or k > n_total:
@@ -475,7 +481,6 @@ def fit(x, k, *, iters=20, batch_size=None, spherical=False, init="k-means++", s
         verbose = 2 * n_total * k * d * iters > 1e12
     verbose = verbose and world()[0] == 0
 
-    g = torch.Generator().manual_seed(seed)
     c, shift = _init(x, k, init, init_sample, n_total, g, device, spherical)  # (K, D) in shifted coordinates
     rows, kc = _blocks(k, d, chunk_mb)
     counts = torch.zeros(k, dtype=torch.float64, device=device)  # mini-batch: points seen

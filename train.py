@@ -56,12 +56,13 @@ def parse_args(argv=None):
     p.add_argument("--n-train", type=int, default=None, help="pairs generated for --data shapes")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=None, help="default: the model's (32; 224 for vit-b-32, vit-s-32)")
     p.add_argument("--dup-frac", type=float, default=0.3, help="shapes: near-duplicate fraction")
     p.add_argument("--imbalance", type=float, default=0.8, help="shapes: Zipf exponent of class frequency")
     p.add_argument("--val-frac", type=float, default=0.02, help="real data: held-out pairs for retrieval")
     p.add_argument("--csv-img-key", default="filepath")
     p.add_argument("--csv-caption-key", default="title")
+    p.add_argument("--csv-key", default=None, help="CSV column of a stable sample key (default: the image path)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for real data")
     p.add_argument("--n-eval", type=int, default=2000, help="shapes: test pairs (probe 2x, val 0.5x)")
     p.add_argument("--eval-sets", nargs="*", default=[], help="zero-shot/probe sets under --data-root: "
@@ -69,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=os.path.expanduser("~/.cache/clip-distill"), help="where eval sets live")
     p.add_argument("--clip-weight", type=float, default=1.0, help="weight of the CLIP loss (Knowledge-CLIP's gamma)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a Hugging Face teacher's own code")
+    p.add_argument("--store", default=os.path.join("runs", "store"), help="root of the teacher store (kclip, cid)")
+    p.add_argument("--store-dtype", choices=["float16", "float32"], default="float16", help="teacher rows on disk")
     g = p.add_argument_group("Knowledge-CLIP (--method kclip)")
     g.add_argument("--text-teacher", default=teachers.DEFAULT_TEXT_TEACHER,
                    help="Hugging Face model name or folder, e.g. meta-llama/Llama-2-7b-hf (with --pool last)")
@@ -120,6 +123,10 @@ def parse_args(argv=None):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.image_size = clip.SIZES[args.model].image_size if args.image_size is None else args.image_size
+    if args.image_size % clip.SIZES[args.model].patch_size:
+        p.error(f"--image-size {args.image_size} is not a multiple of --model {args.model}'s patch size "
+                f"{clip.SIZES[args.model].patch_size}")
     for key in ("steps", "batch_size", "n_train", "n_eval", "log_every", "ckpt_every", "image_size"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
@@ -132,10 +139,6 @@ def parse_args(argv=None):
         p.error(f"--eval-sets {' '.join(unknown)}: unknown; choose from {', '.join([*data.EVAL_SETS, *data.ATTRIBUTE_SETS])}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
-    if args.method == "cid" and args.data != "shapes":
-        p.error("--method cid runs on the embedded data for now (it indexes cached teacher embeddings by pair)")
-    if args.method == "kclip" and ".tar" in args.data:
-        p.error("--method kclip needs every caption before training: use --data shapes or a CSV/TSV file, not shards")
     if args.text_corpus and args.method != "kclip":
         p.error("--text-corpus distils the text teacher: it needs --method kclip")
     if args.corpus_batch < 1 or args.corpus_batch % int(os.environ.get("WORLD_SIZE", "1")):
@@ -195,17 +198,21 @@ def read_json(path):
         return json.load(f)
 
 
-def write_json(path, obj):
-    """Atomically (temp file, then rename): a killed run never leaves half a results.json."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+write_json = teachers.write_json  # atomically: temp file, then rename
 
 
 # ----------------------------------------------------------------------------------------
 # Batches. Each one is a pure function of (seed, step), so a resumed run sees the same data.
 
-class ShapesStream:
+class Stream:
+    def restrict(self, keep):
+        """Train only on the pairs of the pool where keep (N,) bool is True."""
+        self.pool = self.pool[torch.as_tensor(keep)[self.pool]]
+        if len(self.pool) < self.batch_size:
+            raise SystemExit(f"error: only {len(self.pool)} pairs left, fewer than --batch-size {self.batch_size}")
+
+
+class ShapesStream(Stream):
     """The embedded set in memory: epoch e is a permutation seeded by (seed, e)."""
 
     def __init__(self, args):
@@ -213,16 +220,14 @@ class ShapesStream:
                                      dup_frac=args.dup_frac, imbalance=args.imbalance)
         if args.batch_size > len(self.ds):
             raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(self.ds)} training pairs")
+        self.pairs = data.ShapesPairs(self.ds)  # the same pairs by row, for the teacher store
         self.tokens = clip.tokenize(self.ds.captions, clip.SIZES[args.model].context_length)  # (N, L)
-        self.batch_size, self.seed, self.perm_epoch = args.batch_size, args.seed, None
+        self.batch_size, self.seed, self.perm_epoch, self.skipped = args.batch_size, args.seed, None, 0
         self.pool = torch.arange(len(self.ds))  # the pairs we train on (semantic balance may drop some)
-        self.fingerprint = teachers.fingerprint(self.ds.images, self.ds.captions)  # names this data in results.json
+        self.fingerprint = data.fingerprint_of(self.ds.images, self.ds.captions)  # names this data in results.json
 
-    def restrict(self, keep):
-        """Train only on the pairs where keep (N,) bool is True."""
-        self.pool = torch.nonzero(torch.as_tensor(keep)).squeeze(1)
-        if len(self.pool) < self.batch_size:
-            raise SystemExit(f"error: only {len(self.pool)} pairs left, fewer than --batch-size {self.batch_size}")
+    def images(self, idx):  # (n,) rows -> (n, 3, S, S) uint8, for pictures
+        return self.ds.images[torch.as_tensor(idx)]
 
     def batch(self, step):
         per_epoch = len(self.pool) // self.batch_size
@@ -238,72 +243,79 @@ class ShapesStream:
                 "skipped": 0}
 
 
-class RealStream:
-    """CSV rows or tar shards through a DataLoader. Resuming at step s replays the epoch's
-    order and skips the batches already seen (CSV: without loading their images). Every batch
-    holds --batch-size pulls (shards: each worker's last partial batch is dropped), less the
-    pairs that could not be read; a batch with fewer than 2 usable pairs is skipped."""
+class RealStream(Stream):
+    """CSV rows or tar shards, read by row (data.Pairs) through a DataLoader: the same seeded
+    permutation of the pool per epoch as the embedded set, so resuming at step s skips the
+    batches already seen without loading their images, and ranks take their share of each
+    global batch. Held out: the pairs whose key data.is_val picks. A batch holds --batch-size
+    rows less the pairs that could not be read (under torchrun: trimmed to the smallest share,
+    so every rank gathers as many rows); a batch with fewer than 2 usable pairs is skipped."""
 
     def __init__(self, args):
-        self.ds = data.real_pairs(args.data, args.image_size, "train", args.seed, args.val_frac,
-                                  args.csv_img_key, args.csv_caption_key)
-        self.args, self.iterator, self.skipped = args, None, getattr(self.ds, "skipped_rows", 0)
+        self.pairs = data.real_pairs(args.data, args.image_size, args.csv_img_key, args.csv_caption_key, args.csv_key)
+        self.args, self.batch_size, self.iterator, self.skipped = args, args.batch_size, None, self.pairs.skipped_rows
+        self.pool = torch.tensor([i for i, k in enumerate(self.pairs.keys) if not data.is_val(k, args.seed, args.val_frac)],
+                                 dtype=torch.long)
+        self.fingerprint = self.pairs.fingerprint()
+
+    def images(self, idx):  # pictures: each image at 64 px (a black tile if it cannot be read)
+        view = self.pairs.at_size(64)
+        return torch.stack([item[0] if not isinstance(item, str) else torch.zeros(3, 64, 64, dtype=torch.uint8)
+                            for item in (view[int(i)] for i in idx)])
 
     def epochs(self, start_step):
-        """Yield (images, captions, n_skipped) batches from step `start_step` on, epoch after epoch.
+        """Yield (images, captions, local rows, global rows, n_skipped) from step `start_step` on.
         A whole pass that yields no batch stops the run with one line that says why."""
         a, step, epoch = self.args, 0, 0
         rank, n = world()
-        kw = dict(batch_size=a.batch_size // n, num_workers=a.workers, collate_fn=data.collate)
-        carry, reason = 0, getattr(self.ds, "skip_reason", None)  # skipped pulls not yet reported; an example
+        carry, reason = 0, self.pairs.skip_reason  # skipped pulls not yet reported; an example
         while True:
-            full_pass = True  # this epoch reads every pair (not a resumed epoch's remainder)
-            if isinstance(self.ds, data.ShardPairs):
-                self.ds.epoch = epoch
-                loader = torch.utils.data.DataLoader(self.ds, drop_last=True, **kw)
-            else:
-                order = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))
-                per_epoch = len(order) // a.batch_size
-                if per_epoch == 0:
-                    dropped = f" ({self.skipped} rows dropped, e.g. {reason})" if self.skipped else ""
-                    raise SystemExit(f"error: --data {a.data} has {len(order)} pairs{dropped}, fewer than --batch-size "
-                                     f"{a.batch_size}")
-                skip = min(max(start_step - step, 0), per_epoch)  # batches already trained on
-                step, full_pass = step + skip, skip == 0
-                mine = order[skip * a.batch_size:per_epoch * a.batch_size].view(-1, n, a.batch_size // n)[:, rank]
-                loader = torch.utils.data.DataLoader(self.ds, sampler=mine.flatten().tolist(), **kw)
-            n_batches = usable = 0
-            for images, captions, skipped, why in loader:
-                n_batches += 1
+            order = self.pool[torch.randperm(len(self.pool), generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))]
+            per_epoch = len(order) // a.batch_size
+            if per_epoch == 0:
+                dropped = f" ({self.skipped} dropped, e.g. {reason})" if self.skipped else ""
+                raise SystemExit(f"error: --data {a.data} has {len(order)} training pairs{dropped}, fewer than "
+                                 f"--batch-size {a.batch_size}")
+            skip = min(max(start_step - step, 0), per_epoch)  # batches already trained on
+            step, full_pass = step + skip, skip == 0
+            mine = order[skip * a.batch_size:per_epoch * a.batch_size].view(-1, n, a.batch_size // n)[:, rank]
+            loader = torch.utils.data.DataLoader(self.pairs, sampler=mine.flatten().tolist(), batch_size=a.batch_size // n,
+                                                 num_workers=a.workers, collate_fn=data.collate)
+            usable = 0
+            for images, captions, rows, skipped, why in loader:
                 step += 1
                 reason = reason or why
-                if len(captions) < 2:  # nothing to contrast: skipped, its pairs counted
+                k = len(captions)
+                if n > 1:  # every rank keeps as many pairs as the one with fewest
+                    k = torch.tensor([k])
+                    dist.all_reduce(k, op=dist.ReduceOp.MIN)
+                    k = int(k)
+                if k < 2:  # nothing to contrast: skipped, its pairs counted
                     carry += skipped + len(captions)
                     continue
+                skipped += len(captions) - k
+                images, captions, rows = images[:k], captions[:k], rows[:k]
+                every = rows
+                if n > 1:  # (k W,) the global batch's rows, in rank order
+                    shares = [torch.empty_like(rows) for _ in range(n)]
+                    dist.all_gather(shares, rows)
+                    every = torch.cat(shares)
                 usable += 1
                 if step > start_step:
-                    yield images, captions, carry + skipped
+                    yield images, captions, rows, every, carry + skipped
                     carry = 0
             if full_pass and usable == 0:
-                raise SystemExit(self.no_batch_error(n_batches, carry, reason))
+                hint = " (CSV image paths are read relative to the CSV file's folder)" if isinstance(self.pairs, data.CsvPairs) else ""
+                raise SystemExit(f"error: --data {a.data}: no usable pair in a whole pass ({carry} skipped), e.g. {reason}{hint}")
             epoch += 1
-
-    def no_batch_error(self, n_batches, n_skipped, reason):
-        a = self.args
-        if n_batches == 0:  # shards: every DataLoader worker had fewer than one batch of pairs
-            return (f"error: --data {a.data} gave no full batch of --batch-size {a.batch_size} in a whole pass "
-                    f"(each of the {max(a.workers, 1)} DataLoader workers batches its own shards); lower --batch-size "
-                    f"or --workers")
-        hint = " (CSV image paths are read relative to the CSV file's folder)" if isinstance(self.ds, data.CsvPairs) else ""
-        return f"error: --data {a.data}: no usable pair in a whole pass ({n_skipped} skipped), e.g. {reason}{hint}"
 
     def batch(self, step):
         if self.iterator is None:
             self.iterator = self.epochs(step)
-        images, captions, skipped = next(self.iterator)
+        images, captions, rows, every, skipped = next(self.iterator)
         self.skipped += skipped
         return {"images": images, "tokens": clip.tokenize(captions, clip.SIZES[self.args.model].context_length),
-                "captions": captions, "index": None, "skipped": self.skipped}
+                "captions": captions, "index": rows, "global_index": every, "skipped": self.skipped}
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,35 +335,61 @@ class KCLIPHeads(nn.Module):
         self.classifier = nn.Linear(d_student, n_concepts)
 
 
+def open_store(args, stream, teacher):
+    """The teacher store of this run's pairs (built, or the parts still missing built now)."""
+    (store,), summary = teachers.build_store(stream.pairs, [teacher], args.store, teachers.data_name(args.data, stream.pairs),
+                                             args.store_dtype, workers=args.workers)
+    missing = int((~store.ok[stream.pool.numpy()]).sum())  # training pairs with no teacher row
+    if missing:
+        say(f"{args.method}: {missing} training pairs have no row in the teacher store (it could not read them); "
+            "they are left out")
+    stream.restrict(torch.from_numpy(store.ok))
+    return store, {**summary, "training_pairs_missing": missing}
+
+
+def pool_params(args, stream, **params):  # what a result computed on the store depends on
+    return {**params, "seed": args.seed, "pool": data.fingerprint_of(stream.pool)}
+
+
 def prepare_kclip(args, stream, device):
     """Everything Knowledge-CLIP computes once, before the loop: the text teacher's caption
-    embeddings L(x) (cached), spherical k-means on them (centroids mu_k) and each pair's soft
-    concept label s_i = softmax_k(cos(L(x_i), mu_k) / tau_c). Returns D_t, tensors, a summary."""
+    embeddings L(x) (the store), spherical k-means on them (centroids mu_k, kept beside the
+    store); each batch's soft concept labels s_i = softmax_k(cos(L(x_i), mu_k) / tau_c) come from
+    its rows. Returns D_t, what loss_terms needs, a summary for results.json."""
     teacher = teachers.load_text_teacher(args.text_teacher, device, args.pool, args.trust_remote_code,
                                          random_init_seed=args.seed if args.text_teacher_init == "random" else None)
-    cache = os.path.join("runs", "cache", teacher.name.replace("/", "--").replace(":", "-"))
-    captions = stream.ds.captions  # CSV rows: read without their images
-    t_txt = torch.from_numpy(np.array(teachers.text_teacher_embeddings(teacher, captions, cache)))  # (N, D_t)
-    if args.concepts > len(t_txt):
-        raise SystemExit(f"error: --concepts {args.concepts} is more than the {len(t_txt)} training captions")
-    centroids = kmeans.fit(kmeans.shard(t_txt), args.concepts, spherical=True, seed=args.seed)  # (K, D_t)
-    soft = kmeans.soft_assign(t_txt, centroids, args.concept_tau)  # (N, K)
-    concept = soft.argmax(1)  # (N,)
-    if isinstance(stream, ShapesStream) and world()[0] == 0:  # images in memory
-        evaluation.save_cluster_grid(stream.ds.images, F.normalize(t_txt, dim=-1), centroids, concept,
-                                     os.path.join(args.out, "concepts.png"))
-    info = {"text_teacher": teacher.name, "text_teacher_params": clip.count_params(teacher.model),
+    store, summary = open_store(args, stream, teacher)
+    pool = stream.pool
+    if args.concepts > len(pool):
+        raise SystemExit(f"error: --concepts {args.concepts} is more than the {len(pool)} training captions")
+    fit = lambda: ({"centroids": kmeans.fit(kmeans.shard(store.view("text", pool)), args.concepts, spherical=True,  # noqa: E731
+                                            seed=args.seed, **large_kmeans(len(pool), args.concepts)).cpu().numpy()}, {})
+    out, _, _ = teachers.derived(store, "concepts", pool_params(args, stream, k=args.concepts), fit)
+    centroids = torch.from_numpy(out["centroids"])  # (K, D_t)
+    concept, _ = kmeans.assign(store.view("text", pool), centroids, spherical=True)  # (N_pool,)
+    soft_max = torch.cat([kmeans.soft_assign(store.rows("text", pool[a:a + 65536]), centroids, args.concept_tau).max(1).values
+                          for a in range(0, len(pool), 65536)])
+    if world()[0] == 0:
+        evaluation.save_cluster_grid(stream.images, lambda i: F.normalize(store.rows("text", pool[i]), dim=-1), centroids,
+                                     concept, pool, os.path.join(args.out, "concepts.png"))
+    info = {"text_teacher": teacher.name, "text_teacher_params": clip.count_params(teacher.model), "store": summary,
             "concept_sizes": torch.bincount(concept, minlength=args.concepts).tolist(),
-            "soft_label_max_mean": round(soft.max(1).values.mean().item(), 4)}
-    row = {c: i for i, c in enumerate(captions)}  # real data's batches find their rows by caption
-    extra = {"t_txt": t_txt, "soft": soft, "row": row}
-    if args.text_corpus:  # text-only lines: their tokens and teacher embeddings, cached like the captions'
+            "soft_label_max_mean": round(soft_max.mean().item(), 4)}
+    extra = {"t_store": store, "concept_centroids": centroids.to(device)}
+    if args.text_corpus:  # text-only lines: their tokens and teacher embeddings, in a store of their own
         lines, dropped = read_corpus(args)
         extra["corpus_tokens"] = clip.tokenize(lines, clip.SIZES[args.model].context_length)  # (M, L)
-        extra["corpus_emb"] = torch.from_numpy(np.array(teachers.text_teacher_embeddings(teacher, lines, cache)))  # (M, D_t)
+        (extra["corpus_store"],), _ = teachers.build_store(data.TextLines(lines), [teacher], args.store,
+                                                           f"corpus-{data.fingerprint_of(lines)}", args.store_dtype)
         info["text_corpus"] = {"path": args.text_corpus, "lines": len(lines), "distinct": len(set(lines)),
                                "evaluation_captions_dropped": dropped}
     return teacher.dim, extra, info
+
+
+def large_kmeans(n, k):
+    """k-means settings for a large store: mini-batch epochs of 65,536 rows past 256 points per
+    centroid (on the embedded sizes, full-batch Lloyd)."""
+    return {"batch_size": 65536, "iters": 10} if n > 256 * k and n > 200_000 else {}
 
 
 def read_corpus(args):
@@ -399,14 +437,22 @@ class CIDHeads(nn.Module):
 
 
 def default_teacher_dir(args):
-    return os.path.join("runs", f"teacher-{args.preset}-n{args.n_train}-dup{args.dup_frac}-imb{args.imbalance}"
-                                f"-img{args.image_size}-s{args.seed}")
+    if args.data == "shapes":
+        return os.path.join("runs", f"teacher-{args.preset}-n{args.n_train}-dup{args.dup_frac}-imb{args.imbalance}"
+                                    f"-img{args.image_size}-s{args.seed}")
+    name = teachers.data_name(args.data, None)
+    return os.path.join("runs", f"teacher-{args.preset}-{name}-img{args.image_size}-s{args.seed}")
+
+
+DATA_FLAGS = ("data", "n_train", "dup_frac", "imbalance", "image_size", "val_frac", "csv_img_key", "csv_caption_key",
+              "csv_key", "workers", "n_eval", "seed", "device", "preset", "store", "store_dtype")
 
 
 def ensure_teacher(args, stream):
-    """--teacher as given, or our own: train `--method clip --model teacher` first if missing.
-    Ours is reused only if it was trained on this very data (its results.json's fingerprint):
-    a teacher left by an older data.py would otherwise be distilled without a word."""
+    """--teacher as given, or our own: train `--method clip --model teacher` on the same data
+    first if missing. Ours is reused only if it was trained on this very data (its
+    results.json's fingerprint): a teacher left by other data would otherwise be distilled
+    without a word."""
     if args.teacher is not None:
         return args.teacher
     tdir = default_teacher_dir(args)
@@ -418,47 +464,63 @@ def ensure_teacher(args, stream):
         say(f"cid: using the teacher in {tdir}")
         return tdir
     say(f"cid: no teacher for this data and preset in {tdir}; training it first ({args.teacher_steps} steps)")
-    targs = parse_args(["--method", "clip", "--model", "teacher", "--preset", args.preset, "--steps", str(args.teacher_steps),
-                        "--n-train", str(args.n_train), "--dup-frac", str(args.dup_frac), "--imbalance", str(args.imbalance),
-                        "--image-size", str(args.image_size), "--seed", str(args.seed), "--device", args.device,
-                        "--n-eval", str(args.n_eval), "--out", tdir, "--resume"])
-    train(targs)
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in DATA_FLAGS if getattr(args, k) is not None]
+    batch = min(PRESETS[args.preset]["batch_size"], args.batch_size)  # the preset's, or smaller with the student's
+    train(parse_args(["--method", "clip", "--model", "teacher", "--steps", str(args.teacher_steps), "--batch-size",
+                      str(batch), *flags, "--out", tdir, "--resume"]))
     return tdir
 
 
 def prepare_cid(args, stream, device):
-    """Everything CLIP-CID computes once, before the loop: teacher embeddings (cached),
-    semantic balance, k-means pseudo-classes. Returns the teacher's width D_t, the tensors
-    loss_terms needs and a summary for results.json."""
+    """Everything CLIP-CID computes once, before the loop, on the teacher store: semantic
+    balance (the keep mask) and the k-means pseudo-classes (centroids, each pair's cluster),
+    both kept beside the store. Returns the teacher's width D_t, what loss_terms needs and a
+    summary for results.json."""
     tdir = ensure_teacher(args, stream)
     teacher = teachers.load_clip_teacher(tdir, device, args.trust_remote_code)
-    own = isinstance(teacher, teachers.OwnClipTeacher)  # never write into someone's Hugging Face folder
-    cache = os.path.join(tdir, "cache") if own else os.path.join("runs", "cache", tdir.strip("/").replace("/", "--"))
-    t_img, t_txt = teachers.clip_teacher_embeddings(teacher, stream.ds.images, stream.ds.captions, cache)
-    t_img, t_txt = torch.from_numpy(np.array(t_img)), torch.from_numpy(np.array(t_txt))  # (N, D_t) each
-    info = {"teacher": tdir, "teacher_params": clip.count_params(teacher.model)}
+    store, summary = open_store(args, stream, teacher)
+    info = {"teacher": tdir, "teacher_params": clip.count_params(teacher.model), "store": summary}
     tres = os.path.join(tdir, "results.json")
     if os.path.exists(tres):
         info["teacher_results"] = read_json(tres)
-    keep = torch.ones(len(t_img), dtype=torch.bool)
+    n = len(stream.pairs)
     if args.balance:
-        keep_np, stats, groups = teachers.semantic_balance(t_img.numpy(), args.balance_threshold, args.balance_buckets, args.seed)
-        keep = torch.from_numpy(keep_np)
-        say(f"cid: semantic balance removed {stats['removed']} of {stats['pairs_before']} pairs "
-              f"({100 * stats['removed_fraction']:.1f}%) in {stats['duplicate_groups']} groups of near-duplicates "
-              f"(largest {stats['largest_group']}, cos >= {args.balance_threshold})")
+        pool = stream.pool
+        buckets = args.balance_buckets or (len(pool) // 2000 if len(pool) > 200_000 else None)  # exact below 200k pairs
+
+        def balance():
+            keep, stats, groups = teachers.semantic_balance(store.view("image", pool), args.balance_threshold, buckets, args.seed)
+            full = np.zeros(n, dtype=bool)
+            full[pool.numpy()[keep]] = True
+            flat = pool.numpy()[np.concatenate(groups)] if groups else np.zeros(0, np.int64)  # rows, group by group
+            return {"keep": full, "group_rows": flat, "group_sizes": np.array([len(g) for g in groups], np.int64)}, stats
+        out, stats, reused = teachers.derived(store, "balance", pool_params(
+            args, stream, threshold=args.balance_threshold, buckets=buckets), balance)
+        say(f"cid: semantic balance {'(reused) ' if reused else ''}removed {stats['removed']} of {stats['pairs_before']} "
+            f"pairs ({100 * stats['removed_fraction']:.1f}%) in {stats['duplicate_groups']} groups of near-duplicates "
+            f"(largest {stats['largest_group']}, cos >= {args.balance_threshold})")
         info["balance"] = stats
         if world()[0] == 0:
-            evaluation.save_duplicate_groups(stream.ds.images, groups, os.path.join(args.out, "balance_groups.png"))
-        stream.restrict(keep)
-    info["pairs_trained_on"] = int(keep.sum())
-    if args.clusters > int(keep.sum()):
-        raise SystemExit(f"error: --clusters {args.clusters} is more than the {int(keep.sum())} training pairs")
-    centroids = kmeans.fit(kmeans.shard(t_img[keep]), args.clusters, spherical=True, seed=args.seed)  # (K, D_t)
-    labels, _ = kmeans.assign(t_img, centroids, spherical=True)  # (N,)
+            groups = np.split(out["group_rows"], np.cumsum(out["group_sizes"])[:-1]) if len(out["group_sizes"]) else []
+            evaluation.save_duplicate_groups(stream.images, groups, os.path.join(args.out, "balance_groups.png"))
+        stream.restrict(torch.from_numpy(out["keep"]))
+    pool = stream.pool
+    info["pairs_trained_on"] = len(pool)
+    if args.clusters > len(pool):
+        raise SystemExit(f"error: --clusters {args.clusters} is more than the {len(pool)} training pairs")
+
+    def clusters():
+        c = kmeans.fit(kmeans.shard(store.view("image", pool)), args.clusters, spherical=True, seed=args.seed,
+                       **large_kmeans(len(pool), args.clusters))  # (K, D_t)
+        labels = np.full(n, -1, dtype=np.int64)
+        labels[pool.numpy()] = kmeans.assign(store.view("image", pool), c, spherical=True)[0].numpy()
+        return {"centroids": c.cpu().numpy(), "labels": labels}, {}
+    out, _, _ = teachers.derived(store, "clusters", pool_params(args, stream, k=args.clusters), clusters)
+    centroids, labels = torch.from_numpy(out["centroids"]), torch.from_numpy(out["labels"])  # (K, D_t), (N,)
     if world()[0] == 0:
-        evaluation.save_cluster_grid(stream.ds.images, t_img, centroids, labels, os.path.join(args.out, "clusters.png"))
-    return teacher.dim, {"t_img": t_img, "t_txt": t_txt, "centroids": centroids.to(device), "labels": labels}, info
+        evaluation.save_cluster_grid(stream.images, lambda i: store.rows("image", pool[i]), centroids, labels[pool], pool,
+                                     os.path.join(args.out, "clusters.png"))
+    return teacher.dim, {"store": store, "centroids": centroids.to(device), "labels": labels}, info
 
 
 def loss_terms(model, heads, batch, extra, args):
@@ -474,16 +536,15 @@ def loss_terms(model, heads, batch, extra, args):
         rank, n = world()
         gathered = {} if n == 1 else dict(image_all=gather(image_emb), text_all=gather(text_emb), offset=rank * len(image_emb))
         terms = {"clip": losses.clip_loss(image_emb, text_emb, model.logit_scale.exp(), **gathered)}
-        idx, dev = batch["index"], image_emb.device
-        if idx is None and "row" in extra:  # CSV batches: pairs found by their caption
-            idx = torch.tensor([extra["row"][c] for c in batch["captions"]])
+        idx, dev = batch["index"], image_emb.device  # (B / W,) this rank's rows of the data (and of the store)
         if args.method == "kclip":
-            terms["emb"] = losses.embedding_distill_loss(heads.proj(text_feat), extra["t_txt"][idx].to(dev))
-            terms["concept"] = losses.concept_loss(heads.classifier(image_emb), heads.classifier(text_emb),
-                                                   extra["soft"][idx].to(dev))
+            t_txt = extra["t_store"].rows("text", idx).to(dev)  # (B, D_t) L(x)
+            soft = kmeans.soft_assign(t_txt, extra["concept_centroids"], args.concept_tau)  # (B, K) s_i
+            terms["emb"] = losses.embedding_distill_loss(heads.proj(text_feat), t_txt)
+            terms["concept"] = losses.concept_loss(heads.classifier(image_emb), heads.classifier(text_emb), soft)
         if "corpus_index" in batch:  # the same W_e and L_emb, on lines with no image
             terms["corpus"] = losses.embedding_distill_loss(heads.proj(corpus_feat.float()),
-                                                            extra["corpus_emb"][batch["corpus_index"]].to(dev))
+                                                            extra["corpus_store"].rows("text", batch["corpus_index"]).to(dev))
         if args.method == "cid":
             zi = F.normalize(heads.proj(image_emb), dim=-1)  # (B, D_t) P(I_s)
             zt = F.normalize(heads.proj(text_emb), dim=-1)  # (B, D_t) P(T_s)
@@ -492,7 +553,8 @@ def loss_terms(model, heads, batch, extra, args):
                       generator=step_generator(args.seed, batch["step"], 1) if args.class_frac < 1 else None)
             terms["cd"] = (losses.cluster_loss(zi, C, y, **kw) + losses.cluster_loss(zt, C, y, **kw)) / 2
             every = batch["global_index"]  # the teacher's rows: the whole global batch
-            terms["id"] = losses.instance_loss(zi, zt, extra["t_img"][every].to(dev), extra["t_txt"][every].to(dev),
+            terms["id"] = losses.instance_loss(zi, zt, extra["store"].rows("image", every).to(dev),
+                                               extra["store"].rows("text", every).to(dev),
                                                heads.logit_scale.exp(), offset=rank * len(idx))
         return terms
 
@@ -558,7 +620,7 @@ def save_checkpoint(path, model, heads, optimizer, step, args):
 
 
 RESUME_MUST_MATCH = ("method", "model", "data", "seed", "batch_size", "n_train", "image_size", "dup_frac", "imbalance",
-                     "val_frac", "csv_img_key", "csv_caption_key", "teacher", "clusters", "balance", "balance_threshold",
+                     "val_frac", "csv_img_key", "csv_caption_key", "csv_key", "store_dtype", "teacher", "clusters", "balance", "balance_threshold",
                      "balance_buckets", "class_frac", "text_teacher", "pool", "concepts", "concept_tau",
                      "text_teacher_init", "text_corpus", "corpus_batch")
 
@@ -595,9 +657,9 @@ def train(args):
     device = torch.device(args.device)
     rank, n_proc = world()
     main_rank = rank == 0  # writes logs, checkpoints, pictures, results
-    if args.batch_size % n_proc or (n_proc > 1 and ".tar" in args.data):
+    if args.batch_size % n_proc:
         raise SystemExit(f"error: with {n_proc} processes, --batch-size must be a multiple of {n_proc} "
-                         f"(it is {args.batch_size}) and --data shapes or a CSV (not shards)")
+                         f"(it is {args.batch_size})")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
         raise SystemExit(f"error: {args.out} already holds a run; pass --resume to continue it, "
@@ -708,16 +770,16 @@ def train(args):
     results = {"method": args.method, "model": args.model, "params": n_params, "steps": args.steps,
                "batch_size": args.batch_size, "seed": args.seed, "data": args.data,
                "seconds": round(seconds, 1), "samples_per_second": round(seen / seconds, 1) if seen else None,
-               "skipped_pairs": stream.skipped if isinstance(stream, RealStream) else 0, **info}
-    if isinstance(stream, ShapesStream):
-        results["data_fingerprint"] = stream.fingerprint
+               "skipped_pairs": stream.skipped, "data_fingerprint": stream.fingerprint, **info}
     results.update(evaluation.evaluate(model, args, device))
     evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))
-    if args.method == "kclip" and isinstance(stream, ShapesStream):  # teacher vs student text space, by concept
-        sample = torch.arange(min(2000, len(stream.ds)))
+    if args.method == "kclip" and args.data == "shapes":  # teacher vs student text space, by concept
+        sample = stream.pool[:2000]
         student_text = evaluation.embed_texts(model, [stream.ds.captions[i] for i in sample], device)
-        evaluation.plot_text_pca({"teacher L(x)": extra["t_txt"][sample], "student T_e": student_text},
-                                 extra["soft"][sample].argmax(1), os.path.join(args.out, "text_pca.png"))
+        teacher_text = extra["t_store"].rows("text", sample)
+        evaluation.plot_text_pca({"teacher L(x)": teacher_text, "student T_e": student_text},
+                                 kmeans.assign(teacher_text, extra["concept_centroids"].cpu(), spherical=True)[0],
+                                 os.path.join(args.out, "text_pca.png"))
     write_json(os.path.join(args.out, "results.json"), results)
     print(json.dumps(results, indent=2))
     barrier()
