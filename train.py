@@ -465,7 +465,8 @@ def ensure_teacher(args, stream):
         return tdir
     say(f"cid: no teacher for this data and preset in {tdir}; training it first ({args.teacher_steps} steps)")
     flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in DATA_FLAGS if getattr(args, k) is not None]
-    batch = min(PRESETS[args.preset]["batch_size"], args.batch_size)  # the preset's, or smaller with the student's
+    batch = PRESETS[args.preset]["batch_size"]  # the preset's; the student's if the data holds fewer pairs
+    batch = batch if len(stream.pool) >= batch else args.batch_size
     train(parse_args(["--method", "clip", "--model", "teacher", "--steps", str(args.teacher_steps), "--batch-size",
                       str(batch), *flags, "--out", tdir, "--resume"]))
     return tdir
