@@ -18,6 +18,7 @@ import csv
 import gzip
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -315,6 +316,13 @@ def utf8(text):  # False for a field read with errors="surrogateescape" from byt
         return False
 
 
+def write_json(path, obj):
+    """Atomically (temp file, then rename): a kill never leaves half a JSON file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def chunks(n, size):  # [(start, stop)] covering range(n) in pieces of `size`
     return [(a, min(n, a + size)) for a in range(0, n, size)]
 
@@ -323,7 +331,8 @@ class Pairs(torch.utils.data.Dataset):
     """What every data set answers. Subclasses set `keys` (N str), `parts` [(name, start, stop)],
     `skipped_rows` / `skip_reason` (pairs dropped when the listing was read), and define
     source(i) (path, bytes, uint8 tensor, or None: no image), caption(i) (str, or None: none),
-    where(i) (for messages) and part_fingerprint(j) (changes when part j's pairs change)."""
+    where(i) (for messages) and part_content(j) (what part j's fingerprint hashes: it changes
+    when the part's pairs change)."""
     image_size, crop, skipped_rows, skip_reason = 32, None, 0, None
 
     def __len__(self):
@@ -346,6 +355,12 @@ class Pairs(torch.utils.data.Dataset):
             return load_image(source, self.image_size, self.crop), text, i
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             return skipped(self.where(i), e)
+
+    def part_fingerprint(self, j):  # hashed once per part and run: the store asks for it often
+        memo = self.__dict__.setdefault("fingerprints", {})
+        if j not in memo:
+            memo[j] = fingerprint_of(*self.part_content(j))
+        return memo[j]
 
     def fingerprint(self):
         """A short hash of every part's fingerprint: names this data in results.json."""
@@ -377,9 +392,9 @@ class ShapesPairs(Pairs):
     def where(self, i):
         return f"pair {i}"
 
-    def part_fingerprint(self, j):
+    def part_content(self, j):
         _, a, b = self.parts[j]
-        return fingerprint_of(self.ds.images[a:b], self.ds.captions[a:b])
+        return self.ds.images[a:b], self.ds.captions[a:b]
 
 
 class CsvPairs(Pairs):
@@ -428,9 +443,9 @@ class CsvPairs(Pairs):
     def where(self, i):
         return self.rows[i][0]
 
-    def part_fingerprint(self, j):
+    def part_content(self, j):
         _, a, b = self.parts[j]
-        return fingerprint_of(self.keys[a:b], self.rows[a:b])
+        return self.keys[a:b], self.rows[a:b]
 
 
 def expand_braces(pattern):
@@ -482,6 +497,30 @@ def scan_shard(path):
     return [(k, p.get("img"), p.get("txt")) for k, p in samples.items()], reason
 
 
+def scan_cached(path, cache):
+    """scan_shard, kept in the folder `cache` (None: not kept) and reused while the shard's path,
+    size and modification time are unchanged: a CC3M-sized listing is scanned once, not per run."""
+    if cache is None:
+        return scan_shard(path)
+    st, path = os.stat(path), os.path.abspath(path)
+    stamp = [path, st.st_size, st.st_mtime_ns]
+    file = os.path.join(cache, hashlib.sha1(path.encode()).hexdigest()[:16] + ".json")
+    try:
+        with open(file) as f:
+            old = json.load(f)
+        if old["stamp"] == stamp:
+            return [(k, img and tuple(img), txt and tuple(txt)) for k, img, txt in old["samples"]], old["reason"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: scan again
+    samples, reason = scan_shard(path)
+    try:
+        os.makedirs(cache, exist_ok=True)
+        write_json(file, {"stamp": stamp, "samples": samples, "reason": reason})
+    except OSError:
+        pass  # a read-only or full disk: the scan is still right, only not kept
+    return samples, reason
+
+
 def read_bytes(path, span):  # span (offset, size): a member's bytes, without reading the rest of the shard
     with open(path, "rb") as f:
         f.seek(span[0])
@@ -491,9 +530,10 @@ def read_bytes(path, span):  # span (offset, size): a member's bytes, without re
 class ShardPairs(Pairs):
     """webdataset tar shards as img2dataset writes them, by row: one part per shard, key
     'shard/__key__'. A sample with no image, no or an empty caption, or a corrupt image comes out
-    as its reason; an unreadable or truncated shard is counted once in `skipped_rows`."""
+    as its reason; an unreadable or truncated shard is counted once in `skipped_rows`. With
+    `scan_cache` (a folder) each shard's header scan is kept there (scan_cached)."""
 
-    def __init__(self, pattern, image_size=32):
+    def __init__(self, pattern, image_size=32, scan_cache=None):
         self.shards = expand_braces(pattern)
         missing = [s for s in self.shards if not os.path.exists(s)]
         if missing:
@@ -503,7 +543,7 @@ class ShardPairs(Pairs):
         self.image_size, self.keys, self.spans, self.parts, self.listing, problems = image_size, [], [], [], [], []
         for s, (shard, name) in enumerate(tqdm(list(zip(self.shards, names)), desc="scanning shards", unit="shard",
                                                 disable=len(self.shards) < 50, mininterval=2.0)):
-            samples, reason = scan_shard(shard)
+            samples, reason = scan_cached(shard, scan_cache)
             if reason:
                 problems.append(skipped(shard, reason))
             self.parts.append((name, len(self.keys), len(self.keys) + len(samples)))
@@ -543,9 +583,9 @@ class TextLines(Pairs):
     def where(self, i):
         return f"line {i + 1}"
 
-    def part_fingerprint(self, j):
+    def part_content(self, j):
         _, a, b = self.parts[j]
-        return fingerprint_of(self.lines[a:b])
+        return (self.lines[a:b],)
 
 
 def collate(batch):
@@ -559,8 +599,9 @@ def collate(batch):
             len(batch) - len(good), why)
 
 
-def real_pairs(spec, image_size=32, img_key="filepath", caption_key="title", key_column=None):
-    """`--data` for real pairs: a .csv/.tsv path or a tar shard pattern."""
+def real_pairs(spec, image_size=32, img_key="filepath", caption_key="title", key_column=None, scan_cache=None):
+    """`--data` for real pairs: a .csv/.tsv path or a tar shard pattern (header scans kept in
+    `scan_cache`)."""
     if spec.endswith((".csv", ".tsv")):
         if not os.path.exists(spec):
             raise FileNotFoundError(f"--data {spec}: no such file")
@@ -568,7 +609,7 @@ def real_pairs(spec, image_size=32, img_key="filepath", caption_key="title", key
     if ".tar" in spec:
         if spec.endswith((".tar.gz", ".tgz")):
             raise ValueError(f"--data {spec}: compressed shards cannot be read by row; unpack them to plain .tar")
-        return ShardPairs(spec, image_size)
+        return ShardPairs(spec, image_size, scan_cache)
     raise ValueError(f"--data {spec!r}: expected 'shapes', a .csv/.tsv file or a .tar shard pattern")
 
 

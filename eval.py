@@ -218,8 +218,9 @@ def eval_named_set(model, name, root, device, max_n=5000):
 
 def eval_real_pairs(model, args, device, max_n=2000):
     """Retrieval on the held-out pairs of a CSV / shard set (--val-frac, picked by key and seed)."""
+    store = getattr(args, "store", None)
     pairs = data.real_pairs(args.data, model.cfg.image_size, args.csv_img_key, args.csv_caption_key,
-                            getattr(args, "csv_key", None))
+                            getattr(args, "csv_key", None), store and os.path.join(store, "scans"))
     held = [i for i, k in enumerate(pairs.keys) if data.is_val(k, args.seed, args.val_frac)]
     found = []
     for i in held:

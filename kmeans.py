@@ -447,6 +447,14 @@ def _minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical, shift):
 # fit
 
 
+def settings_at_scale(n, k):
+    """How a large store is clustered (train.py on CLIP-CID's clusters and Knowledge-CLIP's
+    concepts; `python teachers.py --bench` times it): past 200,000 rows and 256 per centroid,
+    fit on a sample of 256 x K rows in 10 mini-batch epochs of 65,536; below, full-batch Lloyd
+    on every row (the embedded sizes). -> keyword arguments of `fit`."""
+    return {"batch_size": 65536, "iters": 10, "max_points": 256 * k} if n > 256 * k and n > 200_000 else {}
+
+
 def fit(x, k, *, iters=20, batch_size=None, spherical=False, init="k-means++", seed=0,
         device=None, chunk_mb=64, init_sample=None, max_points=None, verbose=None, return_history=False):
     """k-means on the rows of x (N, D): torch tensor, numpy array or np.memmap.

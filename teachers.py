@@ -228,13 +228,6 @@ def load_text_teacher(spec, device, pool="mean", trust_remote_code=False, random
 # only, a killed build keeps every finished part, under torchrun the ranks build and write
 # parts of their own and nothing is joined. A batch's rows are gathered from the parts' memmaps.
 
-def write_json(path, obj):
-    """Atomically (temp file, then rename): a kill never leaves half a JSON file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def data_name(spec, pairs):
     """The store's folder name for a --data: readable, and apart for two files of the same name."""
     if spec == "shapes":
@@ -399,9 +392,9 @@ def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, w
                 for f, v in fields.items():
                     save_npy(part_file(folders[t], j, f), v.astype(dtype))
                 save_npy(part_file(folders[t], j, "ok"), ok)
-                write_json(os.path.join(folders[t], f"part-{j:05d}.json"),
-                           {**metas[t], "part": pairs.parts[j][0], "fingerprint": pairs.part_fingerprint(j),
-                            "rows": int(len(ok)), "ok": int(ok.sum()), "skipped_example": reasons[0] if reasons else None})
+                data.write_json(os.path.join(folders[t], f"part-{j:05d}.json"),
+                                {**metas[t], "part": pairs.parts[j][0], "fingerprint": pairs.part_fingerprint(j),
+                                 "rows": int(len(ok)), "ok": int(ok.sum()), "skipped_example": reasons[0] if reasons else None})
             except OSError as e:
                 done = len(pairs.parts) - len(todo) + mine.index(j)
                 raise SystemExit(f"error: cannot write the teacher store in {folders[t]} ({e.strerror or e}); "
@@ -441,7 +434,7 @@ def derived(store, name, params, compute):
         with open(path + ".npz.tmp", "wb") as f:
             np.savez(f, **arrays)
         os.replace(path + ".npz.tmp", path + ".npz")
-        write_json(path + ".json", {"params": params, "figures": figures})  # last: marks it complete
+        data.write_json(path + ".json", {"params": params, "figures": figures})  # last: marks it complete
     kmeans.barrier()
     return arrays, figures, False
 
@@ -549,8 +542,8 @@ def _synthetic_store(path, n, d, k, dup_frac=0.1, seed=0, chunk=65536):
 
 def _bench(sizes, d, k, threshold, folder):
     import resource
-    print(f"semantic balance (bucketed, N / 2000 buckets) + spherical k-means K={k} (mini-batch, fit on at most "
-          f"256 x K rows, then every row assigned), float16 memmap input, D={d}, {torch.get_num_threads()} threads")
+    print(f"semantic balance (bucketed, N / 2000 buckets) + spherical k-means K={k} (kmeans.settings_at_scale, then "
+          f"every row assigned), float16 memmap input, D={d}, {torch.get_num_threads()} threads")
     print("| N | balance s | k-means s | total s | removed | peak RSS GB |\n|---|---|---|---|---|---|")
     for n in sizes:
         emb = _synthetic_store(os.path.join(folder, f"bench-{n}x{d}.npy"), n, d, k)
@@ -558,7 +551,7 @@ def _bench(sizes, d, k, threshold, folder):
         keep, stats, _ = semantic_balance(emb, threshold, n_buckets=max(1, n // 2000))
         t1 = time.time()
         kept = np.nonzero(keep)[0]
-        c = kmeans.fit(emb[kept], k, spherical=True, batch_size=65536, iters=10, max_points=256 * k)
+        c = kmeans.fit(emb[kept], k, spherical=True, **kmeans.settings_at_scale(len(kept), k))
         labels, _ = kmeans.assign(emb[kept], c, spherical=True)
         t2 = time.time()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)

@@ -504,6 +504,25 @@ def test_shard_reader_skips_bad_pairs(tmp_path):
         data.ShardPairs(str(tmp_path / "s-{01,09}.tar"), 8)
 
 
+def test_shard_scan_is_kept_and_rescanned_when_the_shard_changes(tmp_path, monkeypatch):
+    pattern, cache = write_shards(tmp_path, 2, 3), str(tmp_path / "scans")
+    first = data.ShardPairs(pattern, 8, scan_cache=cache)
+    assert len(os.listdir(cache)) == 2 and first.keys == data.ShardPairs(pattern, 8).keys
+    scanned = []
+    real_scan = data.scan_shard
+    monkeypatch.setattr(data, "scan_shard", lambda path: scanned.append(path) or real_scan(path))
+    again = data.ShardPairs(pattern, 8, scan_cache=cache)
+    assert scanned == [] and again.keys == first.keys and again.spans == first.spans
+    assert again.fingerprint() == first.fingerprint() and again[4][1] == "pair 4"
+    with tarfile.open(tmp_path / "s-01.tar", "w") as t:  # rewritten: other samples
+        add_member(t, "0099.png", png_bytes())
+        add_member(t, "0099.txt", b"pair 99")
+    (tmp_path / "scans" / sorted(os.listdir(cache))[0]).write_text("{half a file")  # and a broken cache file
+    changed = data.ShardPairs(pattern, 8, scan_cache=cache)
+    assert len(scanned) == 2 and changed.keys == [*first.keys[:3], "s-01.tar/0099"]
+    assert changed.fingerprint() != first.fingerprint() and changed[3][1] == "pair 99"
+
+
 @pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST), reason="Debian's dataset-fashion-mnist not installed")
 def test_fashion_mnist_through_torchvision(tmp_path, capsys):
     images, labels, classes, templates = data.load_eval_set("fashion-mnist", str(tmp_path), 32, max_n=50)

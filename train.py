@@ -198,13 +198,16 @@ def read_json(path):
         return json.load(f)
 
 
-write_json = teachers.write_json  # atomically: temp file, then rename
+write_json = data.write_json  # atomically: temp file, then rename
 
 
 # ----------------------------------------------------------------------------------------
 # Batches. Each one is a pure function of (seed, step), so a resumed run sees the same data.
 
 class Stream:
+    def order(self, epoch):  # (P,) epoch e's order of the pool: a permutation seeded by (seed, e)
+        return self.pool[torch.randperm(len(self.pool), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))]
+
     def restrict(self, keep):
         """Train only on the pairs of the pool where keep (N,) bool is True."""
         self.pool = self.pool[torch.as_tensor(keep)[self.pool]]
@@ -213,7 +216,7 @@ class Stream:
 
 
 class ShapesStream(Stream):
-    """The embedded set in memory: epoch e is a permutation seeded by (seed, e)."""
+    """The embedded set in memory, in `order(epoch)` of its pool."""
 
     def __init__(self, args):
         self.ds = data.ShapesDataset("train", args.n_train, seed=args.seed, image_size=args.image_size,
@@ -233,9 +236,7 @@ class ShapesStream(Stream):
         per_epoch = len(self.pool) // self.batch_size
         epoch, k = divmod(step, per_epoch)
         if self.perm_epoch != epoch:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self.perm = self.pool[torch.randperm(len(self.pool), generator=g)]
-            self.perm_epoch = epoch
+            self.perm, self.perm_epoch = self.order(epoch), epoch
         idx = self.perm[k * self.batch_size:(k + 1) * self.batch_size]  # (B,) the global batch
         rank, n = world()
         local = idx.view(n, -1)[rank]  # (B / W,) this rank's share
@@ -252,8 +253,9 @@ class RealStream(Stream):
     so every rank gathers as many rows); a batch with fewer than 2 usable pairs is skipped."""
 
     def __init__(self, args):
-        self.pairs = data.real_pairs(args.data, args.image_size, args.csv_img_key, args.csv_caption_key, args.csv_key)
-        self.args, self.batch_size, self.iterator, self.skipped = args, args.batch_size, None, self.pairs.skipped_rows
+        self.pairs = data.real_pairs(args.data, args.image_size, args.csv_img_key, args.csv_caption_key, args.csv_key,
+                                     os.path.join(args.store, "scans"))
+        self.args, self.batch_size, self.seed, self.iterator, self.skipped = args, args.batch_size, args.seed, None, self.pairs.skipped_rows
         self.pool = torch.tensor([i for i, k in enumerate(self.pairs.keys) if not data.is_val(k, args.seed, args.val_frac)],
                                  dtype=torch.long)
         self.fingerprint = self.pairs.fingerprint()
@@ -270,7 +272,7 @@ class RealStream(Stream):
         rank, n = world()
         carry, reason = 0, self.pairs.skip_reason  # skipped pulls not yet reported; an example
         while True:
-            order = self.pool[torch.randperm(len(self.pool), generator=torch.Generator().manual_seed(a.seed * 100003 + epoch))]
+            order = self.order(epoch)
             per_epoch = len(order) // a.batch_size
             if per_epoch == 0:
                 dropped = f" ({self.skipped} dropped, e.g. {reason})" if self.skipped else ""
@@ -363,7 +365,7 @@ def prepare_kclip(args, stream, device):
     if args.concepts > len(pool):
         raise SystemExit(f"error: --concepts {args.concepts} is more than the {len(pool)} training captions")
     fit = lambda: ({"centroids": kmeans.fit(kmeans.shard(store.view("text", pool)), args.concepts, spherical=True,  # noqa: E731
-                                            seed=args.seed, **large_kmeans(len(pool), args.concepts)).cpu().numpy()}, {})
+                                            seed=args.seed, **kmeans.settings_at_scale(len(pool), args.concepts)).cpu().numpy()}, {})
     out, _, _ = teachers.derived(store, "concepts", pool_params(args, stream, k=args.concepts), fit)
     centroids = torch.from_numpy(out["centroids"])  # (K, D_t)
     concept, _ = kmeans.assign(store.view("text", pool), centroids, spherical=True)  # (N_pool,)
@@ -384,13 +386,6 @@ def prepare_kclip(args, stream, device):
         info["text_corpus"] = {"path": args.text_corpus, "lines": len(lines), "distinct": len(set(lines)),
                                "evaluation_captions_dropped": dropped}
     return teacher.dim, extra, info
-
-
-def large_kmeans(n, k):
-    """k-means settings for a large store, as `python teachers.py --bench` times them: past 256
-    points per centroid, fit on a sample of 256 x K rows in mini-batch epochs of 65,536 (on the
-    embedded sizes, full-batch Lloyd on every row)."""
-    return {"batch_size": 65536, "iters": 10, "max_points": 256 * k} if n > 256 * k and n > 200_000 else {}
 
 
 def read_corpus(args):
@@ -513,7 +508,7 @@ def prepare_cid(args, stream, device):
 
     def clusters():
         c = kmeans.fit(kmeans.shard(store.view("image", pool)), args.clusters, spherical=True, seed=args.seed,
-                       **large_kmeans(len(pool), args.clusters))  # (K, D_t)
+                       **kmeans.settings_at_scale(len(pool), args.clusters))  # (K, D_t)
         labels = np.full(n, -1, dtype=np.int64)
         labels[pool.numpy()] = kmeans.assign(store.view("image", pool), c, spherical=True)[0].numpy()
         return {"centroids": c.cpu().numpy(), "labels": labels}, {}
