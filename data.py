@@ -13,6 +13,7 @@
 3. Evaluation sets by name through torchvision, with class names and prompt templates.
 4. Attribute sets as published (CUB-200-2011, AWA2): images, classes, class x attribute matrix.
 """
+import contextlib
 import copy
 import csv
 import gzip
@@ -316,11 +317,18 @@ def utf8(text):  # False for a field read with errors="surrogateescape" from byt
         return False
 
 
-def write_json(path, obj):
-    """Atomically (temp file, then rename): a kill never leaves half a JSON file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
+@contextlib.contextmanager
+def atomic(path):
+    """The one way this project writes a file: yields a temporary name (path + '.tmp') to write
+    to, renamed over `path` only when the block ends without an error, so a kill or a full disk
+    never leaves half a file (checkpoints, the teacher store, results.json, converted data)."""
+    yield path + ".tmp"
     os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def chunks(n, size):  # [(start, stop)] covering range(n) in pieces of `size`
@@ -663,21 +671,19 @@ def convert_folder(folder, out, shard_size=1000, max_side=256):
         with open(os.path.join(out, "images", key + ".jpg"), "wb") as f:
             f.write(jpeg)
         rows.append((key, jpeg, " ".join(text.split())))
-    with open(os.path.join(out, "pairs.csv") + ".tmp", "w", newline="", encoding="utf-8") as f:
+    with atomic(os.path.join(out, "pairs.csv")) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["filepath", "title"])
         w.writerows((os.path.join("images", key + ".jpg"), text) for key, _, text in rows)
-    os.replace(os.path.join(out, "pairs.csv") + ".tmp", os.path.join(out, "pairs.csv"))
     n_shards = -(-len(rows) // shard_size)
     for s in range(n_shards):
         path = os.path.join(out, "shards", f"pairs-{s:05d}.tar")
-        with tarfile.open(path + ".tmp", "w", format=tarfile.USTAR_FORMAT) as tar:
+        with atomic(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for key, jpeg, text in rows[s * shard_size:(s + 1) * shard_size]:
                 for name, payload in ((key + ".jpg", jpeg), (key + ".txt", text.encode("utf-8"))):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-        os.replace(path + ".tmp", path)
     return len(rows), bad, os.path.join(out, "shards", f"pairs-{{00000..{n_shards - 1:05d}}}.tar")
 
 
@@ -706,9 +712,8 @@ def prepare_fashion_mnist(root):
         dst, src = os.path.join(raw, name), os.path.join(DEBIAN_FASHION_MNIST, name + ".gz")
         if not os.path.exists(dst) and os.path.exists(src):
             os.makedirs(raw, exist_ok=True)
-            with gzip.open(src) as fin, open(dst + ".tmp", "wb") as fout:
+            with atomic(dst) as tmp, gzip.open(src) as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
-            os.replace(dst + ".tmp", dst)
 
 
 def open_eval_set(name, root, train=False):

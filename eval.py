@@ -216,11 +216,14 @@ def eval_named_set(model, name, root, device, max_n=5000):
     return res
 
 
-def eval_real_pairs(model, args, device, max_n=2000):
-    """Retrieval on the held-out pairs of a CSV / shard set (--val-frac, picked by key and seed)."""
-    store = getattr(args, "store", None)
-    pairs = data.real_pairs(args.data, model.cfg.image_size, args.csv_img_key, args.csv_caption_key,
-                            getattr(args, "csv_key", None), store and os.path.join(store, "scans"))
+def eval_real_pairs(model, args, device, pairs=None, max_n=2000):
+    """Retrieval on the held-out pairs of a CSV / shard set (--val-frac, picked by key and seed).
+    pairs: the set as training read it (data.Pairs), else it is read again from args.data."""
+    if pairs is None:
+        store = getattr(args, "store", None)
+        pairs = data.real_pairs(args.data, model.cfg.image_size, args.csv_img_key, args.csv_caption_key,
+                                getattr(args, "csv_key", None), store and os.path.join(store, "scans"))
+    pairs = pairs.at_size(model.cfg.image_size)
     held = [i for i, k in enumerate(pairs.keys) if data.is_val(k, args.seed, args.val_frac)]
     found = []
     for i in held:
@@ -236,12 +239,13 @@ def eval_real_pairs(model, args, device, max_n=2000):
     return retrieval(embed_images(model, images, device), embed_texts(model, captions, device), captions)
 
 
-def evaluate(model, args, device):
-    """Everything results.json reports about one model; `args` as train.py parses them."""
+def evaluate(model, args, device, pairs=None):
+    """Everything results.json reports about one model; `args` as train.py parses them (pairs:
+    the real data set training read, so that it is not read again)."""
     if args.data == "shapes":
         res = eval_shapes(model, device, seed=args.seed, n_test=args.n_eval)
     else:
-        res = eval_real_pairs(model, args, device)
+        res = eval_real_pairs(model, args, device, pairs)
     for name in args.eval_sets:
         if name in data.ATTRIBUTE_SETS:
             res.update(eval_attribute_set(model, name, args.data_root, device))
@@ -516,8 +520,8 @@ def cached_autoencoder(path, train, seed=0, steps=600, device="cpu"):
             ae.load_state_dict(saved["state"])
             return ae.eval()
     ae = train_autoencoder(train, steps, seed=seed, device=device)
-    torch.save({"state": ae.state_dict(), "meta": meta}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with data.atomic(path) as tmp:
+        torch.save({"state": ae.state_dict(), "meta": meta}, tmp)
     return ae
 
 

@@ -311,10 +311,9 @@ def part_problem(folder, j, pairs, meta, fields):
     return None
 
 
-def save_npy(path, array):  # temp file, then rename
-    with open(path + ".tmp", "wb") as f:
+def save_npy(path, array):  # atomically (a file handle: np.save would add '.npy' to a name)
+    with data.atomic(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(path + ".tmp", path)
 
 
 def embed_texts_once(encode, captions, batch_size):
@@ -431,9 +430,8 @@ def derived(store, name, params, compute):
             return {k: z[k] for k in z.files}, figures, True
     arrays, figures = compute()
     if kmeans.world()[0] == 0:
-        with open(path + ".npz.tmp", "wb") as f:
+        with data.atomic(path + ".npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(path + ".npz.tmp", path + ".npz")
         data.write_json(path + ".json", {"params": params, "figures": figures})  # last: marks it complete
     kmeans.barrier()
     return arrays, figures, False

@@ -611,8 +611,8 @@ def save_checkpoint(path, model, heads, optimizer, step, args):
              "model_config": asdict(model.cfg), "config": vars(args),
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with data.atomic(path) as tmp:
+        torch.save(state, tmp)
     return True
 
 
@@ -768,7 +768,7 @@ def train(args):
                "batch_size": args.batch_size, "seed": args.seed, "data": args.data,
                "seconds": round(seconds, 1), "samples_per_second": round(seen / seconds, 1) if seen else None,
                "skipped_pairs": stream.skipped, "data_fingerprint": stream.fingerprint, **info}
-    results.update(evaluation.evaluate(model, args, device))
+    results.update(evaluation.evaluate(model, args, device, stream.pairs))
     evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))
     if args.method == "kclip" and args.data == "shapes":  # teacher vs student text space, by concept
         sample = stream.pool[:2000]
