@@ -507,11 +507,17 @@ def scan_shard(path):
 
 def scan_cached(path, cache):
     """scan_shard, kept in the folder `cache` (None: not kept) and reused while the shard's path,
-    size and modification time are unchanged: a CC3M-sized listing is scanned once, not per run."""
+    size, modification time and first and last 64 KiB are unchanged: a CC3M-sized listing is
+    scanned once, not per run. (Size and time alone miss a shard rewritten within one clock tick:
+    tar pads every file to 10 KiB records, so two small shards often have one size.)"""
     if cache is None:
         return scan_shard(path)
     st, path = os.stat(path), os.path.abspath(path)
-    stamp = [path, st.st_size, st.st_mtime_ns]
+    with open(path, "rb") as f:
+        ends = f.read(65536)
+        f.seek(max(0, st.st_size - 65536))
+        ends += f.read()
+    stamp = [path, st.st_size, st.st_mtime_ns, hashlib.sha1(ends).hexdigest()]
     file = os.path.join(cache, hashlib.sha1(path.encode()).hexdigest()[:16] + ".json")
     try:
         with open(file) as f:

@@ -514,9 +514,12 @@ def test_shard_scan_is_kept_and_rescanned_when_the_shard_changes(tmp_path, monke
     again = data.ShardPairs(pattern, 8, scan_cache=cache)
     assert scanned == [] and again.keys == first.keys and again.spans == first.spans
     assert again.fingerprint() == first.fingerprint() and again[4][1] == "pair 4"
-    with tarfile.open(tmp_path / "s-01.tar", "w") as t:  # rewritten: other samples
+    before = os.stat(tmp_path / "s-01.tar")
+    with tarfile.open(tmp_path / "s-01.tar", "w") as t:  # rewritten: other samples, the same size and time
         add_member(t, "0099.png", png_bytes())
         add_member(t, "0099.txt", b"pair 99")
+    os.utime(tmp_path / "s-01.tar", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.path.getsize(tmp_path / "s-01.tar") == before.st_size  # tar pads both to one 10 KiB record
     for kept in (tmp_path / "scans").iterdir():  # and s-00's kept scan broken
         if "s-00.tar" in kept.read_text():
             kept.write_text("{half a file")
