@@ -20,7 +20,9 @@ local minimum). Which local minimum depends almost entirely on the initialisatio
     candidates per step and keep the one that lowers the potential sum D(x)^2 the most.
     k-means++ is sequential (K steps, each a pass over the data), so it runs on a random
     sample of `init_sample` points (default 8 per centroid: fewer leaves some true clusters
-    with no sampled point at all, about K * exp(-S / K) of them).
+    with no sampled point at all, about K * exp(-S / K) of them), on all D dimensions: a
+    random projection to fewer (this file once used 64) adds distance noise as large as the
+    gap between covered and uncovered clusters of teacher embeddings, and misses 5x more.
   * over-seeding: in high dimension the noise makes D^2 within a covered cluster (2 sigma^2 D)
     only ~4x smaller than D^2 to an uncovered one, so K greedy picks still miss ~2-4% of the
     clusters. We pick 25% more centres than K, then prune back to K by dropping the centres
@@ -33,10 +35,15 @@ small random batches; each centroid moves towards its batch points with a per-ce
 rate 1/count, i.e. every centroid stays the running mean of all points ever assigned to it.
 
 Implementation notes
-  * Distances use ||x - c||^2 = ||x||^2 + ||c||^2 - 2 x.c: one matmul per block of points and
-    centroids, sized by a memory budget (chunk_mb), never an (N, K, D) broadcast. The argmin
-    only needs ||c||^2 - 2 x.c (a single addmm); ||x||^2 is added to the minimum only.
-  * That expansion cancels catastrophically in float32 far from the origin (tight clusters at
+  * The nearest centroid is the argmax of x.c - ||c||^2 / 2 (from ||x - c||^2 = ||x||^2 +
+    ||c||^2 - 2 x.c): one matmul per block of points and centroids, sized by a memory budget
+    (chunk_mb), never an (N, K, D) broadcast. The distance is then computed directly,
+    ||x - c||^2 with each row's own centroid.
+  * That matmul runs in bf16 where bf16 is faster (CPUs with AVX512-BF16 or AMX, GPUs: 2-4x
+    float32), as a screen: a bound on bf16's rounding error says for which rows the best score
+    cannot be overtaken, and only the other rows (none to a few % on teacher embeddings) are
+    scored again in float32. So the labels are float32's, bit for bit, either way.
+  * The expansion cancels catastrophically in float32 far from the origin (tight clusters at
     distance 100 got the wrong centroid for a quarter of their points), and real embeddings
     carry a large common mean. So the L2 case works on centred data: every chunk is shifted by
     one vector (the mean of the init sample, or of the given centroids in assign) as it is
@@ -70,7 +77,7 @@ from tqdm import tqdm
 
 SPLIT_EPS = 1.0 / 1024  # relative perturbation when splitting a cluster (faiss uses the same)
 OVERSEED = 0.25  # k-means++ picks (1 + OVERSEED) * K centres, pruned back to K
-INIT_DIM = 64  # k-means++ runs on a random projection of the sample to this many dims
+SAMPLE_BYTES = 4 * 2**30  # fit(max_points=...) holds its sample in memory (float32) up to this size
 
 # -----------------------------------------------------------------------------
 # distributed helpers: no-ops in a single process
@@ -122,7 +129,7 @@ def _load(x, index, device, spherical, shift=None):
         xb = x[index].to(device=device, dtype=torch.float32)
     else:  # numpy / memmap: only these rows are read from disk
         xb = torch.from_numpy(np.require(x[index], np.float32, ["C", "W"])).to(device)
-    if not torch.isfinite(xb).all():
+    if not torch.isfinite(xb.sum()) and not torch.isfinite(xb).all():  # one NaN / inf makes the sum one
         raise ValueError("kmeans: x contains NaN or inf values")
     if spherical:
         return F.normalize(xb, dim=1)
@@ -162,30 +169,108 @@ def _blocks(k, d, chunk_mb):
     return rows, kc
 
 
-def _nearest(xb, c, c_sq, spherical, kc):
-    """Nearest centroid of each row of xb (B, D) among c (K, D): labels (B,), distances (B,)."""
-    alpha = -1.0 if spherical else -2.0
+def _argmax_fp32(xb, c, half_sq, kc):
+    """Index (B,) of the largest score x.c - ||c||^2 / 2 of each row of xb (B, D) over the
+    centroids c (K, D), in float32, one (B, kc) block of centroids at a time. Largest score =
+    nearest centroid, since ||x - c||^2 = ||x||^2 - 2 (x.c - ||c||^2 / 2)."""
     best, labels = None, None
     for j in range(0, c.shape[0], kc):
-        # score = ||c||^2 - 2 x.c (L2) or -x.c (spherical, c_sq = 0): argmin = nearest centroid
-        score = torch.addmm(c_sq[j:j + kc], xb, c[j:j + kc].T, alpha=alpha)  # (B, kc)
-        val, idx = score.min(dim=1)
+        score = torch.addmm(half_sq[j:j + kc], xb, c[j:j + kc].T, alpha=1.0, beta=-1.0)  # (B, kc)
+        val, idx = score.max(dim=1)
         if best is None:
             best, labels = val, idx
         else:
-            closer = val < best
+            closer = val > best
             best = torch.where(closer, val, best)
             labels = torch.where(closer, idx + j, labels)
-    if spherical:
-        return labels, best + 1.0  # 1 - cos
-    return labels, (best + (xb * xb).sum(1)).clamp_min_(0.0)  # ||x||^2 added to the min only
+    return labels
 
 
-def _centroid_sq(c, spherical):
-    return torch.zeros_like(c[:, 0]) if spherical else (c * c).sum(1)  # (K,)
+def _screen_bf16(xb, c16, half_sq, kc, c_max):
+    """The same argmax from bfloat16 scores (2-4x the matmul speed of float32 on CPUs with
+    AVX512-BF16 and on GPUs), and the rows (B,) bool where bf16 may have picked wrong.
+
+    Rounding x and c to bf16 (8-bit mantissa, relative error 2^-9 each) and the product to bf16
+    moves x.c by at most u |x| |c| with u = 2^-8 + 2^-9 (Cauchy-Schwarz), plus the float32
+    accumulation's D 2^-24 (and as much again for the float32 scores we must agree with). So
+    when the best bf16 score beats the second best by more than twice that bound, float32 picks
+    the same centroid; the other rows are left to _argmax_fp32. (On CUDA, cuBLAS may add
+    split-K partial sums in bf16, torch's default: the bound then counts 2^-8 more.)"""
+    x16 = xb.bfloat16()
+    u = 2.0 ** -8 + 2.0 ** -9 + 2 * xb.shape[1] * 2.0 ** -24
+    if xb.is_cuda and torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction:
+        u += 2.0 ** -8
+    err = u * xb.norm(dim=1) * c_max + 2.0 ** -23 * c_max ** 2  # (B,) bound on each score's error
+    top = None  # (B, 2) the two largest scores so far
+    for j in range(0, c16.shape[0], kc):
+        score = x16 @ c16[j:j + kc].T  # (B, kc) bf16
+        if half_sq is not None:  # L2: subtract ||c||^2 / 2 in float32
+            score = torch.sub(score, half_sq[j:j + kc])
+        val, idx = score.topk(min(2, score.shape[1]), dim=1)
+        val = F.pad(val.float(), (0, 2 - val.shape[1]), value=-float("inf"))  # a block of one centroid
+        if top is None:
+            top, labels = val, idx[:, 0]
+        else:
+            closer = val[:, 0] > top[:, 0]
+            labels = torch.where(closer, idx[:, 0] + j, labels)
+            top = torch.cat([top, val], 1).topk(2, dim=1).values
+    return labels, ~(top[:, 0] - top[:, 1] > 2 * err)
 
 
-def assign(x, centroids, *, spherical=False, chunk_mb=64, device=None):
+BF16 = None  # None: screen in bf16 where it is faster (_use_bf16); True / False: always / never
+_BF16_FASTER = {}  # device type -> whether a bf16 matmul beats float32 there
+
+
+def _use_bf16(device):
+    """Whether a bf16 matmul beats float32 here: timed once per device type on one block
+    (CPUs without AVX512-BF16 or AMX emulate bf16, several times slower than float32)."""
+    if device.type not in _BF16_FASTER:
+        a, b = torch.randn(4096, 512, device=device), torch.randn(512, 1024, device=device)
+
+        def seconds(a, b):
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                a @ b
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+        _BF16_FASTER[device.type] = seconds(a.bfloat16(), b.bfloat16()) < 0.6 * seconds(a, b)
+    return _BF16_FASTER[device.type]
+
+
+class _Nearest:
+    """The assignment step against fixed centroids c (K, D): nearest(xb) -> labels (B,) and
+    distances (B,) for a chunk of rows xb (B, D). Precomputes what every chunk shares.
+
+    The argmin of ||x - c||^2 is the argmax of x.c - ||c||^2 / 2 (spherical: of x.c): one
+    matmul per block of centroids. It is screened in bf16 where that is faster, and rows in
+    doubt are scored again in float32, so the labels are float32's either way. The distance is
+    then computed directly from each row's own centroid: ||x - c||^2, or 1 - x.c (x, c unit)."""
+
+    def __init__(self, c, spherical, kc):
+        self.c, self.spherical, self.kc = c, spherical, kc
+        self.half_sq = torch.zeros_like(c[:, 0]) if spherical else (c * c).sum(1) / 2  # (K,)
+        use = _use_bf16(c.device) if BF16 is None else BF16
+        self.c16 = c.bfloat16() if use else None
+        self.c_max = c.norm(dim=1).max().item()
+
+    def __call__(self, xb):
+        if self.c16 is None:
+            labels = _argmax_fp32(xb, self.c, self.half_sq, self.kc)
+        else:
+            labels, doubt = _screen_bf16(xb, self.c16, None if self.spherical else self.half_sq, self.kc, self.c_max)
+            if doubt.any():
+                labels[doubt] = _argmax_fp32(xb[doubt], self.c, self.half_sq, self.kc)
+        mine = self.c.index_select(0, labels)  # (B, D) each row's centroid
+        if self.spherical:
+            return labels, 1.0 - torch.linalg.vecdot(xb, mine)
+        diff = xb - mine
+        return labels, torch.linalg.vecdot(diff, diff)
+
+
+def assign(x, centroids, *, spherical=False, chunk_mb=16, device=None):
     """Nearest centroid of every row of x.
 
     Returns labels (N,) int64 and distances (N,) float32: the squared L2 distance to the
@@ -202,12 +287,12 @@ def assign(x, centroids, *, spherical=False, chunk_mb=64, device=None):
     shift = None if spherical else _centre_of(c)  # (D,) centre the problem near the origin
     c = F.normalize(c, dim=1) if spherical else c - shift
     rows, kc = _blocks(c.shape[0], c.shape[1], chunk_mb)
-    c_sq = _centroid_sq(c, spherical)
-    out = [_nearest(xb, c, c_sq, spherical, kc) for xb in _chunks(x, rows, device, spherical, shift)]
+    nearest = _Nearest(c, spherical, kc)
+    out = [nearest(xb) for xb in _chunks(x, rows, device, spherical, shift)]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
-def inertia(x, centroids, *, spherical=False, chunk_mb=64, device=None):
+def inertia(x, centroids, *, spherical=False, chunk_mb=16, device=None):
     """Sum over points of the distance to the nearest centroid (squared L2, or 1 - cos when
     spherical), as a Python float. Under torch.distributed it is summed over all ranks."""
     _, d = assign(x, centroids, spherical=spherical, chunk_mb=chunk_mb, device=device)
@@ -270,11 +355,11 @@ def _kmeans_pp(p, k, g):
         u = torch.rand(n_trials, generator=g, dtype=torch.float64).to(p.device) * cdf[-1]
         cand = torch.searchsorted(cdf, u).clamp_(max=s - 1)  # (T,)
         # keep the candidate that lowers the potential sum(D^2) the most
-        dc = torch.addmm(p_sq[cand, None] + p_sq, p[cand], p.T, alpha=-2).clamp_min_(0)  # (T, S)
-        dc = torch.minimum(dc, d2)
-        best = dc.sum(1).argmin()
+        dc = torch.addmm(p_sq[:, None] + p_sq[cand], p, p[cand].T, alpha=-2).clamp_min_(0)  # (S, T)
+        dc = torch.minimum(dc, d2[:, None])
+        best = dc.sum(0).argmin()
         chosen.append(cand[best].item())
-        d2 = dc[best]
+        d2 = dc[:, best].contiguous()
     return torch.tensor(chosen, device=p.device)
 
 
@@ -345,18 +430,8 @@ def _init(x, k, init, init_sample, n_total, g, device, spherical):
     if init == "random":
         c = p[torch.randperm(p.shape[0], generator=g)[:k].to(device)].clone()
     else:  # over-seed by OVERSEED, then prune the redundant centroids back to k
-        threads = torch.get_num_threads()
-        if p.device.type == "cpu":
-            torch.set_num_threads(1)  # K tiny sequential steps: threads only add overhead
-        try:
-            q = p  # (S, D), or (S, INIT_DIM): a Johnson-Lindenstrauss random projection
-            if p.shape[1] > INIT_DIM:  # distances kept to ~20%, each step D / INIT_DIM x cheaper
-                proj = torch.randn(p.shape[1], INIT_DIM, generator=g).to(device) / INIT_DIM**0.5
-                q = p @ proj
-            chosen = _kmeans_pp(q, min(p.shape[0], k + math.ceil(OVERSEED * k)), g)
-        finally:
-            torch.set_num_threads(threads)
-        c = p[chosen[_prune(q, q[chosen], k)]]
+        chosen = _kmeans_pp(p, min(p.shape[0], k + math.ceil(OVERSEED * k)), g)
+        c = p[chosen[_prune(p, p[chosen], k)]]
     if world()[1] > 1:
         dist.broadcast(c, src=0)  # guard against floating-point differences between ranks
         if shift is not None:
@@ -382,11 +457,11 @@ def _split_empty(c, counts, empty):
         counts[i] -= counts[j]
 
 
-def _reduce_step(xb, c, spherical, kc, sums, stats):
+def _reduce_step(xb, nearest, sums, stats):
     """Assign a chunk xb (B, D) and add its per-centroid sums (K, D), counts and inertia
     (stats (K + 1,) float64) into the accumulators."""
-    k = c.shape[0]
-    labels, d = _nearest(xb, c, _centroid_sq(c, spherical), spherical, kc)
+    k = sums.shape[0]
+    labels, d = nearest(xb)
     sums.index_add_(0, labels, xb)  # float32 accumulation, whatever the input dtype
     stats[:k] += torch.bincount(labels, minlength=k)
     stats[k] += d.sum(dtype=torch.float64)
@@ -398,8 +473,9 @@ def _lloyd_step(x, c, rows, kc, device, spherical, shift):
     k, d = c.shape
     sums = torch.zeros(k, d, device=device)  # (K, D)
     stats = torch.zeros(k + 1, dtype=torch.float64, device=device)  # counts (K,), inertia
+    nearest = _Nearest(c, spherical, kc)
     for xb in _chunks(x, rows, device, spherical, shift):
-        _reduce_step(xb, c, spherical, kc, sums, stats)
+        _reduce_step(xb, nearest, sums, stats)
     _all_reduce(sums)
     _all_reduce(stats)
     counts = stats[:k]
@@ -425,7 +501,7 @@ def _minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical, shift):
         idx = perm[s * batch_size:(s + 1) * batch_size].sort().values.numpy()  # sorted: fast reads
         sums = torch.zeros(k, d, device=device)  # (K, D)
         stats = torch.zeros(k + 1, dtype=torch.float64, device=device)
-        _reduce_step(_load(x, idx, device, spherical, shift), c, spherical, kc, sums, stats)
+        _reduce_step(_load(x, idx, device, spherical, shift), _Nearest(c, spherical, kc), sums, stats)
         _all_reduce(sums)
         _all_reduce(stats)
         m = stats[:k]
@@ -450,17 +526,19 @@ def _minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical, shift):
 def settings_at_scale(n, k):
     """How a large store is clustered (train.py on CLIP-CID's clusters and Knowledge-CLIP's
     concepts; `python teachers.py --bench` times it): past 200,000 rows and 256 per centroid,
-    fit on a sample of 256 x K rows in 10 mini-batch epochs of 65,536; below, full-batch Lloyd
-    on every row (the embedded sizes). -> keyword arguments of `fit`."""
-    return {"batch_size": 65536, "iters": 10, "max_points": 256 * k} if n > 256 * k and n > 200_000 else {}
+    fit on a sample of 256 x K rows (as faiss does), stopping once an iteration gains less than
+    0.1%; below, Lloyd on every row to a fixed point (the embedded sizes). -> keyword arguments
+    of `fit`."""
+    return {"max_points": 256 * k, "tol": 1e-3} if n > 256 * k and n > 200_000 else {}
 
 
-def fit(x, k, *, iters=20, batch_size=None, spherical=False, init="k-means++", seed=0,
-        device=None, chunk_mb=64, init_sample=None, max_points=None, verbose=None, return_history=False):
+def fit(x, k, *, iters=20, batch_size=None, tol=0.0, spherical=False, init="k-means++", seed=0,
+        device=None, chunk_mb=16, init_sample=None, max_points=None, verbose=None, return_history=False):
     """k-means on the rows of x (N, D): torch tensor, numpy array or np.memmap.
 
     batch_size=None runs full-batch Lloyd for at most `iters` iterations (it stops early once
-    the centroids stop moving); an integer runs mini-batch k-means (Sculley 2010) for `iters`
+    the centroids stop moving, or once an iteration lowers the inertia by less than tol
+    relative); an integer runs mini-batch k-means (Sculley 2010) for `iters`
     epochs of random batches of that size.
     init: "k-means++" (greedy, over-seeded, on a sample of init_sample rows, default 8 * k),
     "random", or a (K, D) tensor of initial centroids. spherical=True clusters by cosine
@@ -481,6 +559,8 @@ def fit(x, k, *, iters=20, batch_size=None, spherical=False, init="k-means++", s
     if max_points is not None and _shard_sizes(x.shape[0], device).sum().item() > max_points:
         frac = max_points / _shard_sizes(x.shape[0], device).sum().item()  # each rank samples its share
         x = x[sample_indices(x.shape[0], max(1, round(frac * x.shape[0])), g).numpy()]
+        if x.shape[0] * x.shape[1] * 4 <= SAMPLE_BYTES:  # read the sample once, not once per pass
+            x = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))).to(device, torch.float32)
     n, d = x.shape
     n_total = _shard_sizes(n, device).sum().item()
     if k < 1 or k > n_total:
@@ -503,6 +583,8 @@ def fit(x, k, *, iters=20, batch_size=None, spherical=False, init="k-means++", s
         bar.set_postfix(inertia=f"{history[-1]:.6g}")
         if batch_size is None and torch.equal(c, old):
             break  # Lloyd reached a fixed point: further iterations would change nothing
+        if batch_size is None and len(history) > 1 and history[-2] - history[-1] < tol * history[-2]:
+            break  # the last iteration lowered the inertia by less than tol (relative)
     if shift is not None:
         c = c + shift  # back to the data's own coordinates
     return (c, history) if return_history else c
@@ -550,14 +632,27 @@ def _bench(n, d, k, iters, device):
     print(f"final inertia: {final:.6g} = {final / true:.4f} x the true centres' ({true:.6g})")
     print("inertia / true, per iteration (init first):", " ".join(f"{h / true:.3f}" for h in hist))
 
-    rows, kc = _blocks(k, d, 64)
+    global BF16
+    rows, kc = _blocks(k, d, 16)
     flop = 2.0 * n * k * d
-    t_assign = _median_seconds(lambda: assign(x, c))
+    screened = _use_bf16(x.device)
+    t_assign = {}
+    for BF16 in (False, True) if screened else (False,):  # the module switch, forced each way
+        t_assign[BF16] = _median_seconds(lambda: assign(x, c))
+    BF16 = None
     ct = c.T.contiguous()
     t_mm = _median_seconds(lambda: [x[s:s + rows] @ ct for s in range(0, n, rows)])
-    print(f"assignment: {flop / t_assign / 1e9:.1f} GFLOP/s; plain matmul ({rows} x {d}) @ "
-          f"({d} x {k}) blocks over the same {n} rows: {flop / t_mm / 1e9:.1f} GFLOP/s "
-          f"({t_mm / t_assign:.0%})")
+    print(f"assignment, float32 scores: {flop / t_assign[False] / 1e9:.1f} GFLOP/s; plain float32 matmul ({rows} x {d}) @ "
+          f"({d} x {k}) blocks over the same {n} rows: {flop / t_mm / 1e9:.1f} GFLOP/s")
+    if screened:
+        shift = _centre_of(c)  # as assign centres the problem
+        near = _Nearest(c - shift, False, kc)
+        doubt = sum(_screen_bf16(xb, near.c16, near.half_sq, kc, near.c_max)[1].sum().item()
+                    for xb in _chunks(x, rows, x.device, False, shift))
+        print(f"assignment, bf16 screen: {flop / t_assign[True] / 1e9:.1f} GFLOP/s "
+              f"({t_assign[False] / t_assign[True]:.2f}x float32), {doubt / n:.2%} of the rows scored again in float32")
+    else:
+        print("assignment: no bf16 screen (a bf16 matmul is not faster than float32 on this device)")
 
 
 if __name__ == "__main__":

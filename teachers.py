@@ -24,7 +24,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -403,7 +402,6 @@ def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, w
     seconds = time.time() - t0
     kmeans.barrier()  # every rank's parts are on disk
     stores = [Store(folder, pairs, teacher_fields(t)) for folder, t in zip(folders, teachers_)]
-    built = sum(pairs.parts[j][2] - pairs.parts[j][1] for j in todo)
     summary = {"folders": folders, "rows": len(pairs), "parts": len(pairs.parts), "parts_built": len(todo),
                "parts_reused": len(pairs.parts) - len(todo), "missing": [int((~s.ok).sum()) for s in stores],
                "dtype": dtype, "build_seconds": round(seconds, 2),

@@ -1910,6 +1910,71 @@ def test_kmeans_assign_many_centroids_chunked():
     assert torch.allclose(d.double(), d_full.min(1).values, atol=1e-4)
 
 
+@pytest.mark.parametrize("spherical", [False, True])
+def test_kmeans_bf16_screen_gives_float32_labels(monkeypatch, spherical):
+    """The bf16 screen is exact: with it forced on, assign returns float32's labels and
+    distances bit for bit, on rows near ties, exact ties (a duplicated centroid), far from the
+    origin, and with more centroids than one block."""
+    g = torch.Generator().manual_seed(5)
+    c = torch.randn(5000, 16, generator=g)
+    c[7] = c[3]  # an exact tie for every row nearest to it
+    x = torch.cat([c[:300] + 1e-3 * torch.randn(300, 16, generator=g),  # close to a centroid
+                   (c[:200] + c[200:400]) / 2,  # halfway between two: near ties
+                   torch.randn(300, 16, generator=g)])
+    ref = torch.cdist(x.double(), c.double()).argmin(1) if not spherical else \
+        (torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(c.double(), dim=1).T).argmax(1)
+    clear = torch.ones(800, dtype=torch.bool)
+    clear[300:500] = False  # the halfway rows are ties up to rounding: either centroid is right
+    for offset in (0.0, 50.0):
+        out = {}
+        for use in (False, True):
+            monkeypatch.setattr(kmeans, "BF16", use)
+            out[use] = kmeans.assign(x + offset, c + offset, spherical=spherical)
+        assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+        if offset == 0:
+            assert torch.equal(out[True][0][clear], ref[clear])
+
+
+def test_kmeans_bf16_screen_sends_a_close_call_to_float32(monkeypatch):
+    """Hand case: two centroids whose scores differ by 2^-12, far below bf16's 2^-8 resolution
+    at 1. bf16 alone cannot tell them apart; the screen flags the row and float32 decides."""
+    x = torch.tensor([[1.0, 0.0]])
+    c = torch.tensor([[1.0 - 2.0 ** -11, 0.0], [1.0, 0.0]])  # x.c - |c|^2 / 2: 0.49951..., 0.5
+    c16 = c.bfloat16()
+    assert torch.equal(c16[0], c16[1])  # rounded to bf16 the two are one point
+    labels, doubt = kmeans._screen_bf16(x, c16, (c * c).sum(1) / 2, 4096, 1.0)
+    assert doubt.tolist() == [True]
+    monkeypatch.setattr(kmeans, "BF16", True)
+    labels, d = kmeans.assign(x, c)
+    assert labels.tolist() == [1] and d.tolist() == [0.0]
+    far = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # a clear winner needs no second look
+    assert kmeans._screen_bf16(x, far.bfloat16(), (far * far).sum(1) / 2, 4096, 1.0)[1].tolist() == [False]
+
+
+def test_kmeans_tol_stops_lloyd_early():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 6, generator=g)
+    _, full = kmeans.fit(x, 12, iters=50, return_history=True)
+    _, early = kmeans.fit(x, 12, iters=50, tol=1e-2, return_history=True)
+    assert early == full[:len(early)] and len(early) < len(full)  # the same path, cut short
+    assert early[-2] - early[-1] < 1e-2 * early[-2]  # it stopped at the first small gain
+    assert all(a - b >= 1e-2 * a for a, b in zip(early[:-2], early[1:-1]))
+
+
+def test_kmeans_pp_seeds_noisy_high_dim_clusters():
+    """Clusters whose points are farther from each other than the centres are apart in any few
+    dimensions (the regime of teacher embeddings: cos ~0.6 to the centre, centres ~orthogonal):
+    k-means++ on all 256 dimensions seeds 97 of the 100 clusters; on a 64-dim random projection
+    (this file's earlier choice) it seeded 82, and random seeding 68."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(100, 256, generator=g), dim=1)
+    truth = torch.arange(100).repeat_interleave(60)
+    x = torch.nn.functional.normalize(centres[truth] + 0.08 * torch.randn(6000, 256, generator=g), dim=1)
+    c = kmeans.fit(x, 100, spherical=True, iters=0)
+    found = kmeans.assign(centres, c, spherical=True)[0]  # the centroid nearest to each true centre
+    assert len(found.unique()) >= 95
+
+
 def test_kmeans_lloyd_inertia_never_increases():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(500, 6, generator=g)  # no structure: many Lloyd steps matter
