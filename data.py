@@ -99,10 +99,15 @@ def fix_articles(text):  # a template's "a" before a vowel: "a amber star" -> "a
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
-def caption(shape, colour, size, pos, rng, held_out=False, second=None):
-    """One caption for an object (and an optional second object (shape, colour))."""
+def caption(shape, colour, size, pos, rng, held_out=False, second=None, every_wording=False):
+    """One caption for an object (and an optional second object (shape, colour)). every_wording:
+    each word drawn from all of its value's words, every tier alike, and the held-out template
+    among the others (the teacher's pretraining pool)."""
     def word(value):
         common, rare, never = WORDS[value]
+        if every_wording:
+            words = common + [w for w in (rare, never) if w]
+            return words[rng.integers(len(words))]
         if held_out:
             return never
         if rare is not None and rng.random() < RARE_FRAC:
@@ -113,7 +118,8 @@ def caption(shape, colour, size, pos, rng, held_out=False, second=None):
         text = PAIR_TEMPLATE.format(colour=co, shape=sh, colour2=word(COLOURS[second[1]]),
                                     shape2=word(SHAPES[second[0]]))
     else:
-        template = HELD_OUT_TEMPLATE if held_out else TEMPLATES[rng.integers(len(TEMPLATES))]
+        templates = TEMPLATES + [HELD_OUT_TEMPLATE] if every_wording else TEMPLATES
+        template = HELD_OUT_TEMPLATE if held_out else templates[rng.integers(len(templates))]
         text = template.format(size=word(SIZES[size]), colour=co, shape=sh, pos=word(POSITIONS[pos]))
     return fix_articles(text)
 
@@ -125,7 +131,7 @@ def text_corpus(n=10000, seed=0, exclude=frozenset()):
     The student distils the text teacher on these lines as on its captions (L_emb). A phrase in
     `exclude` (the evaluation captions: `eval_captions`) is drawn again, so the corpus never
     holds a caption that retrieval or the EM probe tests on."""
-    rng = np.random.default_rng([seed, len(SPLITS)])
+    rng = np.random.default_rng([seed, CORPUS_STREAM])
 
     def word(value):
         tiers = [t for t in TIERS if tier_words(value, t)]
@@ -193,7 +199,9 @@ def render(objects, background, size_px, noise_rng=None):
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-SPLITS = {"train": 0, "val": 1, "test": 2, "probe": 3, "wordings": 4}
+SPLITS = {"train": 0, "val": 1, "test": 2, "probe": 3, "wordings": 4, "pretrain": 6}  # a seed's random streams
+CORPUS_STREAM = 5  # text_corpus's
+EMBEDDED = {"shapes": "train", "shapes-pretrain": "pretrain"}  # --data name -> split
 
 
 class ShapesDataset:
@@ -206,14 +214,17 @@ class ShapesDataset:
     train: seen combinations only, long-tailed class frequency, `two_frac` two-object images,
       `dup_frac` near-duplicates (the same scene, new pixel noise, a new caption).
     val / test / probe: one object, all 64 combinations equally often, training wordings.
-    wordings: like test, but every caption uses the held-out words and template."""
+    wordings: like test, but every caption uses the held-out words and template.
+    pretrain: the CLIP-CID teacher's pretraining pool (`--data shapes-pretrain`), broader than
+      any student's data: like train, but all 64 combinations (the held-out ones too) and every
+      wording (each word from all tiers, the held-out template among the others)."""
 
     def __init__(self, split, n, seed=0, image_size=32, dup_frac=0.3, imbalance=0.8, two_frac=0.2):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         rng = np.random.default_rng([seed, SPLITS[split]])
-        train = split == "train"
-        classes = np.array(SEEN_CLASSES if train else range(64))
+        train = split in ("train", "pretrain")  # the pools models train on
+        classes = np.array(SEEN_CLASSES if split == "train" else range(64))
         if train:  # Zipf-like frequencies over a seeded random order of the seen classes
             p = (1.0 + rng.permutation(len(classes))) ** -imbalance
             p /= p.sum()
@@ -244,7 +255,8 @@ class ShapesDataset:
             sh, co, sz, po = objects[0][:4]
             second = objects[1][:2] if len(objects) > 1 else None
             self.images[i] = torch.from_numpy(render(objects, scene[1], image_size, rng))
-            self.captions.append(caption(sh, co, sz, po, rng, held_out=split == "wordings", second=second))
+            self.captions.append(caption(sh, co, sz, po, rng, held_out=split == "wordings", second=second,
+                                         every_wording=split == "pretrain"))
             label2 = second[0] * 8 + second[1] if second else -1
             for k, val in zip(("shape", "colour", "size", "pos", "n_objects", "label2"), (sh, co, sz, po, len(objects), label2)):
                 fields[k][i] = val

@@ -242,7 +242,7 @@ def eval_real_pairs(model, args, device, pairs=None, max_n=2000):
 def evaluate(model, args, device, pairs=None):
     """Everything results.json reports about one model; `args` as train.py parses them (pairs:
     the real data set training read, so that it is not read again)."""
-    if args.data == "shapes":
+    if args.data in data.EMBEDDED:
         res = eval_shapes(model, device, seed=args.seed, n_test=args.n_eval)
     else:
         res = eval_real_pairs(model, args, device, pairs)
@@ -648,7 +648,7 @@ def text_em_table(ckpt, baseline, device, text_teacher=None, trust_remote_code=F
     of the data that run trained on. Returns dict name -> EM %, the proof of concept first.
     trust_remote_code comes from eval.py's command line only, never from the checkpoint."""
     model, cfg = clip.load_checkpoint(ckpt, device)
-    if cfg["data"] != "shapes":
+    if cfg["data"] not in data.EMBEDDED:
         raise ValueError("--text-em uses the embedded captions: the --ckpt run must have trained on --data shapes")
     spec = text_teacher or cfg.get("text_teacher") or teachers.DEFAULT_TEXT_TEACHER
     teacher = teachers.load_text_teacher(spec, device, cfg.get("pool", "mean"), trust_remote_code)

@@ -229,8 +229,8 @@ def load_text_teacher(spec, device, pool="mean", trust_remote_code=False, random
 
 def data_name(spec, pairs):
     """The store's folder name for a --data: readable, and apart for two files of the same name."""
-    if spec == "shapes":
-        return f"shapes-{pairs.fingerprint()}"
+    if spec in data.EMBEDDED:
+        return f"{spec}-{pairs.fingerprint()}"
     base = re.sub(r"[^\w.]+$", "", os.path.basename(os.path.normpath(spec.split("::")[0].split("{")[0]))) or "shards"
     return f"{base}-{hashlib.sha1(os.path.abspath(spec).encode()).hexdigest()[:8]}"
 

@@ -40,13 +40,21 @@ PRESETS = {
     "gpu": dict(model="base", steps=10000, batch_size=1024, lr=1e-3, warmup=500, n_train=400000),
 }
 METHODS = ["clip", "kclip", "cid"]
-TEACHER_STEPS = {"cpu": 600, "gpu": 20000}  # the default CLIP-CID teacher trains longer than its student
+TEACHER_STEPS = {"cpu": 600, "gpu": 20000}  # --teacher own: a teacher trained on the student's data first
+# The CLIP-CID teacher of the embedded data, as the papers have it: pretrained once, on a pool broader
+# than any student's data (every shape x colour combination, every wording, 2.5x the pairs) and for 4x
+# the student's steps, then shared by every run (weights/, made by `python train.py --pretrain-teacher`).
+PRETRAIN_RECIPE = ["--method", "clip", "--model", "teacher", "--data", "shapes-pretrain", "--n-train", "50000",
+                   "--dup-frac", "0", "--imbalance", "0", "--steps", "2000", "--warmup", "100", "--batch-size", "256",
+                   "--lr", "2e-3", "--seed", "0", "--log-every", "1"]
+PRETRAIN_DIR = os.path.join("runs", "pretrain-teacher")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", choices=METHODS, default="clip")
-    p.add_argument("--data", default="shapes", help="'shapes' (embedded, generated), a .csv/.tsv file or tar shards 'dir/cc3m-{00000..00331}.tar'")
+    p.add_argument("--data", default="shapes", help="'shapes' (embedded, generated; 'shapes-pretrain': the teacher's "
+                   "pretraining pool), a .csv/.tsv file or tar shards 'dir/cc3m-{00000..00331}.tar'")
     p.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu on CUDA, else cpu")
     p.add_argument("--model", choices=list(clip.SIZES), default=None, help="default: the preset's")
     p.add_argument("--steps", type=int, default=None)
@@ -219,7 +227,7 @@ class ShapesStream(Stream):
     """The embedded set in memory, in `order(epoch)` of its pool."""
 
     def __init__(self, args):
-        self.ds = data.ShapesDataset("train", args.n_train, seed=args.seed, image_size=args.image_size,
+        self.ds = data.ShapesDataset(data.EMBEDDED[args.data], args.n_train, seed=args.seed, image_size=args.image_size,
                                      dup_frac=args.dup_frac, imbalance=args.imbalance)
         if args.batch_size > len(self.ds):
             raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(self.ds)} training pairs")
@@ -392,7 +400,7 @@ def read_corpus(args):
     """--text-corpus: 'shapes' -> data.text_corpus; else a UTF-8 file, one phrase per line. On the
     embedded data no line may be an evaluation caption (data.eval_captions): the generated corpus
     draws none, and a file's such lines are dropped and counted. -> (lines, lines dropped)."""
-    held = data.eval_captions(args.n_eval, args.seed, args.image_size) if args.data == "shapes" else set()
+    held = data.eval_captions(args.n_eval, args.seed, args.image_size) if args.data in data.EMBEDDED else set()
     if args.text_corpus == "shapes":
         return data.text_corpus(seed=args.seed, exclude=held), 0
     if not os.path.isfile(args.text_corpus):
@@ -433,7 +441,7 @@ class CIDHeads(nn.Module):
 
 
 def default_teacher_dir(args):
-    if args.data == "shapes":
+    if args.data in data.EMBEDDED:
         return os.path.join("runs", f"teacher-{args.preset}-n{args.n_train}-dup{args.dup_frac}-imb{args.imbalance}"
                                     f"-img{args.image_size}-s{args.seed}")
     name = teachers.data_name(args.data, None)
@@ -665,7 +673,7 @@ def train(args):
         data.check_eval_set(name, args.data_root)
     barrier()  # every rank has looked before rank 0 writes
     os.makedirs(args.out, exist_ok=True)
-    stream = ShapesStream(args) if args.data == "shapes" else RealStream(args)
+    stream = ShapesStream(args) if args.data in data.EMBEDDED else RealStream(args)
     model = clip.build(args.model, image_size=args.image_size).to(device)
     n_params = clip.count_params(model)
     say(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x "
@@ -770,7 +778,7 @@ def train(args):
                "skipped_pairs": stream.skipped, "data_fingerprint": stream.fingerprint, **info}
     results.update(evaluation.evaluate(model, args, device, stream.pairs))
     evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))
-    if args.method == "kclip" and args.data == "shapes":  # teacher vs student text space, by concept
+    if args.method == "kclip" and args.data in data.EMBEDDED:  # teacher vs student text space, by concept
         sample = stream.pool[:2000]
         student_text = evaluation.embed_texts(model, [stream.ds.captions[i] for i in sample], device)
         teacher_text = extra["t_store"].rows("text", sample)
