@@ -360,11 +360,11 @@ class CaptionDecoder(nn.Module):
     def __init__(self, width=128, layers=2, heads=4, context_length=64):
         super().__init__()
         self.width, self.context_length = width, context_length
-        self.token_emb = nn.Embedding(clip.VOCAB_SIZE, width)
+        self.token_emb = nn.Embedding(clip.N_BASE, width)
         self.pos_emb = nn.Parameter(torch.randn(context_length, width) * 0.01)
         self.blocks = nn.ModuleList([clip.Block(width, heads, causal=True) for _ in range(layers)])
         self.ln_final = nn.LayerNorm(width)
-        self.head = nn.Linear(width, clip.VOCAB_SIZE)
+        self.head = nn.Linear(width, clip.N_BASE)
 
     def forward(self, z, tokens):  # z (B, W), tokens (B, L) starting with SOT -> logits (B, L, V)
         x = self.token_emb(tokens) + self.pos_emb[: tokens.shape[1]] + z[:, None]  # (B, L, W)

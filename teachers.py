@@ -131,10 +131,59 @@ def features(out):
 
 
 def load_clip_teacher(spec, device, trust_remote_code=False):
-    """A run folder of ours (has ckpt.pt) or a Hugging Face name / path."""
-    if os.path.isfile(os.path.join(spec, "ckpt.pt")):
+    """A run folder of ours (has ckpt.pt), a .pt file of ours (the pretrained teacher) or a
+    Hugging Face name / path."""
+    if os.path.isfile(os.path.join(spec, "ckpt.pt")) or (spec.endswith(".pt") and os.path.isfile(spec)):
         return OwnClipTeacher(spec, device)
     return HFClipTeacher(spec, device, trust_remote_code)
+
+
+# The pretrained teacher of the embedded data: float16 weights in the repository, as a user of
+# open_clip starts from downloaded ones, with a manifest (the .json beside it) that says how they
+# were made: the command, the code version, the pool's fingerprint, the first losses of the
+# recipe, the evaluation, the FLOPs, the file's sha256. test_all.py re-checks all of it.
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes-teacher.pt")
+REBUILD = "python train.py --pretrain-teacher"
+PREFIX_ROWS = 256  # the pool's first rows, drawn again at every use to see that data.py still draws this pool
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pool_prefix_fingerprint(pool, rows=PREFIX_ROWS):
+    """The fingerprint of the pretraining pool's first rows as data.py draws them now (each row
+    depends on every draw before it, so a change to how the pool is drawn shows here)."""
+    ds = data.ShapesDataset(data.EMBEDDED[pool["data"]], rows, seed=pool["seed"], image_size=pool["image_size"],
+                            dup_frac=pool["dup_frac"], imbalance=pool["imbalance"])
+    return data.fingerprint_of(ds.images, ds.captions)
+
+
+def check_pretrained(path=PRETRAINED):
+    """The pretrained teacher's manifest, once its weights match their sha256 and data.py still
+    draws its pool; else one line that says what is wrong and the command that rebuilds it."""
+    manifest_path = os.path.splitext(path)[0] + ".json"
+    if not (os.path.isfile(path) and os.path.isfile(manifest_path)):
+        raise SystemExit(f"error: no pretrained teacher at {path} (with its manifest {os.path.basename(manifest_path)}); "
+                         f"build it with `{REBUILD}`, or pass --teacher own to train one on this run's data")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {manifest_path} is not valid JSON ({e}); restore it (git checkout weights/)") from None
+    if sha256_of(path) != manifest["sha256"]:
+        raise SystemExit(f"error: {path} does not match the sha256 in its manifest (a changed or damaged file); "
+                         f"restore it (git checkout weights/) or rebuild it with `{REBUILD}`")
+    now = pool_prefix_fingerprint(manifest["pool"])
+    if now != manifest["pool"]["prefix_fingerprint"]:
+        raise SystemExit(f"error: the pretrained teacher is stale: data.py now draws another pretraining pool (its first "
+                         f"{PREFIX_ROWS} pairs: {now}, the manifest's {manifest['pool']['prefix_fingerprint']}); "
+                         f"rebuild it with `{REBUILD}` (~1 h on 2 CPU cores)")
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------

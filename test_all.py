@@ -8,11 +8,14 @@ import math
 import os
 import re
 import tarfile
+from collections import Counter
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -60,6 +63,57 @@ def test_tokenizer_round_trip_truncation_and_errors():
     assert long[-1] == clip.EOT and clip.decode(long) == "y" * 14
     with pytest.raises(TypeError, match="caption 1 is int"):
         clip.tokenize(["ok", 5], 16)
+
+
+def test_bpe_hand_case():
+    """'ab ab ab', 'abc' -> pieces 'ab' (x1), ' ab' (x2), 'abc' (x1). (a, b) occurs 4 times: id 259;
+    then (' ', 259) twice: id 260; then (259, c) once only: stop."""
+    a, b, c, space = (ord(ch) + 1 for ch in "abc ")
+    assert clip.learn_bpe(["ab ab ab", "abc"], 1000) == [(a, b), (space, 259)]
+    assert clip.learn_bpe(["ab ab ab", "abc"], 260) == [(a, b)]  # vocab_size caps the merges
+    tok = clip.Tokenizer([(a, b), (space, 259)])
+    assert tok.encode("ab abc") == [259, 260, c] and tok.encode("ba") == [b, a]
+
+
+def naive_bpe(texts, vocab_size):  # recount every pair after every merge: the textbook loop
+    freq = Counter(w for t in texts for w in clip.WORD.findall(t))
+    pieces = {w: [x + 1 for x in w.encode()] for w in freq}
+    merges = []
+    while clip.N_BASE + len(merges) < vocab_size:
+        counts = Counter()
+        for w, ids in pieces.items():
+            for p in zip(ids, ids[1:]):
+                counts[p] += freq[w]
+        if not counts or max(counts.values()) < 2:
+            break
+        pair = max(counts, key=lambda p: (counts[p], p))
+        merges.append(pair)
+        pieces = {w: clip.merge(ids, pair, clip.N_BASE + len(merges) - 1) for w, ids in pieces.items()}
+    return merges
+
+
+def test_bpe_matches_the_textbook_loop_and_round_trips():
+    """learn_bpe's incremental pair counts give the merges of recounting from scratch; encoding
+    by merge rank equals applying the merges one by one in order; any text decodes back."""
+    captions = data.ShapesDataset("train", 500).captions + ["naïve café, 3 × 4!", "日本語のキャプション", "  two  spaces "]
+    merges = clip.learn_bpe(captions, 400)
+    assert merges == naive_bpe(captions, 400) and len(merges) > 100
+    tok = clip.Tokenizer(merges)
+    for text in captions[:50] + ["a crimson orb coloured lime", "unseen wörds ✓", ""]:
+        in_order = []
+        for w in clip.WORD.findall(text):
+            ids = [x + 1 for x in w.encode()]
+            for i, pair in enumerate(merges):
+                ids = clip.merge(ids, pair, clip.N_BASE + i)
+            in_order += ids
+        assert tok.encode(text) == in_order
+        assert tok.decode(tok([text], 64)[0]) == text
+    ids = tok(captions[:20], 64)
+    assert (ids.ne(clip.PAD).sum(1) < clip.tokenize(captions[:20], 64).ne(clip.PAD).sum(1) / 2).all()  # < half as long
+    assert tok(["y" * 500], 16)[0, -1] == clip.EOT  # cut, and the last slot still holds EOT
+    m = clip.build("tiny", merges=merges)
+    assert m.text.token_emb.num_embeddings == clip.N_BASE + len(merges)
+    assert clip.CLIPConfig(**json.loads(json.dumps(asdict(m.cfg)))).merges == m.cfg.merges  # lists -> tuples again
 
 
 def test_text_encoder_ignores_padding_after_eot():
@@ -260,7 +314,7 @@ def test_kclip_gradients_reach_only_their_modules():
     """L_emb trains the text tower and W_e, never the image tower or C; L_concept trains C and
     both towers, never W_e; the CLIP loss never touches the heads."""
     torch.manual_seed(0)
-    model, heads = clip.build("tiny"), train.KCLIPHeads(64, 10, 5)
+    model, heads = clip.build("tiny"), nn.ModuleDict({"kclip": train.KCLIPHeads(64, 10, 5)})
     ds = data.ShapesDataset("test", 8)
     batch = {"images": data.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8)}
     args = train.parse_args(["--method", "kclip"])
@@ -274,11 +328,32 @@ def test_kclip_gradients_reach_only_their_modules():
         terms[term].backward(retain_graph=True)
         def got(m):
             return any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
-        return {name: got(m) for name, m in (("image", model.visual), ("text", model.text), ("W_e", heads.proj),
-                                              ("C", heads.classifier))}
+        return {name: got(m) for name, m in (("image", model.visual), ("text", model.text), ("W_e", heads["kclip"].proj),
+                                              ("C", heads["kclip"].classifier))}
     assert reached("emb") == {"image": False, "text": True, "W_e": True, "C": False}
     assert reached("concept") == {"image": True, "text": True, "W_e": False, "C": True}
     assert reached("clip") == {"image": True, "text": True, "W_e": False, "C": False}
+
+
+def test_kclip_plus_cid_adds_each_methods_own_terms():
+    """--method kclip+cid: the terms of Knowledge-CLIP and of CLIP-CID in one run, each the very
+    value its own method computes on the same model, heads and batch; each weighted by its flag."""
+    torch.manual_seed(0)
+    model, kh, ch = clip.build("tiny"), train.KCLIPHeads(64, 10, 5), train.CIDHeads(64, 12)
+    ds = data.ShapesDataset("test", 8)
+    batch = {"images": data.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8),
+             "global_index": torch.arange(8), "step": 0}
+    extra = {"t_store": ArrayStore(text=torch.randn(8, 10)), "concept_centroids": torch.randn(5, 10),
+             "labels": torch.randint(5, (8,)), "centroids": F.normalize(torch.randn(5, 12), dim=-1),
+             "store": ArrayStore(image=F.normalize(torch.randn(8, 12), dim=-1), text=F.normalize(torch.randn(8, 12), dim=-1))}
+    terms = lambda method, heads: train.loss_terms(model, nn.ModuleDict(heads), batch, extra,  # noqa: E731
+                                                   train.parse_args(["--method", method]))
+    both = terms("kclip+cid", {"kclip": kh, "cid": ch})
+    alone = {**terms("kclip", {"kclip": kh}), **terms("cid", {"cid": ch})}
+    assert set(both) == {"clip", "emb", "concept", "cd", "id"}
+    assert all(torch.allclose(both[k], alone[k], rtol=0, atol=1e-6) for k in both)
+    w = train.loss_weights(train.parse_args(["--method", "kclip+cid", "--cd-weight", "0.1", "--emb-weight", "2"]))
+    assert (w["cd"], w["emb"], w["id"], w["concept"]) == (0.1, 2.0, 1.0, 0.01)
 
 
 def test_loss_terms_are_fp32_under_bf16_autocast():
@@ -286,7 +361,7 @@ def test_loss_terms_are_fp32_under_bf16_autocast():
     included, which failed on mixed dtypes) must still be computed in fp32 from their outputs:
     the same terms as without autocast, to fp32 rounding."""
     torch.manual_seed(0)
-    model, heads = clip.build("tiny"), train.CIDHeads(64, 12)
+    model, heads = clip.build("tiny"), nn.ModuleDict({"cid": train.CIDHeads(64, 12)})
     emb_i, emb_t = torch.randn(8, 64), torch.randn(8, 64)  # what the towers would return
     model.encode_image = lambda images: F.normalize(emb_i, dim=-1)
     model.encode_text = lambda tokens, normalize=True: emb_t
@@ -304,7 +379,7 @@ def test_loss_terms_are_fp32_under_bf16_autocast():
 def test_text_only_batch_trains_the_text_tower_and_w_e_never_the_image_tower():
     """--text-corpus: L_emb on lines with no image reaches the text tower and W_e only."""
     torch.manual_seed(0)
-    model, heads = clip.build("tiny"), train.KCLIPHeads(64, 10, 5)
+    model, heads = clip.build("tiny"), nn.ModuleDict({"kclip": train.KCLIPHeads(64, 10, 5)})
     ds = data.ShapesDataset("test", 8)
     lines = data.text_corpus(20)
     corpus_emb = torch.randn(20, 10)
@@ -316,9 +391,10 @@ def test_text_only_batch_trains_the_text_tower_and_w_e_never_the_image_tower():
     assert set(terms) == {"clip", "emb", "concept", "corpus"}
     terms["corpus"].backward()
     got = {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
-           for name, m in (("image", model.visual), ("text", model.text), ("W_e", heads.proj), ("C", heads.classifier))}
+           for name, m in (("image", model.visual), ("text", model.text), ("W_e", heads["kclip"].proj),
+                           ("C", heads["kclip"].classifier))}
     assert got == {"image": False, "text": True, "W_e": True, "C": False}
-    direct = losses.embedding_distill_loss(heads.proj(model.encode_text(extra["corpus_tokens"][batch["corpus_index"]],
+    direct = losses.embedding_distill_loss(heads["kclip"].proj(model.encode_text(extra["corpus_tokens"][batch["corpus_index"]],
                                                                         normalize=False)), corpus_emb[[3, 7, 11, 19]])
     assert torch.allclose(terms["corpus"], direct)
     idx = [train.corpus_index(5, 20, train.parse_args(["--method", "kclip", "--text-corpus", "--corpus-batch", "6"]))
@@ -1155,7 +1231,7 @@ def test_training_on_csv_pairs(tmp_path, monkeypatch):
 
 def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = ["--method", "cid", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
+    args = ["--method", "cid", "--teacher", "own", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
             "--n-eval", "200", "--warmup", "5", "--log-every", "5", "--lr", "3e-3", "--teacher-steps", "15",
             "--clusters", "8", "--no-balance", "--out", "student"]
     res = train.main(args)
@@ -1194,6 +1270,96 @@ def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path
     teacher = teachers.load_clip_teacher(tdir, "cpu")  # frozen: no parameter can take a gradient
     assert not any(p.requires_grad for p in teacher.model.parameters())
     assert not teacher.encode_images(data.ShapesDataset("test", 2).images).requires_grad
+
+
+def test_kclip_plus_cid_run_and_its_flop_accounting(tmp_path, monkeypatch):
+    """Both teachers at once, end to end: balance first, then the concepts on the pairs kept; every
+    term logged; results.json's flops: the student's steps, each teacher's forward over the data
+    and the CLIP teacher's training (this run trained it), their sum."""
+    monkeypatch.chdir(tmp_path)
+    res = run(tmp_path, "--method", "kclip+cid", "--teacher", "own", "--teacher-steps", "15", "--clusters", "4",
+              "--concepts", "4", "--steps", "6", "--balance-threshold", "0.999", "--cd-weight", "0.5")
+    assert sum(res["concept_sizes"]) == res["pairs_trained_on"] == res["balance"]["pairs_after"] < 1000
+    log = evaluation.read_log(tmp_path / "run")
+    assert all(r["loss"] == pytest.approx(r["clip"] + r["emb"] + 0.01 * r["concept"] + 0.5 * r["cd"] + r["id"], rel=1e-5)
+               for r in log)
+    f, tres = res["flops"], json.load(open(os.path.join(res["teacher"], "results.json")))
+    assert f["teacher_training"] == tres["flops"]["student_training"] > 0 and f["teacher_trained_by_this_run"]
+    assert f["text_teacher_training"] is None and not f["text_teacher_trained_by_this_run"]  # pretrained elsewhere
+    assert f["total"] == f["student_training"] + f["teacher_forward"] + f["teacher_training"] + f["text_teacher_forward"]
+    args = train.parse_args(["--model", "tiny", "--batch-size", "64", "--n-train", "1000"])
+    stream = train.ShapesStream(args)
+    b = stream.batch(0)
+    clip_only = train.step_flops(clip.build("tiny", merges=stream.merges), b)  # the heads and losses add a little
+    assert 6 * clip_only < f["student_training"] < 1.2 * 6 * clip_only
+    per_pair = train.step_flops(clip.build("teacher", merges=stream.merges), b, train_step=False) / 64  # image + caption
+    assert f["teacher_forward"] == pytest.approx(1000 * per_pair, rel=0.15)
+    clip_run = run(tmp_path, "--steps", "4", name="clip")["flops"]
+    assert set(clip_run) == {"student_training", "total"} and clip_run["total"] == clip_run["student_training"]
+
+
+def same_machine(manifest):  # floats are bit-equal only on the kind of CPU (and threads, torch) that made them
+    m = manifest["machine"]
+    return (m["device"], m["cpu_capability"], m["threads"], m["torch"]) == (
+        "cpu", torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), torch.__version__)
+
+
+def test_pretrained_teacher_matches_its_manifest_and_evaluates_to_its_numbers():
+    """weights/shapes-teacher.pt: its sha256 is the manifest's, data.py still draws its pool, the
+    manifest names the recipe train.py holds, and the weights evaluate to the recorded numbers
+    (bit for bit on the machine kind that made them; within a point elsewhere)."""
+    manifest = teachers.check_pretrained()
+    assert manifest["sha256"] == teachers.sha256_of(teachers.PRETRAINED) and manifest["recipe"] == train.PRETRAIN_RECIPE
+    assert manifest["command"] == teachers.REBUILD == "python train.py --pretrain-teacher"
+    model, _ = clip.load_checkpoint(teachers.PRETRAINED)
+    assert clip.count_params(model) == manifest["params"] and model.cfg == clip.SIZES[manifest["model"]]
+    res = evaluation.evaluate(model, train.parse_args(manifest["recipe"] + ["--device", "cpu"]), torch.device("cpu"))
+    assert set(res) == set(manifest["results"])
+    for k, v in manifest["results"].items():
+        assert res[k] == v if same_machine(manifest) else abs(res[k] - v) <= 1.0, k
+    assert manifest["results"]["zero_shot_unseen_top1"] > 80  # it has seen the combinations students never do
+
+
+def test_pretrained_teacher_recipe_reproduces_its_first_losses(tmp_path):
+    """The first 3 steps of the manifest's recipe, re-run now: the pool's full fingerprint and the
+    logged losses are the manifest's (bit for bit on the machine kind that made them)."""
+    manifest = teachers.check_pretrained()
+    res = train.main(manifest["recipe"] + ["--device", "cpu", "--steps", "3", "--n-eval", "20", "--out", str(tmp_path / "r")])
+    assert res["data_fingerprint"] == manifest["pool"]["fingerprint"]  # inside warmup: lr does not depend on --steps
+    losses_now = [r["loss"] for r in evaluation.read_log(tmp_path / "r")]
+    assert losses_now == manifest["first_losses"][:3] if same_machine(manifest) else \
+        losses_now == pytest.approx(manifest["first_losses"][:3], rel=1e-4)
+
+
+def test_pretrained_teacher_is_the_default_and_a_stale_one_is_refused(tmp_path, monkeypatch, capsys):
+    """--method cid on the embedded data distils the shipped teacher (its training FLOPs from the
+    manifest, not this run's); a changed file, a missing one, or data.py drawing another pool
+    stops the run with one line naming the command that rebuilds it."""
+    monkeypatch.chdir(tmp_path)
+    manifest = teachers.check_pretrained()
+    res = run(tmp_path, "--method", "cid", "--steps", "3", "--n-train", "300", "--clusters", "4", "--no-balance")
+    assert res["teacher"] == teachers.PRETRAINED and res["teacher_results"]["sha256"] == manifest["sha256"]
+    assert res["flops"]["teacher_training"] == manifest["flops"]["student_training"]
+    assert not res["flops"]["teacher_trained_by_this_run"]
+    copy = tmp_path / "w" / "t.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(open(teachers.PRETRAINED, "rb").read())
+    (tmp_path / "w" / "t.json").write_text(json.dumps(manifest))
+    assert teachers.check_pretrained(str(copy)) == manifest
+    with pytest.raises(SystemExit, match=r"^error: .* stale: data.py now draws another pretraining pool .* "
+                                         r"`python train.py --pretrain-teacher`"):
+        monkeypatch.setitem(data.RGB, "red", (0.8, 0.1, 0.1))  # a change to how the pool is drawn
+        teachers.check_pretrained(str(copy))
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    copy.write_bytes(copy.read_bytes()[:-1] + b"x")
+    with pytest.raises(SystemExit, match="does not match the sha256 in its manifest"):
+        teachers.check_pretrained(str(copy))
+    with pytest.raises(SystemExit, match="no pretrained teacher at .*--teacher own"):
+        teachers.check_pretrained(str(tmp_path / "nowhere.pt"))
+    with pytest.raises(SystemExit):
+        train.main(["--method", "cid", "--teacher", "pretrained", "--data", str(tmp_path / "x.csv")])
+    assert "--teacher pretrained knows the embedded shapes only" in capsys.readouterr().err
 
 
 def test_cid_resume_with_partial_class_sampling_is_bit_exact(tmp_path, monkeypatch):
@@ -1338,7 +1504,7 @@ def test_every_method_on_shards_and_csv_with_our_and_hf_teachers(tmp_path, monke
     assert evaluation.read_log("cid-hf2")[-1]["loss"] == log[-1]["loss"]  # the same run again, from the stored rows
     res = train.main(base + ["--data", shards, "--method", "kclip", "--concepts", "3", "--out", "kclip-shards"])
     assert all(r["emb"] > 0 and r["concept"] > 0 for r in evaluation.read_log("kclip-shards"))
-    assert sum(res["concept_sizes"]) == res["store"]["rows"] - sum(data.is_val(k, 0, 0.1) for k in data.ShardPairs(shards).keys)
+    assert sum(res["concept_sizes"]) == res["text_store"]["rows"] - sum(data.is_val(k, 0, 0.1) for k in data.ShardPairs(shards).keys)
     with pytest.raises(SystemExit, match="--clusters 500 is more than the"):
         train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "500", "--out", "bad"])
     (tmp_path / "pictures" / "red").mkdir(parents=True)
@@ -1419,8 +1585,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, monkeypatch,
     interrupted at step 5 and resumed ends exactly where the uninterrupted one did.)"""
     monkeypatch.chdir(tmp_path)
     argv = ["--method", method, "--model", "tiny", "--steps", "8", "--batch-size", "32", "--n-train", "256",
-            "--n-eval", "100", "--warmup", "2", "--log-every", "2", "--ckpt-every", "4", "--teacher-steps", "4",
-            "--clusters", "4", "--no-balance"]
+            "--n-eval", "100", "--warmup", "2", "--log-every", "2", "--ckpt-every", "4", "--teacher", "own",
+            "--teacher-steps", "4", "--clusters", "4", "--no-balance"]
     if on == "shards":  # every rank reads its share of each global batch from the shards, by row
         argv += ["--data", colour_shards(tmp_path, 2, 40), "--workers", "0", "--val-frac", "0", "--image-size", "16"]
     train.main(argv + ["--out", "one"])
@@ -1458,9 +1624,10 @@ def test_step_flops_backward_is_about_twice_forward():
     fwd, step = train.step_flops(m, batch, train_step=False), train.step_flops(m, batch)
     assert fwd > 0 and 2.8 * fwd < step <= 3 * fwd
     args = train.parse_args(["--model", "tiny", "--steps", "10", "--batch-size", "8", "--n-train", "64",
-                             "--teacher-steps", "5"])
-    teacher_step = train.step_flops(clip.build("teacher"), train.ShapesStream(args).batch(0))
-    student_step = train.step_flops(clip.build("tiny"), train.ShapesStream(args).batch(0))
+                             "--teacher", "own", "--teacher-steps", "5"])
+    stream = train.ShapesStream(args)
+    teacher_step = train.step_flops(clip.build("teacher", merges=stream.merges), stream.batch(0))
+    student_step = train.step_flops(clip.build("tiny", merges=stream.merges), stream.batch(0))
     n = train.equal_compute_steps(args)
     assert n >= 10 + 5 * teacher_step / student_step > 10 + 5 * 4  # the teacher's steps cost > 4 of the student's
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -36,17 +37,17 @@ import teachers
 # Presets: what a run does when you give no flags. `cpu` finishes in minutes on 2 cores;
 # `gpu` is the reduced-scale run for one GPU. Every field is also a flag.
 PRESETS = {
-    "cpu": dict(model="small", steps=500, batch_size=256, lr=2e-3, warmup=50, n_train=20000),
-    "gpu": dict(model="base", steps=10000, batch_size=1024, lr=1e-3, warmup=500, n_train=400000),
+    "cpu": dict(model="small", steps=500, batch_size=256, lr=2e-3, warmup=50, n_train=20000, vocab_size=1024),
+    "gpu": dict(model="base", steps=10000, batch_size=1024, lr=1e-3, warmup=500, n_train=400000, vocab_size=4096),
 }
-METHODS = ["clip", "kclip", "cid"]
+METHODS = ["clip", "kclip", "cid", "kclip+cid"]  # kclip+cid: both teachers at once (beyond both papers)
 TEACHER_STEPS = {"cpu": 600, "gpu": 20000}  # --teacher own: a teacher trained on the student's data first
 # The CLIP-CID teacher of the embedded data, as the papers have it: pretrained once, on a pool broader
 # than any student's data (every shape x colour combination, every wording, 2.5x the pairs) and for 4x
 # the student's steps, then shared by every run (weights/, made by `python train.py --pretrain-teacher`).
-PRETRAIN_RECIPE = ["--method", "clip", "--model", "teacher", "--data", "shapes-pretrain", "--n-train", "50000",
-                   "--dup-frac", "0", "--imbalance", "0", "--steps", "2000", "--warmup", "100", "--batch-size", "256",
-                   "--lr", "2e-3", "--seed", "0", "--log-every", "1"]
+PRETRAIN_POOL = ["--data", "shapes-pretrain", "--n-train", "50000", "--dup-frac", "0", "--imbalance", "0"]
+PRETRAIN_RECIPE = ["--method", "clip", "--model", "teacher", *PRETRAIN_POOL, "--steps", "2000", "--warmup", "100",
+                   "--batch-size", "256", "--lr", "2e-3", "--seed", "0", "--vocab-size", "259", "--log-every", "1"]
 PRETRAIN_DIR = os.path.join("runs", "pretrain-teacher")
 
 
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--n-train", type=int, default=None, help="pairs generated for --data shapes")
+    p.add_argument("--vocab-size", type=int, default=None, help="ids of the byte-pair tokenizer learned from the "
+                   "training captions (clip.learn_bpe; at most 20,000 of them); 259: bytes alone")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--image-size", type=int, default=None, help="default: the model's (32; 224 for vit-b-32, vit-s-32)")
@@ -97,9 +100,10 @@ def parse_args(argv=None):
     g.add_argument("--corpus-weight", type=float, default=1.0, help="weight of L_emb on the text-only batch")
     g.add_argument("--corpus-batch", type=int, default=128, help="text-only lines per step")
     g = p.add_argument_group("CLIP-CID (--method cid)")
-    g.add_argument("--teacher", default=None, help="run folder of a CLIP we trained, or a Hugging Face CLIPModel name/path; "
-                   "default: our own teacher for this data and preset, trained first if missing")
-    g.add_argument("--teacher-steps", type=int, default=None, help="steps of the default teacher; default: per preset")
+    g.add_argument("--teacher", default=None, help="'pretrained': the teacher in weights/, pretrained on a broader pool "
+                   "(--pretrain-teacher; the default for --data shapes); 'own': train one on this run's data first (the "
+                   "default for other data); or a run folder of ours, or a Hugging Face CLIPModel name/path")
+    g.add_argument("--teacher-steps", type=int, default=None, help="steps of --teacher own; default: per preset")
     g.add_argument("--clusters", type=int, default=64, help="K of the k-means on teacher image embeddings")
     g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True, help="image semantic balance")
     g.add_argument("--balance-threshold", type=float, default=0.99, help="cosine at or above which two images are duplicates")
@@ -109,6 +113,8 @@ def parse_args(argv=None):
     g.add_argument("--margin", type=float, default=0.3, help="ArcFace additive angular margin m")
     g.add_argument("--arc-scale", type=float, default=32.0, help="ArcFace scale s")
     g.add_argument("--class-frac", type=float, default=1.0, help="partial class sampling: fraction of negative clusters kept")
+    g.add_argument("--pretrain-teacher", action="store_true", help="(re)build weights/shapes-teacher.pt and its manifest: "
+                   "train PRETRAIN_RECIPE into runs/pretrain-teacher (resumable), evaluate it in float16, write both; exit")
     g = p.add_argument_group("the reproduction sweep (--sweep)")
     g.add_argument("--sweep", action="store_true", help="train and evaluate every row of the results table "
                    "(SWEEP) for every --seeds into --out (default runs/sweep); rerun to resume; writes table.md/json")
@@ -135,6 +141,8 @@ def parse_args(argv=None):
     if args.image_size % clip.SIZES[args.model].patch_size:
         p.error(f"--image-size {args.image_size} is not a multiple of --model {args.model}'s patch size "
                 f"{clip.SIZES[args.model].patch_size}")
+    if args.vocab_size < clip.N_BASE:
+        p.error(f"--vocab-size must be at least {clip.N_BASE} (the bytes and 3 special ids), got {args.vocab_size}")
     for key in ("steps", "batch_size", "n_train", "n_eval", "log_every", "ckpt_every", "image_size"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
@@ -147,8 +155,8 @@ def parse_args(argv=None):
         p.error(f"--eval-sets {' '.join(unknown)}: unknown; choose from {', '.join([*data.EVAL_SETS, *data.ATTRIBUTE_SETS])}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
-    if args.text_corpus and args.method != "kclip":
-        p.error("--text-corpus distils the text teacher: it needs --method kclip")
+    if args.text_corpus and "kclip" not in parts(args.method):
+        p.error("--text-corpus distils the text teacher: it needs --method kclip or kclip+cid")
     if args.corpus_batch < 1 or args.corpus_batch % int(os.environ.get("WORLD_SIZE", "1")):
         p.error("--corpus-batch must be at least 1 and a multiple of the number of processes")
     if args.concepts < 1 or not args.concept_tau > 0:
@@ -156,6 +164,11 @@ def parse_args(argv=None):
     if args.clusters < 1 or not 0 < args.class_frac <= 1 or not -1 <= args.balance_threshold <= 1:
         p.error("need --clusters >= 1, 0 < --class-frac <= 1 and -1 <= --balance-threshold <= 1")
     args.teacher_steps = args.teacher_steps or TEACHER_STEPS[args.preset]
+    if "cid" in parts(args.method):  # the CLIP teacher's default depends on the data
+        args.teacher = args.teacher or ("pretrained" if args.data == "shapes" else "own")
+    if args.teacher == "pretrained" and args.data != "shapes":
+        p.error(f"--teacher pretrained knows the embedded shapes only; for --data {args.data} pass --teacher own "
+                "(trained on it first), a run folder of ours or a Hugging Face CLIP")
     unknown = set(args.rows or []) - {folder for folder, *_ in SWEEP}
     if unknown:
         p.error(f"--rows {' '.join(sorted(unknown))}: unknown; choose from {', '.join(f for f, *_ in SWEEP)}")
@@ -201,6 +214,10 @@ def say(message):
         print(message)
 
 
+def parts(method):  # "kclip+cid" -> ["kclip", "cid"]: the methods whose terms a run adds
+    return method.split("+")
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -212,7 +229,16 @@ write_json = data.write_json  # atomically: temp file, then rename
 # ----------------------------------------------------------------------------------------
 # Batches. Each one is a pure function of (seed, step), so a resumed run sees the same data.
 
+BPE_SAMPLE = 20000  # captions the tokenizer learns its merges from (evenly spaced over the pool)
+
+
 class Stream:
+    def learn_tokenizer(self, captions, vocab_size):
+        """The byte-pair tokenizer of this run, learned from its training captions: its merges go
+        into the model's config (and so into every checkpoint)."""
+        self.merges = clip.learn_bpe(captions, vocab_size) if vocab_size > clip.N_BASE else []
+        self.tokenizer = clip.Tokenizer(self.merges)
+
     def order(self, epoch):  # (P,) epoch e's order of the pool: a permutation seeded by (seed, e)
         return self.pool[torch.randperm(len(self.pool), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))]
 
@@ -232,7 +258,8 @@ class ShapesStream(Stream):
         if args.batch_size > len(self.ds):
             raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(self.ds)} training pairs")
         self.pairs = data.ShapesPairs(self.ds)  # the same pairs by row, for the teacher store
-        self.tokens = clip.tokenize(self.ds.captions, clip.SIZES[args.model].context_length)  # (N, L)
+        self.learn_tokenizer(self.ds.captions[:BPE_SAMPLE], args.vocab_size)
+        self.tokens = self.tokenizer(self.ds.captions, clip.SIZES[args.model].context_length)  # (N, L)
         self.batch_size, self.seed, self.perm_epoch, self.skipped = args.batch_size, args.seed, None, 0
         self.pool = torch.arange(len(self.ds))  # the pairs we train on (semantic balance may drop some)
         self.fingerprint = data.fingerprint_of(self.ds.images, self.ds.captions)  # names this data in results.json
@@ -267,6 +294,8 @@ class RealStream(Stream):
         self.pool = torch.tensor([i for i, k in enumerate(self.pairs.keys) if not data.is_val(k, args.seed, args.val_frac)],
                                  dtype=torch.long)
         self.fingerprint = self.pairs.fingerprint()
+        sample = self.pool[np.linspace(0, len(self.pool) - 1, min(BPE_SAMPLE, len(self.pool))).astype(np.int64)]
+        self.learn_tokenizer([c for c in (self.pairs.caption(int(i)) for i in sample) if c], args.vocab_size)
 
     def images(self, idx):  # pictures: each image at 64 px (a black tile if it cannot be read)
         view = self.pairs.at_size(64)
@@ -324,7 +353,7 @@ class RealStream(Stream):
             self.iterator = self.epochs(step)
         images, captions, rows, every, skipped = next(self.iterator)
         self.skipped += skipped
-        return {"images": images, "tokens": clip.tokenize(captions, clip.SIZES[self.args.model].context_length),
+        return {"images": images, "tokens": self.tokenizer(captions, clip.SIZES[self.args.model].context_length),
                 "captions": captions, "index": rows, "global_index": every, "skipped": self.skipped}
 
 
@@ -382,13 +411,14 @@ def prepare_kclip(args, stream, device):
     if world()[0] == 0:
         evaluation.save_cluster_grid(stream.images, lambda i: F.normalize(store.rows("text", pool[i]), dim=-1), centroids,
                                      concept, pool, os.path.join(args.out, "concepts.png"))
-    info = {"text_teacher": teacher.name, "text_teacher_params": clip.count_params(teacher.model), "store": summary,
+    info = {"text_teacher": teacher.name, "text_teacher_params": clip.count_params(teacher.model), "text_store": summary,
+            "text_teacher_flops": {"forward": teacher_flops(teacher, stream), "training": None, "trained_by_this_run": False},
             "concept_sizes": torch.bincount(concept, minlength=args.concepts).tolist(),
             "soft_label_max_mean": round(soft_max.mean().item(), 4)}
     extra = {"t_store": store, "concept_centroids": centroids.to(device)}
     if args.text_corpus:  # text-only lines: their tokens and teacher embeddings, in a store of their own
         lines, dropped = read_corpus(args)
-        extra["corpus_tokens"] = clip.tokenize(lines, clip.SIZES[args.model].context_length)  # (M, L)
+        extra["corpus_tokens"] = stream.tokenizer(lines, clip.SIZES[args.model].context_length)  # (M, L)
         (extra["corpus_store"],), _ = teachers.build_store(data.TextLines(lines), [teacher], args.store,
                                                            f"corpus-{data.fingerprint_of(lines)}", args.store_dtype)
         info["text_corpus"] = {"path": args.text_corpus, "lines": len(lines), "distinct": len(set(lines)),
@@ -414,6 +444,27 @@ def read_corpus(args):
     if len(kept) < len(lines):
         say(f"kclip: dropped {len(lines) - len(kept)} lines of --text-corpus that are evaluation captions")
     return kept, len(lines) - len(kept)
+
+
+def count_flops(fn):
+    """(fn(), the FLOPs it ran), by torch's FlopCounterMode: matmuls, convolutions and attention
+    (elementwise work is not counted), forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn()
+    return out, counter.get_total_flops()
+
+
+def teacher_flops(teacher, stream, n=64):
+    """FLOPs of a teacher's forward passes over the data: each pair embedded once (its image and
+    caption; a text teacher: the caption), as the store does, measured on n of the captions."""
+    captions = [c for c in (stream.pairs.caption(int(i)) for i in stream.pool[:n]) if c]
+    flops = count_flops(lambda: teacher.encode_texts(captions))[1]
+    if hasattr(teacher, "encode_images"):
+        blank = torch.zeros(len(captions), 3, teacher.crop or teacher.resize, teacher.crop or teacher.resize, dtype=torch.uint8)
+        flops += count_flops(lambda: teacher.encode_images(blank))[1]
+    return round(flops / len(captions) * len(stream.pairs))
 
 
 def step_generator(seed, step, stream):
@@ -448,17 +499,21 @@ def default_teacher_dir(args):
     return os.path.join("runs", f"teacher-{args.preset}-{name}-img{args.image_size}-s{args.seed}")
 
 
-DATA_FLAGS = ("data", "n_train", "dup_frac", "imbalance", "image_size", "val_frac", "csv_img_key", "csv_caption_key",
+DATA_FLAGS = ("data", "n_train", "vocab_size", "dup_frac", "imbalance", "image_size", "val_frac", "csv_img_key", "csv_caption_key",
               "csv_key", "workers", "n_eval", "seed", "device", "preset", "store", "store_dtype")
 
 
 def ensure_teacher(args, stream):
-    """--teacher as given, or our own: train `--method clip --model teacher` on the same data
-    first if missing. Ours is reused only if it was trained on this very data (its
-    results.json's fingerprint): a teacher left by other data would otherwise be distilled
-    without a word."""
-    if args.teacher is not None:
-        return args.teacher
+    """-> (the teacher to load, whether this run trained it). --teacher pretrained: the shipped
+    one, checked against its manifest (teachers.check_pretrained); own: train `--method clip
+    --model teacher` on the same data first if missing. An own teacher is reused only if it was
+    trained on this very data (its results.json's fingerprint): a teacher left by other data
+    would otherwise be distilled without a word."""
+    if args.teacher == "pretrained":
+        teachers.check_pretrained()
+        return teachers.PRETRAINED, False
+    if args.teacher != "own":
+        return args.teacher, False
     tdir = default_teacher_dir(args)
     if os.path.exists(os.path.join(tdir, "results.json")):
         trained_on = read_json(os.path.join(tdir, "results.json")).get("data_fingerprint")
@@ -466,14 +521,51 @@ def ensure_teacher(args, stream):
             raise SystemExit(f"error: the teacher in {tdir} was trained on other data ({trained_on or 'an older data.py'}, "
                              f"this run's is {stream.fingerprint}); move it away to train a new one, or pass --teacher {tdir}")
         say(f"cid: using the teacher in {tdir}")
-        return tdir
+        return tdir, False
     say(f"cid: no teacher for this data and preset in {tdir}; training it first ({args.teacher_steps} steps)")
     flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in DATA_FLAGS if getattr(args, k) is not None]
     batch = PRESETS[args.preset]["batch_size"]  # the preset's; the student's if the data holds fewer pairs
     batch = batch if len(stream.pool) >= batch else args.batch_size
     train(parse_args(["--method", "clip", "--model", "teacher", "--steps", str(args.teacher_steps), "--batch-size",
                       str(batch), *flags, "--out", tdir, "--resume"]))
-    return tdir
+    return tdir, True
+
+
+def pretrain_teacher(args):
+    """--pretrain-teacher: train PRETRAIN_RECIPE into runs/pretrain-teacher (a killed run resumes),
+    then write weights/shapes-teacher.pt (the weights in float16) and its manifest, whose
+    evaluation is of the float16 weights, as shipped."""
+    run = parse_args(PRETRAIN_RECIPE + ["--device", args.device, "--out", PRETRAIN_DIR, "--resume"])
+    res_path = os.path.join(PRETRAIN_DIR, "results.json")
+    res = read_json(res_path) if os.path.exists(res_path) else train(run)
+    ckpt = clip.load_file(os.path.join(PRETRAIN_DIR, "ckpt.pt"))
+    config = {k: v for k, v in ckpt["config"].items() if k not in ("out", "data_root", "store")}  # no local paths
+    os.makedirs(os.path.dirname(teachers.PRETRAINED), exist_ok=True)
+    with data.atomic(teachers.PRETRAINED) as tmp:
+        torch.save({"model": {k: v.half() for k, v in ckpt["model"].items()}, "model_config": ckpt["model_config"],
+                    "config": config}, tmp)
+    model = clip.load_checkpoint(teachers.PRETRAINED, run.device)[0]
+    pool = {"data": run.data, "n": run.n_train, "seed": run.seed, "image_size": run.image_size, "dup_frac": run.dup_frac,
+            "imbalance": run.imbalance, "fingerprint": res["data_fingerprint"], "prefix_rows": teachers.PREFIX_ROWS}
+    pool["prefix_fingerprint"] = teachers.pool_prefix_fingerprint(pool)
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "*.py"], cwd=here, capture_output=True, text=True).stdout
+        code = commit + (" with uncommitted changes" if dirty.strip() else "") if commit else None
+    except OSError:
+        code = None
+    manifest = {"file": os.path.basename(teachers.PRETRAINED), "sha256": teachers.sha256_of(teachers.PRETRAINED),
+                "bytes": os.path.getsize(teachers.PRETRAINED), "command": teachers.REBUILD, "recipe": PRETRAIN_RECIPE,
+                "code_version": code, "pool": pool, "model": run.model, "params": res["params"], "steps": run.steps,
+                "first_losses": [r["loss"] for r in evaluation.read_log(PRETRAIN_DIR)[:5]],
+                "machine": {"device": run.device, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                            "threads": torch.get_num_threads(), "torch": torch.__version__},
+                "train_seconds": res["seconds"], "flops": res.get("flops"),
+                "results": evaluation.evaluate(model, run, torch.device(run.device))}  # of the float16 weights
+    write_json(os.path.splitext(teachers.PRETRAINED)[0] + ".json", manifest)
+    print(json.dumps(manifest, indent=2))
+    return manifest
 
 
 def prepare_cid(args, stream, device):
@@ -481,13 +573,15 @@ def prepare_cid(args, stream, device):
     balance (the keep mask) and the k-means pseudo-classes (centroids, each pair's cluster),
     both kept beside the store. Returns the teacher's width D_t, what loss_terms needs and a
     summary for results.json."""
-    tdir = ensure_teacher(args, stream)
+    tdir, trained_here = ensure_teacher(args, stream)
     teacher = teachers.load_clip_teacher(tdir, device, args.trust_remote_code)
     store, summary = open_store(args, stream, teacher)
     info = {"teacher": tdir, "teacher_params": clip.count_params(teacher.model), "store": summary}
-    tres = os.path.join(tdir, "results.json")
-    if os.path.exists(tres):
+    tres = os.path.join(tdir, "results.json") if os.path.isdir(tdir) else os.path.splitext(tdir)[0] + ".json"
+    if os.path.exists(tres):  # our run's results.json, or the pretrained teacher's manifest
         info["teacher_results"] = read_json(tres)
+    trained = info.get("teacher_results", {}).get("flops", {}).get("student_training")  # None: trained elsewhere
+    info["teacher_flops"] = {"forward": teacher_flops(teacher, stream), "training": trained, "trained_by_this_run": trained_here}
     n = len(stream.pairs)
     if args.balance:
         pool = stream.pool
@@ -529,7 +623,8 @@ def prepare_cid(args, stream, device):
 
 
 def loss_terms(model, heads, batch, extra, args):
-    """{name: scalar loss} for one batch."""
+    """{name: scalar loss} for one batch. heads: {"kclip": KCLIPHeads, "cid": CIDHeads}, those of
+    the run's method (kclip+cid: both)."""
     image_emb = model.encode_image(batch["images"])  # (B, D_s) I_e
     text_feat = model.encode_text(batch["tokens"], normalize=False)  # (B, D_s) E_T(x), before normalising
     if "corpus_index" in batch:  # text-only lines (--text-corpus): the text tower alone
@@ -542,17 +637,19 @@ def loss_terms(model, heads, batch, extra, args):
         gathered = {} if n == 1 else dict(image_all=gather(image_emb), text_all=gather(text_emb), offset=rank * len(image_emb))
         terms = {"clip": losses.clip_loss(image_emb, text_emb, model.logit_scale.exp(), **gathered)}
         idx, dev = batch["index"], image_emb.device  # (B / W,) this rank's rows of the data (and of the store)
-        if args.method == "kclip":
+        if "kclip" in heads:
+            kh = heads["kclip"]
             t_txt = extra["t_store"].rows("text", idx).to(dev)  # (B, D_t) L(x)
             soft = kmeans.soft_assign(t_txt, extra["concept_centroids"], args.concept_tau)  # (B, K) s_i
-            terms["emb"] = losses.embedding_distill_loss(heads.proj(text_feat), t_txt)
-            terms["concept"] = losses.concept_loss(heads.classifier(image_emb), heads.classifier(text_emb), soft)
+            terms["emb"] = losses.embedding_distill_loss(kh.proj(text_feat), t_txt)
+            terms["concept"] = losses.concept_loss(kh.classifier(image_emb), kh.classifier(text_emb), soft)
         if "corpus_index" in batch:  # the same W_e and L_emb, on lines with no image
-            terms["corpus"] = losses.embedding_distill_loss(heads.proj(corpus_feat.float()),
+            terms["corpus"] = losses.embedding_distill_loss(heads["kclip"].proj(corpus_feat.float()),
                                                             extra["corpus_store"].rows("text", batch["corpus_index"]).to(dev))
-        if args.method == "cid":
-            zi = F.normalize(heads.proj(image_emb), dim=-1)  # (B, D_t) P(I_s)
-            zt = F.normalize(heads.proj(text_emb), dim=-1)  # (B, D_t) P(T_s)
+        if "cid" in heads:
+            ch = heads["cid"]
+            zi = F.normalize(ch.proj(image_emb), dim=-1)  # (B, D_t) P(I_s)
+            zt = F.normalize(ch.proj(text_emb), dim=-1)  # (B, D_t) P(T_s)
             y, C = extra["labels"][idx].to(dev), extra["centroids"]
             kw = dict(s=args.arc_scale, m=args.margin, sample_frac=args.class_frac,
                       generator=step_generator(args.seed, batch["step"], 1) if args.class_frac < 1 else None)
@@ -560,7 +657,7 @@ def loss_terms(model, heads, batch, extra, args):
             every = batch["global_index"]  # the teacher's rows: the whole global batch
             terms["id"] = losses.instance_loss(zi, zt, extra["store"].rows("image", every).to(dev),
                                                extra["store"].rows("text", every).to(dev),
-                                               heads.logit_scale.exp(), offset=rank * len(idx))
+                                               ch.logit_scale.exp(), offset=rank * len(idx))
         return terms
 
 
@@ -624,7 +721,7 @@ def save_checkpoint(path, model, heads, optimizer, step, args):
     return True
 
 
-RESUME_MUST_MATCH = ("method", "model", "data", "seed", "batch_size", "n_train", "image_size", "dup_frac", "imbalance",
+RESUME_MUST_MATCH = ("method", "model", "data", "seed", "batch_size", "n_train", "vocab_size", "image_size", "dup_frac", "imbalance",
                      "val_frac", "csv_img_key", "csv_caption_key", "csv_key", "store_dtype", "teacher", "clusters", "balance", "balance_threshold",
                      "balance_buckets", "class_frac", "text_teacher", "pool", "concepts", "concept_tau",
                      "text_teacher_init", "text_corpus", "corpus_batch")
@@ -636,6 +733,9 @@ def load_for_resume(path, model, heads, optimizer, args):
     if diff:
         raise SystemExit("error: cannot resume " + path + ": " + ", ".join(
             f"--{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {getattr(args, k)!r}" for k in diff))
+    if clip.CLIPConfig(**ckpt["model_config"]).merges != model.cfg.merges:
+        raise SystemExit(f"error: cannot resume {path}: the tokenizer learned from the data now differs from the "
+                         "checkpoint's (the training captions changed)")
     model.load_state_dict(ckpt["model"])
     heads.load_state_dict(ckpt["heads"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -652,6 +752,23 @@ def trim_log(path, step):
             lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
         with open(path, "w") as f:
             f.writelines(lines)
+
+
+def flop_accounting(student, info):
+    """results.json's "flops": the student's training (its first step's FLOPs x steps, every
+    rank; None when this call trained no step) and each teacher's: its forward passes over the
+    data and its training (None when it was trained elsewhere, e.g. a Hugging Face model).
+    "total" counts every teacher in full; a teacher shared by N students costs each
+    student + forward + training / N (docs: compute accounting)."""
+    out = {"student_training": student}
+    for key in ("teacher_flops", "text_teacher_flops"):  # CLIP-CID's CLIP teacher, Knowledge-CLIP's text teacher
+        if key in info:
+            name = key.replace("_flops", "")
+            out[f"{name}_forward"], out[f"{name}_training"] = info[key]["forward"], info[key]["training"]
+            out[f"{name}_trained_by_this_run"] = info[key]["trained_by_this_run"]
+    known = [v for k, v in out.items() if not k.endswith("by_this_run") and v is not None]
+    out["total"] = sum(known) if student is not None else None
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -674,17 +791,23 @@ def train(args):
     barrier()  # every rank has looked before rank 0 writes
     os.makedirs(args.out, exist_ok=True)
     stream = ShapesStream(args) if args.data in data.EMBEDDED else RealStream(args)
-    model = clip.build(args.model, image_size=args.image_size).to(device)
+    model = clip.build(args.model, image_size=args.image_size, merges=stream.merges).to(device)
     n_params = clip.count_params(model)
     say(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x "
           f"{args.batch_size} pairs on {device}{f' x {n_proc} processes' if n_proc > 1 else ''}, data {args.data} -> {args.out}")
-    heads, extra, info = nn.ModuleDict(), {}, {}
-    if args.method != "clip":
-        rng = torch.get_rng_state()  # loading or training a teacher must not change the student's init
-        teacher_dim, extra, info = (prepare_cid if args.method == "cid" else prepare_kclip)(args, stream, device)
-        torch.set_rng_state(rng)
-        heads = (CIDHeads(model.cfg.embed_dim, teacher_dim) if args.method == "cid"
-                 else KCLIPHeads(model.cfg.embed_dim, teacher_dim, args.concepts)).to(device)
+    heads, extra, info, dims = nn.ModuleDict(), {}, {}, {}
+    rng = torch.get_rng_state()  # loading or training a teacher must not change the student's init
+    for method in ("cid", "kclip"):  # kclip+cid: balance first, so that the concepts are those of the pairs trained on
+        if method in parts(args.method):
+            dims[method], more, more_info = (prepare_cid if method == "cid" else prepare_kclip)(args, stream, device)
+            extra.update(more)
+            info.update(more_info)
+    torch.set_rng_state(rng)
+    teacher_flops_info = {k: info.pop(k) for k in ("teacher_flops", "text_teacher_flops") if k in info}
+    if "kclip" in dims:
+        heads["kclip"] = KCLIPHeads(model.cfg.embed_dim, dims["kclip"], args.concepts).to(device)
+    if "cid" in dims:
+        heads["cid"] = CIDHeads(model.cfg.embed_dim, dims["cid"]).to(device)
     optimizer = make_optimizer([model, heads], args)
     student = Student(model, heads, extra, args)
     if n_proc > 1:
@@ -721,6 +844,7 @@ def train(args):
             saved = step_done
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    step_flops_here = None
     try:
         for step in bar:
             lr = lr_at(step, args)
@@ -730,27 +854,34 @@ def train(args):
             if "corpus_tokens" in extra:
                 batch["corpus_index"] = corpus_index(step, len(extra["corpus_tokens"]), args)
             images, tokens = data.to_input(batch["images"], device), batch["tokens"].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                terms = student({**batch, "images": images, "tokens": tokens})
-                loss = sum(weights[k] * v for k, v in terms.items())
-            values = torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
-            if n_proc > 1:  # what is logged and checked: the mean over ranks = the global batch's loss
-                dist.all_reduce(values)
-                values /= n_proc
-            optimizer.zero_grad(set_to_none=True)
-            bad = ("loss", values[0]) if not torch.isfinite(values[0]) else None
-            if bad is None:
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the same on every rank
-                bad = ("gradient norm", grad_norm) if not torch.isfinite(grad_norm) else None
+
+            def forward_backward():  # -> (loss, terms, the logged values, what went wrong or None)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    terms = student({**batch, "images": images, "tokens": tokens})
+                    loss = sum(weights[k] * v for k, v in terms.items())
+                values = torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
+                if n_proc > 1:  # what is logged and checked: the mean over ranks = the global batch's loss
+                    dist.all_reduce(values)
+                    values /= n_proc
+                optimizer.zero_grad(set_to_none=True)
+                bad = ("loss", values[0]) if not torch.isfinite(values[0]) else None
+                if bad is None:
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the same on every rank
+                    bad = ("gradient norm", grad_norm) if not torch.isfinite(grad_norm) else None
+                return loss, terms, values, bad
+            if step == start:  # the first step counts its FLOPs (results.json: flops)
+                (loss, terms, values, bad), step_flops_here = count_flops(forward_backward)
+            else:
+                loss, terms, values, bad = forward_backward()
             if bad is not None:  # stop before the bad update
                 raise SystemExit(f"error: the {bad[0]} became {bad[1].item()} at step {step}, which was not applied; "
                                  f"the checkpoint was left as it was. {on_disk()}")
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))  # exp(t) stays in [1, 100]
-                if isinstance(heads, CIDHeads):
-                    heads.logit_scale.clamp_(0, math.log(100))
+                if "cid" in heads:
+                    heads["cid"].logit_scale.clamp_(0, math.log(100))
             completed = step + 1
             seen += len(tokens) * n_proc
             rate = seen / (time.time() - t_start)
@@ -775,10 +906,12 @@ def train(args):
     results = {"method": args.method, "model": args.model, "params": n_params, "steps": args.steps,
                "batch_size": args.batch_size, "seed": args.seed, "data": args.data,
                "seconds": round(seconds, 1), "samples_per_second": round(seen / seconds, 1) if seen else None,
-               "skipped_pairs": stream.skipped, "data_fingerprint": stream.fingerprint, **info}
+               "skipped_pairs": stream.skipped, "data_fingerprint": stream.fingerprint,
+               "flops": flop_accounting(step_flops_here * n_proc * args.steps if start < args.steps else None,
+                                            teacher_flops_info), **info}
     results.update(evaluation.evaluate(model, args, device, stream.pairs))
     evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))
-    if args.method == "kclip" and args.data in data.EMBEDDED:  # teacher vs student text space, by concept
+    if "kclip" in parts(args.method) and args.data in data.EMBEDDED:  # teacher vs student text space, by concept
         sample = stream.pool[:2000]
         student_text = evaluation.embed_texts(model, [stream.ds.captions[i] for i in sample], device)
         teacher_text = extra["t_store"].rows("text", sample)
@@ -801,6 +934,9 @@ SWEEP = [  # (folder, row of the table, flags, EM text probe?)
     ("kclip", "Knowledge-CLIP", ["--method", "kclip"], True),
     ("cid", "CLIP-CID (balanced set)", ["--method", "cid"], True),
     ("cid-full", "CLIP-CID, full set (no balance)", ["--method", "cid", "--no-balance"], False),
+    ("cid-own", "CLIP-CID, teacher trained on the student's data (--teacher own)", ["--method", "cid", "--teacher", "own"],
+     False),
+    ("kclip-cid", "Knowledge-CLIP + CLIP-CID, both teachers", ["--method", "kclip+cid"], True),
     # controls (papers.md section 3): without them a gain cannot be read as what the paper claims
     ("kclip-random", "Knowledge-CLIP, random-init text teacher", ["--method", "kclip", "--text-teacher-init", "random"], True),
     ("kclip-alpha0", "Knowledge-CLIP, alpha = 0 (no L_emb)", ["--method", "kclip", "--emb-weight", "0"], True),
@@ -811,8 +947,12 @@ SWEEP = [  # (folder, row of the table, flags, EM text probe?)
      ["--method", "kclip", "--text-corpus", "--text-teacher-init", "random"], True),
     ("cid-cd", "CLIP-CID, cluster term alone", ["--method", "cid", "--id-weight", "0"], False),
     ("cid-id", "CLIP-CID, instance term alone", ["--method", "cid", "--cd-weight", "0"], False),
-    ("clip-equal", "CLIP, equal total compute", ["--method", "clip"], False),  # --steps: equal_compute_steps
+    # --steps: equal_compute_steps, the pretrained teacher counted in full / shared by every CLIP-CID student of the sweep
+    ("clip-equal", "CLIP, equal total compute (teacher counted in full)", ["--method", "clip"], False),
+    ("clip-equal-shared", "CLIP, equal total compute (teacher shared by the sweep's students)", ["--method", "clip"], False),
+    ("clip-pool", "CLIP on the teacher's pretraining pool", ["--method", "clip", *PRETRAIN_POOL], False),
 ]
+SHARING = [f for f, _, flags, _ in SWEEP if "cid" in " ".join(flags) and "own" not in flags]  # rows of the pretrained teacher
 SWEEP_FLAGS = ("preset", "model", "steps", "batch_size", "lr", "warmup", "n_train", "n_eval", "image_size",
                "teacher_steps", "device")
 TABLE = [  # (results.json key, column)
@@ -856,12 +996,15 @@ def bench(args, steps=20):
     torch.manual_seed(args.seed)
     stream = ShapesStream(args)
     batches = [stream.batch(i) for i in range(steps + 3)]
-    model = clip.build(args.model, image_size=args.image_size).to(device)
+    model = clip.build(args.model, image_size=args.image_size, merges=stream.merges).to(device)
+    byte_model = clip.build(args.model, image_size=args.image_size).to(device)  # the same, on bytes alone
+    byte_batches = [{**b, "tokens": byte_model.tokenize([stream.ds.captions[int(i)] for i in b["index"]])} for b in batches]
     cuda = device.type == "cuda"
-    optimizers = {fused: make_optimizer([model], args, fused=fused) for fused in ([False, True] if cuda else [False])}
-    blocks = [m for m in model.modules() if isinstance(m, clip.Block)]
+    optimizers = {(m, fused): make_optimizer([m], args, fused=fused) for m in (model, byte_model)
+                  for fused in ([False, True] if cuda else [False])}
+    blocks = [m for net in (model, byte_model) for m in net.modules() if isinstance(m, clip.Block)]
 
-    def seconds_per_step(fn):  # fn(batch) for 3 warmup batches, then the mean over `steps` batches
+    def seconds_per_step(fn, batches=batches):  # fn(batch) for 3 warmup batches, then the mean over `steps` batches
         for b in batches[:3]:
             fn(b)
         sync()
@@ -871,21 +1014,24 @@ def bench(args, steps=20):
         sync()
         return (time.time() - t) / steps
 
-    def train_step(batch, amp, optimizer):
+    def train_step(net, batch, amp, optimizer):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = clip_step_loss(model, batch, device)
+            loss = clip_step_loss(net, batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    flops = step_flops(model, batches[0])  # the model's FLOPs (padding columns cut): what MFU counts
-    # (name, fused attention, padding cut, bf16, fused AdamW)
-    variants = [("naive: textbook attention, all 64 text positions, fp32", False, False, False, False),
-                ("+ fused attention (scaled_dot_product_attention)", True, False, False, False),
-                ("+ unused padding columns cut: ours" + (" on CPU" if cuda else ""), True, True, False, False)]
+    # each model's FLOPs (padding columns cut): what MFU counts
+    flops = {True: step_flops(model, batches[0]), False: step_flops(byte_model, byte_batches[0])}
+    # (name, byte-pair tokens, fused attention, padding cut, bf16, fused AdamW)
+    variants = [("naive: byte tokens, textbook attention, all 64 text positions, fp32", False, False, False, False, False),
+                ("+ fused attention (scaled_dot_product_attention)", False, True, False, False, False),
+                ("+ unused padding columns cut", False, True, True, False, False),
+                (f"+ byte-pair tokens (--vocab-size {args.vocab_size}): ours" + (" on CPU" if cuda else ""),
+                 True, True, True, False, False)]
     if cuda:
-        variants += [("+ bf16 autocast", True, True, True, False),
-                     ("+ fused AdamW: ours on GPU", True, True, True, True)]
+        variants += [("+ bf16 autocast", True, True, True, True, False),
+                     ("+ fused AdamW: ours on GPU", True, True, True, True, True)]
     peak = {}
     n = 8192 if cuda else 1024
     for dtype in ([torch.float32] + ([torch.bfloat16] if cuda else [])):
@@ -893,33 +1039,45 @@ def bench(args, steps=20):
         peak[dtype] = 2 * n ** 3 / seconds_per_step(lambda _: a @ a)
     print(f"bench: {args.model} student, batch {args.batch_size}, {steps} steps, {device}"
           f"{f' ({torch.get_num_threads()} threads)' if not cuda else ''}; "
-          f"{flops / 1e9:.1f} GFLOP per step; matmul peak measured here "
+          f"{flops[True] / 1e9:.1f} GFLOP per step ({flops[False] / 1e9:.1f} on byte tokens); matmul peak measured here "
           + ", ".join(f"{str(d).split('.')[-1]} {p / 1e12:.2f} TFLOP/s" for d, p in peak.items()))
     print("| step | ms | samples/s | vs naive | TFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|")
     base = None
-    for name, fused, trim, amp, fused_adam in variants:
+    for name, bpe, fused, trim, amp, fused_adam in variants:
         for b in blocks:
             b.fused = fused
-        model.text.trim = trim
-        t = seconds_per_step(lambda b: train_step(b, amp, optimizers[fused_adam]))
+        net, data_ = (model, batches) if bpe else (byte_model, byte_batches)
+        net.text.trim = trim
+        t = seconds_per_step(lambda b: train_step(net, b, amp, optimizers[net, fused_adam]), data_)
         base = base or t
-        rate = flops / t
+        rate = flops[bpe] / t
         print(f"| {name} | {1000 * t:.1f} | {args.batch_size / t:.0f} | {base / t:.2f}x | {rate / 1e12:.3f} | "
               f"{100 * rate / peak[torch.bfloat16 if amp else torch.float32]:.0f}% |")
-    for name, tower, key in (("image", model.encode_image, "images"), ("text", model.encode_text, "tokens")):
+    for name, tower, key, data_ in (("image", model.encode_image, "images", batches),
+                                    ("text, byte tokens", byte_model.encode_text, "tokens", byte_batches),
+                                    ("text, byte-pair tokens", model.encode_text, "tokens", batches)):
         prep = (lambda b: data.to_input(b, device)) if key == "images" else (lambda b: b.to(device))
-        t = seconds_per_step(lambda b: tower(prep(b[key])).sum().backward())
-        print(f"{name} tower forward + backward alone: {1000 * t:.1f} ms")
+        t = seconds_per_step(lambda b: tower(prep(b[key])).sum().backward(), data_)
+        length = np.mean([float(b["tokens"].ne(clip.PAD).sum(1).float().mean()) for b in data_]) if key == "tokens" else None
+        print(f"{name} tower forward + backward alone: {1000 * t:.1f} ms"
+              + (f" ({length:.1f} tokens per caption)" if length else ""))
 
 
-def equal_compute_steps(args):
-    """Student steps whose FLOPs equal CLIP-CID's whole pipeline: training the teacher, embedding
-    the training set with it once, and the student's own --steps (its projector and losses are
-    < 0.1% of a step and not counted)."""
-    batch = ShapesStream(args).batch(0)
-    student, teacher = clip.build(args.model, image_size=args.image_size), clip.build("teacher", image_size=args.image_size)
+def equal_compute_steps(args, students=1):
+    """Student steps whose FLOPs equal CLIP-CID's whole pipeline: training the teacher (--teacher
+    pretrained: its manifest's FLOPs; own: --teacher-steps), split over the `students` that share
+    it, embedding the training set with it once, and the student's own --steps (its projector
+    and losses are < 0.1% of a step and not counted)."""
+    stream = ShapesStream(args)
+    batch = stream.batch(0)
+    student = clip.build(args.model, image_size=args.image_size, merges=stream.merges)
+    pretrained = (args.teacher or "pretrained") == "pretrained"  # a clip row of the sweep names no teacher: the default's
+    teacher = clip.build("teacher", image_size=args.image_size, merges=() if pretrained else stream.merges)
     f_student = step_flops(student, batch)
-    teacher_total = args.teacher_steps * step_flops(teacher, batch) + args.n_train / args.batch_size * step_flops(teacher, batch, False)
+    batch = {**batch, "tokens": teacher.tokenize([stream.ds.captions[int(i)] for i in batch["index"]])}  # the teacher's
+    training = (teachers.check_pretrained()["flops"]["student_training"] if pretrained
+                else args.teacher_steps * step_flops(teacher, batch))
+    teacher_total = training / students + args.n_train / args.batch_size * step_flops(teacher, batch, False)
     return math.ceil(args.steps + teacher_total / f_student)
 
 
@@ -966,8 +1124,9 @@ def sweep(args):
             if os.path.exists(res_path) and not (em and "text_em" not in read_json(res_path)):
                 continue  # finished: nothing to redo
             argv = base + flags + ["--seed", str(seed)]
-            if folder == "clip-equal":
-                argv += ["--steps", str(equal_compute_steps(parse_args(argv)))]
+            if folder.startswith("clip-equal"):
+                students = 1 if folder == "clip-equal" else len(SHARING) * len(args.seeds)
+                argv += ["--steps", str(equal_compute_steps(parse_args(argv), students))]
             run = parse_args(argv + ["--out", out, "--resume"])
             if not os.path.exists(res_path):
                 print(f"\nsweep: {row}, seed {seed} -> {out}")
@@ -997,8 +1156,12 @@ def write_table(root, args):
     results.json is read with its eval.json, if any, on top."""
     rows, wall = {}, 0.0
     teacher_dirs = [default_teacher_dir(parse_args(sweep_flags(args) + ["--seed", str(s)])) for s in args.seeds]
-    sources = [("CLIP-CID teacher (CLIP loss, --model teacher)", teacher_dirs)]
+    sources = [("CLIP-CID own-data teacher (--teacher own)", teacher_dirs)]
     sources += [(row, [os.path.join(root, f"{folder}-s{s}") for s in args.seeds]) for folder, row, _, _ in SWEEP]
+    if os.path.exists(os.path.splitext(teachers.PRETRAINED)[0] + ".json"):  # one teacher for every seed: no std
+        manifest = read_json(os.path.splitext(teachers.PRETRAINED)[0] + ".json")
+        rows["CLIP-CID pretrained teacher (weights/)"] = {k: {"values": [manifest["results"][k]], "seedless": True}
+                                                          for k, _ in TABLE + TIER_TABLE if k in manifest["results"]}
     for row, dirs in sources:
         found = []
         for d in dirs:
@@ -1056,6 +1219,8 @@ def main(argv=None):
     try:
         if args.bench:
             return bench(args)
+        if args.pretrain_teacher:
+            return pretrain_teacher(args)
         return sweep(args) if args.sweep else train(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
