@@ -1664,7 +1664,7 @@ def test_sweep_writes_the_table_resumes_and_refuses_other_flags(tmp_path, monkey
 def test_bench_prints_each_variant(capsys):
     train.main(["--bench", "--model", "tiny", "--batch-size", "16", "--n-train", "200"])
     out = capsys.readouterr().out
-    assert "GFLOP per step" in out and out.count("x |") == 3 and "| naive" in out and "text tower" in out
+    assert "GFLOP per step" in out and out.count("x |") == 4 and "| naive" in out and "byte-pair tokens tower" in out
 
 
 # ========================================================================================
