@@ -143,6 +143,7 @@ def load_clip_teacher(spec, device, trust_remote_code=False):
 # were made: the command, the code version, the pool's fingerprint, the first losses of the
 # recipe, the evaluation, the FLOPs, the file's sha256. test_all.py re-checks all of it.
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes-teacher.pt")
+MANIFEST = os.path.splitext(PRETRAINED)[0] + ".json"  # beside it, same name
 REBUILD = "python train.py --pretrain-teacher"
 PREFIX_ROWS = 256  # the pool's first rows, drawn again at every use to see that data.py still draws this pool
 
@@ -164,8 +165,9 @@ def pool_prefix_fingerprint(pool, rows=PREFIX_ROWS):
 
 
 def check_pretrained(path=PRETRAINED):
-    """The pretrained teacher's manifest, once its weights match their sha256 and data.py still
-    draws its pool; else one line that says what is wrong and the command that rebuilds it."""
+    """The pretrained teacher's manifest (the .json beside `path`), once its weights match their
+    sha256 and data.py still draws its pool; else one line that says what is wrong and the
+    command that rebuilds it."""
     manifest_path = os.path.splitext(path)[0] + ".json"
     if not (os.path.isfile(path) and os.path.isfile(manifest_path)):
         raise SystemExit(f"error: no pretrained teacher at {path} (with its manifest {os.path.basename(manifest_path)}); "

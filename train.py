@@ -462,7 +462,7 @@ def teacher_flops(teacher, stream, n=64):
     captions = [c for c in (stream.pairs.caption(int(i)) for i in stream.pool[:n]) if c]
     flops = count_flops(lambda: teacher.encode_texts(captions))[1]
     if hasattr(teacher, "encode_images"):
-        blank = torch.zeros(len(captions), 3, teacher.crop or teacher.resize, teacher.crop or teacher.resize, dtype=torch.uint8)
+        blank = torch.zeros(len(captions), 3, teacher.crop, teacher.crop, dtype=torch.uint8)  # the size the store reads
         flops += count_flops(lambda: teacher.encode_images(blank))[1]
     return round(flops / len(captions) * len(stream.pairs))
 
@@ -504,31 +504,34 @@ DATA_FLAGS = ("data", "n_train", "vocab_size", "dup_frac", "imbalance", "image_s
 
 
 def ensure_teacher(args, stream):
-    """-> (the teacher to load, whether this run trained it). --teacher pretrained: the shipped
+    """-> (the teacher to load, its record: our results.json or the manifest, None for a Hugging
+    Face model; whether this run trained it). --teacher pretrained: the shipped
     one, checked against its manifest (teachers.check_pretrained); own: train `--method clip
     --model teacher` on the same data first if missing. An own teacher is reused only if it was
     trained on this very data (its results.json's fingerprint): a teacher left by other data
     would otherwise be distilled without a word."""
     if args.teacher == "pretrained":
-        teachers.check_pretrained()
-        return teachers.PRETRAINED, False
+        return teachers.PRETRAINED, teachers.check_pretrained(), False
     if args.teacher != "own":
-        return args.teacher, False
+        record = (os.path.join(args.teacher, "results.json") if os.path.isdir(args.teacher)
+                  else os.path.splitext(args.teacher)[0] + ".json")  # a run folder of ours, or a .pt with its manifest
+        return args.teacher, read_json(record) if os.path.isfile(record) else None, False
     tdir = default_teacher_dir(args)
     if os.path.exists(os.path.join(tdir, "results.json")):
-        trained_on = read_json(os.path.join(tdir, "results.json")).get("data_fingerprint")
+        record = read_json(os.path.join(tdir, "results.json"))
+        trained_on = record.get("data_fingerprint")
         if trained_on != stream.fingerprint:
             raise SystemExit(f"error: the teacher in {tdir} was trained on other data ({trained_on or 'an older data.py'}, "
                              f"this run's is {stream.fingerprint}); move it away to train a new one, or pass --teacher {tdir}")
         say(f"cid: using the teacher in {tdir}")
-        return tdir, False
+        return tdir, record, False
     say(f"cid: no teacher for this data and preset in {tdir}; training it first ({args.teacher_steps} steps)")
     flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in DATA_FLAGS if getattr(args, k) is not None]
     batch = PRESETS[args.preset]["batch_size"]  # the preset's; the student's if the data holds fewer pairs
     batch = batch if len(stream.pool) >= batch else args.batch_size
     train(parse_args(["--method", "clip", "--model", "teacher", "--steps", str(args.teacher_steps), "--batch-size",
                       str(batch), *flags, "--out", tdir, "--resume"]))
-    return tdir, True
+    return tdir, read_json(os.path.join(tdir, "results.json")), True  # every rank: train() ends after rank 0 wrote it
 
 
 def pretrain_teacher(args):
@@ -563,7 +566,7 @@ def pretrain_teacher(args):
                             "threads": torch.get_num_threads(), "torch": torch.__version__},
                 "train_seconds": res["seconds"], "flops": res.get("flops"),
                 "results": evaluation.evaluate(model, run, torch.device(run.device))}  # of the float16 weights
-    write_json(os.path.splitext(teachers.PRETRAINED)[0] + ".json", manifest)
+    write_json(teachers.MANIFEST, manifest)
     print(json.dumps(manifest, indent=2))
     return manifest
 
@@ -573,14 +576,13 @@ def prepare_cid(args, stream, device):
     balance (the keep mask) and the k-means pseudo-classes (centroids, each pair's cluster),
     both kept beside the store. Returns the teacher's width D_t, what loss_terms needs and a
     summary for results.json."""
-    tdir, trained_here = ensure_teacher(args, stream)
+    tdir, record, trained_here = ensure_teacher(args, stream)
     teacher = teachers.load_clip_teacher(tdir, device, args.trust_remote_code)
     store, summary = open_store(args, stream, teacher)
     info = {"teacher": tdir, "teacher_params": clip.count_params(teacher.model), "store": summary}
-    tres = os.path.join(tdir, "results.json") if os.path.isdir(tdir) else os.path.splitext(tdir)[0] + ".json"
-    if os.path.exists(tres):  # our run's results.json, or the pretrained teacher's manifest
-        info["teacher_results"] = read_json(tres)
-    trained = info.get("teacher_results", {}).get("flops", {}).get("student_training")  # None: trained elsewhere
+    if record is not None:  # our run's results.json, or the pretrained teacher's manifest
+        info["teacher_results"] = record
+    trained = (record or {}).get("flops", {}).get("student_training")  # None: trained elsewhere
     info["teacher_flops"] = {"forward": teacher_flops(teacher, stream), "training": trained, "trained_by_this_run": trained_here}
     n = len(stream.pairs)
     if args.balance:
@@ -978,13 +980,12 @@ def clip_step_loss(model, batch, device):
 def step_flops(model, batch, train_step=True):
     """FLOPs of one forward (+ backward if train_step) of the CLIP loss on a batch, counted by
     torch's FlopCounterMode (matmuls, convolutions and attention; elementwise work is not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter, torch.set_grad_enabled(train_step):
-        loss = clip_step_loss(model, batch, next(model.parameters()).device)
-        if train_step:
-            loss.backward()
-    return counter.get_total_flops()
+    def run():
+        with torch.set_grad_enabled(train_step):
+            loss = clip_step_loss(model, batch, next(model.parameters()).device)
+            if train_step:
+                loss.backward()
+    return count_flops(run)[1]
 
 
 def bench(args, steps=20):
@@ -1158,8 +1159,8 @@ def write_table(root, args):
     teacher_dirs = [default_teacher_dir(parse_args(sweep_flags(args) + ["--seed", str(s)])) for s in args.seeds]
     sources = [("CLIP-CID own-data teacher (--teacher own)", teacher_dirs)]
     sources += [(row, [os.path.join(root, f"{folder}-s{s}") for s in args.seeds]) for folder, row, _, _ in SWEEP]
-    if os.path.exists(os.path.splitext(teachers.PRETRAINED)[0] + ".json"):  # one teacher for every seed: no std
-        manifest = read_json(os.path.splitext(teachers.PRETRAINED)[0] + ".json")
+    if os.path.exists(teachers.MANIFEST):  # one teacher for every seed: no std
+        manifest = read_json(teachers.MANIFEST)
         rows["CLIP-CID pretrained teacher (weights/)"] = {k: {"values": [manifest["results"][k]], "seedless": True}
                                                           for k, _ in TABLE + TIER_TABLE if k in manifest["results"]}
     for row, dirs in sources:
