@@ -428,6 +428,7 @@ def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, w
                     changed.append(why)
     if changed and rank == 0:
         print(f"store: {len(changed)} part(s) to rebuild, e.g. {changed[0]}")
+    kmeans.barrier()  # every rank has looked before any writes: they agree on what to build (else a part is nobody's)
     mine = [j for k, j in enumerate(sorted(todo)) if k % n_ranks == rank]
     total = sum(pairs.parts[j][2] - pairs.parts[j][1] for j in mine for _ in todo[j])
     t0 = time.time()
