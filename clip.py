@@ -144,7 +144,7 @@ class Block(nn.Module):
     def __init__(self, width, heads, causal=False):
         super().__init__()
         self.heads, self.causal = heads, causal
-        self.fused = True  # False: the textbook formula (train.py --bench times both)
+        self.fused = True  # False: the textbook formula (docs/bench.py times both)
         self.ln_1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -205,7 +205,7 @@ class TextTransformer(nn.Module):
         self.pos_emb = nn.Parameter(torch.randn(context_length, width) * 0.01)
         self.blocks = nn.ModuleList([Block(width, heads, causal=True) for _ in range(layers)])
         self.ln_final = nn.LayerNorm(width)
-        self.trim = True  # False: run all context_length positions (train.py --bench times both)
+        self.trim = True  # False: run all context_length positions (docs/bench.py times both)
 
     def forward(self, tokens):  # (B, L) int64 -> (B, width)
         # Causal attention: positions after EOT never reach the EOT state, so the padding
@@ -224,7 +224,7 @@ class TextTransformer(nn.Module):
 # CLIP: the two towers, the projections W_i, W_t and the learned temperature t.
 
 @dataclass
-class CLIPConfig:
+class CLIPConfig:  # the defaults are the `small` size
     embed_dim: int = 64  # D, the joint space
     image_size: int = 32
     patch_size: int = 8
@@ -233,12 +233,21 @@ class CLIPConfig:
     vision_heads: int = 4
     context_length: int = 64
     text_width: int = 96
-    text_layers: int = 3
+    text_layers: int = 2
     text_heads: int = 4
     merges: tuple = ()  # the tokenizer's byte-pair merges ((a, b), ...); () = bytes alone
 
     def __post_init__(self):  # a checkpoint stores lists: back to the tuples a config compares by
         self.merges = tuple(tuple(m) for m in self.merges)
+
+
+MAX_LOGIT_SCALE = math.log(100)  # exp(t) is clipped at 100 after every update (CLIP, Sec. 2.5)
+
+
+def logit_scale():
+    """A learned temperature t, initialised at ln(1 / 0.07) (CLIP, Sec. 2.5): CLIP's, and CLIP-CID's
+    instance loss's s'."""
+    return nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
 class CLIP(nn.Module):
@@ -252,7 +261,7 @@ class CLIP(nn.Module):
         self.tokenizer = Tokenizer(cfg.merges)
         self.image_proj = nn.Parameter(torch.randn(cfg.vision_width, cfg.embed_dim) * cfg.vision_width ** -0.5)  # W_i
         self.text_proj = nn.Parameter(torch.randn(cfg.text_width, cfg.embed_dim) * cfg.text_width ** -0.5)  # W_t
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # t; exp(t) scales the logits
+        self.logit_scale = logit_scale()  # t; exp(t) scales the logits
 
     def encode_image(self, images, normalize=True):  # (B, 3, H, W) -> (B, D)
         x = self.visual(images) @ self.image_proj
@@ -276,8 +285,7 @@ class CLIP(nn.Module):
 SIZES = {
     "tiny": CLIPConfig(embed_dim=64, vision_width=64, vision_layers=2, vision_heads=2,
                        text_width=64, text_layers=2, text_heads=2),
-    "small": CLIPConfig(embed_dim=64, vision_width=96, vision_layers=3, vision_heads=4,
-                        text_width=96, text_layers=2, text_heads=4),
+    "small": CLIPConfig(),
     "base": CLIPConfig(embed_dim=128, vision_width=128, vision_layers=4, vision_heads=4,
                        text_width=128, text_layers=3, text_heads=4),
     "teacher": CLIPConfig(embed_dim=128, vision_width=160, vision_layers=6, vision_heads=5,
@@ -293,6 +301,16 @@ SIZES = {
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
+
+
+def count_flops(fn):
+    """(fn(), the FLOPs it ran), by torch's FlopCounterMode: matmuls, convolutions and attention
+    (elementwise work is not counted), forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn()
+    return out, counter.get_total_flops()
 
 
 def build(size="small", **overrides):

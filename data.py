@@ -10,8 +10,11 @@
 2. Real pairs: open_clip-style CSV/TSV (`filepath`, `title`) and img2dataset webdataset tar
    shards (`{key}.jpg` + `{key}.txt`), read with the standard library; corrupt or missing
    images and empty captions are skipped and counted, never crash a run.
-3. Evaluation sets by name through torchvision, with class names and prompt templates.
+3. Evaluation sets by name through torchvision: images, labels, class names.
 4. Attribute sets as published (CUB-200-2011, AWA2): images, classes, class x attribute matrix.
+5. Data parallelism: which rank takes which rows.
+6. Batches: a training run's stream of batches, each a pure function of (seed, step), the
+   embedded set's from memory and real pairs' through a DataLoader.
 """
 import contextlib
 import copy
@@ -28,8 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 from PIL import Image
 from tqdm import tqdm
+
+import clip
 
 # ----------------------------------------------------------------------------------------
 # 1. The embedded set. Attribute values, the words that name them, and the templates.
@@ -43,7 +50,7 @@ RGB = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (0.95, 0.9,
        "green": (0.1, 0.75, 0.2), "cyan": (0.1, 0.85, 0.9), "blue": (0.15, 0.3, 1.0),
        "purple": (0.55, 0.15, 0.8), "pink": (1.0, 0.5, 0.75)}
 
-# The words for each value, in three tiers (train.py reports each tier apart):
+# The words for each value, in three tiers (eval.py scores each tier apart):
 #   common: the training captions use them all the time (each about equally often);
 #   rare: each mention of a colour or shape uses its rare word with probability RARE_FRAC,
 #     so each rare word is in a fraction of a percent of the training captions;
@@ -153,6 +160,26 @@ def eval_captions(n_eval, seed=0, image_size=32):
     """The captions that evaluation tests on (the test split, also the EM probe's held-out
     captions, and the held-out wordings), as a set: no text-only corpus may contain them."""
     return {c for split in ("test", "wordings") for c in ShapesDataset(split, n_eval, seed=seed, image_size=image_size).captions}
+
+
+def read_corpus(args):
+    """--text-corpus: 'shapes' -> text_corpus; else a UTF-8 file, one phrase per line. On the
+    embedded data no line may be an evaluation caption (eval_captions): the generated corpus
+    draws none, and a file's such lines are dropped and counted. -> (lines, lines dropped)."""
+    held = eval_captions(args.n_eval, args.seed, args.image_size) if args.data in EMBEDDED else set()
+    if args.text_corpus == "shapes":
+        return text_corpus(seed=args.seed, exclude=held), 0
+    if not os.path.isfile(args.text_corpus):
+        raise SystemExit(f"error: --text-corpus {args.text_corpus}: no such file")
+    with open(args.text_corpus, encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    kept = [line for line in lines if line not in held]
+    if not kept:
+        raise SystemExit(f"error: --text-corpus {args.text_corpus} has no non-empty line"
+                         + (" that is not an evaluation caption" if lines else ""))
+    if len(kept) < len(lines) and world()[0] == 0:
+        print(f"kclip: dropped {len(lines) - len(kept)} lines of --text-corpus that are evaluation captions")
+    return kept, len(lines) - len(kept)
 
 
 def shape_mask(shape, u, v):
@@ -268,6 +295,14 @@ class ShapesDataset:
         return len(self.captions)
 
 
+def training_set(cfg):
+    """The embedded pairs a run trains on, from its config (a dict: vars(args), or a checkpoint's
+    saved config): every place that needs them again (the EM probe, the pretrained teacher's
+    pool check) draws them here, from the same keys."""
+    return ShapesDataset(EMBEDDED[cfg["data"]], cfg["n_train"], seed=cfg["seed"], image_size=cfg["image_size"],
+                         dup_frac=cfg["dup_frac"], imbalance=cfg["imbalance"])
+
+
 # ----------------------------------------------------------------------------------------
 # Pixels -> model input. Images travel as uint8 (N, 3, S, S) and are normalised on the fly.
 
@@ -336,6 +371,11 @@ def atomic(path):
     never leaves half a file (checkpoints, the teacher store, results.json, converted data)."""
     yield path + ".tmp"
     os.replace(path + ".tmp", path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_json(path, obj):
@@ -706,19 +746,13 @@ def convert_folder(folder, out, shard_size=1000, max_side=256):
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Evaluation sets through torchvision: images, labels, class names, prompt templates.
+# 3. Evaluation sets through torchvision: images, labels, class names (eval.py holds the prompts).
 
 EVAL_SETS = {  # name: (torchvision class, how to ask for the test split)
     "cifar10": ("CIFAR10", {"train": False}), "cifar100": ("CIFAR100", {"train": False}),
     "fashion-mnist": ("FashionMNIST", {"train": False}), "mnist": ("MNIST", {"train": False}),
     "stl10": ("STL10", {"split": "test"}),
 }
-TEMPLATES_BY_SET = {
-    "fashion-mnist": ["a photo of a {}.", "a photo of the {}, a type of clothing.", "a black and white photo of a {}."],
-    "mnist": ['a photo of the number: "{}".', "a handwritten digit {}."],
-}
-DEFAULT_EVAL_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the small {}.",
-                          "a low resolution photo of a {}."]
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
@@ -753,7 +787,7 @@ def open_eval_set(name, root, train=False):
 
 
 def load_eval_set(name, root, image_size, max_n=None, train=False):
-    """A named torchvision set as (images (N, 3, S, S) uint8, labels (N,), class names, templates):
+    """A named torchvision set as (images (N, 3, S, S) uint8, labels (N,), class names):
     its first max_n images (said in one line when that is not all of them)."""
     ds = open_eval_set(name, root, train)
     n = len(ds) if max_n is None else min(max_n, len(ds))
@@ -764,8 +798,7 @@ def load_eval_set(name, root, image_size, max_n=None, train=False):
     classes = [c.replace("_", " ") for c in ds.classes]
     if name == "mnist":
         classes = [c.split(" - ")[1] for c in classes]
-    return images, labels, classes, TEMPLATES_BY_SET.get(name, DEFAULT_EVAL_TEMPLATES)
-
+    return images, labels, classes
 
 
 # ----------------------------------------------------------------------------------------
@@ -900,6 +933,196 @@ def check_eval_set(name, root):
             need(os.path.join(inside(root, folder), f), layout)
     else:
         open_eval_set(name, root), open_eval_set(name, root, train=True)  # the probe needs the train split too
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Data parallelism: which rank takes which rows. torchrun starts N processes; each takes 1/N
+# of every global batch (the streams below) and of every store k-means fits on (`shard`);
+# DistributedDataParallel averages the gradients. One process: every helper is a no-op.
+
+def world():
+    """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier():
+    """Wait for every rank (nothing to wait for in one process)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def shard(x):
+    """This rank's contiguous slice of the rows of x (all of x when not distributed): what each
+    rank passes to `kmeans.fit` so that the ranks together hold every row once, in order."""
+    rank, n_ranks = world()
+    n = len(x)
+    return x[rank * n // n_ranks:(rank + 1) * n // n_ranks]
+
+
+def init_distributed(args):
+    """Join the process group torchrun describes: nccl on CUDA (one GPU per process), gloo on CPU.
+    Rank 0 alone writes logs, checkpoints, pictures and results, into the folder it chose."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        out = [args.out]
+        dist.broadcast_object_list(out, src=0)  # every rank writes (or reads) rank 0's folder
+        args.out = out[0]
+
+
+def gather(x):
+    """(B, D) on each rank -> (W*B, D), in rank order, gradients flowing back to each rank's rows:
+    the contrastive losses score a rank's rows against every rank's embeddings (as open_clip)."""
+    return torch.cat(dist_fn.all_gather(x)) if world()[1] > 1 else x
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Batches. Each one is a pure function of (seed, step), so a resumed run sees the same data.
+
+BPE_SAMPLE = 20000  # captions the tokenizer learns its merges from (evenly spaced over the pool)
+
+
+def step_generator(seed, step, stream):
+    """The random draws a step makes inside the loop come from here, a pure function of (seed,
+    step, stream), never from the global RNG: a resumed run draws exactly what an unbroken one
+    did, wherever it was stopped. stream 0: text-only lines; 1: partial class sampling."""
+    return torch.Generator().manual_seed(seed * 1000003 + step + stream * 2 ** 40)
+
+
+def corpus_index(step, n_lines, args):
+    """(B_c / W,) this rank's text-only lines at a step; the global draw is split over ranks like the pairs."""
+    idx = torch.randint(n_lines, (args.corpus_batch,), generator=step_generator(args.seed, step, 0))  # (B_c,)
+    rank, n = world()
+    return idx.view(n, -1)[rank]
+
+
+class Stream:
+    def learn_tokenizer(self, captions, vocab_size):
+        """The byte-pair tokenizer of this run, learned from its training captions: its merges go
+        into the model's config (and so into every checkpoint)."""
+        self.merges = clip.learn_bpe(captions, vocab_size) if vocab_size > clip.N_BASE else []
+        self.tokenizer = clip.Tokenizer(self.merges)
+
+    def order(self, epoch):  # (P,) epoch e's order of the pool: a permutation seeded by (seed, e)
+        return self.pool[torch.randperm(len(self.pool), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))]
+
+    def restrict(self, keep):
+        """Train only on the pairs of the pool where keep (N,) bool is True."""
+        self.pool = self.pool[torch.as_tensor(keep)[self.pool]]
+        if len(self.pool) < self.batch_size:
+            raise SystemExit(f"error: only {len(self.pool)} pairs left, fewer than --batch-size {self.batch_size}")
+
+
+class ShapesStream(Stream):
+    """The embedded set in memory, in `order(epoch)` of its pool."""
+
+    def __init__(self, args):
+        self.ds = training_set(vars(args))
+        if args.batch_size > len(self.ds):
+            raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(self.ds)} training pairs")
+        self.pairs = ShapesPairs(self.ds)  # the same pairs by row, for the teacher store
+        self.learn_tokenizer(self.ds.captions[:BPE_SAMPLE], args.vocab_size)
+        self.tokens = self.tokenizer(self.ds.captions, clip.SIZES[args.model].context_length)  # (N, L)
+        self.batch_size, self.seed, self.perm_epoch, self.skipped = args.batch_size, args.seed, None, 0
+        self.pool = torch.arange(len(self.ds))  # the pairs we train on (semantic balance may drop some)
+        self.fingerprint = fingerprint_of(self.ds.images, self.ds.captions)  # names this data in results.json
+
+    def images(self, idx):  # (n,) rows -> (n, 3, S, S) uint8, for pictures
+        return self.ds.images[torch.as_tensor(idx)]
+
+    def batch(self, step):
+        per_epoch = len(self.pool) // self.batch_size
+        epoch, k = divmod(step, per_epoch)
+        if self.perm_epoch != epoch:
+            self.perm, self.perm_epoch = self.order(epoch), epoch
+        idx = self.perm[k * self.batch_size:(k + 1) * self.batch_size]  # (B,) the global batch
+        rank, n = world()
+        local = idx.view(n, -1)[rank]  # (B / W,) this rank's share
+        return {"images": self.ds.images[local], "tokens": self.tokens[local], "index": local, "global_index": idx,
+                "skipped": 0}
+
+
+class RealStream(Stream):
+    """CSV rows or tar shards, read by row (Pairs) through a DataLoader: the same seeded
+    permutation of the pool per epoch as the embedded set, so resuming at step s skips the
+    batches already seen without loading their images, and ranks take their share of each
+    global batch. Held out: the pairs whose key is_val picks. A batch holds --batch-size
+    rows less the pairs that could not be read (under torchrun: trimmed to the smallest share,
+    so every rank gathers as many rows); a batch with fewer than 2 usable pairs is skipped."""
+
+    def __init__(self, args):
+        self.pairs = real_pairs(args.data, args.image_size, args.csv_img_key, args.csv_caption_key, args.csv_key,
+                                os.path.join(args.store, "scans"))
+        self.args, self.batch_size, self.seed, self.iterator = args, args.batch_size, args.seed, None
+        self.skipped = self.pairs.skipped_rows
+        self.pool = torch.tensor([i for i, k in enumerate(self.pairs.keys) if not is_val(k, args.seed, args.val_frac)],
+                                 dtype=torch.long)
+        self.fingerprint = self.pairs.fingerprint()
+        sample = self.pool[np.linspace(0, len(self.pool) - 1, min(BPE_SAMPLE, len(self.pool))).astype(np.int64)]
+        self.learn_tokenizer([c for c in (self.pairs.caption(int(i)) for i in sample) if c], args.vocab_size)
+
+    def images(self, idx):  # pictures: each image at 64 px (a black tile if it cannot be read)
+        view = self.pairs.at_size(64)
+        return torch.stack([item[0] if not isinstance(item, str) else torch.zeros(3, 64, 64, dtype=torch.uint8)
+                            for item in (view[int(i)] for i in idx)])
+
+    def epochs(self, start_step):
+        """Yield (images, captions, local rows, global rows, n_skipped) from step `start_step` on.
+        A whole pass that yields no batch stops the run with one line that says why."""
+        a, step, epoch = self.args, 0, 0
+        rank, n = world()
+        carry, reason = 0, self.pairs.skip_reason  # skipped pulls not yet reported; an example
+        while True:
+            order = self.order(epoch)
+            per_epoch = len(order) // a.batch_size
+            if per_epoch == 0:
+                dropped = f" ({self.skipped} dropped, e.g. {reason})" if self.skipped else ""
+                raise SystemExit(f"error: --data {a.data} has {len(order)} training pairs{dropped}, fewer than "
+                                 f"--batch-size {a.batch_size}")
+            skip = min(max(start_step - step, 0), per_epoch)  # batches already trained on
+            step, full_pass = step + skip, skip == 0
+            mine = order[skip * a.batch_size:per_epoch * a.batch_size].view(-1, n, a.batch_size // n)[:, rank]
+            loader = torch.utils.data.DataLoader(self.pairs, sampler=mine.flatten().tolist(), batch_size=a.batch_size // n,
+                                                 num_workers=a.workers, collate_fn=collate)
+            usable = 0
+            for images, captions, rows, skipped, why in loader:
+                step += 1
+                reason = reason or why
+                k = len(captions)
+                if n > 1:  # every rank keeps as many pairs as the one with fewest
+                    k = torch.tensor([k])
+                    dist.all_reduce(k, op=dist.ReduceOp.MIN)
+                    k = int(k)
+                if k < 2:  # nothing to contrast: skipped, its pairs counted
+                    carry += skipped + len(captions)
+                    continue
+                skipped += len(captions) - k
+                images, captions, rows = images[:k], captions[:k], rows[:k]
+                every = rows
+                if n > 1:  # (k W,) the global batch's rows, in rank order
+                    shares = [torch.empty_like(rows) for _ in range(n)]
+                    dist.all_gather(shares, rows)
+                    every = torch.cat(shares)
+                usable += 1
+                if step > start_step:
+                    yield images, captions, rows, every, carry + skipped
+                    carry = 0
+            if full_pass and usable == 0:
+                hint = " (CSV image paths are read relative to the CSV file's folder)" if isinstance(self.pairs, CsvPairs) else ""
+                raise SystemExit(f"error: --data {a.data}: no usable pair in a whole pass ({carry} skipped), e.g. {reason}{hint}")
+            epoch += 1
+
+    def batch(self, step):
+        if self.iterator is None:
+            self.iterator = self.epochs(step)
+        images, captions, rows, every, skipped = next(self.iterator)
+        self.skipped += skipped
+        return {"images": images, "tokens": self.tokenizer(captions, clip.SIZES[self.args.model].context_length),
+                "captions": captions, "index": rows, "global_index": every, "skipped": self.skipped}
 
 
 if __name__ == "__main__":  # python data.py: look at the embedded data, or convert a folder of images

@@ -7,25 +7,20 @@
 - Linear probe: multinomial logistic regression on frozen, normalised image features, in torch
   (L-BFGS), its weight decay chosen on a validation split, then scored once on the test split.
 - Attributes (Knowledge-CLIP's AWA2 / CUB evaluation): zero-shot from attribute prompts.
-- EM (Knowledge-CLIP Figure 3, after Kamath et al. 2023): how much of a caption a frozen text
-  encoder keeps, measured by a frozen decoder that must write it back.
+- Vocabulary tiers: zero-shot and a text-space probe with rare and never-seen words.
+- Pictures and plots a run writes: clusters, duplicate groups, loss curves, a text-space PCA.
+(Knowledge-CLIP's EM text probe trains a model of its own: docs/em_probe.py.)
 
 `evaluate(model, ...)` is what train.py calls at the end of a run; `python eval.py --ckpt DIR`
-runs the same on a saved checkpoint; `python eval.py --text-em --ckpt KCLIP_DIR --baseline
-CLIP_DIR` prints the EM table (proof of concept, teacher, CLIP, Knowledge-CLIP).
+runs the same on a saved checkpoint (into DIR/eval.json); `--tiers` and `--curves` below.
 """
 import argparse
-import hashlib
 import json
-import math
 import os
-import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from tqdm import tqdm
 
 import clip
 import data
@@ -115,12 +110,25 @@ def linear_probe(train, val, test, n_classes, decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e
 
 
 # ----------------------------------------------------------------------------------------
+# Prompts: every prompt template of the evaluation, in one place (ours unless said).
+
+SHAPE_PROMPTS = ["a photo of {}", "{} on a dark background"]  # the embedded set; {} = 'a red circle'
+SET_PROMPTS = {  # torchvision sets, by name; the rest take DEFAULT_PROMPTS (after CLIP's ImageNet prompts)
+    "fashion-mnist": ["a photo of a {}.", "a photo of the {}, a type of clothing.", "a black and white photo of a {}."],
+    "mnist": ['a photo of the number: "{}".', "a handwritten digit {}."],
+}
+DEFAULT_PROMPTS = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the small {}.", "a low resolution photo of a {}."]
+ATTRIBUTE_SET_PROMPTS = {  # (class-name prompts, attribute prompts)
+    "cub": (["a photo of a {}, a type of bird.", "a photo of a {}."], ["a photo of a bird with {}.", "a bird with {}."]),
+    "awa2": (["a photo of a {}, a type of animal.", "a photo of a {}."], ["a photo of an animal: {}.", "a photo of a {} animal."]),
+}
+ATTRIBUTE_PROMPTS = {"shape": data.SHAPES, "colour": data.COLOURS, "size": [f"{s} shape" for s in data.SIZES],
+                     "pos": [f"shape in the {p}" for p in data.POSITIONS]}  # the embedded set's attributes, in SHAPE_PROMPTS
+
+
+# ----------------------------------------------------------------------------------------
 # The embedded set: zero-shot on seen and unseen shape x colour combinations, per attribute,
 # retrieval on the test pairs and on the held-out wordings, linear probe over all 64 classes.
-
-SHAPE_PROMPTS = ["a photo of {}", "{} on a dark background"]  # {} = 'a red circle', 'an orange star'
-ATTRIBUTE_PROMPTS = {"shape": data.SHAPES, "colour": data.COLOURS, "size": [f"{s} shape" for s in data.SIZES],
-                     "pos": [f"shape in the {p}" for p in data.POSITIONS]}
 
 
 def classifier_for(model, names, device):
@@ -168,7 +176,7 @@ def eval_shapes(model, device, seed=0, n_test=2000):
 
 def word_vectors(encode, words, kind):  # encode: list of str -> (N, D); kind 'colour' or 'shape' -> (W, D)
     others = data.SHAPES if kind == "colour" else data.COLOURS
-    phrases = ["a photo of " + data.with_article(f"{w} {o}" if kind == "colour" else f"{o} {w}")
+    phrases = [SHAPE_PROMPTS[0].format(data.with_article(f"{w} {o}" if kind == "colour" else f"{o} {w}"))
                for w in words for o in others]
     e = F.normalize(encode(phrases).float(), dim=-1).view(len(words), len(others), -1)  # (W, 8, D)
     return F.normalize(e.mean(1), dim=-1)
@@ -204,10 +212,11 @@ def tier_probe(encode):
 def eval_named_set(model, name, root, device, max_n=5000):
     """Zero-shot and linear probe on a torchvision set (train split for the probe, 10% of it as val)."""
     S = model.cfg.image_size
-    images, labels, classes, templates = data.load_eval_set(name, root, S, max_n=max_n)
+    images, labels, classes = data.load_eval_set(name, root, S, max_n=max_n)
     emb = embed_images(model, images, device)
-    res = {f"{name}_zero_shot_top1": top1(emb @ zero_shot_classifier(model, classes, templates, device).t(), labels)}
-    tr_images, tr_labels, _, _ = data.load_eval_set(name, root, S, max_n=max_n, train=True)
+    prompts = SET_PROMPTS.get(name, DEFAULT_PROMPTS)
+    res = {f"{name}_zero_shot_top1": top1(emb @ zero_shot_classifier(model, classes, prompts, device).t(), labels)}
+    tr_images, tr_labels, _ = data.load_eval_set(name, root, S, max_n=max_n, train=True)
     tr = embed_images(model, tr_images, device)
     n_val = len(tr) // 10
     res[f"{name}_linear_probe_top1"], _ = linear_probe((tr[n_val:], tr_labels[n_val:]), (tr[:n_val], tr_labels[:n_val]),
@@ -265,12 +274,6 @@ def evaluate(model, args, device, pairs=None):
 # - per-attribute prompt AUC: does one attribute prompt's cosine rank the images of classes
 #   with the attribute above those without (threshold-free, no calibration of a single prompt)?
 
-ATTRIBUTE_TEMPLATES = {  # (class-name prompts, attribute prompts); ours
-    "cub": (["a photo of a {}, a type of bird.", "a photo of a {}."], ["a photo of a bird with {}.", "a bird with {}."]),
-    "awa2": (["a photo of a {}, a type of animal.", "a photo of a {}."], ["a photo of an animal: {}.", "a photo of a {} animal."]),
-}
-
-
 def attribute_class_scores(img_attr, class_attr):  # (N, A) cosines, (C, A) -> (N, C)
     """DAP-style class score: Pearson correlation (cosine of the centred vectors) between an
     image's attribute-prompt cosines and a class's attribute vector. Centring removes the
@@ -307,222 +310,13 @@ def eval_attribute_set(model, name, root, device, max_per_class=50):
     10 test classes alone ("unseen_"); its attributes binarised at the matrix's overall mean, ≈ how
     the release's predicate-matrix-binary.txt is. Keys '{name}_...'."""
     ds = data.ATTRIBUTE_SETS[name](root, model.cfg.image_size, "test" if name == "cub" else "all", max_per_class)
-    name_t, attr_t = ATTRIBUTE_TEMPLATES[name]
+    name_t, attr_t = ATTRIBUTE_SET_PROMPTS[name]
     res = attribute_metrics(embed_images(model, ds.images, device), ds.labels,
                             zero_shot_classifier(model, ds.class_names, name_t, device),
                             zero_shot_classifier(model, ds.attribute_names, attr_t, device), ds.class_attributes,
                             ds.class_attributes.mean().item() if name == "awa2" else 0.5, ds.test_classes)
     res.update(n_images=len(ds.labels), n_skipped=ds.n_skipped)
     return {f"{name}_{k}": v for k, v in res.items()}
-
-
-# ----------------------------------------------------------------------------------------
-# The "EM" text-encoder probe: how much of a caption survives in one embedding vector?
-#
-# Kamath et al. 2023, "Text encoders bottleneck compositionality in contrastive vision-language
-# models" (used in Knowledge-CLIP, Figure 3): a frozen text encoder squeezes a caption into one
-# vector; a small decoder tries to write the caption back from it. EM (exact match) is the % of
-# held-out captions regenerated byte for byte. Low EM = the encoder threw information away.
-#
-# 1. Proof of concept: a caption autoencoder (byte-level causal text tower -> one vector ->
-#    Linear + LayerNorm adapter -> causal Transformer decoder), trained end to end. Its own EM
-#    says the decoder can write captions from a vector at all.
-# 2. The decoder is then frozen. For any frozen encoder (a function captions -> (N, D) vectors)
-#    only a fresh Linear(D, width) + LayerNorm(width) adapter into the decoder is trained.
-# 3. EM by batched greedy decoding, compared to the caption with exact string equality.
-#
-# Defaults are sized for ~5 minutes on 2 CPU cores with the embedded shapes captions (8,500
-# distinct for training, 728 distinct held out): the autoencoder's own held-out EM is ~96%.
-
-POC = "proof of concept (autoencoder)"
-
-
-def exact_match(predictions, references):
-    """% of predictions equal to their reference, as strings (case and spaces count)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        raise ValueError("exact_match of an empty list is undefined")
-    return 100.0 * sum(p == r for p, r in zip(predictions, references)) / len(references)
-
-
-def em_adapter(dim, width):
-    """The only trainable part in stage 2: one vector (B, dim) -> the decoder's input (B, width)."""
-    return nn.Sequential(nn.Linear(dim, width), nn.LayerNorm(width))
-
-
-class CaptionDecoder(nn.Module):
-    """A causal Transformer that writes a caption [SOT, b_1, ..., b_n, EOT] from one vector z:
-    z (B, width) is added to every input position, and the state at each token predicts the
-    next one. (z given only as an extra first position, tried first, learned far slower: 2%
-    held-out EM after 400 steps, against 73% when added everywhere.)"""
-
-    def __init__(self, width=128, layers=2, heads=4, context_length=64):
-        super().__init__()
-        self.width, self.context_length = width, context_length
-        self.token_emb = nn.Embedding(clip.N_BASE, width)
-        self.pos_emb = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.blocks = nn.ModuleList([clip.Block(width, heads, causal=True) for _ in range(layers)])
-        self.ln_final = nn.LayerNorm(width)
-        self.head = nn.Linear(width, clip.N_BASE)
-
-    def forward(self, z, tokens):  # z (B, W), tokens (B, L) starting with SOT -> logits (B, L, V)
-        x = self.token_emb(tokens) + self.pos_emb[: tokens.shape[1]] + z[:, None]  # (B, L, W)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_final(x))  # position i predicts token i + 1
-
-
-def caption_loss(decoder, z, tokens):  # z (B, W), tokens (B, L) -> scalar
-    """Teacher-forced cross-entropy over the caption bytes and EOT (padding ignored)."""
-    tokens = tokens[:, : int(tokens.ne(clip.PAD).sum(1).max())]  # drop all-padding columns
-    logits = decoder(z, tokens[:, :-1])  # (B, L - 1, V)
-    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=clip.PAD)
-
-
-@torch.no_grad()
-def greedy_decode(decoder, z, max_len=None, batch_size=512):  # z (N, W) -> list of N str
-    """Batched greedy decoding from SOT until EOT (or max_len tokens), no KV cache."""
-    decoder.eval()
-    max_len = min(max_len or decoder.context_length, decoder.context_length)
-    out = []
-    for zb in z.split(batch_size):
-        tokens = torch.full((len(zb), 1), clip.SOT, dtype=torch.long, device=z.device)  # (B, 1)
-        done = torch.zeros(len(zb), dtype=torch.bool, device=z.device)  # (B,)
-        while tokens.shape[1] < max_len and not done.all():
-            nxt = decoder(zb, tokens)[:, -1].argmax(-1).masked_fill(done, clip.PAD)  # (B,)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            done |= nxt == clip.EOT
-        out += [clip.decode(t) for t in tokens.cpu()]
-    return out
-
-
-def fit_em(params, batch_loss, n, steps, batch_size, lr, seed, desc):
-    """AdamW on random minibatches of indices 0..n-1; linear warmup then cosine decay."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    for step in (bar := tqdm(range(steps), desc=desc, mininterval=2.0 if sys.stderr.isatty() else 30.0)):
-        for group in opt.param_groups:
-            group["lr"] = lr * min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
-        loss = batch_loss(torch.randint(n, (batch_size,), generator=g))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-
-
-class CaptionAutoencoder(nn.Module):
-    """Stage 1: clip.TextTransformer (pooled at EOT) -> adapter -> CaptionDecoder."""
-
-    def __init__(self, width=128, layers=2, heads=4, context_length=64):
-        super().__init__()
-        self.encoder = clip.TextTransformer(context_length, width, layers, heads)
-        self.adapter = em_adapter(width, width)
-        self.decoder = CaptionDecoder(width, layers, heads, context_length)
-
-    def encode(self, tokens):  # (B, L) -> (B, W), the decoder's input vector
-        return self.adapter(self.encoder(tokens))
-
-
-def train_autoencoder(captions, steps=600, batch_size=64, lr=3e-3, width=128, layers=2, heads=4,
-                      seed=0, device="cpu"):
-    """Stage 1: train the whole autoencoder on `captions` (list of str); returns it."""
-    torch.manual_seed(seed)
-    ae = CaptionAutoencoder(width, layers, heads).to(device)
-    tokens = clip.tokenize(captions, ae.decoder.context_length).to(device)  # (N, L)
-    ae.train()
-    fit_em(list(ae.parameters()), lambda i: caption_loss(ae.decoder, ae.encode(tokens[i]), tokens[i]),
-        len(captions), steps, batch_size, lr, seed, "autoencoder")
-    return ae.eval()
-
-
-def standardize(emb, ref):  # (N, D), (M, D) -> (N, D)
-    """Centre on ref's mean and scale by its overall RMS: one fixed affine map (so the adapter
-    is still just a Linear on the embedding) that puts every encoder on the same scale."""
-    mean = ref.mean(0)
-    return (emb - mean) / (ref - mean).pow(2).mean().sqrt().clamp_min(1e-8)
-
-
-def train_adapter(decoder, emb, captions, steps=400, batch_size=64, lr=3e-2, seed=0, device="cpu"):
-    """Stage 2: a fresh adapter from the (N, D) embeddings `emb` of `captions` into the frozen
-    decoder (its parameters get requires_grad=False and are never changed). Returns the adapter.
-    text_em passes `standardize`d embeddings; the default lr is tuned for that scale."""
-    torch.manual_seed(seed)
-    decoder.requires_grad_(False).eval()
-    ad = em_adapter(emb.shape[1], decoder.width).to(device)
-    emb = emb.to(device)
-    tokens = clip.tokenize(captions, decoder.context_length).to(device)  # (N, L)
-    fit_em(list(ad.parameters()), lambda i: caption_loss(decoder, ad(emb[i]), tokens[i]),
-        len(captions), steps, batch_size, lr, seed, f"adapter {emb.shape[1]}-d")
-    return ad.eval()
-
-
-def distinct_splits(train_captions, test_captions):
-    """Sorted distinct training captions, and the sorted distinct test captions that never occur
-    in training: EM on those measures generalisation, not strings the decoder memorised."""
-    train = sorted(set(train_captions))
-    test = sorted(set(test_captions) - set(train))
-    if not test:
-        raise ValueError("no held-out caption is left once those seen in training are removed")
-    return train, test
-
-
-def em_poc(ae, test):
-    """The autoencoder's own EM % on the held-out captions: can the decoder write them at all?"""
-    with torch.no_grad():
-        z = ae.encode(clip.tokenize(test, ae.decoder.context_length).to(ae.decoder.pos_emb.device))  # (M, W)
-    return exact_match(greedy_decode(ae.decoder, z), test)
-
-
-def em_of(ae, encode, train, test, adapter_steps=400, adapter_lr=3e-2, batch_size=64, seed=0, device="cpu"):
-    """EM % of one frozen encoder (captions -> (N, D)) through a fresh adapter into ae's frozen decoder.
-    Seeded on its own: an encoder's EM does not depend on which others were probed before it."""
-    with torch.no_grad():
-        e_train, e_test = encode(train).float().cpu(), encode(test).float().cpu()  # (N, D), (M, D)
-    ad = train_adapter(ae.decoder, standardize(e_train, e_train), train, adapter_steps, batch_size, adapter_lr,
-                       seed=seed, device=device)
-    with torch.no_grad():
-        z = ad(standardize(e_test, e_train).to(device))  # (M, W)
-    return exact_match(greedy_decode(ae.decoder, z), test)
-
-
-def text_em(encoders, train_captions, test_captions, seed=0, steps=600, adapter_steps=400, lr=3e-3,
-            adapter_lr=3e-2, width=128, layers=2, heads=4, batch_size=64, device="cpu"):
-    """The whole probe. encoders: dict name -> function(list of N str) -> (N, D) tensor (it is
-    called on all captions at once, so it batches internally if it must). Both caption lists
-    are deduplicated and held-out captions that occur in training are dropped (distinct_splits),
-    so EM counts only strings never seen in training. The autoencoder is trained first, then
-    one adapter per encoder into its frozen decoder; every stage is seeded with `seed`.
-    Returns dict name -> EM % on the held-out captions, the autoencoder's own (POC) first."""
-    train, test = distinct_splits(train_captions, test_captions)
-    ae = train_autoencoder(train, steps, batch_size, lr, width=width, layers=layers, heads=heads,
-                           seed=seed, device=device)
-    results = {POC: em_poc(ae, test)}
-    for name, encode in encoders.items():
-        results[name] = em_of(ae, encode, train, test, adapter_steps, adapter_lr, batch_size, seed, device)
-    return results
-
-
-def cached_autoencoder(path, train, seed=0, steps=600, device="cpu"):
-    """train_autoencoder(train) saved at `path` and reused while the captions, seed and steps are
-    the same (the reproduction sweep probes many runs of one seed with one decoder)."""
-    meta = {"captions": hashlib.sha1("\n".join(train).encode()).hexdigest()[:16], "seed": seed, "steps": steps}
-    if os.path.exists(path):
-        try:
-            saved = clip.load_file(path, device)
-        except ValueError as e:  # truncated by a kill: train it again
-            print(f"{e}; training the autoencoder again")
-            saved = {"meta": None}
-        if saved["meta"] == meta:
-            ae = CaptionAutoencoder().to(device)
-            ae.load_state_dict(saved["state"])
-            return ae.eval()
-    ae = train_autoencoder(train, steps, seed=seed, device=device)
-    with data.atomic(path) as tmp:
-        torch.save({"state": ae.state_dict(), "meta": meta}, tmp)
-    return ae
 
 
 # ----------------------------------------------------------------------------------------
@@ -639,37 +433,6 @@ def in_batches(encode, captions, batch_size=256):
     return torch.cat([encode(captions[i:i + batch_size]).cpu() for i in range(0, len(captions), batch_size)])
 
 
-METHOD_NAMES = {"clip": "CLIP", "kclip": "Knowledge-CLIP", "cid": "CLIP-CID"}
-
-
-def text_em_table(ckpt, baseline, device, text_teacher=None, trust_remote_code=False):
-    """EM of the text teacher, of the --ckpt run's CLIP tower untrained (a control: random
-    features keep much of a caption), of the baseline CLIP and of the --ckpt run, on the captions
-    of the data that run trained on. Returns dict name -> EM %, the proof of concept first.
-    trust_remote_code comes from eval.py's command line only, never from the checkpoint."""
-    model, cfg = clip.load_checkpoint(ckpt, device)
-    if cfg["data"] not in data.EMBEDDED:
-        raise ValueError("--text-em uses the embedded captions: the --ckpt run must have trained on --data shapes")
-    spec = text_teacher or cfg.get("text_teacher") or teachers.DEFAULT_TEXT_TEACHER
-    teacher = teachers.load_text_teacher(spec, device, cfg.get("pool", "mean"), trust_remote_code)
-    encoders = {f"teacher {teacher.name}": lambda caps: in_batches(teacher.encode_texts, caps)}
-    torch.manual_seed(cfg["seed"])  # a control: the same tower untrained (random features keep a lot)
-    towers = {f"untrained {cfg['model']} CLIP, random init": clip.CLIP(model.cfg).to(device)}
-    if baseline is not None:
-        towers[f"CLIP ({baseline})"] = clip.load_checkpoint(baseline, device)[0]
-    towers[f"{METHOD_NAMES.get(cfg['method'], cfg['method'])} ({ckpt})"] = model
-    for name, m in towers.items():
-        encoders[name] = lambda caps, m=m: embed_texts(m, caps, device)
-    return text_em(encoders, *em_captions(cfg), seed=cfg["seed"], device=device)
-
-
-def em_captions(cfg):
-    """The embedded training and test captions a run (its saved config dict) drew."""
-    kw = dict(seed=cfg["seed"], image_size=cfg["image_size"])  # the pixels' noise draws shape the captions' RNG
-    train = data.ShapesDataset("train", cfg["n_train"], dup_frac=cfg["dup_frac"], imbalance=cfg["imbalance"], **kw).captions
-    return train, data.ShapesDataset("test", cfg["n_eval"], **kw).captions
-
-
 def print_tiers(a):
     """python eval.py --tiers: how often the nearest common word is right, per vocabulary tier."""
     model, cfg = clip.load_checkpoint(a.ckpt, a.device) if a.ckpt else (None, {})
@@ -687,16 +450,14 @@ def print_tiers(a):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a CLIP checkpoint (zero-shot, retrieval, linear probe), "
-                                            "or its text encoder with the EM probe (--text-em).")
+    p = argparse.ArgumentParser(description="Evaluate a CLIP checkpoint (zero-shot, retrieval, linear probe); the EM "
+                                            "text probe: python docs/em_probe.py.")
     p.add_argument("--ckpt", help="run folder (DIR/ckpt.pt) or checkpoint file")
     p.add_argument("--curves", nargs="+", metavar="DIR", help="plot these runs' loss curves side by side into --out")
     p.add_argument("--out", default="curves.png", help="with --curves: the PNG to write")
     p.add_argument("--eval-sets", nargs="*", default=None, help="torchvision sets, e.g. fashion-mnist cifar10, or cub awa2")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--text-em", action="store_true", help="EM text probe of --ckpt, --baseline and the text teacher")
-    p.add_argument("--baseline", default=None, help="with --text-em: a plain CLIP run folder to compare with")
-    p.add_argument("--text-teacher", default=None, help="with --text-em or --tiers: default, the --ckpt run's text teacher")
+    p.add_argument("--text-teacher", default=None, help="with --tiers: default, the --ckpt run's text teacher")
     p.add_argument("--tiers", action="store_true", help="text-space probe per vocabulary tier: the text teacher's "
                                                          "own, and --ckpt's if given")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the text teacher's own code (only this "
@@ -717,27 +478,23 @@ def main(argv=None):
     try:
         if a.tiers:
             return print_tiers(a)
-        if a.text_em:
-            res = text_em_table(a.ckpt, a.baseline, a.device, a.text_teacher, a.trust_remote_code)
-            out = os.path.join(folder, "text_em.json")
-            print("\n| text encoder | EM % |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in res.items()))
-        else:
-            model, cfg = clip.load_checkpoint(a.ckpt, a.device)
-            run = argparse.Namespace(**cfg)
-            if a.eval_sets is not None:
-                run.eval_sets = a.eval_sets
-            if a.data_root is not None:
-                run.data_root = a.data_root
-            res, out = evaluate(model, run, a.device), os.path.join(folder, "eval.json")
-            width = max(map(len, res))
-            for k, v in res.items():
-                print(f"{k:{width}s} {v:8.2f}" if isinstance(v, float) else f"{k:{width}s} {v}")
+        model, cfg = clip.load_checkpoint(a.ckpt, a.device)
+        run = argparse.Namespace(**cfg)
+        if a.eval_sets is not None:
+            run.eval_sets = a.eval_sets
+        if a.data_root is not None:
+            run.data_root = a.data_root
+        res = evaluate(model, run, a.device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    with open(out, "w") as f:
-        json.dump(res, f, indent=2)
+    width = max(map(len, res))
+    for k, v in res.items():
+        print(f"{k:{width}s} {v:8.2f}" if isinstance(v, float) else f"{k:{width}s} {v}")
+    out = os.path.join(folder, "eval.json")
+    data.write_json(out, res)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
     main()
+

@@ -55,7 +55,7 @@ Implementation notes
     centroid, perturb the two copies symmetrically by a relative epsilon, halve its count).
   * Spherical k-means (cosine similarity): inputs are L2-normalised, centroids re-normalised
     after every update, and the distance reported is 1 - cos(x, c) (= ||x - c||^2 / 2).
-  * Under torch.distributed each rank passes its own shard of x. Per-centroid sums, counts and
+  * Under torch.distributed each rank passes its own shard of x (data.shard). Per-centroid sums, counts and
     the inertia are all-reduced, so all ranks hold identical centroids. The init sample is
     drawn from global row indices (shards in rank order), each rank fills in the rows it owns
     and an all-reduce gives every rank the same sample; k-means++ then runs on it and rank 0's
@@ -75,33 +75,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import world
+
 SPLIT_EPS = 1.0 / 1024  # relative perturbation when splitting a cluster (faiss uses the same)
 OVERSEED = 0.25  # k-means++ picks (1 + OVERSEED) * K centres, pruned back to K
 SAMPLE_BYTES = 4 * 2**30  # fit(max_points=...) holds its sample in memory (float32) up to this size
 
 # -----------------------------------------------------------------------------
-# distributed helpers: no-ops in a single process
-
-
-def world():
-    """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier():
-    """Wait for every rank (nothing to wait for in one process)."""
-    if world()[1] > 1:
-        dist.barrier()
-
-
-def shard(x):
-    """This rank's contiguous slice of the rows of x (all of x when not distributed): what each
-    rank passes to `fit` so that the ranks together hold every row once, in order."""
-    rank, n_ranks = world()
-    n = len(x)
-    return x[rank * n // n_ranks:(rank + 1) * n // n_ranks]
+# distributed: data.world() says which rank this is; one process: no-ops
 
 
 def _all_reduce(t):
@@ -523,13 +504,19 @@ def _minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical, shift):
 # fit
 
 
-def settings_at_scale(n, k):
-    """How a large store is clustered (train.py on CLIP-CID's clusters and Knowledge-CLIP's
-    concepts; `python teachers.py --bench` times it): past 200,000 rows and 256 per centroid,
-    fit on a sample of 256 x K rows (as faiss does), stopping once an iteration gains less than
-    0.1%; below, Lloyd on every row to a fixed point (the embedded sizes). -> keyword arguments
-    of `fit`."""
-    return {"max_points": 256 * k, "tol": 1e-3} if n > 256 * k and n > 200_000 else {}
+def settings_at_scale(n, k, d):
+    """How a large store is clustered (CLIP-CID's clusters and Knowledge-CLIP's concepts, in
+    teachers.store_clusters; `python teachers.py --bench` times it). Up to 200,000 rows or 256
+    per centroid: Lloyd on every row to a fixed point (the embedded sizes). Past that, Lloyd on
+    a sample of 256 x K rows, as faiss does, until an iteration gains less than 0.1%; but if that
+    sample would not fit in SAMPLE_BYTES (K x D large: UNICOM-style tens of thousands of
+    clusters), mini-batch k-means over every row instead, 3 epochs of batches of max(4096, 4 K),
+    which holds one batch at a time. -> keyword arguments of `fit`."""
+    if n <= 256 * k or n <= 200_000:
+        return {}
+    if 256 * k * d * 4 > SAMPLE_BYTES:
+        return {"batch_size": max(4096, 4 * k), "iters": 3}
+    return {"max_points": 256 * k, "tol": 1e-3}
 
 
 def fit(x, k, *, iters=20, batch_size=None, tol=0.0, spherical=False, init="k-means++", seed=0,

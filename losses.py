@@ -59,7 +59,7 @@ def concept_loss(image_logits, text_logits, soft_labels):
 # ----------------------------------------------------------------------------------------
 # CLIP-CID (Yang et al. 2024, arXiv 2408.09441), cluster and instance discrimination.
 # The paper gives no equations in code; these follow the same lab's UNICOM (margin softmax
-# over k-means pseudo-classes) and instance-level CLIP distillation, as ../shared/papers.md says.
+# over k-means pseudo-classes) and instance-level CLIP distillation (docs/choices.md).
 
 def arcface_logits(emb, centroids, labels, s=32.0, m=0.3):
     """Additive angular margin (ArcFace, Deng et al. 2019) logits.

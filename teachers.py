@@ -93,13 +93,13 @@ class HFClipTeacher:
             x = F.interpolate(x, size=self.crop, mode="bicubic", align_corners=False).clamp(0, 1)
         mean, std = torch.tensor(self.mean, device=self.device), torch.tensor(self.std, device=self.device)
         x = ((x - mean[:, None, None]) / std[:, None, None]).to(self.dtype)
-        return F.normalize(features(self.model.get_image_features(pixel_values=x)), dim=-1)
+        return F.normalize(self.model.get_image_features(pixel_values=x).pooler_output.float(), dim=-1)  # projected
 
     @torch.no_grad()
     def encode_texts(self, captions):
         batch = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
-        return F.normalize(features(self.model.get_text_features(**batch)), dim=-1)
+        return F.normalize(self.model.get_text_features(**batch).pooler_output.float(), dim=-1)
 
 
 def weights_name(path, model):
@@ -125,9 +125,15 @@ def hf_load(cls, spec, flag, trust_remote_code=False):
                                 f"at run time: fetch it once with `hf download {spec}`, or pass a folder)") from None
 
 
-def features(out):
-    """transformers < 5 returns the projected features; >= 5 an output whose pooler_output holds them."""
-    return (out if torch.is_tensor(out) else out.pooler_output).float()
+def forward_flops(teacher, pairs, pool, n=64):
+    """FLOPs of a teacher's forward passes over the data: each pair embedded once (its image and
+    caption; a text teacher: the caption), as the store does, measured on n captions of the pool."""
+    captions = [c for c in (pairs.caption(int(i)) for i in pool[:n]) if c]
+    flops = clip.count_flops(lambda: teacher.encode_texts(captions))[1]
+    if hasattr(teacher, "encode_images"):
+        blank = torch.zeros(len(captions), 3, teacher.crop, teacher.crop, dtype=torch.uint8)  # the size the store reads
+        flops += clip.count_flops(lambda: teacher.encode_images(blank))[1]
+    return round(flops / len(captions) * len(pairs))
 
 
 def load_clip_teacher(spec, device, trust_remote_code=False):
@@ -144,7 +150,7 @@ def load_clip_teacher(spec, device, trust_remote_code=False):
 # recipe, the evaluation, the FLOPs, the file's sha256. test_all.py re-checks all of it.
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes-teacher.pt")
 MANIFEST = os.path.splitext(PRETRAINED)[0] + ".json"  # beside it, same name
-REBUILD = "python train.py --pretrain-teacher"
+REBUILD = "python docs/reproduce.py --pretrain-teacher"
 PREFIX_ROWS = 256  # the pool's first rows, drawn again at every use to see that data.py still draws this pool
 
 
@@ -159,8 +165,7 @@ def sha256_of(path):
 def pool_prefix_fingerprint(pool, rows=PREFIX_ROWS):
     """The fingerprint of the pretraining pool's first rows as data.py draws them now (each row
     depends on every draw before it, so a change to how the pool is drawn shows here)."""
-    ds = data.ShapesDataset(data.EMBEDDED[pool["data"]], rows, seed=pool["seed"], image_size=pool["image_size"],
-                            dup_frac=pool["dup_frac"], imbalance=pool["imbalance"])
+    ds = data.training_set({**pool, "n_train": rows})
     return data.fingerprint_of(ds.images, ds.captions)
 
 
@@ -361,11 +366,6 @@ def part_problem(folder, j, pairs, meta, fields):
     return None
 
 
-def save_npy(path, array):  # atomically (a file handle: np.save would add '.npy' to a name)
-    with data.atomic(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-
-
 def embed_texts_once(encode, captions, batch_size):
     """(N, D) embeddings of captions, each distinct one embedded once, shortest first (so a batch
     holds captions of similar length and little padding): captions repeat, in web data too."""
@@ -415,7 +415,7 @@ def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, w
     rest are reused. Under torchrun the ranks build the parts in turn (part j: rank j mod W).
     Returns ([Store per teacher], summary dict). A full disk stops with one line; every part
     already written is kept, and a rerun builds only what is left."""
-    rank, n_ranks = kmeans.world()
+    rank, n_ranks = data.world()
     folders = [store_folder(root, name, t, dtype) for t in teachers_]
     metas = [{"teacher": t.cache_key, "dtype": dtype} for t in teachers_]
     todo, changed = {}, []  # part -> the teachers that must (re)build it
@@ -428,7 +428,7 @@ def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, w
                     changed.append(why)
     if changed and rank == 0:
         print(f"store: {len(changed)} part(s) to rebuild, e.g. {changed[0]}")
-    kmeans.barrier()  # every rank has looked before any writes: they agree on what to build (else a part is nobody's)
+    data.barrier()  # every rank has looked before any writes: they agree on what to build (else a part is nobody's)
     mine = [j for k, j in enumerate(sorted(todo)) if k % n_ranks == rank]
     total = sum(pairs.parts[j][2] - pairs.parts[j][1] for j in mine for _ in todo[j])
     t0 = time.time()
@@ -439,9 +439,9 @@ def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, w
             fields, ok, reasons = embed_part(pairs, j, teachers_[t], batch_size, workers, bar)
             os.makedirs(folders[t], exist_ok=True)
             try:
-                for f, v in fields.items():
-                    save_npy(part_file(folders[t], j, f), v.astype(dtype))
-                save_npy(part_file(folders[t], j, "ok"), ok)
+                for f, v in [*((f, v.astype(dtype)) for f, v in fields.items()), ("ok", ok)]:
+                    with data.atomic(part_file(folders[t], j, f)) as tmp, open(tmp, "wb") as fh:  # np.save adds .npy to a name
+                        np.save(fh, v)
                 data.write_json(os.path.join(folders[t], f"part-{j:05d}.json"),
                                 {**metas[t], "part": pairs.parts[j][0], "fingerprint": pairs.part_fingerprint(j),
                                  "rows": int(len(ok)), "ok": int(ok.sum()), "skipped_example": reasons[0] if reasons else None})
@@ -452,7 +452,7 @@ def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, w
                                  "and run again to resume") from None
     bar.close()
     seconds = time.time() - t0
-    kmeans.barrier()  # every rank's parts are on disk
+    data.barrier()  # every rank's parts are on disk
     stores = [Store(folder, pairs, teacher_fields(t)) for folder, t in zip(folders, teachers_)]
     summary = {"folders": folders, "rows": len(pairs), "parts": len(pairs.parts), "parts_built": len(todo),
                "parts_reused": len(pairs.parts) - len(todo), "missing": [int((~s.ok).sum()) for s in stores],
@@ -479,12 +479,44 @@ def derived(store, name, params, compute):
         with np.load(path + ".npz", allow_pickle=False) as z:
             return {k: z[k] for k in z.files}, figures, True
     arrays, figures = compute()
-    if kmeans.world()[0] == 0:
+    if data.world()[0] == 0:
         with data.atomic(path + ".npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
         data.write_json(path + ".json", {"params": params, "figures": figures})  # last: marks it complete
-    kmeans.barrier()
+    data.barrier()
     return arrays, figures, False
+
+
+def store_clusters(store, field, name, pool, k, seed=0):
+    """Spherical k-means of the `field` rows of the pool (N_pool,) into k clusters (CLIP-CID's
+    pseudo-classes: the image rows; Knowledge-CLIP's concepts: the text rows), computed once
+    beside the store. -> centroids (K, D) and labels (N,) int64, -1 for rows outside the pool."""
+    def compute():
+        c = kmeans.fit(data.shard(store.view(field, pool)), k, spherical=True, seed=seed,
+                       **kmeans.settings_at_scale(len(pool), k, store.dim[field]))  # (K, D); every rank holds its share
+        labels = np.full(len(store.ok), -1, dtype=np.int64)
+        labels[pool.numpy()] = kmeans.assign(store.view(field, pool), c, spherical=True)[0].numpy()
+        return {"centroids": c.cpu().numpy(), "labels": labels}, {}
+    out, _, _ = derived(store, name, {"field": field, "k": k, "seed": seed, "pool": data.fingerprint_of(pool)}, compute)
+    return torch.from_numpy(out["centroids"]), torch.from_numpy(out["labels"])
+
+
+def store_balance(store, pool, threshold, buckets=None, seed=0):
+    """CLIP-CID's semantic balance of the pool's image rows (below), computed once beside the
+    store. -> keep (N,) bool (False outside the pool), stats, groups (data rows, kept member
+    first), reused."""
+    n = len(store.ok)
+
+    def compute():
+        keep, stats, groups = semantic_balance(store.view("image", pool), threshold, buckets, seed)
+        full = np.zeros(n, dtype=bool)
+        full[pool.numpy()[keep]] = True
+        flat = pool.numpy()[np.concatenate(groups)] if groups else np.zeros(0, np.int64)  # rows, group by group
+        return {"keep": full, "group_rows": flat, "group_sizes": np.array([len(g) for g in groups], np.int64)}, stats
+    params = {"threshold": threshold, "buckets": buckets, "seed": seed, "pool": data.fingerprint_of(pool)}
+    out, stats, reused = derived(store, "balance", params, compute)
+    groups = np.split(out["group_rows"], np.cumsum(out["group_sizes"])[:-1]) if len(out["group_sizes"]) else []
+    return out["keep"], stats, groups, reused
 
 
 # ----------------------------------------------------------------------------------------
@@ -527,7 +559,7 @@ def similar_pairs_bucketed(emb, threshold, n_buckets, seed=0):
     """For large N: spherical k-means buckets (fit on at most 256 rows per bucket, as faiss
     trains), then the exact search inside each bucket only, one bucket's rows in memory at a
     time. Near-duplicates share a bucket unless they straddle a border, which is rare."""
-    centroids = kmeans.fit(kmeans.shard(emb), n_buckets, spherical=True, seed=seed, max_points=256 * n_buckets)
+    centroids = kmeans.fit(data.shard(emb), n_buckets, spherical=True, seed=seed, max_points=256 * n_buckets)
     labels = kmeans.assign(emb, centroids, spherical=True)[0].numpy()  # (N,)
     order = np.argsort(labels, kind="stable")  # bucket by bucket, rows in order within each
     bounds = np.searchsorted(labels[order], np.arange(n_buckets + 1))
@@ -599,7 +631,7 @@ def _bench(sizes, d, k, threshold, folder):
         keep, stats, _ = semantic_balance(emb, threshold, n_buckets=max(1, n // 2000))
         t1 = time.time()
         kept = np.nonzero(keep)[0]
-        c = kmeans.fit(emb[kept], k, spherical=True, **kmeans.settings_at_scale(len(kept), k))
+        c = kmeans.fit(emb[kept], k, spherical=True, **kmeans.settings_at_scale(len(kept), k, emb.shape[1]))
         labels, _ = kmeans.assign(emb[kept], c, spherical=True)
         t2 = time.time()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)

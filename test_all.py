@@ -1,5 +1,7 @@
-"""Tests, one section per file: clip, losses, data, eval, train, teachers, kmeans.
+"""Tests, one section per file: clip, losses, data, eval (and docs/em_probe.py), train (and
+docs/reproduce.py, docs/bench.py), teachers, kmeans.
 Run: python -m pytest -q test_all.py   (CPU, offline, a few minutes)."""
+import contextlib
 import csv
 import importlib.util
 import io
@@ -7,6 +9,7 @@ import json
 import math
 import os
 import re
+import sys
 import tarfile
 from collections import Counter
 from dataclasses import asdict
@@ -26,6 +29,11 @@ import kmeans
 import losses
 import teachers
 import train
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs"))
+import bench  # noqa: E402
+import em_probe  # noqa: E402
+import reproduce  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -397,7 +405,7 @@ def test_text_only_batch_trains_the_text_tower_and_w_e_never_the_image_tower():
     direct = losses.embedding_distill_loss(heads["kclip"].proj(model.encode_text(extra["corpus_tokens"][batch["corpus_index"]],
                                                                         normalize=False)), corpus_emb[[3, 7, 11, 19]])
     assert torch.allclose(terms["corpus"], direct)
-    idx = [train.corpus_index(5, 20, train.parse_args(["--method", "kclip", "--text-corpus", "--corpus-batch", "6"]))
+    idx = [data.corpus_index(5, 20, train.parse_args(["--method", "kclip", "--text-corpus", "--corpus-batch", "6"]))
            for _ in range(2)]
     assert torch.equal(idx[0], idx[1]) and len(idx[0]) == 6  # a pure function of (seed, step): resumes draw the same
 
@@ -435,12 +443,12 @@ def test_text_corpus_holds_no_evaluation_caption(tmp_path):
     test = set(data.ShapesDataset("test", 300).captions)
     assert test <= held and set(data.ShapesDataset("wordings", 300).captions) <= held
     assert len(set(data.text_corpus(seed=0)) & test) > 10  # what the filter is for
-    lines, dropped = train.read_corpus(args)
+    lines, dropped = data.read_corpus(args)
     assert len(lines) == 10000 and not set(lines) & held and dropped == 0
     some = sorted(held)[:3]
     (tmp_path / "corpus.txt").write_text("\n".join(some + ["a phrase of my own", "another one"]) + "\n")
     args.text_corpus = str(tmp_path / "corpus.txt")
-    assert train.read_corpus(args) == (["a phrase of my own", "another one"], 3)
+    assert data.read_corpus(args) == (["a phrase of my own", "another one"], 3)
 
 
 def test_shapes_deterministic_from_seed():
@@ -606,7 +614,8 @@ def test_shard_scan_is_kept_and_rescanned_when_the_shard_changes(tmp_path, monke
 
 @pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST), reason="Debian's dataset-fashion-mnist not installed")
 def test_fashion_mnist_through_torchvision(tmp_path, capsys):
-    images, labels, classes, templates = data.load_eval_set("fashion-mnist", str(tmp_path), 32, max_n=50)
+    images, labels, classes = data.load_eval_set("fashion-mnist", str(tmp_path), 32, max_n=50)
+    templates = evaluation.SET_PROMPTS["fashion-mnist"]
     assert images.shape == (50, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.min() >= 0 and labels.max() <= 9 and len(set(labels.tolist())) > 3
     assert classes[0] == "T-shirt/top" and len(classes) == 10 and "{}" in templates[0]
@@ -913,7 +922,7 @@ def test_eval_takes_trust_remote_code_from_the_command_line_only(tmp_path, monke
     monkeypatch.setattr(teachers, "load_text_teacher", loader)
     for extra in ([], ["--trust-remote-code"]):
         with pytest.raises(SystemExit, match="stopped here"):
-            evaluation.main(["--text-em", "--ckpt", str(tmp_path / "run"), *extra])
+            em_probe.main(["--ckpt", str(tmp_path / "run"), *extra])
     assert seen == [("stranger/model", False), ("stranger/model", True)]
     torch.save({"model": Pickled()}, tmp_path / "pickled.pt")
     with pytest.raises(SystemExit, match="not a weights-only checkpoint.*will not unpickle") as e:
@@ -938,21 +947,21 @@ EM_CAPS = ["a red star", "a blue ring", "a large green box in the top left", "he
 
 def test_exact_match_hand_cases():
     refs = ["a red star", "a red star", "a red star", "a blue ring"]
-    assert evaluation.exact_match(["a red star", "A red star", "a red star ", "a blue ring"], refs) == 50.0
-    assert evaluation.exact_match(["a  red star"], ["a red star"]) == 0.0  # inner whitespace counts too
-    assert evaluation.exact_match(refs, refs) == 100.0
-    assert evaluation.exact_match(["x", "y", "z"], ["x", "q", "q"]) == pytest.approx(100 / 3)
+    assert em_probe.exact_match(["a red star", "A red star", "a red star ", "a blue ring"], refs) == 50.0
+    assert em_probe.exact_match(["a  red star"], ["a red star"]) == 0.0  # inner whitespace counts too
+    assert em_probe.exact_match(refs, refs) == 100.0
+    assert em_probe.exact_match(["x", "y", "z"], ["x", "q", "q"]) == pytest.approx(100 / 3)
     with pytest.raises(ValueError, match="empty"):
-        evaluation.exact_match([], [])
+        em_probe.exact_match([], [])
     with pytest.raises(ValueError, match="predictions for"):
-        evaluation.exact_match(["a"], ["a", "b"])
+        em_probe.exact_match(["a"], ["a", "b"])
 
 
 def spelling_decoder(text, width=16):
     """A hand-built decoder that ignores z and spells `text`: every block is the identity (all
     weights zero), position i is one-hot, and the head maps position i to token i + 1."""
     target = clip.tokenize(text, width)[0]  # [SOT, bytes..., EOT, PAD...]
-    dec = evaluation.CaptionDecoder(width, layers=1, heads=2, context_length=width)
+    dec = em_probe.CaptionDecoder(width, layers=1, heads=2, context_length=width)
     with torch.no_grad():
         for p in dec.parameters():
             p.zero_()
@@ -966,35 +975,35 @@ def spelling_decoder(text, width=16):
 
 def test_greedy_decode_hand_built_decoder():
     dec = spelling_decoder("hi there")
-    assert evaluation.greedy_decode(dec, torch.zeros(3, 16)) == ["hi there"] * 3
-    assert evaluation.greedy_decode(dec, torch.zeros(2, 16), max_len=4) == ["hi "] * 2  # SOT + 3 bytes
-    assert evaluation.greedy_decode(dec, torch.zeros(5, 16), batch_size=2) == ["hi there"] * 5
+    assert em_probe.greedy_decode(dec, torch.zeros(3, 16)) == ["hi there"] * 3
+    assert em_probe.greedy_decode(dec, torch.zeros(2, 16), max_len=4) == ["hi "] * 2  # SOT + 3 bytes
+    assert em_probe.greedy_decode(dec, torch.zeros(5, 16), batch_size=2) == ["hi there"] * 5
 
 
 def test_tiny_autoencoder_memorises_its_captions():
-    ae = evaluation.train_autoencoder(EM_CAPS, steps=300, batch_size=16, lr=3e-3, width=32, layers=1, heads=2)
+    ae = em_probe.train_autoencoder(EM_CAPS, steps=300, batch_size=16, lr=3e-3, width=32, layers=1, heads=2)
     with torch.no_grad():
         z = ae.encode(clip.tokenize(EM_CAPS, ae.decoder.context_length))  # (6, 32)
-    assert evaluation.exact_match(evaluation.greedy_decode(ae.decoder, z), EM_CAPS) == 100.0  # lengths 5..33 in one batch
+    assert em_probe.exact_match(em_probe.greedy_decode(ae.decoder, z), EM_CAPS) == 100.0  # lengths 5..33 in one batch
 
 
 def test_adapter_stage_trains_only_the_adapter():
-    dec = evaluation.CaptionDecoder(32, layers=1, heads=2)
+    dec = em_probe.CaptionDecoder(32, layers=1, heads=2)
     before = {k: v.clone() for k, v in dec.state_dict().items()}
     emb = torch.randn(len(EM_CAPS), 5, generator=torch.Generator().manual_seed(1))  # (N, 5)
-    ad = evaluation.train_adapter(dec, emb, EM_CAPS, steps=5, batch_size=4, lr=1e-2, seed=0)
+    ad = em_probe.train_adapter(dec, emb, EM_CAPS, steps=5, batch_size=4, lr=1e-2, seed=0)
     assert all(torch.equal(before[k], v) for k, v in dec.state_dict().items())
     assert not any(p.requires_grad for p in dec.parameters())
     torch.manual_seed(0)
-    init = evaluation.em_adapter(5, 32)  # train_adapter's adapter before training (same seed)
+    init = em_probe.em_adapter(5, 32)  # train_adapter's adapter before training (same seed)
     assert not torch.equal(init[0].weight, ad[0].weight) and not torch.equal(init[1].weight, ad[1].weight)
 
 
 def test_distinct_splits_drop_training_strings():
-    train, test = evaluation.distinct_splits(["b", "a", "b"], ["c", "a", "c", "d"])
+    train, test = em_probe.distinct_splits(["b", "a", "b"], ["c", "a", "c", "d"])
     assert train == ["a", "b"] and test == ["c", "d"]
     with pytest.raises(ValueError, match="no held-out"):
-        evaluation.distinct_splits(["a", "b"], ["b", "a"])
+        em_probe.distinct_splits(["a", "b"], ["b", "a"])
 
 
 def bag_of_bytes(captions):  # list of N str -> (N, 256)
@@ -1006,29 +1015,29 @@ def bag_of_bytes(captions):  # list of N str -> (N, 256)
 
 
 def test_text_em_is_deterministic():
-    a, b = (evaluation.train_autoencoder(EM_CAPS, steps=20, batch_size=4, width=32, layers=1, heads=2, seed=5)
+    a, b = (em_probe.train_autoencoder(EM_CAPS, steps=20, batch_size=4, width=32, layers=1, heads=2, seed=5)
             for _ in range(2))
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     kw = dict(steps=40, adapter_steps=10, width=32, layers=1, heads=2, batch_size=8, seed=3)
     test = ["a blue star", "a red box", "a red star"]  # "a red star" is a training caption: dropped
-    runs = [evaluation.text_em({"bytes": bag_of_bytes}, EM_CAPS, test, **kw) for _ in range(2)]
-    assert list(runs[0]) == [evaluation.POC, "bytes"]
+    runs = [em_probe.text_em({"bytes": bag_of_bytes}, EM_CAPS, test, **kw) for _ in range(2)]
+    assert list(runs[0]) == [em_probe.POC, "bytes"]
     assert runs[0] == runs[1]
     assert all(v in (0.0, 50.0, 100.0) for v in runs[0].values())  # 2 held-out captions
 
 def test_em_of_one_encoder_equals_text_em_and_the_autoencoder_cache(tmp_path, monkeypatch):
     """The sweep probes one run at a time through a saved autoencoder: same numbers as text_em."""
     test = ["a blue star", "a red box"]
-    full = evaluation.text_em({"bytes": bag_of_bytes}, EM_CAPS, test, steps=8, adapter_steps=4, seed=2)
-    train_caps, held = evaluation.distinct_splits(EM_CAPS, test)
+    full = em_probe.text_em({"bytes": bag_of_bytes}, EM_CAPS, test, steps=8, adapter_steps=4, seed=2)
+    train_caps, held = em_probe.distinct_splits(EM_CAPS, test)
     path = str(tmp_path / "ae.pt")
-    ae = evaluation.cached_autoencoder(path, train_caps, seed=2, steps=8)
-    assert evaluation.em_poc(ae, held) == full[evaluation.POC]
-    monkeypatch.setattr(evaluation, "train_autoencoder", lambda *a, **k: pytest.fail("retrained"))
-    again = evaluation.cached_autoencoder(path, train_caps, seed=2, steps=8)  # loaded, not retrained
-    assert evaluation.em_of(again, bag_of_bytes, train_caps, held, adapter_steps=4, seed=2) == full["bytes"]
+    ae = em_probe.cached_autoencoder(path, train_caps, seed=2, steps=8)
+    assert em_probe.em_poc(ae, held) == full[em_probe.POC]
+    monkeypatch.setattr(em_probe, "train_autoencoder", lambda *a, **k: pytest.fail("retrained"))
+    again = em_probe.cached_autoencoder(path, train_caps, seed=2, steps=8)  # loaded, not retrained
+    assert em_probe.em_of(again, bag_of_bytes, train_caps, held, adapter_steps=4, seed=2) == full["bytes"]
     with pytest.raises(pytest.fail.Exception):
-        evaluation.cached_autoencoder(path, train_caps, seed=3, steps=8)  # another seed: not this one
+        em_probe.cached_autoencoder(path, train_caps, seed=3, steps=8)  # another seed: not this one
 
 
 def test_pca_2d_matches_numpy(tmp_path):
@@ -1221,8 +1230,8 @@ def test_training_on_csv_pairs(tmp_path, monkeypatch):
     res = run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "8", "--steps", "12",
               "--val-frac", "0.3", "--workers", "0")
     assert res["skipped_pairs"] >= 1 and "retrieval_i2t_r1" in res and "zero_shot_top1" not in res
-    with pytest.raises(SystemExit, match="--text-em uses the embedded captions"):
-        evaluation.main(["--text-em", "--ckpt", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="the EM probe uses the embedded captions"):
+        em_probe.main(["--ckpt", str(tmp_path / "run")])
     res = run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "8", "--steps", "12", "--val-frac", "0.3",
               "--workers", "0", "--method", "kclip", "--concepts", "3", name="kclip")  # captions read from the CSV
     log = evaluation.read_log(tmp_path / "kclip")
@@ -1288,11 +1297,11 @@ def test_kclip_plus_cid_run_and_its_flop_accounting(tmp_path, monkeypatch):
     assert f["text_teacher_training"] is None and not f["text_teacher_trained_by_this_run"]  # pretrained elsewhere
     assert f["total"] == f["student_training"] + f["teacher_forward"] + f["teacher_training"] + f["text_teacher_forward"]
     args = train.parse_args(["--model", "tiny", "--batch-size", "64", "--n-train", "1000"])
-    stream = train.ShapesStream(args)
+    stream = data.ShapesStream(args)
     b = stream.batch(0)
-    clip_only = train.step_flops(clip.build("tiny", merges=stream.merges), b)  # the heads and losses add a little
+    clip_only = bench.step_flops(clip.build("tiny", merges=stream.merges), b, args)  # the heads and losses add a little
     assert 6 * clip_only < f["student_training"] < 1.2 * 6 * clip_only
-    per_pair = train.step_flops(clip.build("teacher", merges=stream.merges), b, train_step=False) / 64  # image + caption
+    per_pair = bench.step_flops(clip.build("teacher", merges=stream.merges), b, args, backward=False) / 64  # image + caption
     assert f["teacher_forward"] == pytest.approx(1000 * per_pair, rel=0.15)
     clip_run = run(tmp_path, "--steps", "4", name="clip")["flops"]
     assert set(clip_run) == {"student_training", "total"} and clip_run["total"] == clip_run["student_training"]
@@ -1306,11 +1315,11 @@ def same_machine(manifest):  # floats are bit-equal only on the kind of CPU (and
 
 def test_pretrained_teacher_matches_its_manifest_and_evaluates_to_its_numbers():
     """weights/shapes-teacher.pt: its sha256 is the manifest's, data.py still draws its pool, the
-    manifest names the recipe train.py holds, and the weights evaluate to the recorded numbers
+    manifest names the recipe docs/reproduce.py holds, and the weights evaluate to the recorded numbers
     (bit for bit on the machine kind that made them; within a point elsewhere)."""
     manifest = teachers.check_pretrained()
-    assert manifest["sha256"] == teachers.sha256_of(teachers.PRETRAINED) and manifest["recipe"] == train.PRETRAIN_RECIPE
-    assert manifest["command"] == teachers.REBUILD == "python train.py --pretrain-teacher"
+    assert manifest["sha256"] == teachers.sha256_of(teachers.PRETRAINED) and manifest["recipe"] == reproduce.PRETRAIN_RECIPE
+    assert teachers.REBUILD == "python docs/reproduce.py --pretrain-teacher"  # the recipe's command today
     model, _ = clip.load_checkpoint(teachers.PRETRAINED)
     assert clip.count_params(model) == manifest["params"] and model.cfg == clip.SIZES[manifest["model"]]
     res = evaluation.evaluate(model, train.parse_args(manifest["recipe"] + ["--device", "cpu"]), torch.device("cpu"))
@@ -1347,7 +1356,7 @@ def test_pretrained_teacher_is_the_default_and_a_stale_one_is_refused(tmp_path, 
     (tmp_path / "w" / "t.json").write_text(json.dumps(manifest))
     assert teachers.check_pretrained(str(copy)) == manifest
     with pytest.raises(SystemExit, match=r"^error: .* stale: data.py now draws another pretraining pool .* "
-                                         r"`python train.py --pretrain-teacher`"):
+                                         r"`python docs/reproduce.py --pretrain-teacher`"):
         monkeypatch.setitem(data.RGB, "red", (0.8, 0.1, 0.1))  # a change to how the pool is drawn
         teachers.check_pretrained(str(copy))
     monkeypatch.undo()
@@ -1527,7 +1536,7 @@ def test_shard_run_resumed_mid_epoch_sees_the_same_keys_in_the_same_order(tmp_pa
     an unbroken run saw, in the same order (across the epoch boundary too), and the weights match."""
     shards = colour_shards(tmp_path, n_shards=2, per_shard=20)
     keys, seen = data.ShardPairs(shards).keys, {}
-    real = train.RealStream.batch
+    real = data.RealStream.batch
 
     def recording(self, step):
         if seen.get("kill") == step:
@@ -1535,7 +1544,7 @@ def test_shard_run_resumed_mid_epoch_sees_the_same_keys_in_the_same_order(tmp_pa
         out = real(self, step)
         seen.setdefault(self.args.out, []).append((step, [keys[i] for i in out["index"].tolist()]))
         return out
-    monkeypatch.setattr(train.RealStream, "batch", recording)
+    monkeypatch.setattr(data.RealStream, "batch", recording)
     args = ["--model", "tiny", "--steps", "12", "--batch-size", "8", "--warmup", "2", "--log-every", "1", "--workers", "2",
             "--val-frac", "0.1", "--image-size", "16", "--data", shards, "--ckpt-every", "100"]
     train.main(args + ["--out", str(tmp_path / "whole")])
@@ -1555,13 +1564,13 @@ def _ddp_worker(rank, port, argv, stop_at=None):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if stop_at is not None:  # Ctrl-C on every rank as step `stop_at` begins
-        real = train.ShapesStream.batch
+        real = data.ShapesStream.batch
 
         def batch(self, step):
             if step == stop_at:
                 raise KeyboardInterrupt
             return real(self, step)
-        train.ShapesStream.batch = batch
+        data.ShapesStream.batch = batch
     try:
         train.main(argv)
     except SystemExit:
@@ -1611,8 +1620,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, monkeypatch,
         assert all(torch.equal(wb[k], w3[k]) for k in wb)
 
 def test_mean_std_hand_cases():
-    assert train.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std: sqrt(2 / 2)
-    assert train.mean_std([5.0]) == (5.0, 0.0)
+    assert reproduce.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std: sqrt(2 / 2)
+    assert reproduce.mean_std([5.0]) == (5.0, 0.0)
 
 
 def test_step_flops_backward_is_about_twice_forward():
@@ -1620,24 +1629,27 @@ def test_step_flops_backward_is_about_twice_forward():
     except the patchify convolution, whose input (the image) needs no gradient."""
     torch.manual_seed(0)
     m = clip.build("tiny")
-    batch = {"images": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), "tokens": m.tokenize(["a red circle"] * 8)}
-    fwd, step = train.step_flops(m, batch, train_step=False), train.step_flops(m, batch)
-    assert fwd > 0 and 2.8 * fwd < step <= 3 * fwd
-    args = train.parse_args(["--model", "tiny", "--steps", "10", "--batch-size", "8", "--n-train", "64",
+    batch = {"images": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), "tokens": m.tokenize(["a red circle"] * 8),
+             "index": torch.arange(8)}
+    args = train.parse_args(["--method", "cid", "--model", "tiny", "--steps", "10", "--batch-size", "8", "--n-train", "64",
                              "--teacher", "own", "--teacher-steps", "5"])
-    stream = train.ShapesStream(args)
-    teacher_step = train.step_flops(clip.build("teacher", merges=stream.merges), stream.batch(0))
-    student_step = train.step_flops(clip.build("tiny", merges=stream.merges), stream.batch(0))
-    n = train.equal_compute_steps(args)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fwd, step = bench.step_flops(m, batch, args, backward=False), bench.step_flops(m, batch, args)
+    assert fwd > 0 and 2.8 * fwd < step <= 3 * fwd
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # counting changed no weight
+    stream = data.ShapesStream(args)
+    teacher_step = bench.step_flops(clip.build("teacher", merges=stream.merges), stream.batch(0), args)
+    student_step = bench.step_flops(clip.build("tiny", merges=stream.merges), stream.batch(0), args)
+    n = reproduce.equal_compute_steps(args)
     assert n >= 10 + 5 * teacher_step / student_step > 10 + 5 * 4  # the teacher's steps cost > 4 of the student's
 
 
 def test_sweep_writes_the_table_resumes_and_refuses_other_flags(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "SWEEP", [("clip", "CLIP", ["--method", "clip"], True)])
-    argv = ["--sweep", "--model", "tiny", "--steps", "10", "--batch-size", "32", "--n-train", "300", "--n-eval", "100",
+    monkeypatch.setattr(reproduce, "SWEEP", [("clip", "CLIP", ["--method", "clip"], True)])
+    argv = ["--model", "tiny", "--steps", "10", "--batch-size", "32", "--n-train", "300", "--n-eval", "100",
             "--warmup", "2", "--em-steps", "10", "5", "--seeds", "0", "1", "--out", "sw"]
-    train.main(argv)
+    reproduce.main(argv)
     assert capsys.readouterr().out.count("sweep: CLIP, seed") == 2
     table = json.load(open("sw/table.json"))
     runs = [json.load(open(f"sw/clip-s{s}/results.json")) for s in (0, 1)]
@@ -1652,17 +1664,17 @@ def test_sweep_writes_the_table_resumes_and_refuses_other_flags(tmp_path, monkey
     teacher_row = table["rows"][next(r for r in table["rows"] if r.startswith("text teacher"))]
     assert set(teacher_row) == {"text_probe_common", "text_probe_rare", "text_probe_never"}
     os.remove("sw/clip-s1/results.json")  # killed after training: only that run is redone (from its checkpoint)
-    train.main(argv)
+    reproduce.main(argv)
     out = capsys.readouterr().out
     assert out.count("sweep: CLIP, seed") == 1 and "resumed" in out
     again = json.load(open("sw/clip-s1/results.json"))
     assert again["zero_shot_top1"] == runs[1]["zero_shot_top1"] and again["text_em"] == runs[1]["text_em"]
     with pytest.raises(SystemExit, match="pass another --out"):
-        train.main([*argv, "--steps", "20"])
+        reproduce.main([*argv, "--steps", "20"])
 
 
 def test_bench_prints_each_variant(capsys):
-    train.main(["--bench", "--model", "tiny", "--batch-size", "16", "--n-train", "200"])
+    bench.main(["--bench-steps", "2", "--model", "tiny", "--batch-size", "16", "--n-train", "200"])
     out = capsys.readouterr().out
     assert "GFLOP per step" in out and out.count("x |") == 4 and "| naive" in out and "byte-pair tokens tower" in out
 
@@ -1783,16 +1795,18 @@ def test_store_builds_reuses_rebuilds_what_changed_and_resumes(tmp_path, monkeyp
     (store1,), summary = teachers.build_store(pairs, [FakeClipTeacher(1)], root, "d", workers=0)
     assert summary["parts_reused"] == 1 and FakeClipTeacher.calls == 10  # part 0 was kept
     rows1 = store1.rows("image", range(16))
-    real_save = teachers.save_npy
+    real_atomic = data.atomic
 
-    def full_disk(path, array):
+    @contextlib.contextmanager
+    def full_disk(path):
         if "part-00001" in path:
             raise OSError(28, "No space left on device")
-        return real_save(path, array)
-    monkeypatch.setattr(teachers, "save_npy", full_disk)
+        with real_atomic(path) as tmp:
+            yield tmp
+    monkeypatch.setattr(data, "atomic", full_disk)
     with pytest.raises(SystemExit, match=r"No space left on device\); the parts already written are kept \(1 of 3\)"):
         teachers.build_store(pairs, [FakeClipTeacher(2)], root, "d", workers=0)
-    monkeypatch.setattr(teachers, "save_npy", real_save)
+    monkeypatch.setattr(data, "atomic", real_atomic)
     (_,), summary = teachers.build_store(pairs, [FakeClipTeacher(2)], root, "d", workers=0)
     assert summary["parts_built"] == 2 and summary["parts_reused"] == 1
     npy = os.path.join(store1.folder, "part-00002.image.npy")
@@ -2170,6 +2184,24 @@ def test_kmeans_recovers_separated_blobs():
         assert len({v[0] for v in mapping.values()}) == 6
         err = (c[[mapping[t][0] for t in range(6)]] - centres).norm(dim=1)
         assert (err < 1.0).all()
+
+
+def test_kmeans_settings_at_scale_reach_each_path_and_the_large_ones_cluster(monkeypatch):
+    """Small stores: Lloyd on every row; large: Lloyd on a 256 K sample; large with a K x D whose
+    sample would not fit in memory: mini-batch over every row. Both large paths find the blobs."""
+    assert kmeans.settings_at_scale(200_000, 64, 512) == {} and kmeans.settings_at_scale(300_000, 2000, 512) == {}
+    assert kmeans.settings_at_scale(1_000_000, 1000, 512) == {"max_points": 256_000, "tol": 1e-3}
+    assert kmeans.settings_at_scale(3_000_000, 10_000, 512) == {"batch_size": 40_000, "iters": 3}  # 5.2 GB sample
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randint(6, (210_000,), generator=g)
+    x = 4 * torch.eye(8)[truth] + 0.3 * torch.randn(210_000, 8, generator=g)  # 6 blobs, far apart
+    for sample_bytes in (kmeans.SAMPLE_BYTES, 1000):
+        monkeypatch.setattr(kmeans, "SAMPLE_BYTES", sample_bytes)
+        settings = kmeans.settings_at_scale(len(x), 6, 8)
+        assert ("batch_size" in settings) == (sample_bytes == 1000)
+        c = kmeans.fit(x, 6, seed=0, **settings)
+        labels, _ = kmeans.assign(x, c)
+        assert all(len(labels[truth == t].unique()) == 1 for t in range(6)) and len(labels.unique()) == 6
 
 
 def test_kmeans_empty_cluster_is_split():

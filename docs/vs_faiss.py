@@ -1,11 +1,12 @@
-"""kmeans.py beside faiss-cpu on the same synthetic data (README, "At scale" and "k-means").
+"""kmeans.py beside faiss-cpu on the same synthetic data (docs/data.md "At scale", docs/performance.md).
 
 faiss never enters requirements.txt: install it in a venv of its own (`python -m venv peer &&
 peer/bin/pip install faiss-cpu numpy`). Four steps, each its own process, all on the same file:
 
     python docs/vs_faiss.py make                      # the rows and their true centres
     peer/bin/python docs/vs_faiss.py faiss --seed 0   # faiss.Kmeans, 20 iterations
-    python docs/vs_faiss.py ours --seed 0             # kmeans.fit as train.py calls it
+    python docs/vs_faiss.py ours --seed 0             # kmeans.fit as teachers.store_clusters calls it
+    python docs/vs_faiss.py ours --seed 0 --minibatch # the mini-batch path instead
     python docs/vs_faiss.py table                     # both runs' times; inertia by kmeans.inertia
 
 --data store (default): 1M x 512 float16 teacher-like embeddings (teachers._synthetic_store),
@@ -35,6 +36,8 @@ p.add_argument("--k", type=int, default=1000)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--dir", default="/tmp/vs_faiss")
+p.add_argument("--minibatch", action="store_true", help="ours: mini-batch k-means over every row (3 epochs of "
+               "max(4096, 4 K)), the path settings_at_scale takes when the 256 K sample would not fit in memory")
 a = p.parse_args()
 os.makedirs(a.dir, exist_ok=True)
 tag = f"{a.data}-{a.n}x{a.d}-k{a.k}"
@@ -82,10 +85,12 @@ if a.step == "make":
 elif a.step == "ours":
     x = np.load(data_file, mmap_mode="r")
     t0 = time.time()
-    c, hist = kmeans.fit(x, a.k, spherical=spherical, seed=a.seed, return_history=True, **kmeans.settings_at_scale(a.n, a.k))
+    settings = ({"batch_size": max(4096, 4 * a.k), "iters": 3} if a.minibatch
+                else kmeans.settings_at_scale(a.n, a.k, a.d))
+    c, hist = kmeans.fit(x, a.k, spherical=spherical, seed=a.seed, return_history=True, **settings)
     t1 = time.time()
     kmeans.assign(x, c, spherical=spherical)
-    save("ours", c.numpy(), 0.0, t1 - t0, time.time() - t1, len(hist))  # reads the rows inside fit / assign
+    save("ours_minibatch" if a.minibatch else "ours", c.numpy(), 0.0, t1 - t0, time.time() - t1, len(hist))  # reads inside fit / assign
 else:
     x = np.load(data_file, mmap_mode="r")
     truth, d_true = kmeans.assign(x, torch.from_numpy(np.load(true_file)), spherical=spherical)

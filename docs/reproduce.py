@@ -1,0 +1,295 @@
+"""The reproduction: every number of the results tables, from train.py runs.
+
+`python docs/reproduce.py` trains, evaluates and EM-probes every row of SWEEP for seeds 0 1 2
+into runs/sweep (a row's folder is `ROW-sSEED`), then writes runs/sweep/table.md and table.json
+(mean ± std over the seeds, and every seed's value). Each row is a train.py run with the same
+student, data, steps and evaluation; any train.py flag given here goes to every row (e.g.
+--device cuda, --steps 2000). A run whose results.json exists is not run again and an interrupted
+one resumes from its checkpoint: run the same command again to continue a killed sweep.
+
+`python docs/reproduce.py --pretrain-teacher` rebuilds the CLIP-CID teacher of the embedded data
+(weights/shapes-teacher.pt and its manifest): PRETRAIN_RECIPE, about an hour on 2 CPU cores.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # docs/: the bench and the EM probe
+import bench  # noqa: E402
+import clip  # noqa: E402
+import data  # noqa: E402
+import em_probe  # noqa: E402
+import eval as evaluation  # noqa: E402
+import teachers  # noqa: E402
+import train  # noqa: E402
+
+# ----------------------------------------------------------------------------------------
+# The CLIP-CID teacher of the embedded data, as the papers have it: pretrained once, on a pool
+# broader than any student's data (every shape x colour combination, every wording, 2.5x the
+# pairs) and for 4x the student's steps, then shared by every run (weights/).
+
+PRETRAIN_POOL = ["--data", "shapes-pretrain", "--n-train", "50000", "--dup-frac", "0", "--imbalance", "0"]
+PRETRAIN_RECIPE = ["--method", "clip", "--model", "teacher", *PRETRAIN_POOL, "--steps", "2000", "--warmup", "100",
+                   "--batch-size", "256", "--lr", "2e-3", "--seed", "0", "--vocab-size", "259", "--log-every", "1"]
+PRETRAIN_DIR = os.path.join("runs", "pretrain-teacher")
+
+
+def code_version():  # the commit of these files, and whether they were changed since; None outside git
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()  # noqa: E731
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + (" with uncommitted changes" if git("status", "--porcelain", "--", "*.py") else "") if commit else None
+    except OSError:
+        return None
+
+
+def pretrain_teacher(device):
+    """Train PRETRAIN_RECIPE into runs/pretrain-teacher (a killed run resumes), then write
+    weights/shapes-teacher.pt (the weights in float16) and its manifest, whose evaluation is of
+    the float16 weights, as shipped."""
+    run = train.parse_args(PRETRAIN_RECIPE + ["--device", device, "--out", PRETRAIN_DIR, "--resume"])
+    res_path = os.path.join(PRETRAIN_DIR, "results.json")
+    res = data.read_json(res_path) if os.path.exists(res_path) else train.train(run)
+    ckpt = clip.load_file(os.path.join(PRETRAIN_DIR, "ckpt.pt"))
+    config = {k: v for k, v in ckpt["config"].items() if k not in ("out", "data_root", "store")}  # no local paths
+    os.makedirs(os.path.dirname(teachers.PRETRAINED), exist_ok=True)
+    with data.atomic(teachers.PRETRAINED) as tmp:
+        torch.save({"model": {k: v.half() for k, v in ckpt["model"].items()}, "model_config": ckpt["model_config"],
+                    "config": config}, tmp)
+    model = clip.load_checkpoint(teachers.PRETRAINED, run.device)[0]
+    pool = {"data": run.data, "n": run.n_train, "seed": run.seed, "image_size": run.image_size, "dup_frac": run.dup_frac,
+            "imbalance": run.imbalance, "fingerprint": res["data_fingerprint"], "prefix_rows": teachers.PREFIX_ROWS}
+    pool["prefix_fingerprint"] = teachers.pool_prefix_fingerprint(pool)
+    manifest = {"file": os.path.basename(teachers.PRETRAINED), "sha256": teachers.sha256_of(teachers.PRETRAINED),
+                "bytes": os.path.getsize(teachers.PRETRAINED), "command": teachers.REBUILD, "recipe": PRETRAIN_RECIPE,
+                "code_version": code_version(), "pool": pool, "model": run.model, "params": res["params"],
+                "steps": run.steps, "first_losses": [r["loss"] for r in evaluation.read_log(PRETRAIN_DIR)[:5]],
+                "machine": {"device": run.device, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                            "threads": torch.get_num_threads(), "torch": torch.__version__},
+                "train_seconds": res["seconds"], "flops": res.get("flops"),
+                "results": evaluation.evaluate(model, run, torch.device(run.device))}  # of the float16 weights
+    data.write_json(teachers.MANIFEST, manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------
+# The sweep: its rows, and the controls without which a gain cannot be read as what a paper claims.
+
+SWEEP = [  # (folder, row of the table, flags, EM text probe?)
+    ("clip", "CLIP", ["--method", "clip"], True),
+    ("kclip", "Knowledge-CLIP", ["--method", "kclip"], True),
+    ("cid", "CLIP-CID (balanced set)", ["--method", "cid"], True),
+    ("cid-full", "CLIP-CID, full set (no balance)", ["--method", "cid", "--no-balance"], False),
+    ("cid-own", "CLIP-CID, teacher trained on the student's data (--teacher own)", ["--method", "cid", "--teacher", "own"],
+     False),
+    ("kclip-cid", "Knowledge-CLIP + CLIP-CID, both teachers", ["--method", "kclip+cid"], True),
+    ("kclip-random", "Knowledge-CLIP, random-init text teacher", ["--method", "kclip", "--text-teacher-init", "random"], True),
+    ("kclip-alpha0", "Knowledge-CLIP, alpha = 0 (no L_emb)", ["--method", "kclip", "--emb-weight", "0"], True),
+    ("kclip-beta0", "Knowledge-CLIP, beta = 0 (no concept KL)", ["--method", "kclip", "--concept-weight", "0"], True),
+    # beyond the paper: distil the teacher on text-only lines that hold the never-seen words too
+    ("kclip-corpus", "Knowledge-CLIP + text corpus", ["--method", "kclip", "--text-corpus"], True),
+    ("kclip-random-corpus", "Knowledge-CLIP + text corpus, random-init teacher",
+     ["--method", "kclip", "--text-corpus", "--text-teacher-init", "random"], True),
+    ("cid-cd", "CLIP-CID, cluster term alone", ["--method", "cid", "--id-weight", "0"], False),
+    ("cid-id", "CLIP-CID, instance term alone", ["--method", "cid", "--cd-weight", "0"], False),
+    # --steps: equal_compute_steps, the pretrained teacher counted in full / shared by every CLIP-CID student of the sweep
+    ("clip-equal", "CLIP, equal total compute (teacher counted in full)", ["--method", "clip"], False),
+    ("clip-equal-shared", "CLIP, equal total compute (teacher shared by the sweep's students)", ["--method", "clip"], False),
+    ("clip-pool", "CLIP on the teacher's pretraining pool", ["--method", "clip", *PRETRAIN_POOL], False),
+]
+SHARING = [f for f, _, flags, _ in SWEEP if "cid" in " ".join(flags) and "own" not in flags]  # rows of the pretrained teacher
+TABLE = [  # (results.json key, column)
+    ("zero_shot_top1", "zero-shot seen"), ("zero_shot_unseen_top1", "zero-shot unseen"),
+    ("linear_probe_top1", "linear probe"), ("retrieval_i2t_r1", "R@1 i2t"), ("retrieval_t2i_r1", "R@1 t2i"),
+    ("zero_shot_by_attributes_top1", "attributes seen"), ("zero_shot_by_attributes_unseen_top1", "attributes unseen"),
+    ("text_em", "EM"), ("params", "params"), ("steps", "steps"), ("seconds", "train s"),
+]
+TIER_TABLE = [  # the vocabulary tiers (data.WORDS): zero-shot with prompts in each tier, text-space probe
+    ("zero_shot_top1", "zero-shot, common words"), ("zero_shot_rare_words_top1", "zero-shot, rare words"),
+    ("zero_shot_never_words_top1", "zero-shot, never-seen words"), ("text_probe_common", "probe, common"),
+    ("text_probe_rare", "probe, rare"), ("text_probe_never", "probe, never-seen"),
+]
+
+
+def equal_compute_steps(args, students=1):
+    """Student steps whose FLOPs equal CLIP-CID's whole pipeline: training the teacher (--teacher
+    pretrained: its manifest's FLOPs; own: --teacher-steps), split over the `students` that share
+    it, embedding the training set with it once, and the student's own --steps (its projector
+    and losses are < 0.1% of a step and not counted)."""
+    stream = data.ShapesStream(args)
+    batch = stream.batch(0)
+    student = clip.build(args.model, image_size=args.image_size, merges=stream.merges)
+    pretrained = (args.teacher or "pretrained") == "pretrained"  # a clip row of the sweep names no teacher: the default's
+    teacher = clip.build("teacher", image_size=args.image_size, merges=() if pretrained else stream.merges)
+    f_student = bench.step_flops(student, batch, args)
+    batch = {**batch, "tokens": teacher.tokenize([stream.ds.captions[int(i)] for i in batch["index"]])}  # the teacher's
+    training = (teachers.check_pretrained()["flops"]["student_training"] if pretrained
+                else args.teacher_steps * bench.step_flops(teacher, batch, args))
+    teacher_total = training / students + args.n_train / args.batch_size * bench.step_flops(teacher, batch, args, False)
+    return math.ceil(args.steps + teacher_total / f_student)
+
+
+def sweep_em(run_dir, root, cfg, steps):
+    """EM % of a run's text tower, through the seed's autoencoder (trained once, kept in root)."""
+    model = clip.load_checkpoint(run_dir, cfg.device)[0]
+    train_caps, test = em_probe.distinct_splits(*em_probe.em_captions(vars(cfg)))
+    ae = em_probe.cached_autoencoder(os.path.join(root, f"em-autoencoder-s{cfg.seed}.pt"), train_caps, cfg.seed,
+                                     steps[0], cfg.device)
+    em = lambda encode: em_probe.em_of(ae, encode, train_caps, test, steps[1], seed=cfg.seed, device=cfg.device)  # noqa: E731
+    path = os.path.join(root, f"em-reference-s{cfg.seed}.json")  # the autoencoder and the text teacher, once per seed
+    if not os.path.exists(path):
+        teacher = teachers.load_text_teacher(cfg.text_teacher, cfg.device, cfg.pool, cfg.trust_remote_code)
+        data.write_json(path, {"proof of concept": em_probe.em_poc(ae, test), f"text teacher {teacher.name}": em(
+            lambda caps: evaluation.in_batches(teacher.encode_texts, caps))})
+    return em(lambda caps: evaluation.embed_texts(model, caps, cfg.device))
+
+
+def sweep(a, flags):
+    """Train, evaluate and EM-probe every SWEEP row for every seed, then write the table."""
+    root, t0 = a.out, time.time()
+    os.makedirs(root, exist_ok=True)
+    base = train.parse_args(flags)
+    spec_path = os.path.join(root, "sweep.json")
+    spec = {"flags": flags, "preset": base.preset, "device": base.device, "em_steps": a.em_steps}
+    if os.path.exists(spec_path) and data.read_json(spec_path) != spec:
+        raise SystemExit(f"error: the sweep in {root} was made with {data.read_json(spec_path)}, not {spec}; "
+                         "pass another --out")
+    data.write_json(spec_path, spec)
+    tiers_path = os.path.join(root, "text-teacher-tiers.json")  # the text teacher's own synonym matching
+    if not os.path.exists(tiers_path):
+        teacher = teachers.load_text_teacher(base.text_teacher, base.device, base.pool, base.trust_remote_code)
+        data.write_json(tiers_path, {"name": teacher.name, **{f"text_probe_{k}": v for k, v in evaluation.tier_probe(
+            lambda t: evaluation.in_batches(teacher.encode_texts, t)).items()}})
+    for folder, row, row_flags, em in SWEEP:
+        if a.rows and folder not in a.rows:
+            continue
+        for seed in a.seeds:
+            out = os.path.join(root, f"{folder}-s{seed}")
+            res_path = os.path.join(out, "results.json")
+            if os.path.exists(res_path) and not (em and "text_em" not in data.read_json(res_path)):
+                continue  # finished: nothing to redo
+            argv = flags + row_flags + ["--seed", str(seed)]
+            if folder.startswith("clip-equal"):
+                students = 1 if folder == "clip-equal" else len(SHARING) * len(a.seeds)
+                argv += ["--steps", str(equal_compute_steps(train.parse_args(argv), students))]
+            run = train.parse_args(argv + ["--out", out, "--resume"])
+            if not os.path.exists(res_path):
+                print(f"\nsweep: {row}, seed {seed} -> {out}")
+                start = time.time()
+                res = train.train(run)
+                data.write_json(res_path, {**res, "wall_seconds": round(time.time() - start, 1)})
+            res = data.read_json(res_path)
+            if em and "text_em" not in res:
+                data.write_json(res_path, {**res, "text_em": sweep_em(out, root, run, a.em_steps)})
+            write_table(root, a.seeds, flags)
+    write_table(root, a.seeds, flags)
+    first = {row: os.path.join(root, f"{folder}-s{a.seeds[0]}") for folder, row, _, _ in SWEEP[:3]}
+    evaluation.plot_curves({row: evaluation.read_log(d) for row, d in first.items() if os.path.isdir(d)},
+                           os.path.join(root, "curves.png"))
+    print(f"sweep: done in {(time.time() - t0) / 60:.1f} min (this call); table in {root}/table.md")
+
+
+# ----------------------------------------------------------------------------------------
+# The tables.
+
+def mean_std(values):
+    """(mean, sample standard deviation) of a list; std 0 for a single value."""
+    v = np.array(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def write_table(root, seeds, flags):
+    """root/table.json (every value per seed, mean, std) and root/table.md (mean ± std; '(n=k)'
+    when fewer seeds than asked have finished; train s = the training loop alone). A run's
+    results.json is read with its eval.json, if any, on top."""
+    rows, wall = {}, 0.0
+    teacher_dirs = [train.default_teacher_dir(train.parse_args(flags + ["--seed", str(s)])) for s in seeds]
+    sources = [("CLIP-CID own-data teacher (--teacher own)", teacher_dirs)]
+    sources += [(row, [os.path.join(root, f"{folder}-s{s}") for s in seeds]) for folder, row, _, _ in SWEEP]
+    if os.path.exists(teachers.MANIFEST):  # one teacher for every seed: no std
+        manifest = data.read_json(teachers.MANIFEST)
+        rows["CLIP-CID pretrained teacher (weights/)"] = {k: {"values": [manifest["results"][k]], "seedless": True}
+                                                          for k, _ in TABLE + TIER_TABLE if k in manifest["results"]}
+    for row, dirs in sources:
+        found = []
+        for d in dirs:
+            if os.path.exists(os.path.join(d, "results.json")):
+                found.append(data.read_json(os.path.join(d, "results.json")))
+                if os.path.exists(os.path.join(d, "eval.json")):  # re-evaluated later by `python eval.py --ckpt DIR`
+                    found[-1].update(data.read_json(os.path.join(d, "eval.json")))
+                wall += found[-1].get("wall_seconds", 0.0)  # the whole run: teacher, training, evaluation, EM
+        if found:
+            rows[row] = {key: {"values": [r[key] for r in found if key in r]} for key, _ in TABLE + TIER_TABLE}
+    for s in seeds:  # the EM probe's references, per seed
+        path = os.path.join(root, f"em-reference-s{s}.json")
+        for name, value in (data.read_json(path) if os.path.exists(path) else {}).items():
+            rows.setdefault(f"EM reference: {name}", {"text_em": {"values": []}})["text_em"]["values"].append(value)
+    tiers_path = os.path.join(root, "text-teacher-tiers.json")
+    if os.path.exists(tiers_path):  # the text teacher in its own space: one value, no seed
+        ref = data.read_json(tiers_path)
+        name = ref.pop("name")
+        rows[f"text teacher {name}, its own space"] = {k: {"values": [v], "seedless": True} for k, v in ref.items()}
+    for cells in rows.values():
+        for cell in cells.values():
+            if cell["values"]:
+                cell["mean"], cell["std"] = mean_std(cell["values"])
+    data.write_json(os.path.join(root, "table.json"), {"seeds": seeds, "rows": rows})
+
+    def show(key, cell):
+        if not cell or not cell["values"]:
+            return "-"
+        if key in ("params", "steps"):
+            return f"{cell['mean'] / 1e6:.2f}M" if key == "params" else f"{cell['mean']:.0f}"
+        many = len(cell["values"]) > 1 and key != "seconds"
+        text = f"{cell['mean']:.1f} ± {cell['std']:.1f}" if many else f"{cell['mean']:.{0 if key == 'seconds' else 1}f}"
+        return text + (f" (n={len(cell['values'])})" if len(cell["values"]) < len(seeds) and "seedless" not in cell else "")
+
+    def markdown(columns):  # the rows with a value in these columns
+        lines = ["| | " + " | ".join(c for _, c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        return "\n".join(lines + [f"| {row} | " + " | ".join(show(k, cells.get(k)) for k, _ in columns) + " |"
+                                  for row, cells in rows.items() if any(cells.get(k, {}).get("values") for k, _ in columns)])
+    with data.atomic(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
+        f.write(f"mean ± std over seeds {' '.join(map(str, seeds))} (sample std); the sweep's runs took "
+                f"{wall / 60:.0f} min of wall time\n\n{markdown(TABLE)}\n\nVocabulary tiers (zero-shot on seen "
+                f"combinations, prompts in each tier's words; probe: nearest common word right, %)\n\n"
+                f"{markdown(TIER_TABLE)}\n")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Every other flag is train.py's "
+                                "(python train.py --help) and goes to every row.")
+    p.add_argument("--pretrain-teacher", action="store_true", help="(re)build weights/shapes-teacher.pt and its manifest "
+                   "(PRETRAIN_RECIPE into runs/pretrain-teacher, resumable; evaluated in float16) and exit")
+    p.add_argument("--out", default=os.path.join("runs", "sweep"), help="the sweep's folder")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                   help="only these rows: " + ", ".join(f for f, _, _, _ in SWEEP))
+    p.add_argument("--em-steps", type=int, nargs=2, default=[600, 400], metavar=("AUTOENCODER", "ADAPTER"),
+                   help="steps of the EM probe's two stages")
+    a, flags = p.parse_known_args(argv)
+    unknown = [r for r in a.rows or [] if r not in {f for f, _, _, _ in SWEEP}]
+    if unknown:
+        p.error(f"--rows {' '.join(unknown)}: no such row")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("error: run docs/reproduce.py in one process (it runs its rows one after another)")
+    try:
+        if a.pretrain_teacher:
+            print(json.dumps(pretrain_teacher(train.parse_args(flags).device), indent=2))
+        else:
+            sweep(a, flags)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
