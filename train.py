@@ -427,6 +427,10 @@ def lr_at(step, lr, warmup, steps):
     return 0.5 * lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def on_device(batch, step, device):  # a stream's batch for `step`, its pixels (normalised) and tokens on device
+    return {**batch, "step": step, "images": data.to_input(batch["images"], device), "tokens": batch["tokens"].to(device)}
+
+
 def train_step(student, batch, optimizer, args, scales, amp):
     """One update: the loss terms (bf16 autocast if amp), their weighted sum, backward, gradient
     clipping, AdamW, and the clamp exp(t) <= 100 of every learned temperature in `scales`.
@@ -596,10 +600,9 @@ def train(args):
             lr = lr_at(step, args.lr, args.warmup, args.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = {**stream.batch(step), "step": step}
+            batch = on_device(stream.batch(step), step, device)
             if "corpus_tokens" in extra:
                 batch["corpus_index"] = data.corpus_index(step, len(extra["corpus_tokens"]), args)
-            batch.update(images=data.to_input(batch["images"], device), tokens=batch["tokens"].to(device))
             run_step = lambda: train_step(student, batch, optimizer, args, scales, amp=device.type == "cuda")  # noqa: E731
             if step == start:  # the first step counts its FLOPs (results.json: flops)
                 (values, names, bad), step_flops = clip.count_flops(run_step)

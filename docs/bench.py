@@ -22,16 +22,12 @@ import data  # noqa: E402
 import train  # noqa: E402
 
 
-def on_device(batch, step, device):  # a stream's batch, as train.py's loop moves it
-    return {**batch, "step": step, "images": data.to_input(batch["images"], device), "tokens": batch["tokens"].to(device)}
-
-
 def step_flops(model, batch, args, backward=True):
     """FLOPs of one plain-CLIP step on a batch (its loss, + backward and the update if backward),
     counted by torch's FlopCounterMode (matmuls, convolutions and attention; elementwise work is
     not counted): what train.py's loop counts on its first step."""
     student = train.Student(model, nn.ModuleDict(), {}, args)
-    batch = on_device(batch, 0, next(model.parameters()).device)
+    batch = train.on_device(batch, 0, next(model.parameters()).device)
     if not backward:
         with torch.no_grad():
             return clip.count_flops(lambda: student(batch))[1]
@@ -65,7 +61,7 @@ def bench(args, steps):
     def timed_step(net, amp, fused_adam):  # train.py's update, on this net
         student = train.Student(net, nn.ModuleDict(), {}, args)
         optimizer = train.make_optimizer([net], args.lr, args.weight_decay, fused=fused_adam)
-        return lambda b, i: train.train_step(student, on_device(b, i, device), optimizer, args, [net.logit_scale], amp)
+        return lambda b, i: train.train_step(student, train.on_device(b, i, device), optimizer, args, [net.logit_scale], amp)
 
     # (name, byte-pair tokens, fused attention, padding cut, bf16, fused AdamW)
     variants = [("naive: byte tokens, textbook attention, all 64 text positions, fp32", False, False, False, False, False),
@@ -99,7 +95,7 @@ def bench(args, steps):
     for name, tower, key, batches_ in (("image", model.encode_image, "images", batches),
                                        ("text, byte tokens", byte_model.encode_text, "tokens", byte_batches),
                                        ("text, byte-pair tokens", model.encode_text, "tokens", batches)):
-        t = seconds_per_step(lambda b, i: tower(on_device(b, i, device)[key]).sum().backward(), batches_)
+        t = seconds_per_step(lambda b, i: tower(train.on_device(b, i, device)[key]).sum().backward(), batches_)
         length = np.mean([float(b["tokens"].ne(clip.PAD).sum(1).float().mean()) for b in batches_]) if key == "tokens" else None
         print(f"{name} tower forward + backward alone: {1000 * t:.1f} ms"
               + (f" ({length:.1f} tokens per caption)" if length else ""))
