@@ -343,11 +343,22 @@ def load_image(source, image_size, crop=None):
 # store (teachers.py) builds, fingerprints and resumes one part at a time. Shards are read by
 # row too: one scan of their headers records where each member's bytes lie, so CSV rows, shards
 # and the embedded set shuffle, resume mid-epoch and split over ranks the same way.
-# A pair whose key hashes below `val_frac` (salted by the seed) is held out for validation.
+# A pair whose key hashes below `val_frac` is held out for evaluation: the same pairs for every
+# seed, so a seed spread measures training, not the split. `--train-frac` trains on a part of
+# the rest, drawn by a second hash: the same part for every seed, and a teacher trained on the
+# whole set (--train-frac 1) has seen none of the held-out pairs either.
 
-def is_val(key, seed, val_frac):
-    h = hashlib.sha1(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2 ** 64 < val_frac
+def key_hash(key, salt):  # a pair's key -> a number in [0, 1), the same on every machine
+    h = hashlib.sha1(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2 ** 64
+
+
+def is_val(key, val_frac):
+    return key_hash(key, 0) < val_frac
+
+
+def in_part(key, train_frac):
+    return train_frac >= 1 or key_hash(key, "part") < train_frac
 
 
 def skipped(where, why):
@@ -464,15 +475,17 @@ class CsvPairs(Pairs):
     before the header is ignored. Key: the `key_column` if given, else the image path as written
     (the k-th repeat of a path gets '#k')."""
 
-    def __init__(self, path, image_size=32, img_key="filepath", caption_key="title", key_column=None, part_rows=10000):
+    def __init__(self, path, image_size=32, img_key="filepath", caption_key="title", key_column=None, part_rows=10000,
+                 label_key=None):
         delimiter = "\t" if path.endswith(".tsv") else ","
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
-            missing = {img_key, caption_key, *([key_column] if key_column else [])} - set(reader.fieldnames or [])
+            missing = {img_key, caption_key, *(k for k in (key_column, label_key) if k)} - set(reader.fieldnames or [])
             if missing:
                 raise ValueError(f"{path}: no column {', '.join(sorted(missing))}; columns are "
-                                 f"{reader.fieldnames} (set --csv-img-key / --csv-caption-key / --csv-key)")
-            rows, keys, bad, seen = [], [], [], {}
+                                 f"{reader.fieldnames} (set --csv-img-key / --csv-caption-key / --csv-key / "
+                                 "--csv-label-key)")
+            rows, keys, bad, seen, labels = [], [], [], {}, []
             for line, r in enumerate(reader, start=2):
                 img, text = r[img_key] or "", (r[caption_key] or "").strip()
                 if not (utf8(img) and utf8(text)):
@@ -484,10 +497,12 @@ class CsvPairs(Pairs):
                     seen[key] = seen.get(key, 0) + 1
                     keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
                     rows.append((img, text))
+                    labels.append(" ".join((r[label_key] or "").split()) if label_key else "")
         root = os.path.dirname(os.path.abspath(path))
         self.path, self.image_size, self.keys = path, image_size, keys
         self.skipped_rows, self.skip_reason = len(bad), bad[0] if bad else None
         self.rows = [(os.path.join(root, p), c) for p, c in rows]
+        self.labels = labels if label_key else None  # a class name per row ('' where none): eval.eval_labelled_pairs
         self.parts = [(f"rows-{a:09d}", a, b) for a, b in chunks(len(rows), part_rows)]
 
     @property
@@ -665,13 +680,16 @@ def collate(batch):
             len(batch) - len(good), why)
 
 
-def real_pairs(spec, image_size=32, img_key="filepath", caption_key="title", key_column=None, scan_cache=None):
+def real_pairs(spec, image_size=32, img_key="filepath", caption_key="title", key_column=None, scan_cache=None,
+               label_key=None):
     """`--data` for real pairs: a .csv/.tsv path or a tar shard pattern (header scans kept in
-    `scan_cache`)."""
+    `scan_cache`); label_key: a CSV column of class names."""
     if spec.endswith((".csv", ".tsv")):
         if not os.path.exists(spec):
             raise FileNotFoundError(f"--data {spec}: no such file")
-        return CsvPairs(spec, image_size, img_key, caption_key, key_column)
+        return CsvPairs(spec, image_size, img_key, caption_key, key_column, label_key=label_key)
+    if label_key:
+        raise ValueError(f"--csv-label-key {label_key}: class names are read from a CSV column; --data {spec} is not a CSV")
     if ".tar" in spec:
         if spec.endswith((".tar.gz", ".tgz")):
             raise ValueError(f"--data {spec}: compressed shards cannot be read by row; unpack them to plain .tar")
@@ -706,7 +724,8 @@ def web_image(path, max_side):
 
 
 def convert_folder(folder, out, shard_size=1000, max_side=256):
-    """A folder of images (any tree) -> out/images/*.jpg, out/pairs.csv (filepath, title) and
+    """A folder of images (any tree) -> out/images/*.jpg, out/pairs.csv (filepath, title, category:
+    the image's first folder, for --csv-label-key category) and
     out/shards/pairs-{00000..}.tar (webdataset: {key}.jpg + {key}.txt): the same pairs in the
     same order, each image resized as img2dataset does (`web_image`). An image's caption: its
     sidecar FILE.txt if there is one, else `folder_caption`. Unreadable images are left out and
@@ -728,16 +747,16 @@ def convert_folder(folder, out, shard_size=1000, max_side=256):
         key = f"{len(rows):09d}"
         with open(os.path.join(out, "images", key + ".jpg"), "wb") as f:
             f.write(jpeg)
-        rows.append((key, jpeg, " ".join(text.split())))
+        rows.append((key, jpeg, " ".join(text.split()), rel.split(os.sep)[0] if os.sep in rel else ""))
     with atomic(os.path.join(out, "pairs.csv")) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["filepath", "title"])
-        w.writerows((os.path.join("images", key + ".jpg"), text) for key, _, text in rows)
+        w.writerow(["filepath", "title", "category"])
+        w.writerows((os.path.join("images", key + ".jpg"), text, category.replace("_", " ")) for key, _, text, category in rows)
     n_shards = -(-len(rows) // shard_size)
     for s in range(n_shards):
         path = os.path.join(out, "shards", f"pairs-{s:05d}.tar")
         with atomic(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, jpeg, text in rows[s * shard_size:(s + 1) * shard_size]:
+            for key, jpeg, text, _ in rows[s * shard_size:(s + 1) * shard_size]:
                 for name, payload in ((key + ".jpg", jpeg), (key + ".txt", text.encode("utf-8"))):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
@@ -1050,17 +1069,20 @@ class RealStream(Stream):
     """CSV rows or tar shards, read by row (Pairs) through a DataLoader: the same seeded
     permutation of the pool per epoch as the embedded set, so resuming at step s skips the
     batches already seen without loading their images, and ranks take their share of each
-    global batch. Held out: the pairs whose key is_val picks. A batch holds --batch-size
+    global batch. Held out: the pairs whose key is_val picks; trained on: in_part of the rest. A batch holds --batch-size
     rows less the pairs that could not be read (under torchrun: trimmed to the smallest share,
     so every rank gathers as many rows); a batch with fewer than 2 usable pairs is skipped."""
 
     def __init__(self, args):
         self.pairs = real_pairs(args.data, args.image_size, args.csv_img_key, args.csv_caption_key, args.csv_key,
-                                os.path.join(args.store, "scans"))
+                                os.path.join(args.store, "scans"), args.csv_label_key)
         self.args, self.batch_size, self.seed, self.iterator = args, args.batch_size, args.seed, None
         self.skipped = self.pairs.skipped_rows
-        self.pool = torch.tensor([i for i, k in enumerate(self.pairs.keys) if not is_val(k, args.seed, args.val_frac)],
-                                 dtype=torch.long)
+        self.pool = torch.tensor([i for i, k in enumerate(self.pairs.keys)
+                                  if not is_val(k, args.val_frac) and in_part(k, args.train_frac)], dtype=torch.long)
+        if not len(self.pool):
+            raise ValueError(f"{args.data}: no training pairs left with --val-frac {args.val_frac} and --train-frac "
+                             f"{args.train_frac}")
         self.fingerprint = self.pairs.fingerprint()
         sample = self.pool[np.linspace(0, len(self.pool) - 1, min(BPE_SAMPLE, len(self.pool))).astype(np.int64)]
         self.learn_tokenizer([c for c in (self.pairs.caption(int(i)) for i in sample) if c], args.vocab_size)

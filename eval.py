@@ -118,6 +118,7 @@ SET_PROMPTS = {  # torchvision sets, by name; the rest take DEFAULT_PROMPTS (aft
     "mnist": ['a photo of the number: "{}".', "a handwritten digit {}."],
 }
 DEFAULT_PROMPTS = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the small {}.", "a low resolution photo of a {}."]
+LABEL_PROMPTS = ["{}", "a photo of a {}."]  # your own data's class names (--csv-label-key): bare, and CLIP's first
 ATTRIBUTE_SET_PROMPTS = {  # (class-name prompts, attribute prompts)
     "cub": (["a photo of a {}, a type of bird.", "a photo of a {}."], ["a photo of a bird with {}.", "a bird with {}."]),
     "awa2": (["a photo of a {}, a type of animal.", "a photo of a {}."], ["a photo of an animal: {}.", "a photo of a {} animal."]),
@@ -166,6 +167,18 @@ def eval_shapes(model, device, seed=0, n_test=2000):
     res["linear_probe_top1"], res["linear_probe_wd"] = linear_probe(
         (img["probe"], lab["probe"]), (img["val"], lab["val"]), (img["test"], lab["test"]), 64)
     return res
+
+
+def validate_shapes(model, device, seed=0, n=2000):
+    """Zero-shot on the validation split (the seed's random stream 1: drawn like the test split,
+    all 64 combinations, never trained on, never the test pairs). What settings are chosen by
+    (train.py --eval-split val; docs/reproduce.py --tune); no test number is computed."""
+    val = data.ShapesDataset("val", n, seed=seed, image_size=model.cfg.image_size)
+    label = val.attributes["label"]  # (n,)
+    scores = embed_images(model, val.images, device) @ classifier_for(model, data.CLASS_NAMES, device).t()  # (n, 64)
+    seen = ~torch.isin(label, torch.tensor(data.UNSEEN_CLASSES))
+    return {"val_zero_shot_top1": top1(scores[seen], label[seen]), "val_zero_shot_unseen_top1": top1(scores[~seen], label[~seen]),
+            "val_zero_shot_all_top1": top1(scores, label), "val_n": n}
 
 
 # Vocabulary tiers (data.WORDS: common, rare, never-seen words). Above: zero-shot with the class
@@ -226,31 +239,75 @@ def eval_named_set(model, name, root, device, max_n=5000):
 
 
 def eval_real_pairs(model, args, device, pairs=None, max_n=2000):
-    """Retrieval on the held-out pairs of a CSV / shard set (--val-frac, picked by key and seed).
+    """Retrieval on the held-out pairs of a CSV / shard set (--val-frac, picked by key: the same for every seed).
     pairs: the set as training read it (data.Pairs), else it is read again from args.data."""
     if pairs is None:
         store = getattr(args, "store", None)
         pairs = data.real_pairs(args.data, model.cfg.image_size, args.csv_img_key, args.csv_caption_key,
-                                getattr(args, "csv_key", None), store and os.path.join(store, "scans"))
+                                getattr(args, "csv_key", None), store and os.path.join(store, "scans"),
+                                getattr(args, "csv_label_key", None))
     pairs = pairs.at_size(model.cfg.image_size)
-    held = [i for i, k in enumerate(pairs.keys) if data.is_val(k, args.seed, args.val_frac)]
+    found = readable(pairs, [i for i, k in enumerate(pairs.keys) if data.is_val(k, args.val_frac)], max_n)
+    if len(found) < 2:
+        print(f"eval: only {len(found)} held-out pairs (raise --val-frac); retrieval skipped")
+        return {}
+    images, captions = torch.stack([p[0] for p in found]), [p[1] for p in found]
+    emb = embed_images(model, images, device)  # (n, D)
+    res = retrieval(emb, embed_texts(model, captions, device), captions)
+    if getattr(pairs, "labels", None) is not None:
+        rest = [i for i, k in enumerate(pairs.keys) if not data.is_val(k, args.val_frac) and pairs.labels[i]]
+        probe = readable(pairs, rest[::max(1, len(rest) // max_n)], max_n)  # evenly spread over the file
+        res.update(eval_labelled_pairs(model, pairs.labels, (emb, [p[2] for p in found]),
+                                       (embed_images(model, torch.stack([p[0] for p in probe]), device), [p[2] for p in probe])
+                                       if len(probe) >= 10 else None, device))
+    return res
+
+
+def readable(pairs, rows, max_n):  # the first max_n of these rows that can be read: [(image, caption, row)]
     found = []
-    for i in held:
+    for i in rows:
         item = pairs[i]
         if not isinstance(item, str):  # a string: a pair that could not be read (data.skipped)
             found.append(item)
         if len(found) >= max_n:
             break
-    if len(found) < 2:
-        print(f"eval: only {len(found)} held-out pairs (raise --val-frac); retrieval skipped")
+    return found
+
+
+def eval_labelled_pairs(model, labels, held, probe, device):
+    """Zero-shot over the class names of a CSV's label column (--csv-label-key) on the held-out
+    pairs, top-1 and mean per class (with the majority class's share: what always answering it
+    scores), and a linear probe trained on `probe` (other pairs of the file; 10% of them as
+    val). held, probe: (image embeddings (n, D), their rows); labels: a name per row."""
+    classes = sorted({name for name in labels if name})
+    index = {name: c for c, name in enumerate(classes)}
+    emb, rows = held
+    keep = [j for j, i in enumerate(rows) if labels[i]]  # held-out pairs that have a class
+    if len(keep) < 2 or len(classes) < 2:
+        print("eval: fewer than 2 labelled held-out pairs or classes; zero-shot over --csv-label-key skipped")
         return {}
-    images, captions = torch.stack([p[0] for p in found]), [p[1] for p in found]
-    return retrieval(embed_images(model, images, device), embed_texts(model, captions, device), captions)
+    emb, y = emb[keep], torch.tensor([index[labels[rows[j]]] for j in keep])  # (n, D), (n,)
+    scores = emb @ zero_shot_classifier(model, classes, LABEL_PROMPTS, device).t()  # (n, C)
+    own = scores.gather(1, y[:, None])  # (n, 1)
+    right = (scores.scatter(1, y[:, None], float("-inf")) < own).all(1).float()  # above every other class: a tie misses
+    res = {"zero_shot_top1": 100.0 * right.mean().item(),
+           "zero_shot_per_class_top1": 100.0 * torch.stack([right[y == c].mean() for c in y.unique()]).mean().item(),
+           "zero_shot_majority": 100.0 * torch.bincount(y).max().item() / len(y), "zero_shot_classes": len(classes),
+           "zero_shot_n": len(y)}
+    if probe is not None:
+        p_emb, p_rows = probe
+        p_y = torch.tensor([index[labels[i]] for i in p_rows])
+        n_val = len(p_y) // 10
+        res["linear_probe_top1"], _ = linear_probe((p_emb[n_val:], p_y[n_val:]), (p_emb[:n_val], p_y[:n_val]), (emb, y),
+                                                   len(classes))
+    return res
 
 
 def evaluate(model, args, device, pairs=None):
     """Everything results.json reports about one model; `args` as train.py parses them (pairs:
     the real data set training read, so that it is not read again)."""
+    if getattr(args, "eval_split", "test") == "val":
+        return validate_shapes(model, device, seed=args.seed, n=args.n_eval)
     if args.data in data.EMBEDDED:
         res = eval_shapes(model, device, seed=args.seed, n_test=args.n_eval)
     else:

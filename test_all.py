@@ -529,15 +529,29 @@ def test_csv_reader_skips_bad_rows(tmp_path):
         data.CsvPairs(str(tmp_path / "pairs.tsv"), 16)
 
 
-def test_val_split_is_disjoint_and_seeded(tmp_path):
+def test_val_split_is_the_same_for_every_seed_and_the_part_never_touches_it(tmp_path):
     for i in range(40):
         write_png(tmp_path / f"{i}.png")
     with open(tmp_path / "p.csv", "w") as f:
         f.write("filepath,title\n" + "".join(f"{i}.png,caption {i}\n" for i in range(40)))
     ds = data.CsvPairs(str(tmp_path / "p.csv"), 8)
-    va = {k for k in ds.keys if data.is_val(k, 0, 0.25)}
-    assert 3 <= len(va) <= 20 and va == {k for k in ds.keys if data.is_val(k, 0, 0.25)}  # seeded: the same again
-    assert va != {k for k in ds.keys if data.is_val(k, 1, 0.25)}  # another seed holds out others
+    va = {k for k in ds.keys if data.is_val(k, 0.25)}
+    assert 3 <= len(va) <= 20 and va != {k for k in ds.keys if data.is_val(k, 0.5)} >= va  # a larger split holds it
+    part = {k for k in ds.keys if data.in_part(k, 0.5)}
+    assert 8 <= len(part) <= 32 and part != {k for k in ds.keys if data.key_hash(k, 0) < 0.5}  # its own hash
+    assert all(data.in_part(k, 1.0) for k in ds.keys)
+    args = lambda *a: train.parse_args(["--data", str(tmp_path / "p.csv"), "--val-frac", "0.25", "--vocab-size", "259",  # noqa: E731
+                                        "--store", str(tmp_path / "store"), "--workers", "0", *a])
+    pools = {}
+    for seed, frac in ((0, 1.0), (1, 1.0), (0, 0.5), (3, 0.5)):
+        stream = data.RealStream(args("--seed", str(seed), "--train-frac", str(frac)))
+        pools[seed, frac] = {stream.pairs.keys[int(i)] for i in stream.pool}
+    assert pools[0, 1.0] == pools[1, 1.0] == set(ds.keys) - va  # every seed: the same held-out pairs
+    assert pools[0, 0.5] == pools[3, 0.5] == (set(ds.keys) - va) & part  # the student's part, the same every seed
+    with pytest.raises(SystemExit):
+        train.parse_args(["--train-frac", "0.5"])  # the embedded set has --n-train
+    with pytest.raises(ValueError, match="no training pairs left"):
+        data.RealStream(args("--train-frac", "1e-9"))
 
 
 def add_member(tar, name, payload):
@@ -837,6 +851,31 @@ def test_linear_probe_separable_and_chooses_on_val():
     test = (val[0], 1 - val[1])
     acc, wd = evaluation.linear_probe(train, val, test, 2, decays=(1e-6, 10.0))
     assert wd == 1e-6 and acc == 0
+
+
+def test_labelled_pairs_zero_shot_matches_a_direct_count_and_ties_miss(monkeypatch):
+    torch.manual_seed(0)
+    m = clip.build("tiny").eval()
+    labels = ["red", "blue", "", "green", "red", "blue", "red", "red"]  # row 2 has no class
+    rows = [0, 1, 2, 3, 4, 5]  # held out; 6 and 7 are the probe's
+    emb = F.normalize(torch.randn(6, 64), dim=1)
+    res = evaluation.eval_labelled_pairs(m, labels, (emb, rows), None, "cpu")
+    classes = ["blue", "green", "red"]  # sorted names of the whole file
+    text = {c: F.normalize(evaluation.embed_texts(m, [p.format(c) for p in evaluation.LABEL_PROMPTS], "cpu").mean(0), dim=0)
+            for c in classes}
+    right = {}  # slow reference: one image at a time, its class against each other by name
+    for j, i in enumerate(rows):
+        if labels[i]:
+            right.setdefault(labels[i], []).append(all(emb[j] @ text[labels[i]] > emb[j] @ text[c] for c in classes if c != labels[i]))
+    flat = [r for v in right.values() for r in v]
+    assert res["zero_shot_n"] == 5 and res["zero_shot_classes"] == 3 and res["zero_shot_majority"] == 40.0
+    assert res["zero_shot_top1"] == pytest.approx(100 * sum(flat) / 5)
+    assert res["zero_shot_per_class_top1"] == pytest.approx(100 * sum(sum(v) / len(v) for v in right.values()) / 3)
+    # a collapsed text tower: every class scores the same, and a tie is a miss (argmax would say class 0 everywhere)
+    monkeypatch.setattr(evaluation, "zero_shot_classifier", lambda model, names, templates, device: torch.ones(len(names), 64))
+    collapsed = evaluation.eval_labelled_pairs(m, labels, (emb, rows), None, "cpu")
+    assert collapsed["zero_shot_top1"] == 0 and collapsed["zero_shot_per_class_top1"] == 0
+    assert evaluation.eval_labelled_pairs(m, ["red"] * 8, (emb, rows), None, "cpu") == {}  # one class: nothing to score
 
 
 def test_attribute_class_scores_hand_case():
@@ -1503,9 +1542,9 @@ def test_every_method_on_shards_and_csv_with_our_and_hf_teachers(tmp_path, monke
     res = train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "4", "--out", "cid-hf"])
     log = evaluation.read_log("cid-hf")
     assert all(np.isfinite(r[t]) for r in log for t in ("clip", "cd", "id")) and "retrieval_i2t_r1" in res
-    assert res["store"]["parts"] == 3 and res["store"]["training_pairs_missing"] == (0 if data.is_val("c-00.tar/00005", 0, 0.1) else 1)
+    assert res["store"]["parts"] == 3 and res["store"]["training_pairs_missing"] == (0 if data.is_val("c-00.tar/00005", 0.1) else 1)
     assert res["balance"]["pairs_before"] + res["store"]["training_pairs_missing"] == sum(
-        not data.is_val(k, 0, 0.1) for k in data.ShardPairs(shards).keys)
+        not data.is_val(k, 0.1) for k in data.ShardPairs(shards).keys)
     assert os.path.exists("cid-hf/clusters.png") and res["teacher_params"] > res["params"]
     capsys.readouterr()
     again = train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "4", "--out", "cid-hf2"])
@@ -1513,7 +1552,7 @@ def test_every_method_on_shards_and_csv_with_our_and_hf_teachers(tmp_path, monke
     assert evaluation.read_log("cid-hf2")[-1]["loss"] == log[-1]["loss"]  # the same run again, from the stored rows
     res = train.main(base + ["--data", shards, "--method", "kclip", "--concepts", "3", "--out", "kclip-shards"])
     assert all(r["emb"] > 0 and r["concept"] > 0 for r in evaluation.read_log("kclip-shards"))
-    assert sum(res["concept_sizes"]) == res["text_store"]["rows"] - sum(data.is_val(k, 0, 0.1) for k in data.ShardPairs(shards).keys)
+    assert sum(res["concept_sizes"]) == res["text_store"]["rows"] - sum(data.is_val(k, 0.1) for k in data.ShardPairs(shards).keys)
     with pytest.raises(SystemExit, match="--clusters 500 is more than the"):
         train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "500", "--out", "bad"])
     (tmp_path / "pictures" / "red").mkdir(parents=True)
@@ -1523,12 +1562,20 @@ def test_every_method_on_shards_and_csv_with_our_and_hf_teachers(tmp_path, monke
     (tmp_path / "pictures" / "blue" / "broken.png").write_bytes(b"not a png")
     n, bad, pattern = data.convert_folder(str(tmp_path / "pictures"), str(tmp_path / "conv"), shard_size=8)
     assert (n, bad) == (30, 1) and pattern.endswith("pairs-{00000..00003}.tar")
-    csv_pairs, shard_pairs = data.CsvPairs(str(tmp_path / "conv" / "pairs.csv")), data.ShardPairs(pattern)
+    csv_pairs, shard_pairs = data.CsvPairs(str(tmp_path / "conv" / "pairs.csv"), label_key="category"), data.ShardPairs(pattern)
     assert csv_pairs.captions == [shard_pairs.caption(i) for i in range(30)] and csv_pairs.captions[0] == "blue shape"
+    assert csv_pairs.labels == ["blue"] * 15 + ["red"] * 15  # the first folder
+    with pytest.raises(ValueError, match="no column kind"):
+        data.CsvPairs(str(tmp_path / "conv" / "pairs.csv"), label_key="kind")
+    with pytest.raises(ValueError, match="not a CSV"):
+        data.real_pairs(pattern, label_key="category")
     assert torch.equal(csv_pairs[3][0], shard_pairs[3][0])  # the same image bytes in both
     res = train.main(base + ["--data", str(tmp_path / "conv" / "pairs.csv"), "--method", "cid", "--teacher-steps", "3",
-                             "--clusters", "2", "--no-balance", "--out", "cid-own"])  # solid colours: all duplicates
+                             "--clusters", "2", "--no-balance", "--csv-label-key", "category", "--val-frac", "0.3",
+                             "--out", "cid-own"])  # solid colours: all duplicates
     assert res["teacher"].startswith(os.path.join("runs", "teacher-cpu-pairs.csv-")) and "cd" in evaluation.read_log("cid-own")[-1]
+    held = [k for k in csv_pairs.keys if data.is_val(k, 0.3)]
+    assert res["zero_shot_classes"] == 2 and res["zero_shot_n"] == len(held) and 0 <= res["linear_probe_top1"] <= 100
 
 
 def test_shard_run_resumed_mid_epoch_sees_the_same_keys_in_the_same_order(tmp_path, monkeypatch):

@@ -50,12 +50,13 @@ PRESETS = {
 METHODS = ["clip", "kclip", "cid", "kclip+cid"]  # kclip+cid: both teachers at once (beyond both papers)
 # Which flags decide what: each list is read by every place that needs it (resume, the own
 # teacher's folder and command, the reproduction's runs).
-DATA_KEYS = ("data", "seed", "n_train", "dup_frac", "imbalance", "image_size", "val_frac", "csv_img_key",
-             "csv_caption_key", "csv_key")  # the pairs a run trains on
+DATA_KEYS = ("data", "seed", "n_train", "dup_frac", "imbalance", "image_size", "val_frac", "train_frac",
+             "csv_img_key", "csv_caption_key", "csv_key")  # the pairs a run trains on
 METHOD_KEYS = ("method", "teacher", "clusters", "balance", "balance_threshold", "balance_buckets", "class_frac",
                "text_teacher", "pool", "concepts", "concept_tau", "text_teacher_init", "text_corpus", "corpus_batch")
 RESUME_MUST_MATCH = ("model", "batch_size", "vocab_size", "store_dtype", *DATA_KEYS, *METHOD_KEYS)
-RUN_KEYS = ("preset", "n_eval", "vocab_size", "workers", "device", "store", "store_dtype")  # how, where, evaluated on what
+RUN_KEYS = ("preset", "n_eval", "eval_split", "csv_label_key", "vocab_size", "workers", "device", "store",
+            "store_dtype")  # how, where, evaluated on what
 
 
 def flags(args, keys):  # the command-line flags that give these keys their values in args
@@ -103,6 +104,8 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
     g.add_argument("--log-every", type=int, default=10, help="steps between lines of DIR/log.jsonl")
     g.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (DIR/ckpt.pt)")
+    g.add_argument("--eval-split", choices=["test", "val"], default="test", help="val: the embedded set's validation "
+                   "split alone (eval.validate_shapes), to choose settings on; no test number is computed")
     g.add_argument("--eval-sets", nargs="*", default=[], help="zero-shot/probe sets under --data-root: "
                    + ", ".join([*data.EVAL_SETS, *data.ATTRIBUTE_SETS]))
     g.add_argument("--data-root", default=os.path.expanduser("~/.cache/clip-distill"), help="where eval sets live")
@@ -115,9 +118,13 @@ def parse_args(argv=None):
     g.add_argument("--dup-frac", type=float, default=0.3, help="near-duplicate fraction")
     g.add_argument("--imbalance", type=float, default=0.8, help="Zipf exponent of class frequency")
     g = p.add_argument_group("your own data (--data FILE.csv or SHARDS.tar)")
-    g.add_argument("--val-frac", type=float, default=0.02, help="held-out pairs for retrieval")
+    g.add_argument("--val-frac", type=float, default=0.02, help="held-out pairs for retrieval (by key: the same every seed)")
+    g.add_argument("--train-frac", type=float, default=1.0, help="train on this part of the other pairs (by key), e.g. "
+                   "a student on a part, its teacher on all")
     g.add_argument("--csv-img-key", default="filepath", help="CSV column of the image paths")
     g.add_argument("--csv-caption-key", default="title", help="CSV column of the captions")
+    g.add_argument("--csv-label-key", default=None, help="CSV column of a class name per pair: zero-shot over the "
+                   "class names and a linear probe on the held-out pairs (python data.py --convert writes 'category')")
     g.add_argument("--csv-key", default=None, help="CSV column of a stable sample key (default: the image path)")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     g = p.add_argument_group("Knowledge-CLIP (--method kclip)")
@@ -163,8 +170,13 @@ def parse_args(argv=None):
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: the contrastive loss needs negatives")
-    if not args.lr > 0 or not 0 <= args.val_frac < 1 or not 0 <= args.dup_frac < 1:
-        p.error("need --lr > 0, 0 <= --val-frac < 1 and 0 <= --dup-frac < 1")
+    if not args.lr > 0 or not 0 <= args.val_frac < 1 or not 0 <= args.dup_frac < 1 or not 0 < args.train_frac <= 1:
+        p.error("need --lr > 0, 0 <= --val-frac < 1, 0 < --train-frac <= 1 and 0 <= --dup-frac < 1")
+    if args.eval_split == "val" and (args.data not in data.EMBEDDED or args.eval_sets):
+        p.error("--eval-split val is the embedded set's validation split alone: not for your own data (its held-out "
+                "pairs are --val-frac), nor with --eval-sets")
+    if args.train_frac < 1 and args.data in data.EMBEDDED:
+        p.error("--train-frac is for your own data; --n-train sets how many embedded pairs a run trains on")
     unknown = [s for s in args.eval_sets if s not in data.EVAL_SETS and s not in data.ATTRIBUTE_SETS]
     if unknown:
         p.error(f"--eval-sets {' '.join(unknown)}: unknown; choose from {', '.join([*data.EVAL_SETS, *data.ATTRIBUTE_SETS])}")
@@ -635,7 +647,7 @@ def train(args):
     results = {"method": args.method, "model": args.model, "params": n_params, "steps": args.steps,
                "batch_size": args.batch_size, "seed": args.seed, "data": args.data,
                "seconds": round(seconds, 1), "samples_per_second": round(seen / seconds, 1) if seen else None,
-               "skipped_pairs": stream.skipped, "data_fingerprint": stream.fingerprint,
+               "skipped_pairs": stream.skipped, "data_fingerprint": stream.fingerprint, "pairs_trained_on": len(stream.pool),
                "flops": flop_accounting(step_flops * n_proc * args.steps if start < args.steps else None, teacher_flops),
                **info}
     results.update(evaluation.evaluate(model, args, device, stream.pairs))

@@ -7,6 +7,11 @@ student, data, steps and evaluation; any train.py flag given here goes to every 
 --device cuda, --steps 2000). A run whose results.json exists is not run again and an interrupted
 one resumes from its checkpoint: run the same command again to continue a killed sweep.
 
+`python docs/reproduce.py --tune --seeds 0` chooses CLIP-CID's cluster weight and balance threshold
+on the validation split (TUNE_GRID; runs/tune/tune.md).
+
+`python docs/reproduce.py --real DIR/pairs.csv` makes the table on real images (REAL_ROWS; runs/real/table.md).
+
 `python docs/reproduce.py --pretrain-teacher` rebuilds the CLIP-CID teacher of the embedded data
 (weights/shapes-teacher.pt and its manifest): PRETRAIN_RECIPE, about an hour on 2 CPU cores.
 """
@@ -91,6 +96,10 @@ SWEEP = [  # (folder, row of the table, flags, EM text probe?)
     ("kclip", "Knowledge-CLIP", ["--method", "kclip"], True),
     ("cid", "CLIP-CID (balanced set)", ["--method", "cid"], True),
     ("cid-full", "CLIP-CID, full set (no balance)", ["--method", "cid", "--no-balance"], False),
+    # chosen on validation by `python docs/reproduce.py --tune --seeds 0` (runs/tune/tune.md): the paper's --cd-weight
+    # 1.0 and our balance threshold 0.99 are the cid row above
+    ("cid-tuned", "CLIP-CID, tuned on validation (--cd-weight 0.3, no balance)",
+     ["--method", "cid", "--cd-weight", "0.3", "--no-balance"], False),
     ("cid-own", "CLIP-CID, teacher trained on the student's data (--teacher own)", ["--method", "cid", "--teacher", "own"],
      False),
     ("kclip-cid", "Knowledge-CLIP + CLIP-CID, both teachers", ["--method", "kclip+cid"], True),
@@ -122,6 +131,13 @@ TABLE = [  # (results.json key, column)
     ("zero_shot_by_attributes_top1", "attributes seen"), ("zero_shot_by_attributes_unseen_top1", "attributes unseen"),
     ("text_em", "EM"), ("params", "params"), ("steps", "steps"), ("seconds", "train s"),
 ]
+CLAIMS = [  # (row, minus row): each seed's difference, for the claims (table.md's last section)
+    ("kclip", "clip"), ("cid", "clip"), ("cid-full", "clip"), ("cid-tuned", "clip"), ("cid", "cid-full"),
+    ("cid-tuned", "cid"), ("cid-full", "kclip"), ("kclip-cid", "kclip"), ("kclip-random", "kclip"),
+    ("kclip-alpha0", "kclip"), ("kclip-beta0", "kclip"), ("cid-own", "clip"), ("clip-equal", "cid-full"),
+]
+CLAIM_KEYS = [("zero_shot_top1", "zero-shot"), ("zero_shot_unseen_top1", "unseen"), ("linear_probe_top1", "probe"),
+              ("zero_shot_by_attributes_top1", "attributes"), ("text_em", "EM")]
 TIER_TABLE = [  # the vocabulary tiers (data.WORDS): zero-shot with prompts in each tier, text-space probe
     ("zero_shot_top1", "zero-shot, common words"), ("zero_shot_rare_words_top1", "zero-shot, rare words"),
     ("zero_shot_never_words_top1", "zero-shot, never-seen words"), ("text_probe_common", "probe, common"),
@@ -164,7 +180,7 @@ def sweep_em(run_dir, root, cfg, steps):
 
 def sweep(a, flags):
     """Train, evaluate and EM-probe every SWEEP row for every seed, then write the table."""
-    root, t0 = a.out, time.time()
+    root, t0 = a.out or os.path.join("runs", "sweep"), time.time()
     os.makedirs(root, exist_ok=True)
     base = train.parse_args(flags)
     spec_path = os.path.join(root, "sweep.json")
@@ -215,6 +231,117 @@ def sweep(a, flags):
     evaluation.plot_curves({row: evaluation.read_log(d) for row, d in first.items() if os.path.isdir(d)},
                            os.path.join(root, "curves.png"))
     print(f"sweep: done in {(time.time() - t0) / 60:.1f} min (this call); table in {root}/table.md")
+
+
+# ----------------------------------------------------------------------------------------
+# Tuning on validation. CLIP-CID's cluster weight is 1.0 in the paper and its balance threshold
+# is ours (the paper gives none): both are chosen here by zero-shot on the validation split
+# (eval.validate_shapes, all 64 combinations, averaged over --seeds), never on a test number.
+
+TUNE_GRID = {"cd_weight": ["0.1", "0.3", "1.0"], "balance_threshold": ["0.99", "0.999", "off"]}  # off: --no-balance
+TUNE_KEY = "val_zero_shot_all_top1"
+
+
+def tune(a, flags):
+    """Train CLIP-CID for every cell of TUNE_GRID and seed with --eval-split val into
+    runs/tune/CELL-sSEED (resumable), then write runs/tune/tune.md and tune.json and print the
+    chosen cell: the best TUNE_KEY averaged over the seeds."""
+    root, t0 = a.out or os.path.join("runs", "tune"), time.time()
+    cells = []
+    for weight in TUNE_GRID["cd_weight"]:
+        for threshold in TUNE_GRID["balance_threshold"]:
+            cell = {"cd_weight": float(weight), "balance_threshold": threshold, "runs": []}
+            balance = ["--no-balance"] if threshold == "off" else ["--balance-threshold", threshold]
+            for seed in a.seeds:
+                out = os.path.join(root, f"cd{weight}-balance{threshold}-s{seed}")
+                if not os.path.exists(os.path.join(out, "results.json")):
+                    print(f"\ntune: --cd-weight {weight}, balance {threshold}, seed {seed} -> {out}")
+                    train.train(train.parse_args(flags + ["--method", "cid", "--cd-weight", weight, *balance, "--seed",
+                                                          str(seed), "--eval-split", "val", "--out", out, "--resume"]))
+                res = data.read_json(os.path.join(out, "results.json"))
+                if TUNE_KEY not in res:
+                    raise SystemExit(f"error: {out} holds no validation numbers (made without --eval-split val?)")
+                cell["runs"].append({k: res.get(k) for k in ("seed", TUNE_KEY, "val_zero_shot_top1",
+                                                             "val_zero_shot_unseen_top1", "pairs_trained_on")})
+            cell["mean"] = float(np.mean([r[TUNE_KEY] for r in cell["runs"]]))
+            cells.append(cell)
+    best = max(cells, key=lambda c: c["mean"])
+    data.write_json(os.path.join(root, "tune.json"), {"grid": TUNE_GRID, "key": TUNE_KEY, "seeds": a.seeds,
+                                                      "flags": flags, "cells": cells, "chosen": best})
+    lines = [f"CLIP-CID on validation (eval.validate_shapes; mean over seeds {' '.join(map(str, a.seeds))}): "
+             f"zero-shot all 64 / seen / unseen combinations, pairs trained on", "",
+             "| --cd-weight | balance threshold | all | seen | unseen | pairs |", "|---|---|---|---|---|---|"]
+    for c in cells:
+        mean = lambda k: float(np.mean([r[k] for r in c["runs"]]))  # noqa: E731
+        lines.append(f"| {c['cd_weight']} | {c['balance_threshold']} | {c['mean']:.1f} | {mean('val_zero_shot_top1'):.1f} | "
+                     f"{mean('val_zero_shot_unseen_top1'):.1f} | {mean('pairs_trained_on'):.0f} |"
+                     + (" chosen" if c is best else ""))
+    with data.atomic(os.path.join(root, "tune.md")) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"tune: chosen --cd-weight {best['cd_weight']} and balance {best['balance_threshold']} "
+          f"({(time.time() - t0) / 60:.1f} min, this call)")
+    return best
+
+
+# ----------------------------------------------------------------------------------------
+# Real images: your own CSV with a class column (python data.py --convert writes one). A teacher
+# trained on the whole set (every pair but the held-out ones) knows more than the students, who
+# train on a quarter of it (--train-frac, the same part for every seed); every run is scored on
+# the same held-out pairs: zero-shot over the class names, retrieval, linear probe, and
+# Fashion-MNIST zero-shot through --eval-sets.
+
+REAL_COMMON = ["--val-frac", "0.1", "--csv-label-key", "category", "--eval-sets", "fashion-mnist"]
+REAL_TEACHER = ["--method", "clip", "--model", "teacher", "--steps", "400", "--train-frac", "1", "--seed", "0"]
+REAL_STUDENT = ["--steps", "150", "--train-frac", "0.25"]
+REAL_ROWS = [("clip", "CLIP", ["--method", "clip"]), ("kclip", "Knowledge-CLIP (MiniLM)", ["--method", "kclip"]),
+             ("cid", "CLIP-CID (teacher on the whole set)", ["--method", "cid"]),
+             ("kclip-cid", "Knowledge-CLIP + CLIP-CID", ["--method", "kclip+cid"])]
+REAL_TABLE = [("zero_shot_top1", "zero-shot"), ("zero_shot_per_class_top1", "zero-shot per class"),
+              ("linear_probe_top1", "linear probe"), ("retrieval_i2t_r1", "R@1 i2t"), ("retrieval_i2t_r5", "R@5 i2t"),
+              ("retrieval_t2i_r1", "R@1 t2i"), ("retrieval_t2i_r5", "R@5 t2i"), ("fashion-mnist_zero_shot_top1",
+              "Fashion-MNIST zero-shot"), ("fashion-mnist_linear_probe_top1", "Fashion-MNIST probe"),
+              ("pairs_trained_on", "pairs"), ("seconds", "train s")]
+
+
+def real(a, flags):
+    """The teacher once, then every REAL_ROWS row for every seed into runs/real (resumable), then
+    runs/real/table.md: mean ± std, and each row's per-seed difference from CLIP."""
+    root, t0 = a.out or os.path.join("runs", "real"), time.time()
+    teacher = os.path.join(root, "teacher")
+    runs = {"teacher (--model teacher, the whole set)": [(teacher, REAL_TEACHER)]}  # row: [(folder, flags)]
+    for folder, row, row_flags in REAL_ROWS:
+        runs[row] = [(os.path.join(root, f"{folder}-s{s}"), [*row_flags, *REAL_STUDENT, "--seed", str(s), "--teacher", teacher])
+                     for s in a.seeds]
+    for row, outs in runs.items():
+        for out, row_flags in outs:
+            if not os.path.exists(os.path.join(out, "results.json")):
+                print(f"\nreal: {row} -> {out}")
+                start = time.time()
+                res = train.train(train.parse_args(["--data", a.real, *REAL_COMMON, *flags, *row_flags, "--out", out,
+                                                    "--resume"]))
+                data.write_json(os.path.join(out, "results.json"), {**res, "wall_seconds": round(time.time() - start, 1)})
+    found = {row: [data.read_json(os.path.join(out, "results.json")) for out, _ in outs] for row, outs in runs.items()}
+    lines = [f"{a.real}: mean ± std over seeds {' '.join(map(str, a.seeds))}; the teacher is one run", "",
+             "| | " + " | ".join(c for _, c in REAL_TABLE) + " |", "|---" * (len(REAL_TABLE) + 1) + "|"]
+    for row, results in found.items():
+        cells = []
+        for key, _ in REAL_TABLE:
+            values = [r[key] for r in results if r.get(key) is not None]
+            m, s = mean_std(values) if values else (None, None)
+            cells.append("-" if m is None else f"{m:.0f}" if key in ("pairs_trained_on", "seconds") else
+                         f"{m:.1f}" + (f" ± {s:.1f}" if len(values) > 1 else ""))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", "Each row minus CLIP, per seed (zero-shot; R@1 i2t; linear probe):", ""]
+    clip_runs = found["CLIP"]
+    for row, results in list(found.items())[2:]:
+        diff = {k: [r[k] - c[k] for r, c in zip(results, clip_runs)] for k in ("zero_shot_top1", "retrieval_i2t_r1",
+                                                                                 "linear_probe_top1")}
+        lines.append(f"- {row}: " + "; ".join(f"{np.mean(v):+.1f} [{', '.join(f'{x:+.1f}' for x in v)}]"
+                                                for v in diff.values()))
+    with data.atomic(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\nreal: done in {(time.time() - t0) / 60:.1f} min (this call)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -279,8 +406,26 @@ def write_table(root, seeds, flags):
         f.write(f"mean ± std over seeds {' '.join(map(str, seeds))} (sample std); the sweep's runs took "
                 f"{wall / 60:.0f} min of wall time\n\n{markdown(TABLE)}\n\nVocabulary tiers (zero-shot on seen "
                 f"combinations, prompts in each tier's words; probe: nearest common word right, %)\n\n"
-                f"{markdown(TIER_TABLE)}\n")
+                f"{markdown(TIER_TABLE)}\n\nPer-seed differences (mean [seed by seed]), where both rows have every "
+                f"seed:\n\n" + "\n".join(claims(rows, seeds)) + "\n")
     return rows
+
+
+def claims(rows, seeds):
+    """One line per CLAIMS pair whose rows both have every seed: each CLAIM_KEYS difference."""
+    label = {folder: row for folder, row, _, _ in SWEEP}
+    lines = []
+    for a, b in CLAIMS:
+        ra, rb = rows.get(label[a], {}), rows.get(label[b], {})
+        parts = []
+        for key, name in CLAIM_KEYS:
+            va, vb = ra.get(key, {}).get("values", []), rb.get(key, {}).get("values", [])
+            if len(va) == len(vb) == len(seeds):
+                d = [x - y for x, y in zip(va, vb)]
+                parts.append(f"{name} {np.mean(d):+.1f} [{', '.join(f'{x:+.1f}' for x in d)}]")
+        if parts:
+            lines.append(f"- {a} − {b}: " + "; ".join(parts))
+    return lines
 
 
 def main(argv=None):
@@ -288,7 +433,11 @@ def main(argv=None):
                                 "(python train.py --help) and goes to every row.")
     p.add_argument("--pretrain-teacher", action="store_true", help="(re)build weights/shapes-teacher.pt and its manifest "
                    "(PRETRAIN_RECIPE into runs/pretrain-teacher, resumable; evaluated in float16) and exit")
-    p.add_argument("--out", default=os.path.join("runs", "sweep"), help="the sweep's folder")
+    p.add_argument("--tune", action="store_true", help="choose CLIP-CID's --cd-weight and balance threshold on "
+                   "validation (TUNE_GRID into runs/tune, resumable) and exit")
+    p.add_argument("--real", metavar="CSV", help="the real-image table on this CSV (with a 'category' column: python "
+                   "data.py --convert FOLDER --out DIR writes DIR/pairs.csv) into runs/real, resumable, and exit")
+    p.add_argument("--out", default=None, help="the sweep's folder (default runs/sweep; --tune: runs/tune; --real: runs/real)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                    help="only these rows: " + ", ".join(f for f, _, _, _ in SWEEP))
@@ -303,6 +452,10 @@ def main(argv=None):
     try:
         if a.pretrain_teacher:
             print(json.dumps(pretrain_teacher(train.parse_args(flags).device), indent=2))
+        elif a.tune:
+            tune(a, flags)
+        elif a.real:
+            real(a, flags)
         else:
             sweep(a, flags)
     except (FileNotFoundError, ValueError) as e:
