@@ -1069,9 +1069,10 @@ class RealStream(Stream):
     """CSV rows or tar shards, read by row (Pairs) through a DataLoader: the same seeded
     permutation of the pool per epoch as the embedded set, so resuming at step s skips the
     batches already seen without loading their images, and ranks take their share of each
-    global batch. Held out: the pairs whose key is_val picks; trained on: in_part of the rest. A batch holds --batch-size
-    rows less the pairs that could not be read (under torchrun: trimmed to the smallest share,
-    so every rank gathers as many rows); a batch with fewer than 2 usable pairs is skipped."""
+    global batch. Held out: the pairs whose key is_val picks; trained on: in_part of the rest.
+    A batch holds --batch-size rows less the pairs that could not be read (under torchrun:
+    trimmed to the smallest share, so every rank gathers as many rows); a batch with fewer than
+    2 usable pairs is skipped."""
 
     def __init__(self, args):
         self.pairs = real_pairs(args.data, args.image_size, args.csv_img_key, args.csv_caption_key, args.csv_key,

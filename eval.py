@@ -239,8 +239,9 @@ def eval_named_set(model, name, root, device, max_n=5000):
 
 
 def eval_real_pairs(model, args, device, pairs=None, max_n=2000):
-    """Retrieval on the held-out pairs of a CSV / shard set (--val-frac, picked by key: the same for every seed).
-    pairs: the set as training read it (data.Pairs), else it is read again from args.data."""
+    """Retrieval on the held-out pairs of a CSV / shard set (--val-frac, picked by key: the same
+    for every seed), and with --csv-label-key zero-shot and a probe over the class names. pairs:
+    the set as training read it (data.Pairs), else it is read again from args.data."""
     if pairs is None:
         store = getattr(args, "store", None)
         pairs = data.real_pairs(args.data, model.cfg.image_size, args.csv_img_key, args.csv_caption_key,

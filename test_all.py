@@ -1720,6 +1720,53 @@ def test_sweep_writes_the_table_resumes_and_refuses_other_flags(tmp_path, monkey
         reproduce.main([*argv, "--steps", "20"])
 
 
+def test_claims_are_per_seed_differences_of_rows_with_every_seed():
+    cell = lambda *v: {"values": list(v)}  # noqa: E731
+    rows = {"CLIP": {"zero_shot_top1": cell(70.0, 60.0), "text_em": cell(1.0, 2.0)},
+            "Knowledge-CLIP": {"zero_shot_top1": cell(80.0, 65.5), "text_em": cell(50.0)},  # EM: one seed only
+            "CLIP-CID (balanced set)": {"zero_shot_top1": cell(75.0)}}
+    lines = reproduce.claims(rows, [0, 1])
+    assert lines == ["- kclip − clip: zero-shot +7.8 [+10.0, +5.5]"]  # cid lacks seed 1, EM lacks a seed: left out
+
+
+def test_tune_picks_the_best_validation_cell_and_computes_no_test_number(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(reproduce, "TUNE_GRID", {"cd_weight": ["0.1", "1.0"], "balance_threshold": ["off"]})
+    argv = ["--tune", "--seeds", "0", "--model", "tiny", "--steps", "3", "--batch-size", "32", "--n-train", "300",
+            "--n-eval", "100", "--warmup", "1", "--clusters", "4", "--out", "tune"]
+    reproduce.main(argv)
+    tuned = json.load(open("tune/tune.json"))
+    runs = {w: json.load(open(f"tune/cd{w}-balanceoff-s0/results.json")) for w in ("0.1", "1.0")}
+    assert all("zero_shot_top1" not in r and "linear_probe_top1" not in r and r["val_n"] == 100 for r in runs.values())
+    best = max(runs, key=lambda w: runs[w]["val_zero_shot_all_top1"])  # the first on a tie, as max() over the grid
+    assert tuned["chosen"]["cd_weight"] == float(best) and f"chosen --cd-weight {float(best)}" in capsys.readouterr().out
+    assert "| 0.1 | off |" in open("tune/tune.md").read()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--eval-split", "val", "--eval-sets", "fashion-mnist"])  # val is the embedded split alone
+
+
+def test_real_table_trains_the_teacher_on_all_and_students_on_a_part(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i in range(48):
+        os.makedirs(f"pics/{'red' if i % 2 else 'blue'}", exist_ok=True)
+        write_png(tmp_path / "pics" / ("red" if i % 2 else "blue") / f"img_{i}.png", (200 * (i % 2), 20 + i, 200 * (1 - i % 2)))
+    data.convert_folder("pics", "conv")
+    monkeypatch.setattr(reproduce, "REAL_COMMON", ["--val-frac", "0.25", "--csv-label-key", "category"])
+    monkeypatch.setattr(reproduce, "REAL_TEACHER", ["--method", "clip", "--model", "tiny", "--steps", "2", "--seed", "0"])
+    monkeypatch.setattr(reproduce, "REAL_STUDENT", ["--steps", "2", "--train-frac", "0.5"])
+    monkeypatch.setattr(reproduce, "REAL_ROWS", reproduce.REAL_ROWS[::2])  # CLIP and CLIP-CID
+    reproduce.main(["--real", "conv/pairs.csv", "--seeds", "0", "1", "--model", "tiny", "--batch-size", "8", "--workers", "0",
+                    "--clusters", "2", "--no-balance", "--vocab-size", "259", "--out", "real"])
+    teacher, students = json.load(open("real/teacher/results.json")), json.load(open("real/cid-s1/results.json"))
+    keys = data.CsvPairs("conv/pairs.csv").keys
+    held = sum(data.is_val(k, 0.25) for k in keys)
+    assert teacher["pairs_trained_on"] == len(keys) - held  # the whole set but the held-out pairs
+    assert students["pairs_trained_on"] == sum(not data.is_val(k, 0.25) and data.in_part(k, 0.5) for k in keys)
+    assert students["teacher"] == os.path.join("real", "teacher") and students["zero_shot_n"] == teacher["zero_shot_n"] == held
+    md = open("real/table.md").read()
+    assert "| CLIP |" in md and "- CLIP-CID (teacher on the whole set): " in md and "±" in md
+
+
 def test_bench_prints_each_variant(capsys):
     bench.main(["--bench-steps", "2", "--model", "tiny", "--batch-size", "16", "--n-train", "200"])
     out = capsys.readouterr().out

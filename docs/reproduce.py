@@ -133,8 +133,9 @@ TABLE = [  # (results.json key, column)
 ]
 CLAIMS = [  # (row, minus row): each seed's difference, for the claims (table.md's last section)
     ("kclip", "clip"), ("cid", "clip"), ("cid-full", "clip"), ("cid-tuned", "clip"), ("cid", "cid-full"),
-    ("cid-tuned", "cid"), ("cid-full", "kclip"), ("kclip-cid", "kclip"), ("kclip-random", "kclip"),
-    ("kclip-alpha0", "kclip"), ("kclip-beta0", "kclip"), ("cid-own", "clip"), ("clip-equal", "cid-full"),
+    ("cid-tuned", "cid"), ("cid-tuned", "cid-full"), ("cid-full", "kclip"), ("kclip-cid", "kclip"),
+    ("kclip-random", "kclip"), ("kclip-alpha0", "kclip"), ("kclip-beta0", "kclip"), ("cid-own", "clip"),
+    ("cid-cd", "cid"), ("cid-id", "cid"), ("clip-equal", "cid-full"),
 ]
 CLAIM_KEYS = [("zero_shot_top1", "zero-shot"), ("zero_shot_unseen_top1", "unseen"), ("linear_probe_top1", "probe"),
               ("zero_shot_by_attributes_top1", "attributes"), ("text_em", "EM")]
@@ -292,8 +293,8 @@ def tune(a, flags):
 # Fashion-MNIST zero-shot through --eval-sets.
 
 REAL_COMMON = ["--val-frac", "0.1", "--csv-label-key", "category", "--eval-sets", "fashion-mnist"]
-REAL_TEACHER = ["--method", "clip", "--model", "teacher", "--steps", "400", "--train-frac", "1", "--seed", "0"]
-REAL_STUDENT = ["--steps", "150", "--train-frac", "0.25"]
+REAL_TEACHER = ["--method", "clip", "--model", "teacher", "--steps", "500", "--train-frac", "1", "--seed", "0"]
+REAL_STUDENT = ["--steps", "200", "--train-frac", "0.25"]
 REAL_ROWS = [("clip", "CLIP", ["--method", "clip"]), ("kclip", "Knowledge-CLIP (MiniLM)", ["--method", "kclip"]),
              ("cid", "CLIP-CID (teacher on the whole set)", ["--method", "cid"]),
              ("kclip-cid", "Knowledge-CLIP + CLIP-CID", ["--method", "kclip+cid"])]
@@ -416,7 +417,7 @@ def claims(rows, seeds):
     label = {folder: row for folder, row, _, _ in SWEEP}
     lines = []
     for a, b in CLAIMS:
-        ra, rb = rows.get(label[a], {}), rows.get(label[b], {})
+        ra, rb = rows.get(label.get(a), {}), rows.get(label.get(b), {})
         parts = []
         for key, name in CLAIM_KEYS:
             va, vb = ra.get(key, {}).get("values", []), rb.get(key, {}).get("values", [])
