@@ -179,6 +179,20 @@ def sweep_em(run_dir, root, cfg, steps):
     return em(lambda caps: evaluation.embed_texts(model, caps, cfg.device))
 
 
+def timed_train(run):
+    """train.train(run), then its results.json again with the whole call's wall time (teacher,
+    store, training, evaluation) as wall_seconds."""
+    start = time.time()
+    res = train.train(run)
+    data.write_json(os.path.join(run.out, "results.json"), {**res, "wall_seconds": round(time.time() - start, 1)})
+
+
+def seed_diffs(values, minus):
+    """'+1.2 [+0.2, +0.6, +2.8]': the mean of the per-seed differences, then each one."""
+    d = [x - y for x, y in zip(values, minus)]
+    return f"{np.mean(d):+.1f} [{', '.join(f'{x:+.1f}' for x in d)}]"
+
+
 def sweep(a, flags):
     """Train, evaluate and EM-probe every SWEEP row for every seed, then write the table."""
     root, t0 = a.out or os.path.join("runs", "sweep"), time.time()
@@ -220,9 +234,7 @@ def sweep(a, flags):
             run = train.parse_args(argv + ["--out", out, "--resume"])
             if not os.path.exists(res_path):
                 print(f"\nsweep: {row}, seed {seed} -> {out}")
-                start = time.time()
-                res = train.train(run)
-                data.write_json(res_path, {**res, "wall_seconds": round(time.time() - start, 1)})
+                timed_train(run)
             res = data.read_json(res_path)
             if em and "text_em" not in res:
                 data.write_json(res_path, {**res, "text_em": sweep_em(out, root, run, a.em_steps)})
@@ -318,10 +330,7 @@ def real(a, flags):
         for out, row_flags in outs:
             if not os.path.exists(os.path.join(out, "results.json")):
                 print(f"\nreal: {row} -> {out}")
-                start = time.time()
-                res = train.train(train.parse_args(["--data", a.real, *REAL_COMMON, *flags, *row_flags, "--out", out,
-                                                    "--resume"]))
-                data.write_json(os.path.join(out, "results.json"), {**res, "wall_seconds": round(time.time() - start, 1)})
+                timed_train(train.parse_args(["--data", a.real, *REAL_COMMON, *flags, *row_flags, "--out", out, "--resume"]))
     found = {row: [data.read_json(os.path.join(out, "results.json")) for out, _ in outs] for row, outs in runs.items()}
     lines = [f"{a.real}: mean ± std over seeds {' '.join(map(str, a.seeds))}; the teacher is one run", "",
              "| | " + " | ".join(c for _, c in REAL_TABLE) + " |", "|---" * (len(REAL_TABLE) + 1) + "|"]
@@ -336,10 +345,8 @@ def real(a, flags):
     lines += ["", "Each row minus CLIP, per seed (zero-shot; R@1 i2t; linear probe):", ""]
     clip_runs = found["CLIP"]
     for row, results in list(found.items())[2:]:
-        diff = {k: [r[k] - c[k] for r, c in zip(results, clip_runs)] for k in ("zero_shot_top1", "retrieval_i2t_r1",
-                                                                                 "linear_probe_top1")}
-        lines.append(f"- {row}: " + "; ".join(f"{np.mean(v):+.1f} [{', '.join(f'{x:+.1f}' for x in v)}]"
-                                                for v in diff.values()))
+        lines.append(f"- {row}: " + "; ".join(seed_diffs([r[k] for r in results], [c[k] for c in clip_runs])
+                                                for k in ("zero_shot_top1", "retrieval_i2t_r1", "linear_probe_top1")))
     with data.atomic(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\nreal: done in {(time.time() - t0) / 60:.1f} min (this call)")
@@ -422,8 +429,7 @@ def claims(rows, seeds):
         for key, name in CLAIM_KEYS:
             va, vb = ra.get(key, {}).get("values", []), rb.get(key, {}).get("values", [])
             if len(va) == len(vb) == len(seeds):
-                d = [x - y for x, y in zip(va, vb)]
-                parts.append(f"{name} {np.mean(d):+.1f} [{', '.join(f'{x:+.1f}' for x in d)}]")
+                parts.append(f"{name} {seed_diffs(va, vb)}")
         if parts:
             lines.append(f"- {a} − {b}: " + "; ".join(parts))
     return lines
