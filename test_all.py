@@ -1731,16 +1731,21 @@ def test_claims_are_per_seed_differences_of_rows_with_every_seed():
 
 def test_tune_picks_the_best_validation_cell_and_computes_no_test_number(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(reproduce, "TUNE_GRID", {"cd_weight": ["0.1", "1.0"], "balance_threshold": ["off"]})
+    monkeypatch.setattr(reproduce, "TUNE_GRIDS", {"cid": (["--method", "cid"], [("--cd-weight", ["0.1", "1.0"]),
+                                                                               ("--balance-threshold", ["off"])])})
     argv = ["--tune", "--seeds", "0", "--model", "tiny", "--steps", "3", "--batch-size", "32", "--n-train", "300",
             "--n-eval", "100", "--warmup", "1", "--clusters", "4", "--out", "tune"]
     reproduce.main(argv)
-    tuned = json.load(open("tune/tune.json"))
-    runs = {w: json.load(open(f"tune/cd{w}-balanceoff-s0/results.json")) for w in ("0.1", "1.0")}
+    tuned = json.load(open("tune/cid.json"))
+    runs = {w: json.load(open(f"tune/cid-cd-weight{w}-balance-thresholdoff-s0/results.json")) for w in ("0.1", "1.0")}
     assert all("zero_shot_top1" not in r and "linear_probe_top1" not in r and r["val_n"] == 100 for r in runs.values())
     best = max(runs, key=lambda w: runs[w]["val_zero_shot_all_top1"])  # the first on a tie, as max() over the grid
-    assert tuned["chosen"]["cd_weight"] == float(best) and f"chosen --cd-weight {float(best)}" in capsys.readouterr().out
-    assert "| 0.1 | off |" in open("tune/tune.md").read()
+    assert tuned["chosen"]["flags"] == {"--cd-weight": best, "--balance-threshold": "off"}
+    assert f"chosen --cd-weight {best} --balance-threshold off" in capsys.readouterr().out
+    assert "| 0.1 | off |" in open("tune/cid.md").read()
+    reproduce.TUNE_GRIDS["gemma"] = (["--method", "kclip", "--text-teacher", str(tmp_path / "no-gemma")], [("--pool", ["last"])])
+    with pytest.raises(SystemExit, match="no text teacher at"):  # the Gemma grid before the folder exists: one line
+        reproduce.main(["--tune", "gemma", "--out", "tune"])
     with pytest.raises(SystemExit):
         train.parse_args(["--eval-split", "val", "--eval-sets", "fashion-mnist"])  # val is the embedded split alone
 

@@ -8,7 +8,8 @@ student, data, steps and evaluation; any train.py flag given here goes to every 
 one resumes from its checkpoint: run the same command again to continue a killed sweep.
 
 `python docs/reproduce.py --tune --seeds 0` chooses CLIP-CID's cluster weight and balance threshold
-on the validation split (TUNE_GRID; runs/tune/tune.md).
+on the validation split (TUNE_GRIDS; runs/tune/cid.md); `--tune gemma` the Gemma teacher's pooling
+and L_emb weight (runs/tune/gemma.md).
 
 `python docs/reproduce.py --real DIR/pairs.csv` makes the table on real images (REAL_ROWS; runs/real/table.md).
 
@@ -17,6 +18,7 @@ on the validation split (TUNE_GRID; runs/tune/tune.md).
 """
 import argparse
 import glob
+import itertools
 import json
 import math
 import os
@@ -96,7 +98,7 @@ SWEEP = [  # (folder, row of the table, flags, EM text probe?)
     ("kclip", "Knowledge-CLIP", ["--method", "kclip"], True),
     ("cid", "CLIP-CID (balanced set)", ["--method", "cid"], True),
     ("cid-full", "CLIP-CID, full set (no balance)", ["--method", "cid", "--no-balance"], False),
-    # chosen on validation by `python docs/reproduce.py --tune --seeds 0` (runs/tune/tune.md): the paper's --cd-weight
+    # chosen on validation by `python docs/reproduce.py --tune --seeds 0` (runs/tune/cid.md): the paper's --cd-weight
     # 1.0 and our balance threshold 0.99 are the cid row above
     ("cid-tuned", "CLIP-CID, tuned on validation (--cd-weight 0.3, no balance)",
      ["--method", "cid", "--cd-weight", "0.3", "--no-balance"], False),
@@ -115,8 +117,13 @@ SWEEP = [  # (folder, row of the table, flags, EM text probe?)
      ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last"], True),
     ("kclip-gemma-mean", "Knowledge-CLIP, Gemma-3-270M teacher, mean",
      ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "mean"], True),
-    ("kclip-gemma-random", "Knowledge-CLIP, random-init Gemma-3-270M, last token",
-     ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last", "--text-teacher-init", "random"], True),
+    # chosen on validation by `python docs/reproduce.py --tune gemma --seeds 0` (runs/tune/gemma.md): every L_emb
+    # weight > 0 scored below none, at either pooling; the random-init control has the same settings
+    ("kclip-gemma-tuned", "Knowledge-CLIP, Gemma-3-270M, tuned on validation (last token, alpha = 0)",
+     ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last", "--emb-weight", "0"], True),
+    ("kclip-gemma-random", "Knowledge-CLIP, random-init Gemma-3-270M, last token, alpha = 0",
+     ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last", "--emb-weight", "0",
+      "--text-teacher-init", "random"], True),
     ("cid-cd", "CLIP-CID, cluster term alone", ["--method", "cid", "--id-weight", "0"], False),
     ("cid-id", "CLIP-CID, instance term alone", ["--method", "cid", "--cd-weight", "0"], False),
     # --steps: equal_compute_steps, the pretrained teacher counted in full / shared by every CLIP-CID student of the sweep
@@ -131,14 +138,21 @@ TABLE = [  # (results.json key, column)
     ("zero_shot_by_attributes_top1", "attributes seen"), ("zero_shot_by_attributes_unseen_top1", "attributes unseen"),
     ("text_em", "EM"), ("params", "params"), ("steps", "steps"), ("seconds", "train s"),
 ]
-CLAIMS = [  # (row, minus row): each seed's difference, for the claims (table.md's last section)
+CLAIM_KEYS = [("zero_shot_top1", "zero-shot"), ("zero_shot_unseen_top1", "unseen"), ("linear_probe_top1", "probe"),
+              ("zero_shot_by_attributes_top1", "attributes"), ("text_em", "EM")]
+WORD_KEYS = [("zero_shot_never_words_top1", "zero-shot never-seen words"), ("text_probe_never", "probe never-seen"),
+             ("zero_shot_rare_words_top1", "zero-shot rare words"), ("zero_shot_top1", "zero-shot")]
+CLAIMS = [  # (row, minus row[, keys: CLAIM_KEYS]): each seed's difference, for the claims (table.md's last section)
     ("kclip", "clip"), ("cid", "clip"), ("cid-full", "clip"), ("cid-tuned", "clip"), ("cid", "cid-full"),
     ("cid-tuned", "cid"), ("cid-tuned", "cid-full"), ("cid-full", "kclip"), ("kclip-cid", "kclip"),
     ("kclip-random", "kclip"), ("kclip-alpha0", "kclip"), ("kclip-beta0", "kclip"), ("cid-own", "clip"),
-    ("cid-cd", "cid"), ("cid-id", "cid"), ("clip-equal", "cid-full"),
+    ("cid", "cid-own"), ("cid-cd", "cid"), ("cid-id", "cid"), ("kclip-corpus", "kclip", WORD_KEYS),
+    ("kclip-corpus", "kclip-random-corpus", WORD_KEYS), ("kclip-gemma-last", "clip"), ("kclip-gemma-mean", "clip"),
+    ("kclip-gemma-tuned", "clip"), ("kclip-gemma-tuned", "kclip"), ("kclip-gemma-tuned", "kclip-alpha0"),
+    ("kclip-gemma-random", "kclip-gemma-tuned"),
+    ("clip-equal", "cid-full"), ("clip-equal-shared", "cid-full"), ("clip-equal-shared", "cid-tuned"),
+    ("clip-pool", "clip"), ("clip-pool", "cid-full"),
 ]
-CLAIM_KEYS = [("zero_shot_top1", "zero-shot"), ("zero_shot_unseen_top1", "unseen"), ("linear_probe_top1", "probe"),
-              ("zero_shot_by_attributes_top1", "attributes"), ("text_em", "EM")]
 TIER_TABLE = [  # the vocabulary tiers (data.WORDS): zero-shot with prompts in each tier, text-space probe
     ("zero_shot_top1", "zero-shot, common words"), ("zero_shot_rare_words_top1", "zero-shot, rare words"),
     ("zero_shot_never_words_top1", "zero-shot, never-seen words"), ("text_probe_common", "probe, common"),
@@ -248,51 +262,63 @@ def sweep(a, flags):
 
 # ----------------------------------------------------------------------------------------
 # Tuning on validation. CLIP-CID's cluster weight is 1.0 in the paper and its balance threshold
-# is ours (the paper gives none): both are chosen here by zero-shot on the validation split
+# is ours (the paper gives none); Knowledge-CLIP's alpha = 1 is the paper's for Llama 2, whose
+# vectors are not Gemma's. Each is chosen here by zero-shot on the validation split
 # (eval.validate_shapes, all 64 combinations, averaged over --seeds), never on a test number.
 
-TUNE_GRID = {"cd_weight": ["0.1", "0.3", "1.0"], "balance_threshold": ["0.99", "0.999", "off"]}  # off: --no-balance
+TUNE_GRIDS = {  # grid: (the flags of every cell, [(the flag of an axis, its values)])
+    "cid": (["--method", "cid"], [("--cd-weight", ["0.1", "0.3", "1.0"]), ("--balance-threshold", ["0.99", "0.999", "off"])]),
+    "gemma": (["--method", "kclip", "--text-teacher", convert_gguf.GEMMA],
+              [("--pool", ["last", "mean"]), ("--emb-weight", ["0", "0.0001", "0.001", "0.01", "0.1", "1.0"])]),
+}
 TUNE_KEY = "val_zero_shot_all_top1"
 
 
+def cell_flags(flag, value):  # balance threshold "off" is --no-balance
+    return ["--no-balance"] if (flag, value) == ("--balance-threshold", "off") else [flag, value]
+
+
 def tune(a, flags):
-    """Train CLIP-CID for every cell of TUNE_GRID and seed with --eval-split val into
-    runs/tune/CELL-sSEED (resumable), then write runs/tune/tune.md and tune.json and print the
+    """Train every cell of TUNE_GRIDS[a.tune] and seed with --eval-split val into
+    runs/tune/GRID-CELL-sSEED (resumable), then write runs/tune/GRID.md and GRID.json and print the
     chosen cell: the best TUNE_KEY averaged over the seeds."""
     root, t0 = a.out or os.path.join("runs", "tune"), time.time()
+    base, axes = TUNE_GRIDS[a.tune]
+    if "--text-teacher" in base and not os.path.isdir(base[base.index("--text-teacher") + 1]):
+        raise SystemExit(f"error: no text teacher at {base[base.index('--text-teacher') + 1]}; "
+                         f"{convert_gguf.NEEDS} && python docs/convert_gguf.py writes it")
     cells = []
-    for weight in TUNE_GRID["cd_weight"]:
-        for threshold in TUNE_GRID["balance_threshold"]:
-            cell = {"cd_weight": float(weight), "balance_threshold": threshold, "runs": []}
-            balance = ["--no-balance"] if threshold == "off" else ["--balance-threshold", threshold]
-            for seed in a.seeds:
-                out = os.path.join(root, f"cd{weight}-balance{threshold}-s{seed}")
-                if not os.path.exists(os.path.join(out, "results.json")):
-                    print(f"\ntune: --cd-weight {weight}, balance {threshold}, seed {seed} -> {out}")
-                    train.train(train.parse_args(flags + ["--method", "cid", "--cd-weight", weight, *balance, "--seed",
-                                                          str(seed), "--eval-split", "val", "--out", out, "--resume"]))
-                res = data.read_json(os.path.join(out, "results.json"))
-                if TUNE_KEY not in res:
-                    raise SystemExit(f"error: {out} holds no validation numbers (made without --eval-split val?)")
-                cell["runs"].append({k: res.get(k) for k in ("seed", TUNE_KEY, "val_zero_shot_top1",
-                                                             "val_zero_shot_unseen_top1", "pairs_trained_on")})
-            cell["mean"] = float(np.mean([r[TUNE_KEY] for r in cell["runs"]]))
-            cells.append(cell)
+    for values in itertools.product(*[v for _, v in axes]):
+        cell = {"flags": {flag: v for (flag, _), v in zip(axes, values)}, "runs": []}
+        name = "-".join([a.tune] + [f"{flag[2:]}{v}" for (flag, _), v in zip(axes, values)])
+        for seed in a.seeds:
+            out = os.path.join(root, f"{name}-s{seed}")
+            if not os.path.exists(os.path.join(out, "results.json")):
+                print(f"\ntune: {' '.join(f'{k} {v}' for k, v in cell['flags'].items())}, seed {seed} -> {out}")
+                train.train(train.parse_args(flags + base + sum((cell_flags(*kv) for kv in cell["flags"].items()), [])
+                                             + ["--seed", str(seed), "--eval-split", "val", "--out", out, "--resume"]))
+            res = data.read_json(os.path.join(out, "results.json"))
+            if TUNE_KEY not in res:
+                raise SystemExit(f"error: {out} holds no validation numbers (made without --eval-split val?)")
+            cell["runs"].append({k: res.get(k) for k in ("seed", TUNE_KEY, "val_zero_shot_top1",
+                                                         "val_zero_shot_unseen_top1", "pairs_trained_on")})
+        cell["mean"] = float(np.mean([r[TUNE_KEY] for r in cell["runs"]]))
+        cells.append(cell)
     best = max(cells, key=lambda c: c["mean"])
-    data.write_json(os.path.join(root, "tune.json"), {"grid": TUNE_GRID, "key": TUNE_KEY, "seeds": a.seeds,
-                                                      "flags": flags, "cells": cells, "chosen": best})
-    lines = [f"CLIP-CID on validation (eval.validate_shapes; mean over seeds {' '.join(map(str, a.seeds))}): "
+    data.write_json(os.path.join(root, f"{a.tune}.json"), {"base": base, "axes": axes, "key": TUNE_KEY, "seeds": a.seeds,
+                                                          "flags": flags, "cells": cells, "chosen": best})
+    lines = [f"{' '.join(base)} on validation (eval.validate_shapes; mean over seeds {' '.join(map(str, a.seeds))}): "
              f"zero-shot all 64 / seen / unseen combinations, pairs trained on", "",
-             "| --cd-weight | balance threshold | all | seen | unseen | pairs |", "|---|---|---|---|---|---|"]
+             "| " + " | ".join(flag for flag, _ in axes) + " | all | seen | unseen | pairs |", "|---" * (len(axes) + 4) + "|"]
     for c in cells:
         mean = lambda k: float(np.mean([r[k] for r in c["runs"]]))  # noqa: E731
-        lines.append(f"| {c['cd_weight']} | {c['balance_threshold']} | {c['mean']:.1f} | {mean('val_zero_shot_top1'):.1f} | "
+        lines.append("| " + " | ".join(c["flags"].values()) + f" | {c['mean']:.1f} | {mean('val_zero_shot_top1'):.1f} | "
                      f"{mean('val_zero_shot_unseen_top1'):.1f} | {mean('pairs_trained_on'):.0f} |"
                      + (" chosen" if c is best else ""))
-    with data.atomic(os.path.join(root, "tune.md")) as tmp, open(tmp, "w") as f:
+    with data.atomic(os.path.join(root, f"{a.tune}.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"tune: chosen --cd-weight {best['cd_weight']} and balance {best['balance_threshold']} "
+    print(f"tune: chosen {' '.join(f'{k} {v}' for k, v in best['flags'].items())} "
           f"({(time.time() - t0) / 60:.1f} min, this call)")
     return best
 
@@ -335,13 +361,8 @@ def real(a, flags):
     lines = [f"{a.real}: mean ± std over seeds {' '.join(map(str, a.seeds))}; the teacher is one run", "",
              "| | " + " | ".join(c for _, c in REAL_TABLE) + " |", "|---" * (len(REAL_TABLE) + 1) + "|"]
     for row, results in found.items():
-        cells = []
-        for key, _ in REAL_TABLE:
-            values = [r[key] for r in results if r.get(key) is not None]
-            m, s = mean_std(values) if values else (None, None)
-            cells.append("-" if m is None else f"{m:.0f}" if key in ("pairs_trained_on", "seconds") else
-                         f"{m:.1f}" + (f" ± {s:.1f}" if len(values) > 1 else ""))
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row} | " + " | ".join(show(key, [r[key] for r in results if r.get(key) is not None])
+                                                for key, _ in REAL_TABLE) + " |")
     lines += ["", "Each row minus CLIP, per seed (zero-shot; R@1 i2t; linear probe):", ""]
     clip_runs = found["CLIP"]
     for row, results in list(found.items())[2:]:
@@ -359,6 +380,18 @@ def mean_std(values):
     """(mean, sample standard deviation) of a list; std 0 for a single value."""
     v = np.array(values, dtype=float)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def show(key, values, seeds=None):
+    """A table cell: mean ± std of the seeds' values ('-' if none; counts and times as a mean
+    alone; "(n=k)" when fewer than `seeds` values have finished)."""
+    if not values:
+        return "-"
+    m, s = mean_std(values)
+    if key in ("params", "steps"):  # the same for every seed
+        return f"{m / 1e6:.2f}M" if key == "params" else f"{m:.0f}"
+    text = f"{m:.0f}" if key in ("seconds", "pairs_trained_on") else f"{m:.1f}" + (f" ± {s:.1f}" if len(values) > 1 else "")
+    return text + (f" (n={len(values)})" if seeds and len(values) < seeds else "")
 
 
 def write_table(root, seeds, flags):
@@ -397,18 +430,12 @@ def write_table(root, seeds, flags):
                 cell["mean"], cell["std"] = mean_std(cell["values"])
     data.write_json(os.path.join(root, "table.json"), {"seeds": seeds, "rows": rows})
 
-    def show(key, cell):
-        if not cell or not cell["values"]:
-            return "-"
-        if key in ("params", "steps"):
-            return f"{cell['mean'] / 1e6:.2f}M" if key == "params" else f"{cell['mean']:.0f}"
-        many = len(cell["values"]) > 1 and key != "seconds"
-        text = f"{cell['mean']:.1f} ± {cell['std']:.1f}" if many else f"{cell['mean']:.{0 if key == 'seconds' else 1}f}"
-        return text + (f" (n={len(cell['values'])})" if len(cell["values"]) < len(seeds) and "seedless" not in cell else "")
+    def shown(key, found):
+        return show(key, found.get("values", []), None if "seedless" in found else len(seeds))
 
     def markdown(columns):  # the rows with a value in these columns
         lines = ["| | " + " | ".join(c for _, c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        return "\n".join(lines + [f"| {row} | " + " | ".join(show(k, cells.get(k)) for k, _ in columns) + " |"
+        return "\n".join(lines + [f"| {row} | " + " | ".join(shown(k, cells.get(k, {})) for k, _ in columns) + " |"
                                   for row, cells in rows.items() if any(cells.get(k, {}).get("values") for k, _ in columns)])
     with data.atomic(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
         f.write(f"mean ± std over seeds {' '.join(map(str, seeds))} (sample std); the sweep's runs took "
@@ -420,13 +447,14 @@ def write_table(root, seeds, flags):
 
 
 def claims(rows, seeds):
-    """One line per CLAIMS pair whose rows both have every seed: each CLAIM_KEYS difference."""
+    """One line per CLAIMS pair whose rows both have every seed: the difference in each of its keys
+    (CLAIM_KEYS unless the pair names others)."""
     label = {folder: row for folder, row, _, _ in SWEEP}
     lines = []
-    for a, b in CLAIMS:
+    for a, b, *keys in CLAIMS:
         ra, rb = rows.get(label.get(a), {}), rows.get(label.get(b), {})
         parts = []
-        for key, name in CLAIM_KEYS:
+        for key, name in (keys[0] if keys else CLAIM_KEYS):
             va, vb = ra.get(key, {}).get("values", []), rb.get(key, {}).get("values", [])
             if len(va) == len(vb) == len(seeds):
                 parts.append(f"{name} {seed_diffs(va, vb)}")
@@ -440,8 +468,9 @@ def main(argv=None):
                                 "(python train.py --help) and goes to every row.")
     p.add_argument("--pretrain-teacher", action="store_true", help="(re)build weights/shapes-teacher.pt and its manifest "
                    "(PRETRAIN_RECIPE into runs/pretrain-teacher, resumable; evaluated in float16) and exit")
-    p.add_argument("--tune", action="store_true", help="choose CLIP-CID's --cd-weight and balance threshold on "
-                   "validation (TUNE_GRID into runs/tune, resumable) and exit")
+    p.add_argument("--tune", nargs="?", const="cid", choices=list(TUNE_GRIDS), help="choose a grid's flags on "
+                   "validation (TUNE_GRIDS into runs/tune, resumable) and exit: cid (default) CLIP-CID's --cd-weight "
+                   "and balance threshold, gemma the Gemma teacher's --pool and --emb-weight")
     p.add_argument("--real", metavar="CSV", help="the real-image table on this CSV (with a 'category' column: python "
                    "data.py --convert FOLDER --out DIR writes DIR/pairs.csv) into runs/real, resumable, and exit")
     p.add_argument("--out", default=None, help="the sweep's folder (default runs/sweep; --tune: runs/tune; --real: runs/real)")
