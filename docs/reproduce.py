@@ -7,7 +7,7 @@ student, data, steps and evaluation; any train.py flag given here goes to every 
 --device cuda, --steps 2000). A run whose results.json exists is not run again and an interrupted
 one resumes from its checkpoint: run the same command again to continue a killed sweep.
 
-`python docs/reproduce.py --tune --seeds 0` chooses CLIP-CID's cluster weight and balance threshold
+`python docs/reproduce.py --tune cid --seeds 0` chooses CLIP-CID's cluster weight and balance threshold
 on the validation split (TUNE_GRIDS; runs/tune/cid.md); `--tune gemma` the Gemma teacher's pooling
 and L_emb weight (runs/tune/gemma.md).
 
@@ -98,7 +98,7 @@ SWEEP = [  # (folder, row of the table, flags, EM text probe?)
     ("kclip", "Knowledge-CLIP", ["--method", "kclip"], True),
     ("cid", "CLIP-CID (balanced set)", ["--method", "cid"], True),
     ("cid-full", "CLIP-CID, full set (no balance)", ["--method", "cid", "--no-balance"], False),
-    # chosen on validation by `python docs/reproduce.py --tune --seeds 0` (runs/tune/cid.md): the paper's --cd-weight
+    # chosen on validation by `python docs/reproduce.py --tune cid --seeds 0` (runs/tune/cid.md): the paper's --cd-weight
     # 1.0 and our balance threshold 0.99 are the cid row above
     ("cid-tuned", "CLIP-CID, tuned on validation (--cd-weight 0.3, no balance)",
      ["--method", "cid", "--cd-weight", "0.3", "--no-balance"], False),
@@ -309,12 +309,11 @@ def tune(a, flags):
                                                           "flags": flags, "cells": cells, "chosen": best})
     lines = [f"{' '.join(base)} on validation (eval.validate_shapes; mean over seeds {' '.join(map(str, a.seeds))}): "
              f"zero-shot all 64 / seen / unseen combinations, pairs trained on", "",
-             "| " + " | ".join(flag for flag, _ in axes) + " | all | seen | unseen | pairs |", "|---" * (len(axes) + 4) + "|"]
+             "| " + " | ".join(flag for flag, _ in axes) + " | all | seen | unseen | pairs | chosen |", "|---" * (len(axes) + 5) + "|"]
     for c in cells:
         mean = lambda k: float(np.mean([r[k] for r in c["runs"]]))  # noqa: E731
         lines.append("| " + " | ".join(c["flags"].values()) + f" | {c['mean']:.1f} | {mean('val_zero_shot_top1'):.1f} | "
-                     f"{mean('val_zero_shot_unseen_top1'):.1f} | {mean('pairs_trained_on'):.0f} |"
-                     + (" chosen" if c is best else ""))
+                     f"{mean('val_zero_shot_unseen_top1'):.1f} | {mean('pairs_trained_on'):,.0f} | {'yes' if c is best else ''} |")
     with data.atomic(os.path.join(root, f"{a.tune}.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
