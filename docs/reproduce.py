@@ -193,6 +193,13 @@ def sweep_em(run_dir, root, cfg, steps):
     return em(lambda caps: evaluation.embed_texts(model, caps, cfg.device))
 
 
+def missing_text_teacher(flags):
+    """The folder these flags name with --text-teacher, if it does not exist (the Gemma rows
+    before docs/convert_gguf.py has run); None otherwise."""
+    named = flags[flags.index("--text-teacher") + 1] if "--text-teacher" in flags else None
+    return named if named and not os.path.isdir(named) else None
+
+
 def timed_train(run):
     """train.train(run), then its results.json again with the whole call's wall time (teacher,
     store, training, evaluation) as wall_seconds."""
@@ -220,11 +227,11 @@ def sweep(a, flags):
     data.write_json(spec_path, spec)
     rows = []
     for folder, row, row_flags, em in SWEEP:
-        named = row_flags[row_flags.index("--text-teacher") + 1] if "--text-teacher" in row_flags else None
         if a.rows and folder not in a.rows:
             continue
-        if named and not os.path.isdir(named):
-            print(f"sweep: row {folder} skipped: no text teacher at {named} (python docs/convert_gguf.py writes it)")
+        if missing := missing_text_teacher(row_flags):
+            print(f"sweep: row {folder} skipped: no text teacher at {missing} "
+                  "(python docs/convert_gguf.py writes it)")
             continue
         rows.append((folder, row, row_flags, em))
     runs = [train.parse_args(flags + row_flags) for _, _, row_flags, _ in rows]
@@ -284,8 +291,8 @@ def tune(a, flags):
     chosen cell: the best TUNE_KEY averaged over the seeds."""
     root, t0 = a.out or os.path.join("runs", "tune"), time.time()
     base, axes = TUNE_GRIDS[a.tune]
-    if "--text-teacher" in base and not os.path.isdir(base[base.index("--text-teacher") + 1]):
-        raise SystemExit(f"error: no text teacher at {base[base.index('--text-teacher') + 1]}; "
+    if missing := missing_text_teacher(base):
+        raise SystemExit(f"error: no text teacher at {missing}; "
                          f"{convert_gguf.NEEDS} && python docs/convert_gguf.py writes it")
     cells = []
     for values in itertools.product(*[v for _, v in axes]):
@@ -381,16 +388,16 @@ def mean_std(values):
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def show(key, values, seeds=None):
+def show(key, values, n_seeds=None):
     """A table cell: mean ± std of the seeds' values ('-' if none; counts and times as a mean
-    alone; "(n=k)" when fewer than `seeds` values have finished)."""
+    alone; "(n=k)" when fewer than n_seeds values have finished)."""
     if not values:
         return "-"
     m, s = mean_std(values)
     if key in ("params", "steps"):  # the same for every seed
         return f"{m / 1e6:.2f}M" if key == "params" else f"{m:.0f}"
     text = f"{m:.0f}" if key in ("seconds", "pairs_trained_on") else f"{m:.1f}" + (f" ± {s:.1f}" if len(values) > 1 else "")
-    return text + (f" (n={len(values)})" if seeds and len(values) < seeds else "")
+    return text + (f" (n={len(values)})" if n_seeds and len(values) < n_seeds else "")
 
 
 def write_table(root, seeds, flags):
