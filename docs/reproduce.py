@@ -297,7 +297,7 @@ def tune(a, flags):
     cells = []
     for values in itertools.product(*[v for _, v in axes]):
         cell = {"flags": {flag: v for (flag, _), v in zip(axes, values)}, "runs": []}
-        name = "-".join([a.tune] + [f"{flag[2:]}{v}" for (flag, _), v in zip(axes, values)])
+        name = "-".join([a.tune] + [f"{flag[2:]}{v}" for flag, v in cell["flags"].items()])
         for seed in a.seeds:
             out = os.path.join(root, f"{name}-s{seed}")
             if not os.path.exists(os.path.join(out, "results.json")):
