@@ -196,6 +196,10 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x[:, 0])
 
 
+def text_length(tokens):  # (B, L) ids -> L', the longest caption with its SOT and EOT: the columns the tower runs
+    return int(tokens.ne(PAD).sum(1).max())
+
+
 class TextTransformer(nn.Module):
     """A causal Transformer over the tokens; the state at the end-of-text token is T_f."""
 
@@ -211,7 +215,7 @@ class TextTransformer(nn.Module):
         # Causal attention: positions after EOT never reach the EOT state, so the padding
         # columns that no caption of this batch uses can be cut off without changing the result.
         if self.trim:
-            tokens = tokens[:, : int(tokens.ne(PAD).sum(1).max())]  # (B, L') with L' <= L
+            tokens = tokens[:, : text_length(tokens)]  # (B, L') with L' <= L
         x = self.token_emb(tokens) + self.pos_emb[: tokens.shape[1]]  # (B, L', W)
         for block in self.blocks:
             x = block(x)

@@ -475,13 +475,24 @@ def finite_weights(*modules):
     return all(torch.isfinite(t).all() for m in modules for t in m.state_dict().values() if t.is_floating_point())
 
 
-def save_checkpoint(path, model, heads, optimizer, step, args):
+def step_shape(batch, extra):
+    """What a step's FLOPs depend on: the batch's size and its text length (the text tower runs
+    only the columns some caption uses, clip.text_length), and the text-only lines' (--text-corpus).
+    The loop counts a step's FLOPs the first time its shape comes up and adds that count for every
+    step of the same shape. Not in the key: partial class sampling's K' (--class-frac < 1) moves
+    the cluster loss's B x K' x D_t by a few classes."""
+    corpus = (len(batch["corpus_index"]), clip.text_length(extra["corpus_tokens"][batch["corpus_index"]])) \
+        if "corpus_index" in batch else None
+    return len(batch["tokens"]), clip.text_length(batch["tokens"]), corpus
+
+
+def save_checkpoint(path, model, heads, optimizer, step, args, flops=None):
     """Write to a temp file, then rename: a killed run never leaves a half-written ckpt.pt.
     Weights with a NaN or inf are never written (the good checkpoint on disk stays): False then."""
     if not finite_weights(model, heads):
         return False
     state = {"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "model_config": asdict(model.cfg), "config": vars(args),
+             "model_config": asdict(model.cfg), "config": vars(args), "flops": flops,
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     with data.atomic(path) as tmp:
@@ -504,7 +515,7 @@ def load_for_resume(path, model, heads, optimizer, args):
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # RNG states are CPU tensors, also when loaded onto CUDA
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state.cpu() for state in ckpt["rng"]["cuda"]])
-    return ckpt["step"]
+    return ckpt["step"], ckpt.get("flops")  # no "flops": an older checkpoint, the count is unknown
 
 
 def trim_log(path, step):
@@ -517,8 +528,8 @@ def trim_log(path, step):
 
 
 def flop_accounting(student, info):
-    """results.json's "flops": the student's training (its first step's FLOPs x steps, every
-    rank; None when this call trained no step) and each teacher's: its forward passes over the
+    """results.json's "flops": the student's training (the sum over its steps, `step_shape`; None
+    when a resumed checkpoint had no count) and each teacher's: its forward passes over the
     data and its training (None when it was trained elsewhere, e.g. a Hugging Face model).
     "total" counts every teacher in full; a teacher shared by N students costs each
     student + forward + training / N (docs/teacher.md)."""
@@ -577,9 +588,9 @@ def train(args):
     student = Student(model, heads, extra, args)
     if n_proc > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-    start = 0
+    start, flops = 0, 0  # flops: the student's training FLOPs so far, every process
     if args.resume and os.path.exists(ckpt_path):
-        start = load_for_resume(ckpt_path, model, heads, optimizer, args)
+        start, flops = load_for_resume(ckpt_path, model, heads, optimizer, args)
         if main_rank:
             trim_log(log_path, start)
         say(f"resumed from {ckpt_path} at step {start}")
@@ -602,11 +613,11 @@ def train(args):
     def save(step_done):  # the checkpoint after `step_done` updates, or a clear stop if the weights are not finite
         nonlocal saved
         if main_rank:
-            if not save_checkpoint(ckpt_path, model, heads, optimizer, step_done, args):
+            if not save_checkpoint(ckpt_path, model, heads, optimizer, step_done, args, flops):
                 raise SystemExit(f"error: the weights hold NaN or inf after step {step_done}; {on_disk()}")
             saved = step_done
 
-    step_flops = None
+    step_flops = {}  # step_shape -> the FLOPs of one step of that shape, counted the first time it comes up
     try:
         for step in bar:
             lr = lr_at(step, args.lr, args.warmup, args.steps)
@@ -616,14 +627,17 @@ def train(args):
             if "corpus_tokens" in extra:
                 batch["corpus_index"] = data.corpus_index(step, len(extra["corpus_tokens"]), args)
             run_step = lambda: train_step(student, batch, optimizer, args, scales, amp=device.type == "cuda")  # noqa: E731
-            if step == start:  # the first step counts its FLOPs (results.json: flops)
-                (values, names, bad), step_flops = clip.count_flops(run_step)
+            shape = step_shape(batch, extra)
+            if shape not in step_flops:  # a new shape: count this step's FLOPs (results.json: flops)
+                (values, names, bad), step_flops[shape] = clip.count_flops(run_step)
             else:
                 values, names, bad = run_step()
             if bad is not None:  # stopped before the bad update
                 raise SystemExit(f"error: the {bad[0]} became {bad[1].item()} at step {step}, which was not applied; "
                                  f"the checkpoint was left as it was. {on_disk()}")
             completed = step + 1
+            if flops is not None:  # under torchrun, each process's share has its own text length: rank 0's x W
+                flops += step_flops[shape] * n_proc
             seen += len(batch["tokens"]) * n_proc
             rate = seen / (time.time() - t_start)
             if main_rank and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
@@ -648,7 +662,7 @@ def train(args):
                "batch_size": args.batch_size, "seed": args.seed, "data": args.data,
                "seconds": round(seconds, 1), "samples_per_second": round(seen / seconds, 1) if seen else None,
                "skipped_pairs": stream.skipped, "data_fingerprint": stream.fingerprint, "pairs_trained_on": len(stream.pool),
-               "flops": flop_accounting(step_flops * n_proc * args.steps if start < args.steps else None, teacher_flops),
+               "flops": flop_accounting(flops, teacher_flops),
                **info}
     results.update(evaluation.evaluate(model, args, device, stream.pairs))
     evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))

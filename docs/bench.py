@@ -25,7 +25,7 @@ import train  # noqa: E402
 def step_flops(model, batch, args, backward=True):
     """FLOPs of one plain-CLIP step on a batch (its loss, + backward and the update if backward),
     counted by torch's FlopCounterMode (matmuls, convolutions and attention; elementwise work is
-    not counted): what train.py's loop counts on its first step."""
+    not counted): what train.py's loop counts for each new step shape."""
     student = train.Student(model, nn.ModuleDict(), {}, args)
     batch = train.on_device(batch, 0, next(model.parameters()).device)
     if not backward:
