@@ -10,7 +10,8 @@ Supervision", Figure 3 (the numpy-like pseudocode, also Figure 2 of Knowledge-CL
     logits = I_e @ T_e.T * exp(t)     # (B, B)
 
 This file holds everything up to `logits`; the loss lives in losses.py.
-Read it top to bottom: tokenizer -> Transformer block -> the two towers -> CLIP -> sizes.
+Read it top to bottom: tokenizer -> Transformer block -> the two towers -> CLIP -> sizes ->
+checkpoints and `load` -> the export to Hugging Face.
 """
 import math
 import os
@@ -267,16 +268,29 @@ class CLIP(nn.Module):
         self.text_proj = nn.Parameter(torch.randn(cfg.text_width, cfg.embed_dim) * cfg.text_width ** -0.5)  # W_t
         self.logit_scale = logit_scale()  # t; exp(t) scales the logits
 
-    def encode_image(self, images, normalize=True):  # (B, 3, H, W) -> (B, D)
+    def encode_image(self, images, normalize=True):  # (B, 3, H, W) floats, or PIL images / paths -> (B, D)
+        if not torch.is_tensor(images):
+            images = self.preprocess(images)
         x = self.visual(images) @ self.image_proj
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens, normalize=True):  # (B, L) -> (B, D)
+    def encode_text(self, tokens, normalize=True):  # (B, L) ids, or a str / list of str -> (B, D)
+        if not torch.is_tensor(tokens):
+            tokens = self.tokenize(tokens).to(self.logit_scale.device)
         x = self.text(tokens) @ self.text_proj
         return F.normalize(x, dim=-1) if normalize else x
 
-    def tokenize(self, texts):
+    def tokenize(self, texts):  # a str or list of N str -> (N, context_length) ids
         return self.tokenizer(texts, self.cfg.context_length)
+
+    def preprocess(self, images):
+        """A PIL image, an image file's path, or a list of them -> (N, 3, S, S) floats on the model's
+        device, read as training reads an image: RGB, shorter side resized to S (bicubic), centre
+        crop (data.load_image), then normalised (data.to_input)."""
+        import data  # here, not at the top: data.py imports this file
+        images = images if isinstance(images, (list, tuple)) else [images]
+        S = self.cfg.image_size
+        return data.to_input(torch.stack([data.load_image(x, S) for x in images]), self.logit_scale.device)
 
     def forward(self, images, tokens):
         """Returns I_e (B, D), T_e (B, D) and exp(t), the inputs of losses.clip_loss."""
@@ -349,6 +363,132 @@ def load_checkpoint(path, device="cpu"):
     model = CLIP(CLIPConfig(**ckpt["model_config"])).to(device)
     model.load_state_dict(ckpt["model"])
     return model, ckpt["config"]
+
+
+def load(path, device="cpu"):
+    """A run folder or ckpt.pt -> (model, preprocess, tokenize), as open_clip's
+    create_model_and_transforms: the model in eval mode; preprocess: PIL images or paths -> its
+    input (CLIP.preprocess); tokenize: strings -> its ids (CLIP.tokenize). encode_image and
+    encode_text also take the images and strings themselves."""
+    model, _ = load_checkpoint(path, device)
+    return model.eval(), model.preprocess, model.tokenize
+
+
+# ----------------------------------------------------------------------------------------
+# Export to Hugging Face (transformers' CLIPModel, the same network under its names). Our towers
+# are CLIP's (pre-norm blocks, exact GELU, LayerNorm eps 1e-5, class-token and end-of-text
+# pooling, no projection bias), so the weights are renamed, not converted: the fused qkv is
+# split into q, k, v and the projections W_i, W_t are transposed into nn.Linear weights. The
+# tokenizer is rebuilt in the `tokenizers` library from the same parts: the pieces of WORD, the
+# bytes, our merges in order, SOT ... EOT around the ids.
+
+def hf_config(cfg):
+    """Our CLIPConfig -> transformers.CLIPConfig: the sizes, exact GELU (transformers' default is
+    quick_gelu), the text tower pooling at the first EOT (eos_token_id) and padding with PAD."""
+    from transformers import CLIPConfig as HFConfig
+    text = dict(vocab_size=N_BASE + len(cfg.merges), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                max_position_embeddings=cfg.context_length, hidden_act="gelu", layer_norm_eps=1e-5,
+                pad_token_id=PAD, bos_token_id=SOT, eos_token_id=EOT, projection_dim=cfg.embed_dim)
+    vision = dict(hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width, num_hidden_layers=cfg.vision_layers,
+                  num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                  hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=cfg.embed_dim)
+    return HFConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim)
+
+
+def hf_block(block, prefix):  # one Block -> {transformers' CLIPEncoderLayer name: tensor}
+    out = {}
+    for ours, theirs in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("proj", "self_attn.out_proj"),
+                         ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2")):
+        for kind in ("weight", "bias"):
+            out[f"{prefix}.{theirs}.{kind}"] = block.get_submodule(ours).get_parameter(kind)
+    for kind in ("weight", "bias"):  # qkv (3W, ...) rows: q, then k, then v, each head after head
+        for name, part in zip("qkv", block.qkv.get_parameter(kind).chunk(3)):
+            out[f"{prefix}.self_attn.{name}_proj.{kind}"] = part
+    return out
+
+
+def hf_state_dict(model):
+    """Our parameters under transformers' CLIPModel names."""
+    v, t, out = model.visual, model.text, {}
+    for prefix, ours in (("vision_model.pre_layrnorm", v.ln_pre), ("vision_model.post_layernorm", v.ln_post),
+                         ("text_model.final_layer_norm", t.ln_final)):
+        out.update({f"{prefix}.weight": ours.weight, f"{prefix}.bias": ours.bias})
+    for i, b in enumerate(v.blocks):
+        out.update(hf_block(b, f"vision_model.encoder.layers.{i}"))
+    for i, b in enumerate(t.blocks):
+        out.update(hf_block(b, f"text_model.encoder.layers.{i}"))
+    out.update({"vision_model.embeddings.patch_embedding.weight": v.patchify.weight,
+                "vision_model.embeddings.class_embedding": v.cls_token,
+                "vision_model.embeddings.position_embedding.weight": v.pos_emb,
+                "text_model.embeddings.token_embedding.weight": t.token_emb.weight,
+                "text_model.embeddings.position_embedding.weight": t.pos_emb,
+                "visual_projection.weight": model.image_proj.t(),  # (D, W): x @ W_i == Linear(x)
+                "text_projection.weight": model.text_proj.t(), "logit_scale": model.logit_scale})
+    return {k: x.detach().float().cpu().contiguous() for k, x in out.items()}
+
+
+# WORD for the `tokenizers` library (Oniguruma regexes): Python's \w, \d and \s spelt out as the
+# Unicode classes they mean in Python's re (\w: letters and every number, \d: decimal digits,
+# \s: also the separators \x1c-\x1f). A letter run ([^\W\d_]) is then letters, letter-numbers
+# and other numbers. '_' matches no alternative: findall drops it, and so does this. Exact for
+# every character Python's unicodedata knows; a character newer than it may split otherwise.
+SPACE = r"\s\x{1c}-\x{1f}"
+HF_WORD = (rf" ?[\p{{L}}\p{{Nl}}\p{{No}}]+| ?\p{{Nd}}+| ?[^{SPACE}\p{{L}}\p{{N}}_]+|[{SPACE}]+(?![^{SPACE}])|[{SPACE}]+")
+
+
+def byte_chars():
+    """Byte -> the printable character GPT-2's byte-level BPE (and tokenizers' ByteLevel) writes it as."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    moved = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(moved)) for b in range(256)}
+
+
+SPECIAL = {PAD: "<|pad|>", SOT: "<|startoftext|>", EOT: "<|endoftext|>"}
+
+
+def hf_tokenizer(cfg):
+    """Our Tokenizer as a transformers tokenizer (a `tokenizers` BPE): the same ids for a caption
+    called with truncation=True (cut to context_length, EOT kept), padded with PAD by
+    padding="max_length" or padding=True. Special-token text in a caption is read as bytes, as ours
+    reads it (split_special_tokens)."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    char = byte_chars()
+    strings = {b + 1: char[b] for b in range(256)}  # id -> its bytes as characters
+    for i, (a, b) in enumerate(cfg.merges):
+        strings[N_BASE + i] = strings[a] + strings[b]
+    vocab = {s: i for i, s in strings.items()}
+    if len(vocab) != len(strings):
+        print(f"warning: {len(strings) - len(vocab)} merges give bytes another merge gives; the exported "
+              "tokenizer gives one id for them")
+    vocab.update({s: i for i, s in SPECIAL.items()})
+    tok = HFTokenizer(models.BPE(vocab, [(strings[a], strings[b]) for a, b in cfg.merges]))
+    pieces = [pre_tokenizers.Split(Regex(HF_WORD), behavior="removed", invert=True)] if cfg.merges else []  # as encode
+    tok.pre_tokenizer = pre_tokenizers.Sequence(pieces + [pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                     use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL[SOT]} $A {SPECIAL[EOT]}", special_tokens=[(SPECIAL[SOT], SOT), (SPECIAL[EOT], EOT)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL[SOT], eos_token=SPECIAL[EOT],
+                                   pad_token=SPECIAL[PAD], model_max_length=cfg.context_length, padding_side="right",
+                                   split_special_tokens=True)
+
+
+def export_hf(model, out):
+    """Write `out`, a folder that transformers' CLIPModel.from_pretrained, AutoTokenizer and
+    AutoProcessor read offline: the weights (hf_state_dict), the tokenizer (hf_tokenizer) and a
+    CLIPImageProcessor with our preprocessing (shorter side to S, bicubic; centre crop; MEAN, STD)."""
+    import data  # here, not at the top: data.py imports this file
+    from transformers import CLIPImageProcessor, CLIPModel as HFModel, CLIPProcessor
+    hf = HFModel(hf_config(model.cfg))
+    hf.load_state_dict(hf_state_dict(model))
+    hf.save_pretrained(out)
+    S = model.cfg.image_size
+    images = CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S}, resample=3,  # PIL's BICUBIC
+                                image_mean=[data.MEAN] * 3, image_std=[data.STD] * 3)
+    CLIPProcessor(image_processor=images, tokenizer=hf_tokenizer(model.cfg)).save_pretrained(out)
+    return hf
 
 
 if __name__ == "__main__":

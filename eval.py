@@ -12,7 +12,8 @@
 (Knowledge-CLIP's EM text probe trains a model of its own: docs/em_probe.py.)
 
 `evaluate(model, ...)` is what train.py calls at the end of a run; `python eval.py --ckpt DIR`
-runs the same on a saved checkpoint (into DIR/eval.json); `--tiers` and `--curves` below.
+runs the same on a saved checkpoint (into DIR/eval.json); `--tiers` and `--curves` below;
+`--images FOLDER` zero-shots your own images, `--export-hf OUT` writes a transformers folder.
 """
 import argparse
 import json
@@ -21,6 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
 import clip
 import data
@@ -507,6 +509,126 @@ def print_tiers(a):
               + f" | {', '.join(right) or '-'} |")
 
 
+# ----------------------------------------------------------------------------------------
+# Your own images (python eval.py --ckpt DIR --images FOLDER --labels "cat,dog"), and the model
+# handed to Hugging Face users (--export-hf OUT: clip.export_hf, checked here).
+
+@torch.no_grad()
+def zero_shot(model, images, classnames, templates=LABEL_PROMPTS, device="cpu"):
+    """CLIP's zero-shot classifier (Sec. 3.1.4) on any images: PIL images or paths (read as
+    training reads them, data.load_image) or (N, 3, S, S) uint8 -> (N, C) probabilities over
+    classnames: softmax of exp(t) x the cosine to each class's prompt-ensembled embedding."""
+    if not torch.is_tensor(images):
+        images = torch.stack([data.load_image(x, model.cfg.image_size) for x in images])
+    scores = embed_images(model, images, device) @ zero_shot_classifier(model, classnames, templates, device).t()  # (N, C)
+    return (model.logit_scale.exp().item() * scores).softmax(1)
+
+
+def class_key(name):  # 'Golden_Retriever' and 'golden retriever' name one class
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def image_folder(folder):
+    """Every image under folder -> [(path relative to it, its first subfolder or None)], sorted."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--images {folder}: no such folder")
+    found = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder)
+                   for f in fs if f.lower().endswith(data.IMAGE_EXTS))
+    if not found:
+        raise ValueError(f"--images {folder}: no {', '.join(data.IMAGE_EXTS)} image in it")
+    return [(rel, rel.split(os.sep)[0] if os.sep in rel else None) for rel in found]
+
+
+def read_images(folder, files, image_size):  # relative paths -> (N, 3, S, S) uint8, or one line naming the unreadable
+    images, bad = [], []
+    for rel in files:
+        try:
+            images.append(data.load_image(os.path.join(folder, rel), image_size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            bad.append(rel)
+    if bad:
+        raise ValueError(f"--images {folder}: {len(bad)} of {len(files)} files are not readable images: "
+                         f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} (remove them)")
+    return torch.stack(images)
+
+
+def read_labels(spec, classes):
+    """--labels 'cat,dog' or a file with a class name a line; None: the folder's subfolder names."""
+    if spec is None:
+        names = sorted({c.replace("_", " ") for c in classes if c})
+        if len(names) < 2:
+            raise ValueError("give --labels 'cat,dog,...' (or a file, a name a line): the folder has no class subfolders")
+    else:
+        try:
+            lines = open(spec, encoding="utf-8").read().splitlines() if os.path.isfile(spec) else spec.split(",")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--labels {spec}: cannot read it ({e.__class__.__name__})") from None
+        names = [n.strip() for n in lines if n.strip()]
+        if len(names) < 2:
+            raise ValueError(f"--labels {spec!r}: {len(names) or 'no'} class name{'s' * (len(names) != 1)}; "
+                             "zero-shot needs at least 2")
+    twice = sorted({n for n in names if [class_key(m) for m in names].count(class_key(n)) > 1})
+    if twice:
+        raise ValueError(f"--labels: {', '.join(twice)} given twice")
+    return names
+
+
+def classify_folder(model, folder, labels, device):
+    """--images: print each image's zero-shot class and probability; where the image lies in a
+    subfolder named after a label, the accuracy over those images. -> the summary dict."""
+    items = image_folder(folder)
+    names = read_labels(labels, [c for _, c in items])
+    images = read_images(folder, [rel for rel, _ in items], model.cfg.image_size)  # (N, 3, S, S) uint8
+    p, pred = zero_shot(model, images, names, device=device).max(1)  # (N,) probability and index of the top class
+    width, name_width = max(len(rel) for rel, _ in items), max(map(len, names))
+    for (rel, _), k, q in zip(items, pred.tolist(), p.tolist()):
+        print(f"{rel:{width}s}  {names[k]:{name_width}s}  {q:.3f}")
+    index = {class_key(n): k for k, n in enumerate(names)}
+    truth = [(i, index[class_key(c)]) for i, (_, c) in enumerate(items) if c is not None and class_key(c) in index]
+    res = {"images": len(items), "classes": len(names)}
+    if truth:
+        right = sum(int(pred[i]) == k for i, k in truth)
+        res.update(accuracy=100.0 * right / len(truth), scored=len(truth))
+        print(f"zero-shot accuracy {res['accuracy']:.1f}% ({right} of {len(truth)} images in a subfolder named after a "
+              f"label; {len(items) - len(truth)} not scored)")
+    return res
+
+
+@torch.no_grad()
+def compare_hf(model, folder, n=64):
+    """Our model against its export read back by transformers (offline, the folder's own
+    AutoProcessor): max |difference| of the unit image and text embeddings on n embedded test
+    images and their captions (and a few odd ones), and whether the token ids are equal."""
+    from transformers import AutoProcessor, CLIPModel as HFModel
+    device = model.logit_scale.device
+    hf = HFModel.from_pretrained(folder, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    test = data.ShapesDataset("test", n, image_size=model.cfg.image_size)
+    captions = test.captions + ["", "y" * 500, "naïve café, 3 × 4!", "日本語のキャプション", "<|endoftext|> a_b\t  x²"]
+    ids = processor(text=captions, padding="max_length", truncation=True, return_tensors="pt")
+    pixels = processor(images=[Image.fromarray(x.permute(1, 2, 0).numpy()) for x in test.images],
+                       return_tensors="pt")["pixel_values"]
+    image = F.normalize(hf.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    text = F.normalize(hf.get_text_features(**ids).pooler_output, dim=-1)
+    return {"image_max_abs_diff": (image - embed_images(model, test.images, device)).abs().max().item(),
+            "text_max_abs_diff": (text - embed_texts(model, captions, device)).abs().max().item(),
+            "token_ids_equal": torch.equal(ids["input_ids"], model.tokenize(captions)), "n_images": n,
+            "n_captions": len(captions)}
+
+
+def export_hf(model, out):
+    """--export-hf: write the folder (clip.export_hf), read it back, say how close it is."""
+    if os.path.isfile(out):
+        raise ValueError(f"--export-hf {out}: a file is there; give a folder")
+    clip.export_hf(model, out)
+    res = compare_hf(model, out)
+    print(f"wrote {out}; read back by transformers (CLIPModel, AutoProcessor) against ours on {res['n_images']} test "
+          f"images and {res['n_captions']} captions: "
+          f"image embeddings max |diff| {res['image_max_abs_diff']:.1e}, text {res['text_max_abs_diff']:.1e}, "
+          f"token ids {'equal' if res['token_ids_equal'] else 'DIFFERENT'}")
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a CLIP checkpoint (zero-shot, retrieval, linear probe); the EM "
                                             "text probe: python docs/em_probe.py.")
@@ -520,6 +642,12 @@ def main(argv=None):
                                                          "own, and --ckpt's if given")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the text teacher's own code (only this "
                                                                      "flag grants it, never a checkpoint)")
+    p.add_argument("--images", metavar="FOLDER", help="zero-shot every image under FOLDER (with --ckpt): its class "
+                                                         "and probability; with class subfolders, the accuracy")
+    p.add_argument("--labels", help="with --images: class names, 'cat,dog,...' or a file with one a line (default: "
+                                    "the subfolder names)")
+    p.add_argument("--export-hf", metavar="OUT", help="write --ckpt as a Hugging Face folder (CLIPModel, AutoTokenizer, "
+                                                      "AutoProcessor) and check it against ours")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (--help lists the flags)\n")
     a = p.parse_args(argv)
@@ -532,18 +660,23 @@ def main(argv=None):
         return plot_curves({d: read_log(d) for d in a.curves}, a.out)
     if a.ckpt is None and not a.tiers:
         p.error("give --ckpt DIR (or --curves DIR ...)")
+    if a.labels is not None and not a.images:
+        p.error("--labels goes with --images FOLDER")
     folder = a.ckpt if a.ckpt is None or os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt)
     try:
         if a.tiers:
             return print_tiers(a)
         model, cfg = clip.load_checkpoint(a.ckpt, a.device)
+        if a.export_hf or a.images:
+            return {**(export_hf(model, a.export_hf) if a.export_hf else {}),
+                    **(classify_folder(model, a.images, a.labels, a.device) if a.images else {})}
         run = argparse.Namespace(**cfg)
         if a.eval_sets is not None:
             run.eval_sets = a.eval_sets
         if a.data_root is not None:
             run.data_root = a.data_root
         res = evaluate(model, run, a.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing file or folder, unreadable input
         raise SystemExit(f"error: {e}") from None
     width = max(map(len, res))
     for k, v in res.items():

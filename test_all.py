@@ -160,6 +160,59 @@ def test_textbook_attention_and_untrimmed_text_match_the_fast_path():
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads_fast, grads_slow))
 
 
+ODD_CAPTIONS = ["", "y" * 500, "a photo of a red circle " * 20, "naïve café, 3 × 4!", "日本語のキャプション",
+                "  two  spaces ", "a_b snake_case __x__", "x²+y³ ½ ⅷ", "tab\tnew\nline \x1c\x1f  ", "e\u0301 café",
+                "<|endoftext|> <|pad|> <|startoftext|>", "Ünïcödé ✓ 🙂 emoji", "१२३ ٤٥ digits", "ﬁ ǅ ᾼ"]
+
+
+def tiny_checkpoint(path, merges=()):  # a random tiny CLIP saved as train.py saves one -> the model
+    torch.manual_seed(0)
+    model = clip.build("tiny", merges=merges)
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg), "config": {}}, path)
+    return model
+
+
+def test_load_encodes_pil_images_and_strings(tmp_path):
+    """clip.load: the model in eval mode, its preprocessing and tokenizer; encode_image takes PIL
+    images and paths as preprocess reads them, encode_text takes strings."""
+    merges = clip.learn_bpe(data.ShapesDataset("train", 200).captions, 300)
+    tiny_checkpoint(tmp_path / "ckpt.pt", merges)
+    model, preprocess, tokenize = clip.load(str(tmp_path))
+    assert not model.training and model.cfg.merges == tuple(merges)
+    pictures = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
+                for i, (w, h) in enumerate([(32, 32), (50, 40), (20, 64)])]
+    pictures[1].save(tmp_path / "b.png")
+    x = preprocess(pictures)  # (3, 3, 32, 32) floats, as training reads an image
+    assert x.shape == (3, 3, 32, 32) and torch.equal(x[1], data.to_input(data.load_image(pictures[1], 32)))
+    assert torch.equal(preprocess(pictures[0]), x[:1]) and torch.equal(preprocess(str(tmp_path / "b.png")), x[1:2])
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(pictures), model.encode_image(x))
+        assert torch.equal(model.encode_image(pictures[2]), model.encode_image(x[2:]))
+        captions = ["a red circle", "a blue star in the top left"]
+        assert torch.equal(model.encode_text(captions), model.encode_text(tokenize(captions)))
+        assert torch.equal(model.encode_text(captions[0]), model.encode_text(tokenize(captions)[:1]))
+    assert tokenize(captions).shape == (2, 64) and model.encode_text(captions).shape == (2, 64)
+
+
+def test_hf_tokenizer_gives_our_ids():
+    """clip.hf_tokenizer (the `tokenizers` pipeline that --export-hf saves) gives our ids: learned
+    merges and bytes alone, odd and long captions, and characters of every Unicode class, each
+    between letters, digits and spaces (our split, Python's re, against Oniguruma's)."""
+    import unicodedata
+    captions = data.ShapesDataset("train", 300).captions
+    rng = np.random.default_rng(0)
+    chars = [chr(c) for c in rng.integers(0, 0x110000, 30000)
+             if unicodedata.category(chr(c)) not in ("Cn", "Cs")][:3000] + [chr(c) for c in range(128)]
+    texts = captions[:100] + ODD_CAPTIONS + [f"a{c}1 {c}{c} x" for c in chars]
+    for merges in (clip.learn_bpe(captions + ODD_CAPTIONS, 600), ()):
+        cfg = clip.CLIPConfig(merges=merges)
+        hf = clip.hf_tokenizer(cfg)
+        ours = clip.Tokenizer(merges)(texts, cfg.context_length)
+        assert torch.equal(hf(texts, padding="max_length", truncation=True, return_tensors="pt")["input_ids"], ours)
+        short = hf(texts[:5], padding=True, truncation=True, return_tensors="pt")["input_ids"]
+        assert torch.equal(short, ours[:5, : short.shape[1]]) and not ours[:5, short.shape[1]:].any()
+
+
 # ========================================================================================
 # losses.py
 
@@ -949,6 +1002,110 @@ def test_eval_smoke(cub, awa2):
     res = evaluation.eval_attribute_set(model, "awa2", str(awa2), "cpu")
     assert {"awa2_unseen_zero_shot_top1", "awa2_unseen_attr_zero_shot_top1", "awa2_attr_auc"} <= set(res)
     assert in_range(res) and res["awa2_n_skipped"] == 1 and res["awa2_unseen_zero_shot_top1"] == 100.0
+
+def test_export_hf_gives_our_embeddings_and_ids(tmp_path, capsys):
+    """eval.py --export-hf on a tiny run: transformers' CLIPModel, AutoTokenizer and AutoProcessor
+    read the folder offline and give our unit embeddings (max |diff| <= 1e-5) on the embedded
+    test images and on captions (odd ones too), the same token ids, the same temperature."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIPModel
+    run(tmp_path, "--steps", "10")
+    evaluation.main(["--ckpt", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")])
+    assert "token ids equal" in capsys.readouterr().out
+    model, _ = clip.load_checkpoint(str(tmp_path / "run"))
+    assert len(model.cfg.merges) > 50  # the run's learned merges travel with it
+    hf = CLIPModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", local_files_only=True)
+    pil = AutoImageProcessor.from_pretrained(tmp_path / "hf", local_files_only=True, backend="pil")
+    test = data.ShapesDataset("test", 50)
+    captions = test.captions + ODD_CAPTIONS
+    ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
+    assert torch.equal(ids["input_ids"], model.tokenize(captions))
+    assert torch.equal(processor(text=captions, padding="max_length", truncation=True, return_tensors="pt")["input_ids"],
+                       ids["input_ids"])
+    pictures = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in test.images]
+    with torch.no_grad():
+        ours_text = model.encode_text(captions)
+        for kw in ({"padding": "max_length"}, {"padding": True}):
+            theirs = hf.get_text_features(**tokenizer(captions, truncation=True, return_tensors="pt", **kw)).pooler_output
+            assert (F.normalize(theirs, dim=-1) - ours_text).abs().max() <= 1e-5
+        ours_image = model.encode_image(pictures)
+        assert torch.equal(ours_image, model.encode_image(data.to_input(test.images)))
+        for p in (processor.image_processor, pil):  # the default (torchvision) backend and PIL's
+            theirs = hf.get_image_features(pixel_values=p(images=pictures, return_tensors="pt")["pixel_values"])
+            assert (F.normalize(theirs.pooler_output, dim=-1) - ours_image).abs().max() <= 1e-5
+        # other sizes: PIL's backend is exact where our long side (rounded) is theirs (truncated), 40 x 70 -> 32 x 56
+        other = [x.resize((40, 70), Image.BICUBIC) for x in pictures[:8]]
+        theirs = hf.get_image_features(pixel_values=pil(images=other, return_tensors="pt")["pixel_values"]).pooler_output
+        assert (F.normalize(theirs, dim=-1) - model.encode_image(other)).abs().max() <= 1e-5
+    assert hf.logit_scale.item() == model.logit_scale.item()
+
+
+def shape_folder(root, classes=("red circle", "blue star", "green square"), per_class=3):
+    """root/red_circle/0.png, ...: embedded test images of these classes, drawn at 64 px and saved
+    at 80 x 64; one more image at the top, in no class. -> {relative path: class}."""
+    ds, truth = data.ShapesDataset("test", 600, image_size=64), {}
+    for x, y in zip(ds.images, ds.attributes["label"].tolist()):
+        name = data.CLASS_NAMES[y]
+        if name in classes and sum(c == name for c in truth.values()) < per_class:
+            rel = os.path.join(name.replace(" ", "_"), f"{len(truth)}.png")
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x.permute(1, 2, 0).numpy()).resize((80, 64)).save(root / rel)
+            truth[rel] = name
+    Image.fromarray(ds.images[0].permute(1, 2, 0).numpy()).save(root / "loose.jpg")
+    return truth
+
+
+def test_images_folder_zero_shot_with_the_pretrained_teacher(tmp_path, capsys):
+    """eval.py --images on a class-per-subfolder folder: one line per image (its class, the
+    probability eval.zero_shot gives) and the accuracy over the images of a labelled subfolder;
+    --labels as a list or a file; the shipped teacher gets these easy images right."""
+    truth = shape_folder(tmp_path / "imgs")
+    res = evaluation.main(["--ckpt", teachers.PRETRAINED, "--images", str(tmp_path / "imgs")])  # labels: the subfolders
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert res["images"] == 10 and res["classes"] == 3 and res["scored"] == 9 and res["accuracy"] >= 8 / 9 * 100
+    assert len(lines) == 11 and lines[-1].startswith(f"zero-shot accuracy {res['accuracy']:.1f}% (") and "1 not scored" in lines[-1]
+    model, _ = clip.load_checkpoint(teachers.PRETRAINED)
+    names = ["blue star", "green square", "red circle"]
+    files = sorted(truth) + ["loose.jpg"]
+    probs = evaluation.zero_shot(model, [str(tmp_path / "imgs" / f) for f in sorted(files)], names)  # (10, 3)
+    assert torch.allclose(probs.sum(1), torch.ones(10))
+    printed = {line.split()[0]: (" ".join(line.split()[1:-1]), float(line.split()[-1])) for line in lines[:-1]}
+    for f, p in zip(sorted(files), probs):
+        assert printed[f] == (names[int(p.argmax())], round(p.max().item(), 3))
+    (tmp_path / "labels.txt").write_text("red circle\n\nblue star\ngreen square\nyellow ring\n")
+    for labels in ("red circle, blue star,green square,yellow ring", str(tmp_path / "labels.txt")):
+        res = evaluation.main(["--ckpt", teachers.PRETRAINED, "--images", str(tmp_path / "imgs"), "--labels", labels])
+        assert res["classes"] == 4 and res["scored"] == 9
+
+
+def test_images_folder_bad_input_says_one_line(tmp_path, capsys):
+    """A missing folder, no images, unreadable files, too few or repeated labels: one line, exit != 0."""
+    truth = shape_folder(tmp_path / "imgs", per_class=1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "text.png").write_text("not an image")
+    (tmp_path / "bad" / "cut.png").write_bytes((tmp_path / "imgs" / sorted(truth)[0]).read_bytes()[:200])
+    (tmp_path / "bad" / "fine.png").write_bytes((tmp_path / "imgs" / sorted(truth)[0]).read_bytes())
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    cases = {("--images", str(tmp_path / "nowhere"), "--labels", "a,b"): "no such folder",
+             ("--images", str(tmp_path / "empty"), "--labels", "a,b"): "no jpg, jpeg, png, webp image",
+             ("--images", str(tmp_path / "bad"), "--labels", "a,b"): "2 of 3 files are not readable images: cut.png, text.png",
+             ("--images", str(tmp_path / "imgs"), "--labels", ""): "no class names",
+             ("--images", str(tmp_path / "imgs"), "--labels", " , ,"): "no class names",
+             ("--images", str(tmp_path / "imgs"), "--labels", "cat"): "1 class name;",
+             ("--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "blank.txt")): "no class names",
+             ("--images", str(tmp_path / "imgs"), "--labels", "cat,Cat,dog"): "Cat, cat given twice",
+             ("--images", str(tmp_path / "bad")): "give --labels",
+             ("--labels", "a,b"): "--labels goes with --images"}
+    for args, message in cases.items():
+        with pytest.raises(SystemExit) as e:
+            evaluation.main(["--ckpt", teachers.PRETRAINED, *args])
+        said = str(e.value) if e.value.code != 2 else capsys.readouterr().err  # argparse's errors exit 2, on stderr
+        assert e.value.code != 0 and message in said and len(said.strip().splitlines()) == 1, (args, said)
+        assert "Traceback" not in said
+
 
 class Pickled:
     """Any class: a checkpoint holding it can only be read by unpickling, which can run code."""
