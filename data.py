@@ -315,8 +315,10 @@ def to_input(images_uint8, device="cpu"):  # (B, 3, S, S) uint8 -> float32 on de
 
 def load_image(source, image_size, crop=None):
     """A path, bytes, PIL image or (3, H, W) uint8 tensor -> (3, C, C) uint8: RGB, shorter side
-    resized to image_size (bicubic), centre crop of C = crop (default image_size). A tensor that
-    already has the asked size is returned as it is."""
+    resized to image_size (bicubic; the longer side to int(image_size * long / short), rounded down
+    as CLIP's preprocessing, torchvision's Resize and transformers' CLIPImageProcessor do), centre
+    crop of C = crop (default image_size). A tensor that already has the asked size is returned as
+    it is."""
     crop = crop or image_size
     if torch.is_tensor(source):
         if source.shape[-2:] == (crop, crop) and crop == image_size:
@@ -326,8 +328,8 @@ def load_image(source, image_size, crop=None):
         io.BytesIO(source) if isinstance(source, bytes) else source)
     img = img.convert("RGB")
     w, h = img.size
-    scale = image_size / min(w, h)
-    img = img.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))), Image.BICUBIC)
+    long = int(image_size * max(w, h) / min(w, h))
+    img = img.resize((image_size, long) if w <= h else (long, image_size), Image.BICUBIC)
     w, h = img.size
     left, top = (w - crop) // 2, (h - crop) // 2
     img = img.crop((left, top, left + crop, top + crop))

@@ -1034,10 +1034,11 @@ def test_export_hf_gives_our_embeddings_and_ids(tmp_path, capsys):
         for p in (processor.image_processor, pil):  # the default (torchvision) backend and PIL's
             theirs = hf.get_image_features(pixel_values=p(images=pictures, return_tensors="pt")["pixel_values"])
             assert (F.normalize(theirs.pooler_output, dim=-1) - ours_image).abs().max() <= 1e-5
-        # other sizes: PIL's backend is exact where our long side (rounded) is theirs (truncated), 40 x 70 -> 32 x 56
-        other = [x.resize((40, 70), Image.BICUBIC) for x in pictures[:8]]
-        theirs = hf.get_image_features(pixel_values=pil(images=other, return_tensors="pt")["pixel_values"]).pooler_output
-        assert (F.normalize(theirs, dim=-1) - model.encode_image(other)).abs().max() <= 1e-5
+        # other sizes, PIL's backend: the long side rounded down as theirs (128 x 96 -> 42 x 32, not 43), so exact
+        for size in ((40, 70), (128, 96), (96, 128), (33, 77), (81, 50)):  # (81, 50): 51 x 32, an odd margin to crop
+            other = [x.resize(size, Image.BICUBIC) for x in pictures[:8]]
+            theirs = hf.get_image_features(pixel_values=pil(images=other, return_tensors="pt")["pixel_values"]).pooler_output
+            assert (F.normalize(theirs, dim=-1) - model.encode_image(other)).abs().max() <= 1e-5, size
     assert hf.logit_scale.item() == model.logit_scale.item()
 
 
