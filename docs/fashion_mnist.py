@@ -52,7 +52,7 @@ ROWS = [("clip", "CLIP", ["--method", "clip"]), ("kclip", "Knowledge-CLIP (MiniL
         ("cid", "CLIP-CID (the teacher above)", ["--method", "cid"])]
 TABLE = [("test_zero_shot", "zero-shot, 10,000 test images"), ("test_probe", "linear probe"),
          ("zero_shot_top1", "zero-shot, held-out pairs"), ("retrieval_i2t_r1", "R@1 i2t"),
-         ("pairs_trained_on", "pairs"), ("seconds", "train s")]
+         ("pairs_trained_on", "pairs")]
 
 
 def read_idx(path):  # a gzipped IDX file (LeCun's MNIST format) -> uint8 array
