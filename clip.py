@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 PAD, SOT, EOT = 0, 257, 258
 N_BASE = 259  # ids before the first merge
-WORD = re.compile(r" ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+")  # merges never cross these pieces (GPT-2's split)
+WORD = re.compile(r" ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")  # merges never cross these pieces (GPT-2's split)
 
 
 def merge(ids, pair, new):  # replace every (a, b) in ids by new
@@ -431,10 +431,10 @@ def hf_state_dict(model):
 # WORD for the `tokenizers` library (Oniguruma regexes): Python's \w, \d and \s spelt out as the
 # Unicode classes they mean in Python's re (\w: letters and every number, \d: decimal digits,
 # \s: also the separators \x1c-\x1f). A letter run ([^\W\d_]) is then letters, letter-numbers
-# and other numbers. '_' matches no alternative: findall drops it, and so does this. Exact for
-# every character Python's unicodedata knows; a character newer than it may split otherwise.
+# and other numbers; '_' goes with the punctuation. Exact for every character Python's
+# unicodedata knows; a character newer than it may split otherwise.
 SPACE = r"\s\x{1c}-\x{1f}"
-HF_WORD = (rf" ?[\p{{L}}\p{{Nl}}\p{{No}}]+| ?\p{{Nd}}+| ?[^{SPACE}\p{{L}}\p{{N}}_]+|[{SPACE}]+(?![^{SPACE}])|[{SPACE}]+")
+HF_WORD = (rf" ?[\p{{L}}\p{{Nl}}\p{{No}}]+| ?\p{{Nd}}+| ?[^{SPACE}\p{{L}}\p{{N}}]+|[{SPACE}]+(?![^{SPACE}])|[{SPACE}]+")
 
 
 def byte_chars():
