@@ -1006,6 +1006,7 @@ def test_eval_smoke(cub, awa2):
     assert {"awa2_unseen_zero_shot_top1", "awa2_unseen_attr_zero_shot_top1", "awa2_attr_auc"} <= set(res)
     assert in_range(res) and res["awa2_n_skipped"] == 1 and res["awa2_unseen_zero_shot_top1"] == 100.0
 
+
 def test_export_hf_gives_our_embeddings_and_ids(tmp_path, capsys):
     """eval.py --export-hf on a tiny run: transformers' CLIPModel, AutoTokenizer and AutoProcessor
     read the folder offline and give our unit embeddings (max |diff| <= 1e-5) on the embedded
@@ -1583,7 +1584,8 @@ def test_pretrained_teacher_is_the_default_and_a_stale_one_is_refused(tmp_path, 
                                          r"`python docs/reproduce.py --pretrain-teacher`"):
         monkeypatch.setitem(data.RGB, "red", (0.8, 0.1, 0.1))  # a change to how the pool is drawn
         teachers.check_pretrained(str(copy))
-    monkeypatch.undo()
+    monkeypatch.undo()  # undoes in_own_folder's chdir too: back into tmp_path
+    monkeypatch.chdir(tmp_path)
     copy.write_bytes(copy.read_bytes()[:-1] + b"x")
     with pytest.raises(SystemExit, match="does not match the sha256 in its manifest"):
         teachers.check_pretrained(str(copy))
