@@ -13,6 +13,9 @@ This file holds everything up to `logits`; the loss lives in losses.py.
 Read it top to bottom: tokenizer -> Transformer block -> the two towers -> CLIP -> sizes ->
 checkpoints and `load` -> the export to Hugging Face.
 """
+import contextlib
+import io
+import json
 import math
 import os
 import pickle
@@ -20,9 +23,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass, asdict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 # ----------------------------------------------------------------------------------------
 # Tokenizer: UTF-8 bytes, plus byte-pair merges learned from the training captions (Sennrich
@@ -136,6 +141,40 @@ def tokenize(texts, context_length):
 
 def decode(tokens):
     return Tokenizer().decode(tokens)
+
+
+# ----------------------------------------------------------------------------------------
+# Pixels -> model input. Images travel as uint8 (N, 3, S, S) and are normalised on the fly;
+# every image of the project (training, teachers, evaluation, `preprocess`) is read by load_image.
+
+MEAN, STD = 0.45, 0.25
+
+
+def to_input(images_uint8, device="cpu"):  # (B, 3, S, S) uint8 -> float32 on device
+    return (images_uint8.to(device).float() / 255 - MEAN) / STD
+
+
+def load_image(source, image_size, crop=None):
+    """A path, bytes, PIL image or (3, H, W) uint8 tensor -> (3, C, C) uint8: RGB, shorter side
+    resized to image_size (bicubic; the longer side to int(image_size * long / short), rounded down
+    as CLIP's preprocessing, torchvision's Resize and transformers' CLIPImageProcessor do), centre
+    crop of C = crop (default image_size). A tensor that already has the asked size is returned as
+    it is."""
+    crop = crop or image_size
+    if torch.is_tensor(source):
+        if source.shape[-2:] == (crop, crop) and crop == image_size:
+            return source
+        source = Image.fromarray(source.permute(1, 2, 0).numpy())
+    img = source if isinstance(source, Image.Image) else Image.open(
+        io.BytesIO(source) if isinstance(source, bytes) else source)
+    img = img.convert("RGB")
+    w, h = img.size
+    long = int(image_size * max(w, h) / min(w, h))
+    img = img.resize((image_size, long) if w <= h else (long, image_size), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - crop) // 2, (h - crop) // 2
+    img = img.crop((left, top, left + crop, top + crop))
+    return torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -286,11 +325,10 @@ class CLIP(nn.Module):
     def preprocess(self, images):
         """A PIL image, an image file's path, or a list of them -> (N, 3, S, S) floats on the model's
         device, read as training reads an image: RGB, shorter side resized to S (bicubic), centre
-        crop (data.load_image), then normalised (data.to_input)."""
-        import data  # here, not at the top: data.py imports this file
+        crop (load_image), then normalised (to_input)."""
         images = images if isinstance(images, (list, tuple)) else [images]
         S = self.cfg.image_size
-        return data.to_input(torch.stack([data.load_image(x, S) for x in images]), self.logit_scale.device)
+        return to_input(torch.stack([load_image(x, S) for x in images]), self.logit_scale.device)
 
     def forward(self, images, tokens):
         """Returns I_e (B, D), T_e (B, D) and exp(t), the inputs of losses.clip_loss."""
@@ -339,7 +377,28 @@ def build(size="small", **overrides):
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints: every .pt file of this project is read here, as weights only (no unpickling).
+# Checkpoints: every .pt file of this project is written and read here, read as weights only
+# (no unpickling). A training checkpoint holds the model, the method's heads, the optimiser,
+# the step, the run's flags and the RNG states: a resumed run continues bit for bit.
+
+@contextlib.contextmanager
+def atomic(path):
+    """The one way this project writes a file: yields a temporary name (path + '.tmp') to write
+    to, renamed over `path` only when the block ends without an error, so a kill or a full disk
+    never leaves half a file (checkpoints, the teacher store, results.json, converted data)."""
+    yield path + ".tmp"
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, obj):
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+
 
 def load_file(path, device="cpu"):
     """torch.load(path, weights_only=True), with one-line errors: no file, a truncated or
@@ -353,6 +412,54 @@ def load_file(path, device="cpu"):
                          "we will not unpickle it, since unpickling can run arbitrary code") from None
     except (RuntimeError, EOFError) as e:  # a truncated zip archive, an empty file
         raise ValueError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]})") from None
+
+
+def finite_weights(*modules):  # False if any floating tensor of their state holds a NaN or inf
+    return all(torch.isfinite(t).all() for m in modules for t in m.state_dict().values() if t.is_floating_point())
+
+
+def save_checkpoint(path, model, heads, optimizer, step, config, flops=None):
+    """Write to a temp file, then rename: a killed run never leaves a half-written ckpt.pt.
+    Weights with a NaN or inf are never written (the good checkpoint on disk stays): False then."""
+    if not finite_weights(model, heads):
+        return False
+    state = {"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "model_config": asdict(model.cfg), "config": config, "flops": flops,
+             "rng": {"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    with atomic(path) as tmp:
+        torch.save(state, tmp)
+    return True
+
+
+def load_for_resume(path, model, heads, optimizer, config, must_match=()):
+    """Continue a run: its weights, optimiser state and RNG, if the flags that decide the run
+    (must_match: keys of config, train.RESUME_MUST_MATCH) are the checkpoint's. -> (step, the
+    student's FLOPs so far, None for a checkpoint that had no count)."""
+    ckpt = load_file(path, config["device"])
+    diff = [k for k in must_match if ckpt["config"].get(k, config[k]) != config[k]]  # absent: older flag
+    if diff:
+        raise SystemExit("error: cannot resume " + path + ": " + ", ".join(
+            f"--{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {config[k]!r}" for k in diff))
+    if CLIPConfig(**ckpt["model_config"]).merges != model.cfg.merges:
+        raise SystemExit(f"error: cannot resume {path}: the tokenizer learned from the data now differs from the "
+                         "checkpoint's (the training captions changed)")
+    model.load_state_dict(ckpt["model"])
+    heads.load_state_dict(ckpt["heads"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # RNG states are CPU tensors, also when loaded onto CUDA
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in ckpt["rng"]["cuda"]])
+    return ckpt["step"], ckpt.get("flops")  # no "flops": an older checkpoint, the count is unknown
+
+
+def trim_log(path, step):
+    """Drop log lines past the checkpoint's step (a killed run may have logged beyond it)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with atomic(path) as tmp, open(tmp, "w") as f:
+            f.writelines(lines)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -372,123 +479,6 @@ def load(path, device="cpu"):
     encode_text also take the images and strings themselves."""
     model, _ = load_checkpoint(path, device)
     return model.eval(), model.preprocess, model.tokenize
-
-
-# ----------------------------------------------------------------------------------------
-# Export to Hugging Face (transformers' CLIPModel, the same network under its names). Our towers
-# are CLIP's (pre-norm blocks, exact GELU, LayerNorm eps 1e-5, class-token and end-of-text
-# pooling, no projection bias), so the weights are renamed, not converted: the fused qkv is
-# split into q, k, v and the projections W_i, W_t are transposed into nn.Linear weights. The
-# tokenizer is rebuilt in the `tokenizers` library from the same parts: the pieces of WORD, the
-# bytes, our merges in order, SOT ... EOT around the ids.
-
-def hf_config(cfg):
-    """Our CLIPConfig -> transformers.CLIPConfig: the sizes, exact GELU (transformers' default is
-    quick_gelu), the text tower pooling at the first EOT (eos_token_id) and padding with PAD."""
-    from transformers import CLIPConfig as HFConfig
-    text = dict(vocab_size=N_BASE + len(cfg.merges), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
-                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                max_position_embeddings=cfg.context_length, hidden_act="gelu", layer_norm_eps=1e-5,
-                pad_token_id=PAD, bos_token_id=SOT, eos_token_id=EOT, projection_dim=cfg.embed_dim)
-    vision = dict(hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width, num_hidden_layers=cfg.vision_layers,
-                  num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                  hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=cfg.embed_dim)
-    return HFConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim)
-
-
-def hf_block(block, prefix):  # one Block -> {transformers' CLIPEncoderLayer name: tensor}
-    out = {}
-    for ours, theirs in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("proj", "self_attn.out_proj"),
-                         ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2")):
-        for kind in ("weight", "bias"):
-            out[f"{prefix}.{theirs}.{kind}"] = block.get_submodule(ours).get_parameter(kind)
-    for kind in ("weight", "bias"):  # qkv (3W, ...) rows: q, then k, then v, each head after head
-        for name, part in zip("qkv", block.qkv.get_parameter(kind).chunk(3)):
-            out[f"{prefix}.self_attn.{name}_proj.{kind}"] = part
-    return out
-
-
-def hf_state_dict(model):
-    """Our parameters under transformers' CLIPModel names."""
-    v, t, out = model.visual, model.text, {}
-    for prefix, ours in (("vision_model.pre_layrnorm", v.ln_pre), ("vision_model.post_layernorm", v.ln_post),
-                         ("text_model.final_layer_norm", t.ln_final)):
-        out.update({f"{prefix}.weight": ours.weight, f"{prefix}.bias": ours.bias})
-    for i, b in enumerate(v.blocks):
-        out.update(hf_block(b, f"vision_model.encoder.layers.{i}"))
-    for i, b in enumerate(t.blocks):
-        out.update(hf_block(b, f"text_model.encoder.layers.{i}"))
-    out.update({"vision_model.embeddings.patch_embedding.weight": v.patchify.weight,
-                "vision_model.embeddings.class_embedding": v.cls_token,
-                "vision_model.embeddings.position_embedding.weight": v.pos_emb,
-                "text_model.embeddings.token_embedding.weight": t.token_emb.weight,
-                "text_model.embeddings.position_embedding.weight": t.pos_emb,
-                "visual_projection.weight": model.image_proj.t(),  # (D, W): x @ W_i == Linear(x)
-                "text_projection.weight": model.text_proj.t(), "logit_scale": model.logit_scale})
-    return {k: x.detach().float().cpu().contiguous() for k, x in out.items()}
-
-
-# WORD for the `tokenizers` library (Oniguruma regexes): Python's \w, \d and \s spelt out as the
-# Unicode classes they mean in Python's re (\w: letters and every number, \d: decimal digits,
-# \s: also the separators \x1c-\x1f). A letter run ([^\W\d_]) is then letters, letter-numbers
-# and other numbers; '_' goes with the punctuation. Exact for every character Python's
-# unicodedata knows; a character newer than it may split otherwise.
-SPACE = r"\s\x{1c}-\x{1f}"
-HF_WORD = (rf" ?[\p{{L}}\p{{Nl}}\p{{No}}]+| ?\p{{Nd}}+| ?[^{SPACE}\p{{L}}\p{{N}}]+|[{SPACE}]+(?![^{SPACE}])|[{SPACE}]+")
-
-
-def byte_chars():
-    """Byte -> the printable character GPT-2's byte-level BPE (and tokenizers' ByteLevel) writes it as."""
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    moved = iter(range(256, 512))
-    return {b: chr(b if b in keep else next(moved)) for b in range(256)}
-
-
-SPECIAL = {PAD: "<|pad|>", SOT: "<|startoftext|>", EOT: "<|endoftext|>"}
-
-
-def hf_tokenizer(cfg):
-    """Our Tokenizer as a transformers tokenizer (a `tokenizers` BPE): the same ids for a caption
-    called with truncation=True (cut to context_length, EOT kept), padded with PAD by
-    padding="max_length" or padding=True. Special-token text in a caption is read as bytes, as ours
-    reads it (split_special_tokens)."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    char = byte_chars()
-    strings = {b + 1: char[b] for b in range(256)}  # id -> its bytes as characters
-    for i, (a, b) in enumerate(cfg.merges):
-        strings[N_BASE + i] = strings[a] + strings[b]
-    vocab = {s: i for i, s in strings.items()}
-    if len(vocab) != len(strings):
-        print(f"warning: {len(strings) - len(vocab)} merges give bytes another merge gives; the exported "
-              "tokenizer gives one id for them")
-    vocab.update({s: i for i, s in SPECIAL.items()})
-    tok = HFTokenizer(models.BPE(vocab, [(strings[a], strings[b]) for a, b in cfg.merges]))
-    pieces = [pre_tokenizers.Split(Regex(HF_WORD), behavior="removed", invert=True)] if cfg.merges else []  # as encode
-    tok.pre_tokenizer = pre_tokenizers.Sequence(pieces + [pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                     use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{SPECIAL[SOT]} $A {SPECIAL[EOT]}", special_tokens=[(SPECIAL[SOT], SOT), (SPECIAL[EOT], EOT)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL[SOT], eos_token=SPECIAL[EOT],
-                                   pad_token=SPECIAL[PAD], model_max_length=cfg.context_length, padding_side="right",
-                                   split_special_tokens=True)
-
-
-def export_hf(model, out):
-    """Write `out`, a folder that transformers' CLIPModel.from_pretrained, AutoTokenizer and
-    AutoProcessor read offline: the weights (hf_state_dict), the tokenizer (hf_tokenizer) and a
-    CLIPImageProcessor with our preprocessing (shorter side to S, bicubic; centre crop; MEAN, STD)."""
-    import data  # here, not at the top: data.py imports this file
-    from transformers import CLIPImageProcessor, CLIPModel as HFModel, CLIPProcessor
-    hf = HFModel(hf_config(model.cfg))
-    hf.load_state_dict(hf_state_dict(model))
-    hf.save_pretrained(out)
-    S = model.cfg.image_size
-    images = CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S}, resample=3,  # PIL's BICUBIC
-                                image_mean=[data.MEAN] * 3, image_std=[data.STD] * 3)
-    CLIPProcessor(image_processor=images, tokenizer=hf_tokenizer(model.cfg)).save_pretrained(out)
-    return hf
 
 
 if __name__ == "__main__":

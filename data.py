@@ -16,23 +16,17 @@
 6. Batches: a training run's stream of batches, each a pure function of (seed, step), the
    embedded set's from memory and real pairs' through a DataLoader.
 """
-import contextlib
 import copy
 import csv
-import gzip
 import hashlib
-import io
 import json
 import os
 import re
-import shutil
 import tarfile
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from PIL import Image
 from tqdm import tqdm
 
@@ -57,7 +51,7 @@ RGB = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (0.95, 0.9,
 #   never-seen: in no training caption; only in the held-out split "wordings", in prompts and in
 #     the text-only corpus (`text_corpus`). Sizes and positions have no rare word.
 # The rare and never-seen words are ones the default text teacher (all-MiniLM-L6-v2) matches
-# to their colour or shape where it can (python eval.py --tiers measures it; it misses some
+# to their colour or shape where it can (python docs/em_probe.py --tiers measures it; it misses some
 # colours whichever synonym is taken), and none is a spelling variant of a common word.
 RARE_FRAC = 0.02
 WORDS = {  # value: (common words, rare word or None, never-seen word)
@@ -162,23 +156,20 @@ def eval_captions(n_eval, seed=0, image_size=32):
     return {c for split in ("test", "wordings") for c in ShapesDataset(split, n_eval, seed=seed, image_size=image_size).captions}
 
 
-def read_corpus(args):
-    """--text-corpus: 'shapes' -> text_corpus; else a UTF-8 file, one phrase per line. On the
-    embedded data no line may be an evaluation caption (eval_captions): the generated corpus
-    draws none, and a file's such lines are dropped and counted. -> (lines, lines dropped)."""
-    held = eval_captions(args.n_eval, args.seed, args.image_size) if args.data in EMBEDDED else set()
-    if args.text_corpus == "shapes":
-        return text_corpus(seed=args.seed, exclude=held), 0
-    if not os.path.isfile(args.text_corpus):
-        raise SystemExit(f"error: --text-corpus {args.text_corpus}: no such file")
-    with open(args.text_corpus, encoding="utf-8", errors="replace") as f:
+def read_corpus(spec, exclude=frozenset(), seed=0):
+    """--text-corpus: 'shapes' -> text_corpus; else a UTF-8 file, one phrase per line. No line may
+    be in `exclude` (on the embedded data, the evaluation captions: eval_captions): the generated
+    corpus draws none, and a file's such lines are dropped and counted. -> (lines, lines dropped)."""
+    if spec == "shapes":
+        return text_corpus(seed=seed, exclude=exclude), 0
+    if not os.path.isfile(spec):
+        raise SystemExit(f"error: --text-corpus {spec}: no such file")
+    with open(spec, encoding="utf-8", errors="replace") as f:
         lines = [line.strip() for line in f if line.strip()]
-    kept = [line for line in lines if line not in held]
+    kept = [line for line in lines if line not in exclude]
     if not kept:
-        raise SystemExit(f"error: --text-corpus {args.text_corpus} has no non-empty line"
+        raise SystemExit(f"error: --text-corpus {spec} has no non-empty line"
                          + (" that is not an evaluation caption" if lines else ""))
-    if len(kept) < len(lines) and world()[0] == 0:
-        print(f"kclip: dropped {len(lines) - len(kept)} lines of --text-corpus that are evaluation captions")
     return kept, len(lines) - len(kept)
 
 
@@ -296,44 +287,11 @@ class ShapesDataset:
 
 
 def training_set(cfg):
-    """The embedded pairs a run trains on, from its config (a dict: vars(args), or a checkpoint's
+    """The embedded pairs a run trains on, from its config (a dict: train.py's flags, or a checkpoint's
     saved config): every place that needs them again (the EM probe, the pretrained teacher's
     pool check) draws them here, from the same keys."""
     return ShapesDataset(EMBEDDED[cfg["data"]], cfg["n_train"], seed=cfg["seed"], image_size=cfg["image_size"],
                          dup_frac=cfg["dup_frac"], imbalance=cfg["imbalance"])
-
-
-# ----------------------------------------------------------------------------------------
-# Pixels -> model input. Images travel as uint8 (N, 3, S, S) and are normalised on the fly.
-
-MEAN, STD = 0.45, 0.25
-
-
-def to_input(images_uint8, device="cpu"):  # (B, 3, S, S) uint8 -> float32 on device
-    return (images_uint8.to(device).float() / 255 - MEAN) / STD
-
-
-def load_image(source, image_size, crop=None):
-    """A path, bytes, PIL image or (3, H, W) uint8 tensor -> (3, C, C) uint8: RGB, shorter side
-    resized to image_size (bicubic; the longer side to int(image_size * long / short), rounded down
-    as CLIP's preprocessing, torchvision's Resize and transformers' CLIPImageProcessor do), centre
-    crop of C = crop (default image_size). A tensor that already has the asked size is returned as
-    it is."""
-    crop = crop or image_size
-    if torch.is_tensor(source):
-        if source.shape[-2:] == (crop, crop) and crop == image_size:
-            return source
-        source = Image.fromarray(source.permute(1, 2, 0).numpy())
-    img = source if isinstance(source, Image.Image) else Image.open(
-        io.BytesIO(source) if isinstance(source, bytes) else source)
-    img = img.convert("RGB")
-    w, h = img.size
-    long = int(image_size * max(w, h) / min(w, h))
-    img = img.resize((image_size, long) if w <= h else (long, image_size), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - crop) // 2, (h - crop) // 2
-    img = img.crop((left, top, left + crop, top + crop))
-    return torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -377,25 +335,6 @@ def utf8(text):  # False for a field read with errors="surrogateescape" from byt
         return False
 
 
-@contextlib.contextmanager
-def atomic(path):
-    """The one way this project writes a file: yields a temporary name (path + '.tmp') to write
-    to, renamed over `path` only when the block ends without an error, so a kill or a full disk
-    never leaves half a file (checkpoints, the teacher store, results.json, converted data)."""
-    yield path + ".tmp"
-    os.replace(path + ".tmp", path)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path, obj):
-    with atomic(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
 def chunks(n, size):  # [(start, stop)] covering range(n) in pieces of `size`
     return [(a, min(n, a + size)) for a in range(0, n, size)]
 
@@ -405,8 +344,8 @@ class Pairs(torch.utils.data.Dataset):
     `skipped_rows` / `skip_reason` (pairs dropped when the listing was read), and define
     source(i) (path, bytes, uint8 tensor, or None: no image), caption(i) (str, or None: none),
     where(i) (for messages) and part_content(j) (what part j's fingerprint hashes: it changes
-    when the part's pairs change)."""
-    image_size, crop, skipped_rows, skip_reason = 32, None, 0, None
+    when the part's pairs change), and `spec` (what --data named, for messages)."""
+    image_size, crop, skipped_rows, skip_reason, spec = 32, None, 0, None, None
 
     def __len__(self):
         return len(self.keys)
@@ -425,7 +364,7 @@ class Pairs(torch.utils.data.Dataset):
         if source is None:
             return skipped(self.where(i), "no image")
         try:
-            return load_image(source, self.image_size, self.crop), text, i
+            return clip.load_image(source, self.image_size, self.crop), text, i
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             return skipped(self.where(i), e)
 
@@ -501,7 +440,7 @@ class CsvPairs(Pairs):
                     rows.append((img, text))
                     labels.append(" ".join((r[label_key] or "").split()) if label_key else "")
         root = os.path.dirname(os.path.abspath(path))
-        self.path, self.image_size, self.keys = path, image_size, keys
+        self.spec, self.image_size, self.keys = path, image_size, keys
         self.skipped_rows, self.skip_reason = len(bad), bad[0] if bad else None
         self.rows = [(os.path.join(root, p), c) for p, c in rows]
         self.labels = labels if label_key else None  # a class name per row ('' where none): eval.eval_labelled_pairs
@@ -598,7 +537,7 @@ def scan_cached(path, cache):
     samples, reason = scan_shard(path)
     try:
         os.makedirs(cache, exist_ok=True)
-        write_json(file, {"stamp": stamp, "samples": samples, "reason": reason})
+        clip.write_json(file, {"stamp": stamp, "samples": samples, "reason": reason})
     except OSError:
         pass  # a read-only or full disk: the scan is still right, only not kept
     return samples, reason
@@ -617,7 +556,7 @@ class ShardPairs(Pairs):
     `scan_cache` (a folder) each shard's header scan is kept there (scan_cached)."""
 
     def __init__(self, pattern, image_size=32, scan_cache=None):
-        self.shards = expand_braces(pattern)
+        self.shards, self.spec = expand_braces(pattern), pattern
         missing = [s for s in self.shards if not os.path.exists(s)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(self.shards)} shards not found, e.g. {missing[0]}")
@@ -699,263 +638,6 @@ def real_pairs(spec, image_size=32, img_key="filepath", caption_key="title", key
     raise ValueError(f"--data {spec!r}: expected 'shapes', a .csv/.tsv file or a .tar shard pattern")
 
 
-def folder_caption(rel_path):
-    """'animals/birds/red_parrot_01.png' -> 'animals birds red parrot': the folders and the file
-    name as words, digits and separators dropped (noisy, like web alt-text)."""
-    words = re.split(r"[\W_]+", os.path.splitext(rel_path)[0].replace(os.sep, " "))
-    return " ".join(w.lower() for w in words if w and not w.isdigit())
-
-
-def web_image(path, max_side):
-    """An image as img2dataset would store it: RGB (transparency composited on white), the
-    shorter side at most max_side (aspect kept), JPEG bytes. None if it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced size
-            img = img.convert("RGBA")
-            scale = max_side / min(img.size)
-            if scale < 1:
-                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
-            flat = Image.new("RGB", img.size, (255, 255, 255))
-            flat.paste(img, mask=img.getchannel("A"))
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    buf = io.BytesIO()
-    flat.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def convert_folder(folder, out, shard_size=1000, max_side=256):
-    """A folder of images (any tree) -> out/images/*.jpg, out/pairs.csv (filepath, title, category:
-    the image's first folder, for --csv-label-key category) and
-    out/shards/pairs-{00000..}.tar (webdataset: {key}.jpg + {key}.txt): the same pairs in the
-    same order, each image resized as img2dataset does (`web_image`). An image's caption: its
-    sidecar FILE.txt if there is one, else `folder_caption`. Unreadable images are left out and
-    counted. Returns (pairs written, images left out, the shard pattern)."""
-    files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder)
-                   for f in fs if f.lower().endswith(IMAGE_EXTS))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no .jpg, .png or .webp image in it")
-    for sub in ("images", "shards"):
-        os.makedirs(os.path.join(out, sub), exist_ok=True)
-    rows, bad = [], 0
-    for rel in tqdm(files, desc="resizing images", unit="image", mininterval=2.0):
-        jpeg = web_image(os.path.join(folder, rel), max_side)
-        if jpeg is None:
-            bad += 1
-            continue
-        side = os.path.join(folder, os.path.splitext(rel)[0] + ".txt")
-        text = open(side, encoding="utf-8", errors="replace").read() if os.path.isfile(side) else folder_caption(rel)
-        key = f"{len(rows):09d}"
-        with open(os.path.join(out, "images", key + ".jpg"), "wb") as f:
-            f.write(jpeg)
-        rows.append((key, jpeg, " ".join(text.split()), rel.split(os.sep)[0] if os.sep in rel else ""))
-    with atomic(os.path.join(out, "pairs.csv")) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["filepath", "title", "category"])
-        w.writerows((os.path.join("images", key + ".jpg"), text, category.replace("_", " ")) for key, _, text, category in rows)
-    n_shards = -(-len(rows) // shard_size)
-    for s in range(n_shards):
-        path = os.path.join(out, "shards", f"pairs-{s:05d}.tar")
-        with atomic(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, jpeg, text, _ in rows[s * shard_size:(s + 1) * shard_size]:
-                for name, payload in ((key + ".jpg", jpeg), (key + ".txt", text.encode("utf-8"))):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-    return len(rows), bad, os.path.join(out, "shards", f"pairs-{{00000..{n_shards - 1:05d}}}.tar")
-
-
-# ----------------------------------------------------------------------------------------
-# 3. Evaluation sets through torchvision: images, labels, class names (eval.py holds the prompts).
-
-EVAL_SETS = {  # name: (torchvision class, how to ask for the test split)
-    "cifar10": ("CIFAR10", {"train": False}), "cifar100": ("CIFAR100", {"train": False}),
-    "fashion-mnist": ("FashionMNIST", {"train": False}), "mnist": ("MNIST", {"train": False}),
-    "stl10": ("STL10", {"split": "test"}),
-}
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-
-def prepare_fashion_mnist(root):
-    """torchvision's FashionMNIST reads ROOT/FashionMNIST/raw/*-ubyte. Debian's
-    dataset-fashion-mnist ships the same files gzipped: unpack them there once, offline."""
-    raw = os.path.join(root, "FashionMNIST", "raw")
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        dst, src = os.path.join(raw, name), os.path.join(DEBIAN_FASHION_MNIST, name + ".gz")
-        if not os.path.exists(dst) and os.path.exists(src):
-            os.makedirs(raw, exist_ok=True)
-            with atomic(dst) as tmp, gzip.open(src) as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-
-
-def open_eval_set(name, root, train=False):
-    """The torchvision dataset object of a named set's test (or train) split. Never downloads:
-    a missing set is one clear error saying where it was looked for."""
-    import torchvision.datasets as tvd
-    if name not in EVAL_SETS:
-        raise ValueError(f"unknown eval set {name!r}; choose one of {', '.join(EVAL_SETS)}")
-    cls_name, split = EVAL_SETS[name]
-    if train:
-        split = {"split": "train"} if "split" in split else {"train": True}
-    if name == "fashion-mnist":
-        prepare_fashion_mnist(root)
-    try:
-        return getattr(tvd, cls_name)(root, download=False, **split)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
-        raise FileNotFoundError(f"eval set {name} not found under {root} ({e}); fetch it once with "
-                                f"torchvision.datasets.{cls_name}({root!r}, download=True)") from None
-
-
-def load_eval_set(name, root, image_size, max_n=None, train=False):
-    """A named torchvision set as (images (N, 3, S, S) uint8, labels (N,), class names):
-    its first max_n images (said in one line when that is not all of them)."""
-    ds = open_eval_set(name, root, train)
-    n = len(ds) if max_n is None else min(max_n, len(ds))
-    if n < len(ds):
-        print(f"{name}: the first {n} of the {len(ds)} {'train' if train else 'test'} images")
-    images = torch.stack([load_image(ds[i][0], image_size) for i in range(n)])
-    labels = torch.tensor([int(ds[i][1]) for i in range(n)])
-    classes = [c.replace("_", " ") for c in ds.classes]
-    if name == "mnist":
-        classes = [c.split(" - ")[1] for c in classes]
-    return images, labels, classes
-
-
-# ----------------------------------------------------------------------------------------
-# 4. Attribute sets, read from the folders as published (CUB_200_2011.tgz, AwA2-data.zip),
-# never downloaded: Knowledge-CLIP evaluates its image encoder on AWA2 and CUB.
-
-@dataclass
-class AttributeSet:
-    images: torch.Tensor  # (N, 3, S, S) uint8
-    labels: torch.Tensor  # (N,) int64, index into class_names
-    class_names: list  # C readable names: 'black footed albatross', 'grizzly bear'
-    attribute_names: list  # A readable names: 'curved (up or down) bill shape', 'black'
-    class_attributes: torch.Tensor  # (C, A) float in [0, 1]
-    n_skipped: int  # unreadable images
-    test_classes: torch.Tensor = None  # (C,) bool: AWA2's proposed zero-shot test classes
-
-
-def readable(name):  # '001.Black_footed_Albatross' -> 'black footed albatross'; 'grizzly+bear' -> 'grizzly bear'
-    return " ".join(re.sub(r"^\d+\.", "", name).replace("_", " ").replace("+", " ").lower().split())
-
-
-def cub_attribute_name(name):  # 'has_bill_shape::curved_(up_or_down)' -> 'curved (up or down) bill shape'
-    part, value = name.split("::")
-    return f"{readable(value)} {readable(re.sub(r'^has_', '', part))}"
-
-
-CUB_LAYOUT = ("CUB_200_2011/{images.txt, image_class_labels.txt, classes.txt, train_test_split.txt, "
-              "images/<class>/<file>.jpg, attributes/class_attribute_labels_continuous.txt}, "
-              "attributes.txt beside or inside CUB_200_2011/")
-AWA2_LAYOUT = ("Animals_with_Attributes2/{classes.txt, predicates.txt, predicate-matrix-continuous.txt, "
-               "trainclasses.txt, testclasses.txt, JPEGImages/<class>/<class>_10001.jpg}")
-
-
-def need(path, layout):  # a missing file or folder: one line naming it and the layout
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; expected the published layout {layout}")
-    return path
-
-
-def inside(root, folder):
-    return os.path.join(root, folder) if os.path.isdir(os.path.join(root, folder)) else root
-
-
-def read_lines(path, layout):
-    with open(need(path, layout), encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def read_matrix(path, layout, shape):  # whitespace-separated numbers -> (C, A) float in [0, 1]
-    m = torch.from_numpy(np.loadtxt(need(path, layout), ndmin=2)).float()
-    if tuple(m.shape) != shape:
-        raise ValueError(f"{path}: a {tuple(m.shape)} matrix, expected {shape} (classes x attributes)")
-    return m.clamp(0, 100) / 100  # percentages; AWA2 marks missing values -1: read as 0
-
-
-def load_images(items, image_size, max_per_class=None):
-    """items: (path, label) in order. Keeps the first `max_per_class` readable images of each class;
-    unreadable ones are skipped and counted. -> (images (N, 3, S, S) uint8, labels (N,), n_skipped)."""
-    images, labels, count, skipped = [], [], {}, 0
-    for path, y in items:
-        if max_per_class is not None and count.get(y, 0) >= max_per_class:
-            continue
-        try:
-            images.append(load_image(path, image_size))
-        except (OSError, ValueError, Image.DecompressionBombError):  # corrupt or missing file
-            skipped += 1
-            continue
-        labels.append(y)
-        count[y] = count.get(y, 0) + 1
-    if not images:
-        raise ValueError(f"no readable images ({skipped} skipped), e.g. {items[0][0] if items else 'none listed'}")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped
-
-
-def load_cub(root, image_size, split="test", max_per_class=None):
-    """CUB-200-2011 (Wah et al. 2011), the official image split ('train', 'test' or 'all'):
-    200 classes, 312 attributes, class attributes = % of the class's images with the attribute."""
-    root, L = inside(root, "CUB_200_2011"), CUB_LAYOUT  # the folder itself or the one holding it
-    lines = lambda name: read_lines(os.path.join(root, name), L)  # noqa: E731
-    classes = [line.split()[1] for line in lines("classes.txt")]  # '1 001.Black_footed_Albatross'
-    paths = dict(line.split(maxsplit=1) for line in lines("images.txt"))  # image id -> path
-    label = dict(line.split() for line in lines("image_class_labels.txt"))  # image id -> class id
-    train = dict(line.split() for line in lines("train_test_split.txt"))  # image id -> '1' train, '0' test
-    where = [os.path.join(d, "attributes.txt") for d in (root, os.path.join(root, "attributes"), os.path.dirname(os.path.abspath(root)))]
-    attrs = read_lines(next((p for p in where if os.path.isfile(p)), where[-1]), L)  # the release: beside root
-    attribute_names = [cub_attribute_name(line.split(maxsplit=1)[1]) for line in attrs]
-    class_attributes = read_matrix(os.path.join(root, "attributes", "class_attribute_labels_continuous.txt"), L,
-                                   (len(classes), len(attrs)))
-    keep, images = {"train": {"1"}, "test": {"0"}, "all": {"0", "1"}}[split], need(os.path.join(root, "images"), L)
-    items = [(os.path.join(images, p), int(label[i]) - 1) for i, p in paths.items() if train[i] in keep]
-    images, labels, skipped = load_images(items, image_size, max_per_class)
-    return AttributeSet(images, labels, [readable(c) for c in classes], attribute_names, class_attributes, skipped)
-
-
-def load_awa2(root, image_size, split="test", max_per_class=None):
-    """Animals with Attributes 2 (Xian et al. 2018): 50 classes, 85 predicates. split: the
-    release's class split ('train': trainclasses.txt, 'test': testclasses.txt) or 'all'; the
-    classes (and class_attributes rows) are those of the split."""
-    root, L = inside(root, "Animals_with_Attributes2"), AWA2_LAYOUT
-    lines = lambda name: read_lines(os.path.join(root, name), L)  # noqa: E731
-    classes = [line.split()[-1] for line in lines("classes.txt")]  # '1\tantelope'
-    predicates = [line.split()[-1] for line in lines("predicates.txt")]  # '1\tblack'
-    matrix = read_matrix(os.path.join(root, "predicate-matrix-continuous.txt"), L, (len(classes), len(predicates)))
-    test = set(lines("testclasses.txt"))
-    chosen = {"all": set(classes), "test": test, "train": set(lines("trainclasses.txt"))}[split]
-    idx = [i for i, c in enumerate(classes) if c in chosen]  # the split's classes, in classes.txt order
-    jpegs, items = need(os.path.join(root, "JPEGImages"), L), []  # (path, label), files in name order
-    for y, i in enumerate(idx):
-        folder = os.path.join(jpegs, classes[i])
-        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        items += [(os.path.join(folder, f), y) for f in files if f.lower().endswith(IMAGE_EXTS)]
-    images, labels, skipped = load_images(items, image_size, max_per_class)
-    return AttributeSet(images, labels, [readable(classes[i]) for i in idx], [readable(p) for p in predicates],
-                        matrix[idx], skipped, torch.tensor([classes[i] in test for i in idx]))
-
-
-ATTRIBUTE_SETS = {"cub": load_cub, "awa2": load_awa2}
-ATTRIBUTE_FILES = {  # what each attribute set's loader reads, to check before a run trains
-    "cub": ("CUB_200_2011", CUB_LAYOUT, ["classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
-                                         "images", os.path.join("attributes", "class_attribute_labels_continuous.txt")]),
-    "awa2": ("Animals_with_Attributes2", AWA2_LAYOUT, ["classes.txt", "predicates.txt", "predicate-matrix-continuous.txt",
-                                                      "trainclasses.txt", "testclasses.txt", "JPEGImages"]),
-}
-
-
-def check_eval_set(name, root):
-    """A one-line FileNotFoundError now if an --eval-sets set is not under root (train.py asks
-    before it trains, so a missing set never costs a run)."""
-    if name in ATTRIBUTE_SETS:
-        folder, layout, files = ATTRIBUTE_FILES[name]
-        for f in files:
-            need(os.path.join(inside(root, folder), f), layout)
-    else:
-        open_eval_set(name, root), open_eval_set(name, root, train=True)  # the probe needs the train split too
-
-
 # ----------------------------------------------------------------------------------------
 # 5. Data parallelism: which rank takes which rows. torchrun starts N processes; each takes 1/N
 # of every global batch (the streams below) and of every store k-means fits on (`shard`);
@@ -982,25 +664,6 @@ def shard(x):
     return x[rank * n // n_ranks:(rank + 1) * n // n_ranks]
 
 
-def init_distributed(args):
-    """Join the process group torchrun describes: nccl on CUDA (one GPU per process), gloo on CPU.
-    Rank 0 alone writes logs, checkpoints, pictures and results, into the folder it chose."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        out = [args.out]
-        dist.broadcast_object_list(out, src=0)  # every rank writes (or reads) rank 0's folder
-        args.out = out[0]
-
-
-def gather(x):
-    """(B, D) on each rank -> (W*B, D), in rank order, gradients flowing back to each rank's rows:
-    the contrastive losses score a rank's rows against every rank's embeddings (as open_clip)."""
-    return torch.cat(dist_fn.all_gather(x)) if world()[1] > 1 else x
-
-
 # ----------------------------------------------------------------------------------------
 # 6. Batches. Each one is a pure function of (seed, step), so a resumed run sees the same data.
 
@@ -1014,9 +677,9 @@ def step_generator(seed, step, stream):
     return torch.Generator().manual_seed(seed * 1000003 + step + stream * 2 ** 40)
 
 
-def corpus_index(step, n_lines, args):
+def corpus_index(step, n_lines, batch_size, seed):
     """(B_c / W,) this rank's text-only lines at a step; the global draw is split over ranks like the pairs."""
-    idx = torch.randint(n_lines, (args.corpus_batch,), generator=step_generator(args.seed, step, 0))  # (B_c,)
+    idx = torch.randint(n_lines, (batch_size,), generator=step_generator(seed, step, 0))  # (B_c,)
     rank, n = world()
     return idx.view(n, -1)[rank]
 
@@ -1041,14 +704,14 @@ class Stream:
 class ShapesStream(Stream):
     """The embedded set in memory, in `order(epoch)` of its pool."""
 
-    def __init__(self, args):
-        self.ds = training_set(vars(args))
-        if args.batch_size > len(self.ds):
-            raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(self.ds)} training pairs")
-        self.pairs = ShapesPairs(self.ds)  # the same pairs by row, for the teacher store
-        self.learn_tokenizer(self.ds.captions[:BPE_SAMPLE], args.vocab_size)
-        self.tokens = self.tokenizer(self.ds.captions, clip.SIZES[args.model].context_length)  # (N, L)
-        self.batch_size, self.seed, self.perm_epoch, self.skipped = args.batch_size, args.seed, None, 0
+    def __init__(self, ds, batch_size, seed=0, vocab_size=1024, context_length=32):
+        self.ds = ds  # a ShapesDataset (training_set)
+        if batch_size > len(ds):
+            raise SystemExit(f"error: --batch-size {batch_size} is larger than the {len(ds)} training pairs")
+        self.pairs = ShapesPairs(ds)  # the same pairs by row, for the teacher store
+        self.learn_tokenizer(ds.captions[:BPE_SAMPLE], vocab_size)
+        self.tokens = self.tokenizer(ds.captions, context_length)  # (N, L)
+        self.batch_size, self.seed, self.perm_epoch, self.skipped = batch_size, seed, None, 0
         self.pool = torch.arange(len(self.ds))  # the pairs we train on (semantic balance may drop some)
         self.fingerprint = fingerprint_of(self.ds.images, self.ds.captions)  # names this data in results.json
 
@@ -1076,19 +739,18 @@ class RealStream(Stream):
     trimmed to the smallest share, so every rank gathers as many rows); a batch with fewer than
     2 usable pairs is skipped."""
 
-    def __init__(self, args):
-        self.pairs = real_pairs(args.data, args.image_size, args.csv_img_key, args.csv_caption_key, args.csv_key,
-                                os.path.join(args.store, "scans"), args.csv_label_key)
-        self.args, self.batch_size, self.seed, self.iterator = args, args.batch_size, args.seed, None
-        self.skipped = self.pairs.skipped_rows
-        self.pool = torch.tensor([i for i, k in enumerate(self.pairs.keys)
-                                  if not is_val(k, args.val_frac) and in_part(k, args.train_frac)], dtype=torch.long)
+    def __init__(self, pairs, batch_size, seed=0, vocab_size=1024, context_length=32, val_frac=0.02, train_frac=1.0,
+                 workers=2):
+        self.pairs, self.batch_size, self.seed, self.workers, self.iterator = pairs, batch_size, seed, workers, None
+        self.context_length, self.skipped = context_length, pairs.skipped_rows
+        self.pool = torch.tensor([i for i, k in enumerate(pairs.keys)
+                                  if not is_val(k, val_frac) and in_part(k, train_frac)], dtype=torch.long)
         if not len(self.pool):
-            raise ValueError(f"{args.data}: no training pairs left with --val-frac {args.val_frac} and --train-frac "
-                             f"{args.train_frac}")
-        self.fingerprint = self.pairs.fingerprint()
+            raise ValueError(f"{pairs.spec}: no training pairs left with --val-frac {val_frac} and --train-frac "
+                             f"{train_frac}")
+        self.fingerprint = pairs.fingerprint()
         sample = self.pool[np.linspace(0, len(self.pool) - 1, min(BPE_SAMPLE, len(self.pool))).astype(np.int64)]
-        self.learn_tokenizer([c for c in (self.pairs.caption(int(i)) for i in sample) if c], args.vocab_size)
+        self.learn_tokenizer([c for c in (pairs.caption(int(i)) for i in sample) if c], vocab_size)
 
     def images(self, idx):  # pictures: each image at 64 px (a black tile if it cannot be read)
         view = self.pairs.at_size(64)
@@ -1098,21 +760,21 @@ class RealStream(Stream):
     def epochs(self, start_step):
         """Yield (images, captions, local rows, global rows, n_skipped) from step `start_step` on.
         A whole pass that yields no batch stops the run with one line that says why."""
-        a, step, epoch = self.args, 0, 0
+        step, epoch, B = 0, 0, self.batch_size
         rank, n = world()
         carry, reason = 0, self.pairs.skip_reason  # skipped pulls not yet reported; an example
         while True:
             order = self.order(epoch)
-            per_epoch = len(order) // a.batch_size
+            per_epoch = len(order) // B
             if per_epoch == 0:
                 dropped = f" ({self.skipped} dropped, e.g. {reason})" if self.skipped else ""
-                raise SystemExit(f"error: --data {a.data} has {len(order)} training pairs{dropped}, fewer than "
-                                 f"--batch-size {a.batch_size}")
+                raise SystemExit(f"error: --data {self.pairs.spec} has {len(order)} training pairs{dropped}, fewer than "
+                                 f"--batch-size {B}")
             skip = min(max(start_step - step, 0), per_epoch)  # batches already trained on
             step, full_pass = step + skip, skip == 0
-            mine = order[skip * a.batch_size:per_epoch * a.batch_size].view(-1, n, a.batch_size // n)[:, rank]
-            loader = torch.utils.data.DataLoader(self.pairs, sampler=mine.flatten().tolist(), batch_size=a.batch_size // n,
-                                                 num_workers=a.workers, collate_fn=collate)
+            mine = order[skip * B:per_epoch * B].view(-1, n, B // n)[:, rank]
+            loader = torch.utils.data.DataLoader(self.pairs, sampler=mine.flatten().tolist(), batch_size=B // n,
+                                                 num_workers=self.workers, collate_fn=collate)
             usable = 0
             for images, captions, rows, skipped, why in loader:
                 step += 1
@@ -1138,7 +800,7 @@ class RealStream(Stream):
                     carry = 0
             if full_pass and usable == 0:
                 hint = " (CSV image paths are read relative to the CSV file's folder)" if isinstance(self.pairs, CsvPairs) else ""
-                raise SystemExit(f"error: --data {a.data}: no usable pair in a whole pass ({carry} skipped), e.g. {reason}{hint}")
+                raise SystemExit(f"error: --data {self.pairs.spec}: no usable pair in a whole pass ({carry} skipped), e.g. {reason}{hint}")
             epoch += 1
 
     def batch(self, step):
@@ -1146,31 +808,22 @@ class RealStream(Stream):
             self.iterator = self.epochs(step)
         images, captions, rows, every, skipped = next(self.iterator)
         self.skipped += skipped
-        return {"images": images, "tokens": self.tokenizer(captions, clip.SIZES[self.args.model].context_length),
+        return {"images": images, "tokens": self.tokenizer(captions, self.context_length),
                 "captions": captions, "index": rows, "global_index": every, "skipped": self.skipped}
 
 
-if __name__ == "__main__":  # python data.py: look at the embedded data, or convert a folder of images
+if __name__ == "__main__":  # python data.py: look at the embedded data
     import argparse
     import torchvision
-    p = argparse.ArgumentParser(description="Write a grid of embedded training pairs and print their captions; or, "
-                                "with --convert FOLDER, turn a folder of images into pairs.csv and webdataset shards.")
+    p = argparse.ArgumentParser(description="Write a grid of embedded training pairs and print their captions "
+                                "(your own folder of images into pairs: python docs/convert_folder.py).")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="the grid's PNG (default shapes.png), or --convert's output folder")
-    p.add_argument("--convert", metavar="FOLDER", help="e.g. /usr/share/openclipart/png (Debian's openclipart-png)")
-    p.add_argument("--shard-size", type=int, default=1000, help="--convert: pairs per shard")
-    p.add_argument("--max-side", type=int, default=256, help="--convert: images resized to this shorter side at most")
+    p.add_argument("--out", default="shapes.png", help="the grid's PNG")
     a = p.parse_args()
-    if a.convert:
-        if not os.path.isdir(a.convert):
-            p.exit(2, f"error: --convert {a.convert}: no such folder\n")
-        n, bad, pattern = convert_folder(a.convert, a.out or "pairs", a.shard_size, a.max_side)
-        print(f"wrote {n} pairs ({bad} unreadable images left out): {os.path.join(a.out or 'pairs', 'pairs.csv')} and {pattern}")
-        raise SystemExit
     ds = ShapesDataset("train", a.n, seed=a.seed)
     big = torch.nn.functional.interpolate(ds.images.float() / 255, scale_factor=3, mode="nearest")
-    torchvision.utils.save_image(big, a.out or "shapes.png", nrow=8, padding=2, pad_value=1.0)
+    torchvision.utils.save_image(big, a.out, nrow=8, padding=2, pad_value=1.0)
     for i, c in enumerate(ds.captions):
         print(f"{i:3d}  {c}" + (f"   (near-duplicate of {int(ds.attributes['dup_of'][i])})" if ds.attributes["dup_of"][i] >= 0 else ""))
-    print(f"wrote {a.out or 'shapes.png'}")
+    print(f"wrote {a.out}")

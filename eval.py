@@ -16,23 +16,23 @@ runs the same on a saved checkpoint (into DIR/eval.json); `--tiers` and `--curve
 `--images FOLDER` zero-shots your own images, `--export-hf OUT` writes a transformers folder.
 """
 import argparse
+import gzip
 import json
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 
 import clip
 import data
-import teachers
 
 
 @torch.no_grad()
 def embed_images(model, images_uint8, device, batch_size=500):  # (N, 3, S, S) uint8 -> (N, D)
     model.eval()
-    return torch.cat([model.encode_image(data.to_input(images_uint8[i:i + batch_size], device)).float().cpu()
+    return torch.cat([model.encode_image(clip.to_input(images_uint8[i:i + batch_size], device)).float().cpu()
                       for i in range(0, len(images_uint8), batch_size)])
 
 
@@ -121,12 +121,19 @@ SET_PROMPTS = {  # torchvision sets, by name; the rest take DEFAULT_PROMPTS (aft
 }
 DEFAULT_PROMPTS = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the small {}.", "a low resolution photo of a {}."]
 LABEL_PROMPTS = ["{}", "a photo of a {}."]  # your own data's class names (--csv-label-key): bare, and CLIP's first
-ATTRIBUTE_SET_PROMPTS = {  # (class-name prompts, attribute prompts)
-    "cub": (["a photo of a {}, a type of bird.", "a photo of a {}."], ["a photo of a bird with {}.", "a bird with {}."]),
-    "awa2": (["a photo of a {}, a type of animal.", "a photo of a {}."], ["a photo of an animal: {}.", "a photo of a {} animal."]),
-}
 ATTRIBUTE_PROMPTS = {"shape": data.SHAPES, "colour": data.COLOURS, "size": [f"{s} shape" for s in data.SIZES],
                      "pos": [f"shape in the {p}" for p in data.POSITIONS]}  # the embedded set's attributes, in SHAPE_PROMPTS
+
+
+@torch.no_grad()
+def zero_shot(model, images, classnames, templates=LABEL_PROMPTS, device="cpu"):
+    """CLIP's zero-shot classifier (Sec. 3.1.4) on any images: PIL images or paths (read as
+    training reads them, clip.load_image) or (N, 3, S, S) uint8 -> (N, C) probabilities over
+    classnames: softmax of exp(t) x the cosine to each class's prompt-ensembled embedding."""
+    if not torch.is_tensor(images):
+        images = torch.stack([clip.load_image(x, model.cfg.image_size) for x in images])
+    scores = embed_images(model, images, device) @ zero_shot_classifier(model, classnames, templates, device).t()  # (N, C)
+    return (model.logit_scale.exp().item() * scores).softmax(1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,14 +231,76 @@ def tier_probe(encode):
     return {key: percent_right(hits) for key, hits in zip(("common", "rare", "never"), tier_hits(encode).values())}
 
 
+# ----------------------------------------------------------------------------------------
+# Named sets through torchvision: images, labels, class names; zero-shot and a linear probe.
+
+EVAL_SETS = {  # name: (torchvision class, how to ask for the test split)
+    "cifar10": ("CIFAR10", {"train": False}), "cifar100": ("CIFAR100", {"train": False}),
+    "fashion-mnist": ("FashionMNIST", {"train": False}), "mnist": ("MNIST", {"train": False}),
+    "stl10": ("STL10", {"split": "test"}),
+}
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def prepare_fashion_mnist(root):
+    """torchvision's FashionMNIST reads ROOT/FashionMNIST/raw/*-ubyte. Debian's
+    dataset-fashion-mnist ships the same files gzipped: unpack them there once, offline."""
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        dst, src = os.path.join(raw, name), os.path.join(DEBIAN_FASHION_MNIST, name + ".gz")
+        if not os.path.exists(dst) and os.path.exists(src):
+            os.makedirs(raw, exist_ok=True)
+            with clip.atomic(dst) as tmp, gzip.open(src) as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+
+
+def open_eval_set(name, root, train=False):
+    """The torchvision dataset object of a named set's test (or train) split. Never downloads:
+    a missing set is one clear error saying where it was looked for."""
+    import torchvision.datasets as tvd
+    if name not in EVAL_SETS:
+        raise ValueError(f"unknown eval set {name!r}; choose one of {', '.join(EVAL_SETS)}")
+    cls_name, split = EVAL_SETS[name]
+    if train:
+        split = {"split": "train"} if "split" in split else {"train": True}
+    if name == "fashion-mnist":
+        prepare_fashion_mnist(root)
+    try:
+        return getattr(tvd, cls_name)(root, download=False, **split)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
+        raise FileNotFoundError(f"eval set {name} not found under {root} ({e}); fetch it once with "
+                                f"torchvision.datasets.{cls_name}({root!r}, download=True)") from None
+
+
+def load_eval_set(name, root, image_size, max_n=None, train=False):
+    """A named torchvision set as (images (N, 3, S, S) uint8, labels (N,), class names):
+    its first max_n images (said in one line when that is not all of them)."""
+    ds = open_eval_set(name, root, train)
+    n = len(ds) if max_n is None else min(max_n, len(ds))
+    if n < len(ds):
+        print(f"{name}: the first {n} of the {len(ds)} {'train' if train else 'test'} images")
+    images = torch.stack([clip.load_image(ds[i][0], image_size) for i in range(n)])
+    labels = torch.tensor([int(ds[i][1]) for i in range(n)])
+    classes = [c.replace("_", " ") for c in ds.classes]
+    if name == "mnist":
+        classes = [c.split(" - ")[1] for c in classes]
+    return images, labels, classes
+
+
+def check_eval_set(name, root):
+    """A one-line FileNotFoundError now if an --eval-sets set is not under root (train.py asks
+    before it trains, so a missing set never costs a run); the probe needs the train split too."""
+    open_eval_set(name, root), open_eval_set(name, root, train=True)
+
+
 def eval_named_set(model, name, root, device, max_n=5000):
     """Zero-shot and linear probe on a torchvision set (train split for the probe, 10% of it as val)."""
     S = model.cfg.image_size
-    images, labels, classes = data.load_eval_set(name, root, S, max_n=max_n)
+    images, labels, classes = load_eval_set(name, root, S, max_n=max_n)
     emb = embed_images(model, images, device)
     prompts = SET_PROMPTS.get(name, DEFAULT_PROMPTS)
     res = {f"{name}_zero_shot_top1": top1(emb @ zero_shot_classifier(model, classes, prompts, device).t(), labels)}
-    tr_images, tr_labels, _ = data.load_eval_set(name, root, S, max_n=max_n, train=True)
+    tr_images, tr_labels, _ = load_eval_set(name, root, S, max_n=max_n, train=True)
     tr = embed_images(model, tr_images, device)
     n_val = len(tr) // 10
     res[f"{name}_linear_probe_top1"], _ = linear_probe((tr[n_val:], tr_labels[n_val:]), (tr[:n_val], tr_labels[:n_val]),
@@ -240,17 +309,12 @@ def eval_named_set(model, name, root, device, max_n=5000):
     return res
 
 
-def eval_real_pairs(model, args, device, pairs=None, max_n=2000):
-    """Retrieval on the held-out pairs of a CSV / shard set (--val-frac, picked by key: the same
-    for every seed), and with --csv-label-key zero-shot and a probe over the class names. pairs:
-    the set as training read it (data.Pairs), else it is read again from args.data."""
-    if pairs is None:
-        store = getattr(args, "store", None)
-        pairs = data.real_pairs(args.data, model.cfg.image_size, args.csv_img_key, args.csv_caption_key,
-                                getattr(args, "csv_key", None), store and os.path.join(store, "scans"),
-                                getattr(args, "csv_label_key", None))
+def eval_real_pairs(model, pairs, device, val_frac=0.02, max_n=2000):
+    """Retrieval on the held-out pairs of a CSV / shard set (data.Pairs; those whose key is_val
+    picks at val_frac: the same for every seed), and, where the pairs have class names (a CSV's
+    label column), zero-shot and a probe over them."""
     pairs = pairs.at_size(model.cfg.image_size)
-    found = readable(pairs, [i for i, k in enumerate(pairs.keys) if data.is_val(k, args.val_frac)], max_n)
+    found = readable(pairs, [i for i, k in enumerate(pairs.keys) if data.is_val(k, val_frac)], max_n)
     if len(found) < 2:
         print(f"eval: only {len(found)} held-out pairs (raise --val-frac); retrieval skipped")
         return {}
@@ -258,7 +322,7 @@ def eval_real_pairs(model, args, device, pairs=None, max_n=2000):
     emb = embed_images(model, images, device)  # (n, D)
     res = retrieval(emb, embed_texts(model, captions, device), captions)
     if getattr(pairs, "labels", None) is not None:
-        rest = [i for i, k in enumerate(pairs.keys) if not data.is_val(k, args.val_frac) and pairs.labels[i]]
+        rest = [i for i, k in enumerate(pairs.keys) if not data.is_val(k, val_frac) and pairs.labels[i]]
         probe = readable(pairs, rest[::max(1, len(rest) // max_n)], max_n)  # evenly spread over the file
         res.update(eval_labelled_pairs(model, pairs.labels, (emb, [p[2] for p in found]),
                                        (embed_images(model, torch.stack([p[0] for p in probe]), device), [p[2] for p in probe])
@@ -306,77 +370,28 @@ def eval_labelled_pairs(model, labels, held, probe, device):
     return res
 
 
-def evaluate(model, args, device, pairs=None):
-    """Everything results.json reports about one model; `args` as train.py parses them (pairs:
-    the real data set training read, so that it is not read again)."""
-    if getattr(args, "eval_split", "test") == "val":
-        return validate_shapes(model, device, seed=args.seed, n=args.n_eval)
-    if args.data in data.EMBEDDED:
-        res = eval_shapes(model, device, seed=args.seed, n_test=args.n_eval)
-    else:
-        res = eval_real_pairs(model, args, device, pairs)
-    for name in args.eval_sets:
-        if name in data.ATTRIBUTE_SETS:
-            res.update(eval_attribute_set(model, name, args.data_root, device))
-        else:
-            res.update(eval_named_set(model, name, args.data_root, device))
+def evaluate(model, device, seed=0, n_eval=2000, pairs=None, val_frac=0.02, eval_sets=(), data_root=None,
+             validation=False):
+    """Everything results.json reports about one model: on the embedded set drawn from `seed`
+    (pairs None) or on your pairs' held-out part, then on the named `eval_sets` under data_root.
+    validation: the embedded set's validation split alone (train.py --eval-split val)."""
+    if validation:
+        return validate_shapes(model, device, seed=seed, n=n_eval)
+    res = eval_shapes(model, device, seed=seed, n_test=n_eval) if pairs is None else \
+        eval_real_pairs(model, pairs, device, val_frac)
+    for name in eval_sets:
+        res.update(eval_named_set(model, name, data_root, device))
     return res
 
 
-# ----------------------------------------------------------------------------------------
-# Attribute evaluation of the image encoder. Knowledge-CLIP reports AWA2 and CUB without a
-# protocol; ours, all zero-shot:
-# - class-name zero-shot: prompt-ensembled class names, as above;
-# - attribute zero-shot, DAP-style (Lampert et al. 2014: a class is known only by its attribute
-#   vector): one prompt per attribute, image-attribute cosines (N, A), and a class scores the
-#   Pearson correlation between the image's cosine profile and its attribute vector; on AWA2
-#   also among the 10 test classes of the proposed split ("unseen");
-# - per-attribute prompt AUC: does one attribute prompt's cosine rank the images of classes
-#   with the attribute above those without (threshold-free, no calibration of a single prompt)?
-
-def attribute_class_scores(img_attr, class_attr):  # (N, A) cosines, (C, A) -> (N, C)
-    """DAP-style class score: Pearson correlation (cosine of the centred vectors) between an
-    image's attribute-prompt cosines and a class's attribute vector. Centring removes the
-    image's common cosine offset; the class's attributes it lacks count against it."""
-    x = F.normalize(img_attr - img_attr.mean(1, keepdim=True), dim=1)
-    a = F.normalize(class_attr - class_attr.mean(1, keepdim=True), dim=1)
-    return x @ a.t()
-
-
-def attribute_auc(scores, present):  # (N, A), (N, A) bool -> (A,) ROC AUC, nan where one side is empty
-    """Mann-Whitney U / (P Q) per attribute, tied scores counting one half (average ranks)."""
-    s, p = scores.t().contiguous(), present.t().float()  # (A, N)
-    srt, P = s.sort(1).values, p.sum(1)  # P: positives per attribute
-    rank = (torch.searchsorted(srt, s) + torch.searchsorted(srt, s, right=True) + 1) / 2  # (A, N), 1-based
-    return ((rank * p).sum(1) - P * (P + 1) / 2) / (P * (len(scores) - P))
-
-
-def attribute_metrics(image_emb, labels, class_emb, attr_emb, class_attr, threshold=0.5, candidates=None):
-    """image_emb (N, D), class_emb (C, D), attr_emb (A, D), all unit; class_attr (C, A) in [0, 1];
-    an image has an attribute when its class's value >= threshold. -> unprefixed dict of %."""
-    img_attr = image_emb @ attr_emb.t()  # (N, A) cosines
-    by_attr = attribute_class_scores(img_attr, class_attr)  # (N, C)
-    res = {"zero_shot_top1": top1(image_emb @ class_emb.t(), labels),
-           "attr_zero_shot_top1": top1(by_attr, labels),
-           "attr_auc": 100.0 * attribute_auc(img_attr, class_attr[labels] >= threshold).nanmean().item()}
-    if candidates is not None:  # zero-shot among the unseen classes only
-        res["unseen_zero_shot_top1"] = top1(image_emb @ class_emb.t(), labels, candidates)
-        res["unseen_attr_zero_shot_top1"] = top1(by_attr, labels, candidates)
-    return res
-
-
-def eval_attribute_set(model, name, root, device, max_per_class=50):
-    """CUB: the official test images, 200 classes. AWA2: all 50 classes, and the proposed split's
-    10 test classes alone ("unseen_"); its attributes binarised at the matrix's overall mean, ≈ how
-    the release's predicate-matrix-binary.txt is. Keys '{name}_...'."""
-    ds = data.ATTRIBUTE_SETS[name](root, model.cfg.image_size, "test" if name == "cub" else "all", max_per_class)
-    name_t, attr_t = ATTRIBUTE_SET_PROMPTS[name]
-    res = attribute_metrics(embed_images(model, ds.images, device), ds.labels,
-                            zero_shot_classifier(model, ds.class_names, name_t, device),
-                            zero_shot_classifier(model, ds.attribute_names, attr_t, device), ds.class_attributes,
-                            ds.class_attributes.mean().item() if name == "awa2" else 0.5, ds.test_classes)
-    res.update(n_images=len(ds.labels), n_skipped=ds.n_skipped)
-    return {f"{name}_{k}": v for k, v in res.items()}
+def evaluate_run(model, cfg, device, eval_sets=None, data_root=None):
+    """evaluate() with a run's saved flags (a checkpoint's config): its data read again."""
+    pairs = None if cfg["data"] in data.EMBEDDED else data.real_pairs(
+        cfg["data"], model.cfg.image_size, cfg["csv_img_key"], cfg["csv_caption_key"], cfg.get("csv_key"),
+        cfg.get("store") and os.path.join(cfg["store"], "scans"), cfg.get("csv_label_key"))
+    return evaluate(model, device, cfg["seed"], cfg["n_eval"], pairs, cfg.get("val_frac", 0.02),
+                    cfg.get("eval_sets", []) if eval_sets is None else eval_sets, data_root or cfg.get("data_root"),
+                    validation=cfg.get("eval_split", "test") == "val")
 
 
 # ----------------------------------------------------------------------------------------
@@ -493,161 +508,15 @@ def in_batches(encode, captions, batch_size=256):
     return torch.cat([encode(captions[i:i + batch_size]).cpu() for i in range(0, len(captions), batch_size)])
 
 
-def print_tiers(a):
-    """python eval.py --tiers: how often the nearest common word is right, per vocabulary tier."""
-    model, cfg = clip.load_checkpoint(a.ckpt, a.device) if a.ckpt else (None, {})
-    teacher = teachers.load_text_teacher(a.text_teacher or cfg.get("text_teacher") or teachers.DEFAULT_TEXT_TEACHER,
-                                         a.device, cfg.get("pool", "mean"), a.trust_remote_code)
-    encoders = {f"text teacher {teacher.name}": lambda t: in_batches(teacher.encode_texts, t)}
-    if model is not None:
-        encoders[f"{cfg['method']} ({a.ckpt})"] = lambda t: embed_texts(model, t, a.device)
-    print("| text encoder | common | rare | never-seen | rare and never-seen words it gets right |\n|---|---|---|---|---|")
-    for name, encode in encoders.items():
-        hits = tier_hits(encode)
-        right = [w for tier in ("rare", "never-seen") for w, r in hits[tier] if r]
-        print(f"| {name} | " + " | ".join(f"{percent_right(h):.1f}" for h in hits.values())
-              + f" | {', '.join(right) or '-'} |")
-
-
-# ----------------------------------------------------------------------------------------
-# Your own images (python eval.py --ckpt DIR --images FOLDER --labels "cat,dog"), and the model
-# handed to Hugging Face users (--export-hf OUT: clip.export_hf, checked here).
-
-@torch.no_grad()
-def zero_shot(model, images, classnames, templates=LABEL_PROMPTS, device="cpu"):
-    """CLIP's zero-shot classifier (Sec. 3.1.4) on any images: PIL images or paths (read as
-    training reads them, data.load_image) or (N, 3, S, S) uint8 -> (N, C) probabilities over
-    classnames: softmax of exp(t) x the cosine to each class's prompt-ensembled embedding."""
-    if not torch.is_tensor(images):
-        images = torch.stack([data.load_image(x, model.cfg.image_size) for x in images])
-    scores = embed_images(model, images, device) @ zero_shot_classifier(model, classnames, templates, device).t()  # (N, C)
-    return (model.logit_scale.exp().item() * scores).softmax(1)
-
-
-def class_key(name):  # 'Golden_Retriever' and 'golden retriever' name one class
-    return " ".join(name.replace("_", " ").lower().split())
-
-
-def image_folder(folder):
-    """Every image under folder -> [(path relative to it, its first subfolder or None)], sorted."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--images {folder}: no such folder")
-    found = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder)
-                   for f in fs if f.lower().endswith(data.IMAGE_EXTS))
-    if not found:
-        raise ValueError(f"--images {folder}: no {', '.join(data.IMAGE_EXTS)} image in it")
-    return [(rel, rel.split(os.sep)[0] if os.sep in rel else None) for rel in found]
-
-
-def read_images(folder, files, image_size):  # relative paths -> (N, 3, S, S) uint8, or one line naming the unreadable
-    images, bad = [], []
-    for rel in files:
-        try:
-            images.append(data.load_image(os.path.join(folder, rel), image_size))
-        except (OSError, ValueError, Image.DecompressionBombError):
-            bad.append(rel)
-    if bad:
-        raise ValueError(f"--images {folder}: {len(bad)} of {len(files)} files are not readable images: "
-                         f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} (remove them)")
-    return torch.stack(images)
-
-
-def read_labels(spec, classes):
-    """--labels 'cat,dog' or a file with a class name a line; None: the folder's subfolder names."""
-    if spec is None:
-        names = sorted({c.replace("_", " ") for c in classes if c})
-        if len(names) < 2:
-            raise ValueError("give --labels 'cat,dog,...' (or a file, a name a line): the folder has no class subfolders")
-    else:
-        try:
-            lines = open(spec, encoding="utf-8").read().splitlines() if os.path.isfile(spec) else spec.split(",")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"--labels {spec}: cannot read it ({e.__class__.__name__})") from None
-        names = [n.strip() for n in lines if n.strip()]
-        if len(names) < 2:
-            raise ValueError(f"--labels {spec!r}: {len(names) or 'no'} class name{'s' * (len(names) != 1)}; "
-                             "zero-shot needs at least 2")
-    twice = sorted({n for n in names if [class_key(m) for m in names].count(class_key(n)) > 1})
-    if twice:
-        raise ValueError(f"--labels: {', '.join(twice)} given twice")
-    return names
-
-
-def classify_folder(model, folder, labels, device):
-    """--images: print each image's zero-shot class and probability; where the image lies in a
-    subfolder named after a label, the accuracy over those images. -> the summary dict."""
-    items = image_folder(folder)
-    names = read_labels(labels, [c for _, c in items])
-    images = read_images(folder, [rel for rel, _ in items], model.cfg.image_size)  # (N, 3, S, S) uint8
-    p, pred = zero_shot(model, images, names, device=device).max(1)  # (N,) probability and index of the top class
-    width, name_width = max(len(rel) for rel, _ in items), max(map(len, names))
-    for (rel, _), k, q in zip(items, pred.tolist(), p.tolist()):
-        print(f"{rel:{width}s}  {names[k]:{name_width}s}  {q:.3f}")
-    index = {class_key(n): k for k, n in enumerate(names)}
-    truth = [(i, index[class_key(c)]) for i, (_, c) in enumerate(items) if c is not None and class_key(c) in index]
-    res = {"images": len(items), "classes": len(names)}
-    if truth:
-        right = sum(int(pred[i]) == k for i, k in truth)
-        res.update(accuracy=100.0 * right / len(truth), scored=len(truth))
-        print(f"zero-shot accuracy {res['accuracy']:.1f}% ({right} of {len(truth)} images in a subfolder named after a "
-              f"label; {len(items) - len(truth)} not scored)")
-    return res
-
-
-@torch.no_grad()
-def compare_hf(model, folder, n=64):
-    """Our model against its export read back by transformers (offline, the folder's own
-    AutoProcessor): max |difference| of the unit image and text embeddings on n embedded test
-    images and their captions (and a few odd ones), and whether the token ids are equal."""
-    from transformers import AutoProcessor, CLIPModel as HFModel
-    device = model.logit_scale.device
-    hf = HFModel.from_pretrained(folder, local_files_only=True).eval()
-    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-    test = data.ShapesDataset("test", n, image_size=model.cfg.image_size)
-    captions = test.captions + ["", "y" * 500, "naïve café, 3 × 4!", "日本語のキャプション", "<|endoftext|> a_b\t  x²"]
-    ids = processor(text=captions, padding="max_length", truncation=True, return_tensors="pt")
-    pixels = processor(images=[Image.fromarray(x.permute(1, 2, 0).numpy()) for x in test.images],
-                       return_tensors="pt")["pixel_values"]
-    image = F.normalize(hf.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-    text = F.normalize(hf.get_text_features(**ids).pooler_output, dim=-1)
-    return {"image_max_abs_diff": (image - embed_images(model, test.images, device)).abs().max().item(),
-            "text_max_abs_diff": (text - embed_texts(model, captions, device)).abs().max().item(),
-            "token_ids_equal": torch.equal(ids["input_ids"], model.tokenize(captions)), "n_images": n,
-            "n_captions": len(captions)}
-
-
-def export_hf(model, out):
-    """--export-hf: write the folder (clip.export_hf), read it back, say how close it is."""
-    if os.path.isfile(out):
-        raise ValueError(f"--export-hf {out}: a file is there; give a folder")
-    clip.export_hf(model, out)
-    res = compare_hf(model, out)
-    print(f"wrote {out}; read back by transformers (CLIPModel, AutoProcessor) against ours on {res['n_images']} test "
-          f"images and {res['n_captions']} captions: "
-          f"image embeddings max |diff| {res['image_max_abs_diff']:.1e}, text {res['text_max_abs_diff']:.1e}, "
-          f"token ids {'equal' if res['token_ids_equal'] else 'DIFFERENT'}")
-    return res
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a CLIP checkpoint (zero-shot, retrieval, linear probe); the EM "
-                                            "text probe: python docs/em_probe.py.")
+    p = argparse.ArgumentParser(description="Evaluate a CLIP checkpoint (zero-shot, retrieval, linear probe), or plot "
+                                "runs' loss curves. Elsewhere: the EM and vocabulary probes (docs/em_probe.py), AWA2 and "
+                                "CUB (docs/attributes.py), your own images and the Hugging Face export (docs/use_student.py).")
     p.add_argument("--ckpt", help="run folder (DIR/ckpt.pt) or checkpoint file")
     p.add_argument("--curves", nargs="+", metavar="DIR", help="plot these runs' loss curves side by side into --out")
     p.add_argument("--out", default="curves.png", help="with --curves: the PNG to write")
-    p.add_argument("--eval-sets", nargs="*", default=None, help="torchvision sets, e.g. fashion-mnist cifar10, or cub awa2")
+    p.add_argument("--eval-sets", nargs="*", default=None, help="torchvision sets, e.g. fashion-mnist cifar10")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--text-teacher", default=None, help="with --tiers: default, the --ckpt run's text teacher")
-    p.add_argument("--tiers", action="store_true", help="text-space probe per vocabulary tier: the text teacher's "
-                                                         "own, and --ckpt's if given")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the text teacher's own code (only this "
-                                                                     "flag grants it, never a checkpoint)")
-    p.add_argument("--images", metavar="FOLDER", help="zero-shot every image under FOLDER (with --ckpt): its class "
-                                                         "and probability; with class subfolders, the accuracy")
-    p.add_argument("--labels", help="with --images: class names, 'cat,dog,...' or a file with one a line (default: "
-                                    "the subfolder names)")
-    p.add_argument("--export-hf", metavar="OUT", help="write --ckpt as a Hugging Face folder (CLIPModel, AutoTokenizer, "
-                                                      "AutoProcessor) and check it against ours")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (--help lists the flags)\n")
     a = p.parse_args(argv)
@@ -658,34 +527,20 @@ def main(argv=None):
         if missing:
             raise SystemExit(f"error: no log.jsonl in {', '.join(missing)}")
         return plot_curves({d: read_log(d) for d in a.curves}, a.out)
-    if a.ckpt is None and not a.tiers:
+    if a.ckpt is None:
         p.error("give --ckpt DIR (or --curves DIR ...)")
-    if a.labels is not None and not a.images:
-        p.error("--labels goes with --images FOLDER")
-    folder = a.ckpt if a.ckpt is None or os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt)
     try:
-        if a.tiers:
-            return print_tiers(a)
         model, cfg = clip.load_checkpoint(a.ckpt, a.device)
-        if a.export_hf or a.images:
-            return {**(export_hf(model, a.export_hf) if a.export_hf else {}),
-                    **(classify_folder(model, a.images, a.labels, a.device) if a.images else {})}
-        run = argparse.Namespace(**cfg)
-        if a.eval_sets is not None:
-            run.eval_sets = a.eval_sets
-        if a.data_root is not None:
-            run.data_root = a.data_root
-        res = evaluate(model, run, a.device)
+        res = evaluate_run(model, cfg, a.device, a.eval_sets, a.data_root)
     except (OSError, ValueError) as e:  # a missing file or folder, unreadable input
         raise SystemExit(f"error: {e}") from None
     width = max(map(len, res))
     for k, v in res.items():
         print(f"{k:{width}s} {v:8.2f}" if isinstance(v, float) else f"{k:{width}s} {v}")
-    out = os.path.join(folder, "eval.json")
-    data.write_json(out, res)
+    out = os.path.join(a.ckpt if os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt), "eval.json")
+    clip.write_json(out, res)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
     main()
-

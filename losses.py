@@ -9,9 +9,16 @@ CLIP-CID (Yang et al. 2024): cluster discrimination with an additive angular mar
 (arcface_logits, cluster_loss, sample_classes) and instance discrimination (instance_loss).
 """
 import math
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed.nn.functional as dist_fn
+import torch.nn as nn
 import torch.nn.functional as F
+
+import clip
+import data
+import kmeans
 
 
 def clip_loss(image_emb, text_emb, logit_scale, image_all=None, text_all=None, offset=0):
@@ -116,3 +123,103 @@ def instance_loss(student_image, student_text, teacher_image, teacher_text, scal
     labels = torch.arange(len(student_image), device=student_image.device) + offset
     return (F.cross_entropy(scale * student_image @ teacher_text.t(), labels)
             + F.cross_entropy(scale * student_text @ teacher_image.t(), labels)) / 2
+
+
+# ----------------------------------------------------------------------------------------
+# The methods: the terms each one adds up on a batch. CLIP has one term; Knowledge-CLIP adds
+# text embedding distillation and concept learning against a frozen LLM's caption embeddings;
+# CLIP-CID adds cluster and instance discrimination against a frozen CLIP teacher's embeddings.
+# The teachers' embeddings are never computed here: they were cached once in the teacher store.
+
+@dataclass
+class LossConfig:
+    """The weight of each term (the papers' defaults: Knowledge-CLIP's gamma = alpha = 1, beta =
+    0.01; CLIP-CID's 1, 1) and the terms' settings: tau_c of the soft concept labels, ArcFace's
+    scale s and margin m, partial class sampling's fraction, the seed of that sampling."""
+    weights: dict = field(default_factory=lambda: {"clip": 1.0, "emb": 1.0, "concept": 0.01, "cd": 1.0, "id": 1.0,
+                                                   "corpus": 1.0})
+    concept_tau: float = 0.05
+    arc_scale: float = 32.0
+    margin: float = 0.3
+    class_frac: float = 1.0
+    seed: int = 0
+
+
+def gather(x):
+    """(B, D) on each rank -> (W*B, D), in rank order, gradients flowing back to each rank's rows:
+    the contrastive losses score a rank's rows against every rank's embeddings (as open_clip)."""
+    return torch.cat(dist_fn.all_gather(x)) if data.world()[1] > 1 else x
+
+
+class KCLIPHeads(nn.Module):
+    """The student's extra parameters in Knowledge-CLIP (its Figure 1): the linear projector W_e
+    (D_s -> D_t, into the LLM's space) and the concept classifier C (D_s -> K), shared by the
+    image and text embeddings."""
+
+    def __init__(self, d_student, d_teacher, n_concepts):
+        super().__init__()
+        self.proj = nn.Linear(d_student, d_teacher, bias=False)
+        self.classifier = nn.Linear(d_student, n_concepts)
+
+
+class CIDHeads(nn.Module):
+    """The student's extra parameters in CLIP-CID: the projector P (D_s -> D_t) into the
+    teacher's space and the learned scale s' of the instance loss (initialised like CLIP's)."""
+
+    def __init__(self, d_student, d_teacher):
+        super().__init__()
+        self.proj = nn.Linear(d_student, d_teacher, bias=False)
+        self.logit_scale = clip.logit_scale()  # s'
+
+
+def loss_terms(model, heads, batch, extra, cfg=LossConfig()):
+    """{name: scalar loss} for one batch: the terms of the run's method, each paper's equations
+    above on the student's embeddings. heads: {"kclip": KCLIPHeads, "cid": CIDHeads}, those of the
+    run's method (kclip+cid: both). extra: the frozen teachers' side, computed once before training
+    (train.prepare_kclip, prepare_cid): the teacher store's rows, centroids and cluster labels."""
+    image_emb = model.encode_image(batch["images"])  # (B, D_s) I_e
+    text_feat = model.encode_text(batch["tokens"], normalize=False)  # (B, D_s) E_T(x), before normalising
+    if "corpus_index" in batch:  # text-only lines (--text-corpus): the text tower alone
+        corpus_feat = model.encode_text(extra["corpus_tokens"][batch["corpus_index"]].to(image_emb.device),
+                                        normalize=False)  # (B_c, D_s)
+    with torch.autocast(image_emb.device.type, enabled=False):  # the losses in fp32, also under bf16 autocast
+        image_emb, text_feat = image_emb.float(), text_feat.float()
+        text_emb = F.normalize(text_feat, dim=-1)  # (B, D_s) T_e
+        rank, n = data.world()
+        gathered = {} if n == 1 else dict(image_all=gather(image_emb), text_all=gather(text_emb), offset=rank * len(image_emb))
+        terms = {"clip": clip_loss(image_emb, text_emb, model.logit_scale.exp(), **gathered)}
+        idx, dev = batch["index"], image_emb.device  # (B / W,) this rank's rows of the data (and of the store)
+        if "kclip" in heads:
+            kh = heads["kclip"]
+            t_txt = extra["t_store"].rows("text", idx).to(dev)  # (B, D_t) L(x)
+            soft = kmeans.soft_assign(t_txt, extra["concept_centroids"], cfg.concept_tau)  # (B, K) s_i
+            terms["emb"] = embedding_distill_loss(kh.proj(text_feat), t_txt)
+            terms["concept"] = concept_loss(kh.classifier(image_emb), kh.classifier(text_emb), soft)
+        if "corpus_index" in batch:  # the same W_e and L_emb, on lines with no image
+            terms["corpus"] = embedding_distill_loss(heads["kclip"].proj(corpus_feat.float()),
+                                                            extra["corpus_store"].rows("text", batch["corpus_index"]).to(dev))
+        if "cid" in heads:
+            ch = heads["cid"]
+            zi = F.normalize(ch.proj(image_emb), dim=-1)  # (B, D_t) P(I_s)
+            zt = F.normalize(ch.proj(text_emb), dim=-1)  # (B, D_t) P(T_s)
+            y, C = extra["labels"][idx].to(dev), extra["centroids"]
+            kw = dict(s=cfg.arc_scale, m=cfg.margin, sample_frac=cfg.class_frac,
+                      generator=data.step_generator(cfg.seed, batch["step"], 1) if cfg.class_frac < 1 else None)
+            terms["cd"] = (cluster_loss(zi, C, y, **kw) + cluster_loss(zt, C, y, **kw)) / 2
+            every = batch["global_index"]  # the teacher's rows: the whole global batch
+            terms["id"] = instance_loss(zi, zt, extra["store"].rows("image", every).to(dev),
+                                               extra["store"].rows("text", every).to(dev),
+                                               ch.logit_scale.exp(), offset=rank * len(idx))
+        return terms
+
+
+class Student(nn.Module):
+    """The CLIP and its method's heads as one module whose forward gives the loss terms: the unit
+    DistributedDataParallel wraps (its gradient all-reduce hooks fire for what forward computed)."""
+
+    def __init__(self, model, heads, extra, cfg=LossConfig()):
+        super().__init__()
+        self.model, self.heads, self.extra, self.cfg = model, heads, extra, cfg
+
+    def forward(self, batch):
+        return loss_terms(self.model, self.heads, batch, self.extra, self.cfg)

@@ -46,11 +46,11 @@ class OwnClipTeacher:
         self.name, self.dim, self.device = weights_name(run_dir, self.model), self.model.cfg.embed_dim, device
         self.resize = self.crop = self.model.cfg.image_size  # what the store reads its images at
         self.cache_key = {"model": self.name, "compute_dtype": "float32", "image_size": self.model.cfg.image_size,
-                          "normalise": [data.MEAN, data.STD], "context_length": self.model.cfg.context_length}
+                          "normalise": [clip.MEAN, clip.STD], "context_length": self.model.cfg.context_length}
 
     @torch.no_grad()
     def encode_images(self, images_uint8):  # (B, 3, S, S) uint8 -> (B, D_t)
-        return self.model.encode_image(data.to_input(images_uint8, self.device)).float()
+        return self.model.encode_image(clip.to_input(images_uint8, self.device)).float()
 
     @torch.no_grad()
     def encode_texts(self, captions):  # list of B str -> (B, D_t)
@@ -440,9 +440,9 @@ def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, w
             os.makedirs(folders[t], exist_ok=True)
             try:
                 for f, v in [*((f, v.astype(dtype)) for f, v in fields.items()), ("ok", ok)]:
-                    with data.atomic(part_file(folders[t], j, f)) as tmp, open(tmp, "wb") as fh:  # np.save adds .npy to a name
+                    with clip.atomic(part_file(folders[t], j, f)) as tmp, open(tmp, "wb") as fh:  # np.save adds .npy to a name
                         np.save(fh, v)
-                data.write_json(os.path.join(folders[t], f"part-{j:05d}.json"),
+                clip.write_json(os.path.join(folders[t], f"part-{j:05d}.json"),
                                 {**metas[t], "part": pairs.parts[j][0], "fingerprint": pairs.part_fingerprint(j),
                                  "rows": int(len(ok)), "ok": int(ok.sum()), "skipped_example": reasons[0] if reasons else None})
             except OSError as e:
@@ -480,9 +480,9 @@ def derived(store, name, params, compute):
             return {k: z[k] for k in z.files}, figures, True
     arrays, figures = compute()
     if data.world()[0] == 0:
-        with data.atomic(path + ".npz") as tmp, open(tmp, "wb") as f:
+        with clip.atomic(path + ".npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        data.write_json(path + ".json", {"params": params, "figures": figures})  # last: marks it complete
+        clip.write_json(path + ".json", {"params": params, "figures": figures})  # last: marks it complete
     data.barrier()
     return arrays, figures, False
 

@@ -32,9 +32,12 @@ import train
 
 REPO = os.path.dirname(os.path.abspath(__file__))  # the checkout (tests run in their own folders: in_own_folder)
 sys.path.insert(0, os.path.join(REPO, "docs"))
+import attributes  # noqa: E402
 import bench  # noqa: E402
+import convert_folder  # noqa: E402
 import em_probe  # noqa: E402
 import reproduce  # noqa: E402
+import use_student  # noqa: E402
 
 if "OMP_NUM_THREADS" not in os.environ:  # OMP_NUM_THREADS=1: the one-thread float path (.ci/run runs both)
     torch.set_num_threads(2)
@@ -186,7 +189,7 @@ def test_load_encodes_pil_images_and_strings(tmp_path):
                 for i, (w, h) in enumerate([(32, 32), (50, 40), (20, 64)])]
     pictures[1].save(tmp_path / "b.png")
     x = preprocess(pictures)  # (3, 3, 32, 32) floats, as training reads an image
-    assert x.shape == (3, 3, 32, 32) and torch.equal(x[1], data.to_input(data.load_image(pictures[1], 32)))
+    assert x.shape == (3, 3, 32, 32) and torch.equal(x[1], clip.to_input(clip.load_image(pictures[1], 32)))
     assert torch.equal(preprocess(pictures[0]), x[:1]) and torch.equal(preprocess(str(tmp_path / "b.png")), x[1:2])
     with torch.no_grad():
         assert torch.equal(model.encode_image(pictures), model.encode_image(x))
@@ -209,7 +212,7 @@ def test_hf_tokenizer_gives_our_ids():
     texts = captions[:100] + ODD_CAPTIONS + [f"a{c}1 {c}{c} x" for c in chars]
     for merges in (clip.learn_bpe(captions + ODD_CAPTIONS, 600), ()):
         cfg = clip.CLIPConfig(merges=merges)
-        hf = clip.hf_tokenizer(cfg)
+        hf = use_student.hf_tokenizer(cfg)
         ours = clip.Tokenizer(merges)(texts, cfg.context_length)
         assert torch.equal(hf(texts, padding="max_length", truncation=True, return_tensors="pt")["input_ids"], ours)
         short = hf(texts[:5], padding=True, truncation=True, return_tensors="pt")["input_ids"]
@@ -385,12 +388,11 @@ def test_kclip_gradients_reach_only_their_modules():
     """L_emb trains the text tower and W_e, never the image tower or C; L_concept trains C and
     both towers, never W_e; the CLIP loss never touches the heads."""
     torch.manual_seed(0)
-    model, heads = clip.build("tiny"), nn.ModuleDict({"kclip": train.KCLIPHeads(64, 10, 5)})
+    model, heads = clip.build("tiny"), nn.ModuleDict({"kclip": losses.KCLIPHeads(64, 10, 5)})
     ds = data.ShapesDataset("test", 8)
-    batch = {"images": data.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8)}
-    args = train.parse_args(["--method", "kclip"])
+    batch = {"images": clip.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8)}
     extra = {"t_store": ArrayStore(text=torch.randn(8, 10)), "concept_centroids": torch.randn(5, 10)}
-    terms = train.loss_terms(model, heads, batch, extra, args)
+    terms = losses.loss_terms(model, heads, batch, extra)
     assert set(terms) == {"clip", "emb", "concept"}
 
     def reached(term):
@@ -410,20 +412,19 @@ def test_kclip_plus_cid_adds_each_methods_own_terms():
     """--method kclip+cid: the terms of Knowledge-CLIP and of CLIP-CID in one run, each the very
     value its own method computes on the same model, heads and batch; each weighted by its flag."""
     torch.manual_seed(0)
-    model, kh, ch = clip.build("tiny"), train.KCLIPHeads(64, 10, 5), train.CIDHeads(64, 12)
+    model, kh, ch = clip.build("tiny"), losses.KCLIPHeads(64, 10, 5), losses.CIDHeads(64, 12)
     ds = data.ShapesDataset("test", 8)
-    batch = {"images": data.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8),
+    batch = {"images": clip.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8),
              "global_index": torch.arange(8), "step": 0}
     extra = {"t_store": ArrayStore(text=torch.randn(8, 10)), "concept_centroids": torch.randn(5, 10),
              "labels": torch.randint(5, (8,)), "centroids": F.normalize(torch.randn(5, 12), dim=-1),
              "store": ArrayStore(image=F.normalize(torch.randn(8, 12), dim=-1), text=F.normalize(torch.randn(8, 12), dim=-1))}
-    terms = lambda method, heads: train.loss_terms(model, nn.ModuleDict(heads), batch, extra,  # noqa: E731
-                                                   train.parse_args(["--method", method]))
-    both = terms("kclip+cid", {"kclip": kh, "cid": ch})
-    alone = {**terms("kclip", {"kclip": kh}), **terms("cid", {"cid": ch})}
+    terms = lambda heads: losses.loss_terms(model, nn.ModuleDict(heads), batch, extra)  # noqa: E731
+    both = terms({"kclip": kh, "cid": ch})
+    alone = {**terms({"kclip": kh}), **terms({"cid": ch})}
     assert set(both) == {"clip", "emb", "concept", "cd", "id"}
     assert all(torch.allclose(both[k], alone[k], rtol=0, atol=1e-6) for k in both)
-    w = train.loss_weights(train.parse_args(["--method", "kclip+cid", "--cd-weight", "0.1", "--emb-weight", "2"]))
+    w = train.loss_config(train.parse_args(["--method", "kclip+cid", "--cd-weight", "0.1", "--emb-weight", "2"])).weights
     assert (w["cd"], w["emb"], w["id"], w["concept"]) == (0.1, 2.0, 1.0, 0.01)
 
 
@@ -432,17 +433,16 @@ def test_loss_terms_are_fp32_under_bf16_autocast():
     included, which failed on mixed dtypes) must still be computed in fp32 from their outputs:
     the same terms as without autocast, to fp32 rounding."""
     torch.manual_seed(0)
-    model, heads = clip.build("tiny"), nn.ModuleDict({"cid": train.CIDHeads(64, 12)})
+    model, heads = clip.build("tiny"), nn.ModuleDict({"cid": losses.CIDHeads(64, 12)})
     emb_i, emb_t = torch.randn(8, 64), torch.randn(8, 64)  # what the towers would return
     model.encode_image = lambda images: F.normalize(emb_i, dim=-1)
     model.encode_text = lambda tokens, normalize=True: emb_t
     extra = {"labels": torch.randint(5, (8,)), "centroids": F.normalize(torch.randn(5, 12), dim=-1),
              "store": ArrayStore(image=F.normalize(torch.randn(8, 12), dim=-1), text=F.normalize(torch.randn(8, 12), dim=-1))}
     batch = {"images": None, "tokens": None, "index": torch.arange(8), "global_index": torch.arange(8)}
-    args = train.parse_args(["--method", "cid"])
-    plain = train.loss_terms(model, heads, batch, extra, args)
+    plain = losses.loss_terms(model, heads, batch, extra)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = train.loss_terms(model, heads, batch, extra, args)
+        mixed = losses.loss_terms(model, heads, batch, extra)
     for k in plain:
         assert mixed[k].dtype == torch.float32 and abs(mixed[k].item() - plain[k].item()) < 1e-5, k
 
@@ -450,15 +450,15 @@ def test_loss_terms_are_fp32_under_bf16_autocast():
 def test_text_only_batch_trains_the_text_tower_and_w_e_never_the_image_tower():
     """--text-corpus: L_emb on lines with no image reaches the text tower and W_e only."""
     torch.manual_seed(0)
-    model, heads = clip.build("tiny"), nn.ModuleDict({"kclip": train.KCLIPHeads(64, 10, 5)})
+    model, heads = clip.build("tiny"), nn.ModuleDict({"kclip": losses.KCLIPHeads(64, 10, 5)})
     ds = data.ShapesDataset("test", 8)
     lines = data.text_corpus(20)
     corpus_emb = torch.randn(20, 10)
     extra = {"t_store": ArrayStore(text=torch.randn(8, 10)), "concept_centroids": torch.randn(5, 10),
              "corpus_tokens": model.tokenize(lines), "corpus_store": ArrayStore(text=corpus_emb)}
-    batch = {"images": data.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8),
+    batch = {"images": clip.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8),
              "corpus_index": torch.tensor([3, 7, 11, 19])}
-    terms = train.loss_terms(model, heads, batch, extra, train.parse_args(["--method", "kclip", "--text-corpus"]))
+    terms = losses.loss_terms(model, heads, batch, extra)
     assert set(terms) == {"clip", "emb", "concept", "corpus"}
     terms["corpus"].backward()
     got = {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
@@ -468,8 +468,7 @@ def test_text_only_batch_trains_the_text_tower_and_w_e_never_the_image_tower():
     direct = losses.embedding_distill_loss(heads["kclip"].proj(model.encode_text(extra["corpus_tokens"][batch["corpus_index"]],
                                                                         normalize=False)), corpus_emb[[3, 7, 11, 19]])
     assert torch.allclose(terms["corpus"], direct)
-    idx = [data.corpus_index(5, 20, train.parse_args(["--method", "kclip", "--text-corpus", "--corpus-batch", "6"]))
-           for _ in range(2)]
+    idx = [data.corpus_index(5, 20, 6, seed=0) for _ in range(2)]
     assert torch.equal(idx[0], idx[1]) and len(idx[0]) == 6  # a pure function of (seed, step): resumes draw the same
 
 
@@ -501,17 +500,15 @@ def test_vocabulary_tiers_in_captions_and_the_generated_corpus():
 def test_text_corpus_holds_no_evaluation_caption(tmp_path):
     """The corpus that --text-corpus distils must not contain a caption that retrieval or the EM
     probe tests on; drawn unfiltered, the 10,000 phrases would hold dozens of them."""
-    args = train.parse_args(["--method", "kclip", "--text-corpus", "--n-eval", "300"])
     held = data.eval_captions(300, seed=0)
     test = set(data.ShapesDataset("test", 300).captions)
     assert test <= held and set(data.ShapesDataset("wordings", 300).captions) <= held
     assert len(set(data.text_corpus(seed=0)) & test) > 10  # what the filter is for
-    lines, dropped = data.read_corpus(args)
+    lines, dropped = data.read_corpus("shapes", held)
     assert len(lines) == 10000 and not set(lines) & held and dropped == 0
     some = sorted(held)[:3]
     (tmp_path / "corpus.txt").write_text("\n".join(some + ["a phrase of my own", "another one"]) + "\n")
-    args.text_corpus = str(tmp_path / "corpus.txt")
-    assert data.read_corpus(args) == (["a phrase of my own", "another one"], 3)
+    assert data.read_corpus(str(tmp_path / "corpus.txt"), held) == (["a phrase of my own", "another one"], 3)
 
 
 def test_shapes_deterministic_from_seed():
@@ -607,14 +604,14 @@ def test_val_split_is_the_same_for_every_seed_and_the_part_never_touches_it(tmp_
                                         "--store", str(tmp_path / "store"), "--workers", "0", *a])
     pools = {}
     for seed, frac in ((0, 1.0), (1, 1.0), (0, 0.5), (3, 0.5)):
-        stream = data.RealStream(args("--seed", str(seed), "--train-frac", str(frac)))
+        stream = train.make_stream(args("--seed", str(seed), "--train-frac", str(frac)))
         pools[seed, frac] = {stream.pairs.keys[int(i)] for i in stream.pool}
     assert pools[0, 1.0] == pools[1, 1.0] == set(ds.keys) - va  # every seed: the same held-out pairs
     assert pools[0, 0.5] == pools[3, 0.5] == (set(ds.keys) - va) & part  # the student's part, the same every seed
     with pytest.raises(SystemExit):
         train.parse_args(["--train-frac", "0.5"])  # the embedded set has --n-train
     with pytest.raises(ValueError, match="no training pairs left"):
-        data.RealStream(args("--train-frac", "1e-9"))
+        train.make_stream(args("--train-frac", "1e-9"))
 
 
 def add_member(tar, name, payload):
@@ -657,7 +654,7 @@ def test_shard_reader_skips_bad_pairs(tmp_path):
     images, captions, rows, skipped, _ = data.collate(items)
     assert captions == ["green", "a blue square"] and rows.tolist() == [4, 0] and images.shape == (2, 3, 8, 8)
     assert re.match(r"(truncated|unreadable) shard", data.scan_shard(str(tmp_path / "s-03.tar"))[1])
-    assert torch.equal(images[1], data.load_image(png_bytes(), 8))  # the member's bytes, read by offset
+    assert torch.equal(images[1], clip.load_image(png_bytes(), 8))  # the member's bytes, read by offset
     assert skipped == 4 and ds.skipped_rows == 2  # corrupt image, no caption, empty caption, cut caption; 2 bad shards
     reasons = [i for i in items if isinstance(i, str)]
     assert any("s-00.tar:002: no caption" in r for r in reasons) and "s-02.tar: unreadable" in ds.skip_reason
@@ -689,9 +686,9 @@ def test_shard_scan_is_kept_and_rescanned_when_the_shard_changes(tmp_path, monke
     assert changed.fingerprint() != first.fingerprint() and changed[3][1] == "pair 99"
 
 
-@pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST), reason="Debian's dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not os.path.isdir(evaluation.DEBIAN_FASHION_MNIST), reason="Debian's dataset-fashion-mnist not installed")
 def test_fashion_mnist_through_torchvision(tmp_path, capsys):
-    images, labels, classes = data.load_eval_set("fashion-mnist", str(tmp_path), 32, max_n=50)
+    images, labels, classes = evaluation.load_eval_set("fashion-mnist", str(tmp_path), 32, max_n=50)
     templates = evaluation.SET_PROMPTS["fashion-mnist"]
     assert images.shape == (50, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.min() >= 0 and labels.max() <= 9 and len(set(labels.tolist())) > 3
@@ -702,7 +699,7 @@ def test_fashion_mnist_through_torchvision(tmp_path, capsys):
     assert res["fashion-mnist_n_test"] == 50 and res["fashion-mnist_n_train"] == 50  # how many images were scored
     assert "the first 50 of the 10000 test images" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="cifar10 not found"):
-        data.load_eval_set("cifar10", str(tmp_path), 32)
+        evaluation.load_eval_set("cifar10", str(tmp_path), 32)
 
 
 def write_image(path, colour, fmt):
@@ -762,13 +759,13 @@ def awa2(tmp_path):
 
 
 def test_readable_names():
-    assert data.readable("001.Black_footed_Albatross") == "black footed albatross"
-    assert data.readable("grizzly+bear") == "grizzly bear"
-    assert data.cub_attribute_name("has_bill_shape::curved_(up_or_down)") == "curved (up or down) bill shape"
+    assert attributes.plain_name("001.Black_footed_Albatross") == "black footed albatross"
+    assert attributes.plain_name("grizzly+bear") == "grizzly bear"
+    assert attributes.cub_attribute_name("has_bill_shape::curved_(up_or_down)") == "curved (up or down) bill shape"
 
 
 def test_load_cub(cub):
-    ds = data.load_cub(str(cub), 16, split="train")  # the parent folder is accepted
+    ds = attributes.load_cub(str(cub), 16, split="train")  # the parent folder is accepted
     assert ds.images.shape == (5, 3, 16, 16) and ds.images.dtype == torch.uint8
     assert ds.n_skipped == 1 and ds.labels.tolist() == [0, 0, 1, 2, 2]
     assert ds.class_names == ["black footed albatross", "laysan albatross", "sooty albatross"]
@@ -776,35 +773,35 @@ def test_load_cub(cub):
                                   "small (5 - 9 in) size", "perching-like shape"]
     assert ds.class_attributes.shape == (3, 4) and ds.class_attributes[0, 2].item() == pytest.approx(0.555)
     assert 0 <= ds.class_attributes.min() and ds.class_attributes.max() <= 1
-    test = data.load_cub(str(cub / "CUB_200_2011"), 16, split="test")  # the folder itself too
+    test = attributes.load_cub(str(cub / "CUB_200_2011"), 16, split="test")  # the folder itself too
     assert test.labels.tolist() == [0, 1, 2] and test.n_skipped == 0
-    assert data.load_cub(str(cub), 16, split="all", max_per_class=1).labels.tolist() == [0, 1, 2]
+    assert attributes.load_cub(str(cub), 16, split="all", max_per_class=1).labels.tolist() == [0, 1, 2]
     os.replace(cub / "attributes.txt", cub / "CUB_200_2011" / "attributes.txt")  # inside is accepted
-    assert len(data.load_cub(str(cub), 16, split="test").attribute_names) == 4
+    assert len(attributes.load_cub(str(cub), 16, split="test").attribute_names) == 4
 
 
 def test_load_cub_missing_file(cub):
     os.remove(cub / "CUB_200_2011" / "train_test_split.txt")
     with pytest.raises(FileNotFoundError, match=r"train_test_split\.txt not found.*CUB_200_2011/\{images\.txt"):
-        data.load_cub(str(cub), 16)
+        attributes.load_cub(str(cub), 16)
 
 
 def test_load_awa2(awa2):
-    ds = data.load_awa2(str(awa2), 16, split="all")
+    ds = attributes.load_awa2(str(awa2), 16, split="all")
     assert ds.images.shape == (7, 3, 16, 16) and ds.n_skipped == 1
     assert ds.labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
     assert ds.class_names == ["antelope", "grizzly bear", "killer whale"]
     assert ds.attribute_names == ["black", "white", "furry", "big", "swims"]
     assert ds.class_attributes.shape == (3, 5) and ds.class_attributes[0, 0] == 0  # -1 (missing) -> 0
     assert ds.class_attributes[2, 4] == 1 and ds.test_classes.tolist() == [False, False, True]
-    test = data.load_awa2(str(awa2 / "Animals_with_Attributes2"), 16, split="test")
+    test = attributes.load_awa2(str(awa2 / "Animals_with_Attributes2"), 16, split="test")
     assert test.class_names == ["killer whale"] and test.labels.tolist() == [0, 0]
     assert torch.allclose(test.class_attributes, ds.class_attributes[2:])
-    train = data.load_awa2(str(awa2), 16, split="train", max_per_class=1)
+    train = attributes.load_awa2(str(awa2), 16, split="train", max_per_class=1)
     assert train.class_names == ["antelope", "grizzly bear"] and train.labels.tolist() == [0, 1]
     os.remove(awa2 / "Animals_with_Attributes2" / "predicates.txt")
     with pytest.raises(FileNotFoundError, match=r"predicates\.txt not found.*Animals_with_Attributes2/\{"):
-        data.load_awa2(str(awa2), 16)
+        attributes.load_awa2(str(awa2), 16)
 
 # ========================================================================================
 # eval.py
@@ -948,10 +945,10 @@ def test_attribute_class_scores_hand_case():
     img_attr = torch.tensor([[0.30, 0.28, 0.10, 0.11],   # class 0
                              [0.52, 0.50, 0.70, 0.69],   # class 1 (+0.5 offset)
                              [0.90, 0.20, 0.21, 0.50]])  # class 2
-    scores = evaluation.attribute_class_scores(img_attr, class_attr)
+    scores = attributes.attribute_class_scores(img_attr, class_attr)
     assert scores.shape == (3, 3) and scores.argmax(1).tolist() == [0, 1, 2]
     assert scores.abs().max() <= 1 + 1e-6
-    assert evaluation.attribute_class_scores(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])).item() == pytest.approx(-1)
+    assert attributes.attribute_class_scores(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])).item() == pytest.approx(-1)
     labels = torch.tensor([0, 1, 2])
     assert evaluation.top1(scores, labels) == 100.0
     # among candidate classes 1 and 2 only: image 0 is not counted, labels re-indexed
@@ -962,11 +959,11 @@ def test_attribute_class_scores_hand_case():
 def test_attribute_auc_hand_case():
     scores = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.2, 0.5], [0.1, 0.9, 0.5], [0.3, 0.7, 0.4]])
     present = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 1, 1]], dtype=torch.bool)
-    auc = evaluation.attribute_auc(scores, present)
+    auc = attributes.attribute_auc(scores, present)
     assert auc[0].item() == pytest.approx(1.0)  # positives above every negative
     assert auc[1].item() == pytest.approx(0.25)  # pos {0.1, 0.7} vs neg {0.2, 0.9}: 1 of 4 pairs
     assert math.isnan(auc[2].item())  # no negatives: undefined, left out of the mean
-    tied = evaluation.attribute_auc(torch.tensor([[0.5], [0.5], [0.5]]), torch.tensor([[True], [False], [False]]))
+    tied = attributes.attribute_auc(torch.tensor([[0.5], [0.5], [0.5]]), torch.tensor([[True], [False], [False]]))
     assert tied.item() == pytest.approx(0.5)
     # against a slow pairwise count on random data
     g = torch.Generator().manual_seed(0)
@@ -974,7 +971,7 @@ def test_attribute_auc_hand_case():
     for a in range(6):
         pos, neg = s[p[:, a], a], s[~p[:, a], a]
         slow = ((pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()).mean()
-        assert evaluation.attribute_auc(s, p)[a].item() == pytest.approx(slow.item(), abs=1e-6)
+        assert attributes.attribute_auc(s, p)[a].item() == pytest.approx(slow.item(), abs=1e-6)
 
 
 def test_attribute_metrics_from_embeddings():
@@ -982,7 +979,7 @@ def test_attribute_metrics_from_embeddings():
     # class name and its class's attribute, so every metric is perfect.
     e = torch.eye(4)
     image = torch.nn.functional.normalize(torch.stack([e[0] + e[2], e[0] + e[2], e[1] + e[3]]), dim=1)
-    res = evaluation.attribute_metrics(image, torch.tensor([0, 0, 1]), e[:2], e[2:], torch.tensor([[0.9, 0.1], [0.2, 0.8]]),
+    res = attributes.attribute_metrics(image, torch.tensor([0, 0, 1]), e[:2], e[2:], torch.tensor([[0.9, 0.1], [0.2, 0.8]]),
                                candidates=torch.tensor([False, True]))
     assert res == {"zero_shot_top1": 100.0, "attr_zero_shot_top1": 100.0, "attr_auc": 100.0,
                    "unseen_zero_shot_top1": 100.0, "unseen_attr_zero_shot_top1": 100.0}
@@ -999,12 +996,30 @@ def test_eval_smoke(cub, awa2):
     assert {"zero_shot_size_top1", "zero_shot_pos_top1", "zero_shot_by_attributes_top1",
             "zero_shot_by_attributes_unseen_top1"} <= set(res)
     assert in_range({k: v for k, v in res.items() if k != "linear_probe_wd"})
-    res = evaluation.eval_attribute_set(model, "cub", str(cub), "cpu", max_per_class=2)
+    res = attributes.eval_attribute_set(model, "cub", str(cub), "cpu", max_per_class=2)
     assert set(res) == {"cub_zero_shot_top1", "cub_attr_zero_shot_top1", "cub_attr_auc", "cub_n_images", "cub_n_skipped"}
     assert in_range(res) and res["cub_n_images"] == 3
-    res = evaluation.eval_attribute_set(model, "awa2", str(awa2), "cpu")
+    res = attributes.eval_attribute_set(model, "awa2", str(awa2), "cpu")
     assert {"awa2_unseen_zero_shot_top1", "awa2_unseen_attr_zero_shot_top1", "awa2_attr_auc"} <= set(res)
     assert in_range(res) and res["awa2_n_skipped"] == 1 and res["awa2_unseen_zero_shot_top1"] == 100.0
+
+
+def test_attributes_script_scores_a_run_and_says_what_is_missing(cub, awa2, tmp_path, capsys):
+    """python docs/attributes.py --ckpt DIR --sets cub awa2: both sets into DIR/attributes.json; a
+    missing file of the published layout is one line naming it; train.py points there."""
+    torch.manual_seed(0)
+    os.makedirs("run")
+    clip.save_checkpoint("run/ckpt.pt", clip.build("tiny"), nn.ModuleDict(), torch.optim.SGD(clip.build("tiny").parameters(), 0.1),
+                         0, {"method": "clip"})
+    res = attributes.main(["--ckpt", "run", "--sets", "cub", "--data-root", str(cub), "--max-per-class", "2"])
+    assert res == json.load(open("run/attributes.json")) and res["cub_n_images"] == 3
+    res = attributes.main(["--ckpt", "run", "--sets", "awa2", "--data-root", str(awa2)])
+    assert res["awa2_n_skipped"] == 1
+    with pytest.raises(SystemExit, match="empty.classes.txt not found; expected the published layout CUB_200_2011"):
+        attributes.main(["--ckpt", "run", "--sets", "cub", "--data-root", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--eval-sets", "cub"])
+    assert "the attribute sets cub, awa2: python docs/attributes.py" in capsys.readouterr().err
 
 
 def test_export_hf_gives_our_embeddings_and_ids(tmp_path, capsys):
@@ -1013,7 +1028,7 @@ def test_export_hf_gives_our_embeddings_and_ids(tmp_path, capsys):
     test images and on captions (odd ones too), the same token ids, the same temperature."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIPModel
     run(tmp_path, "--steps", "10")
-    evaluation.main(["--ckpt", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")])
+    use_student.main(["--ckpt", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")])
     assert "token ids equal" in capsys.readouterr().out
     model, _ = clip.load_checkpoint(str(tmp_path / "run"))
     assert len(model.cfg.merges) > 50  # the run's learned merges travel with it
@@ -1034,7 +1049,7 @@ def test_export_hf_gives_our_embeddings_and_ids(tmp_path, capsys):
             theirs = hf.get_text_features(**tokenizer(captions, truncation=True, return_tensors="pt", **kw)).pooler_output
             assert (F.normalize(theirs, dim=-1) - ours_text).abs().max() <= 1e-5
         ours_image = model.encode_image(pictures)
-        assert torch.equal(ours_image, model.encode_image(data.to_input(test.images)))
+        assert torch.equal(ours_image, model.encode_image(clip.to_input(test.images)))
         for p in (processor.image_processor, pil):  # the default (torchvision) backend and PIL's
             theirs = hf.get_image_features(pixel_values=p(images=pictures, return_tensors="pt")["pixel_values"])
             assert (F.normalize(theirs.pooler_output, dim=-1) - ours_image).abs().max() <= 1e-5
@@ -1066,7 +1081,7 @@ def test_images_folder_zero_shot_with_the_pretrained_teacher(tmp_path, capsys):
     probability eval.zero_shot gives) and the accuracy over the images of a labelled subfolder;
     --labels as a list or a file; the shipped teacher gets these easy images right."""
     truth = shape_folder(tmp_path / "imgs")
-    res = evaluation.main(["--ckpt", teachers.PRETRAINED, "--images", str(tmp_path / "imgs")])  # labels: the subfolders
+    res = use_student.main(["--ckpt", teachers.PRETRAINED, "--images", str(tmp_path / "imgs")])  # labels: the subfolders
     lines = capsys.readouterr().out.strip().splitlines()
     assert res["images"] == 10 and res["classes"] == 3 and res["scored"] == 9 and res["accuracy"] >= 8 / 9 * 100
     assert len(lines) == 11 and lines[-1].startswith(f"zero-shot accuracy {res['accuracy']:.1f}% (") and "1 not scored" in lines[-1]
@@ -1080,7 +1095,7 @@ def test_images_folder_zero_shot_with_the_pretrained_teacher(tmp_path, capsys):
         assert printed[f] == (names[int(p.argmax())], round(p.max().item(), 3))
     (tmp_path / "labels.txt").write_text("red circle\n\nblue star\ngreen square\nyellow ring\n")
     for labels in ("red circle, blue star,green square,yellow ring", str(tmp_path / "labels.txt")):
-        res = evaluation.main(["--ckpt", teachers.PRETRAINED, "--images", str(tmp_path / "imgs"), "--labels", labels])
+        res = use_student.main(["--ckpt", teachers.PRETRAINED, "--images", str(tmp_path / "imgs"), "--labels", labels])
         assert res["classes"] == 4 and res["scored"] == 9
 
 
@@ -1106,7 +1121,7 @@ def test_images_folder_bad_input_says_one_line(tmp_path, capsys):
              ("--labels", "a,b"): "--labels goes with --images"}
     for args, message in cases.items():
         with pytest.raises(SystemExit) as e:
-            evaluation.main(["--ckpt", teachers.PRETRAINED, *args])
+            use_student.main(["--ckpt", teachers.PRETRAINED, *args])
         said = str(e.value) if e.value.code != 2 else capsys.readouterr().err  # argparse's errors exit 2, on stderr
         assert e.value.code != 0 and message in said and len(said.strip().splitlines()) == 1, (args, said)
         assert "Traceback" not in said
@@ -1389,7 +1404,7 @@ def test_diverging_lr_never_writes_non_finite_weights(tmp_path):
     with torch.no_grad():
         model.logit_scale.fill_(float("nan"))
     path = str(tmp_path / "never.pt")
-    assert not train.save_checkpoint(path, model, torch.nn.ModuleDict(), torch.optim.SGD(model.parameters(), 0.1), 1,
+    assert not clip.save_checkpoint(path, model, torch.nn.ModuleDict(), torch.optim.SGD(model.parameters(), 0.1), 1,
                                      train.parse_args([])) and not os.path.exists(path)
 
 
@@ -1414,8 +1429,6 @@ def test_clear_errors_for_bad_flags(tmp_path, capsys):
     # an eval set that is not there stops the run before it trains
     with pytest.raises(SystemExit, match="eval set cifar10 not found"):
         run(tmp_path, "--eval-sets", "cifar10", "--data-root", str(tmp_path / "empty"), name="evalset")
-    with pytest.raises(SystemExit, match="empty.classes.txt not found; expected the published layout CUB_200_2011"):
-        run(tmp_path, "--eval-sets", "cub", "--data-root", str(tmp_path / "empty"), name="evalset")
     assert not os.path.exists(tmp_path / "evalset" / "ckpt.pt")
     # --resume with nothing to resume says so
     run(tmp_path, "--resume", "--steps", "2", name="fresh")
@@ -1497,11 +1510,11 @@ def test_kclip_plus_cid_run_and_its_flop_accounting(tmp_path, monkeypatch):
     """Both teachers at once, end to end: balance first, then the concepts on the pairs kept; every
     term logged; results.json's flops: the student's steps, each teacher's forward over the data
     and the CLIP teacher's training (this run trained it), their sum."""
-    counted, real_step = [], train.train_step  # (run folder, FLOPs, batch) of every step, the teacher's too
+    counted, real_step = [], train.train_step  # (whose, FLOPs, batch) of every step, the teacher's too
 
-    def counting_step(student, batch, optimizer, args, *rest, **kw):
-        out, n = clip.count_flops(lambda: real_step(student, batch, optimizer, args, *rest, **kw))
-        counted.append((args.out, n, batch))
+    def counting_step(student, batch, *rest, **kw):
+        out, n = clip.count_flops(lambda: real_step(student, batch, *rest, **kw))
+        counted.append(("student" if len(student.heads) else "teacher", n, batch))  # the own teacher: plain CLIP
         return out
     monkeypatch.setattr(train, "train_step", counting_step)
     res = run(tmp_path, "--method", "kclip+cid", "--teacher", "own", "--teacher-steps", "15", "--clusters", "4",
@@ -1515,16 +1528,16 @@ def test_kclip_plus_cid_run_and_its_flop_accounting(tmp_path, monkeypatch):
     assert f["text_teacher_training"] is None and not f["text_teacher_trained_by_this_run"]  # pretrained elsewhere
     assert f["total"] == f["student_training"] + f["teacher_forward"] + f["teacher_training"] + f["text_teacher_forward"]
     # the student's FLOPs are those of the steps it ran, each one counted on its own ...
-    assert f["student_training"] == sum(n for out, n, _ in counted if out == str(tmp_path / "run"))
-    assert tres["flops"]["student_training"] == sum(n for out, n, _ in counted if out == res["teacher"])
+    assert f["student_training"] == sum(n for who, n, _ in counted if who == "student")
+    assert tres["flops"]["student_training"] == sum(n for who, n, _ in counted if who == "teacher")
     # ... and a little more than the CLIP loss alone on those batches (the heads and their losses)
     args = train.parse_args(["--model", "tiny", "--batch-size", "64", "--n-train", "1000"])
-    stream = data.ShapesStream(args)
+    stream = train.make_stream(args)
     model = clip.build("tiny", merges=stream.merges)
-    plain = train.Student(model, torch.nn.ModuleDict(), {}, args)
+    plain = losses.Student(model, torch.nn.ModuleDict(), {}, train.loss_config(args))
     optimizer = train.make_optimizer([model], 0.0, 0.0)
-    clip_only = sum(clip.count_flops(lambda: real_step(plain, b, optimizer, args, [model.logit_scale], amp=False))[1]
-                    for out, _, b in counted if out == str(tmp_path / "run"))
+    clip_only = sum(clip.count_flops(lambda: real_step(plain, b, optimizer, plain.cfg.weights, 1.0, [model.logit_scale],
+                                                       amp=False))[1] for who, _, b in counted if who == "student")
     assert clip_only < f["student_training"] < 1.2 * clip_only
     b = stream.batch(0)
     per_pair = bench.step_flops(clip.build("teacher", merges=stream.merges), b, args, backward=False) / 64  # image + caption
@@ -1548,7 +1561,7 @@ def test_pretrained_teacher_matches_its_manifest_and_evaluates_to_its_numbers():
     assert teachers.REBUILD == "python docs/reproduce.py --pretrain-teacher"  # the recipe's command today
     model, _ = clip.load_checkpoint(teachers.PRETRAINED)
     assert clip.count_params(model) == manifest["params"] and model.cfg == clip.SIZES[manifest["model"]]
-    res = evaluation.evaluate(model, train.parse_args(manifest["recipe"] + ["--device", "cpu"]), torch.device("cpu"))
+    res = evaluation.evaluate_run(model, vars(train.parse_args(manifest["recipe"] + ["--device", "cpu"])), torch.device("cpu"))
     assert set(res) == set(manifest["results"])
     for k, v in manifest["results"].items():
         assert res[k] == v if same_machine(manifest) else abs(res[k] - v) <= 1.0, k
@@ -1681,7 +1694,7 @@ def test_kclip_with_a_text_corpus_file(tmp_path, capsys):
     assert res["text_corpus"]["lines"] == 60
     assert all(k in res for k in ("zero_shot_never_words_top1", "text_probe_rare", "text_probe_never"))
     capsys.readouterr()
-    evaluation.main(["--tiers", "--ckpt", "kc"])  # the teacher's row and the run's, its numbers as in results.json
+    em_probe.main(["--tiers", "--ckpt", "kc"])  # the teacher's row and the run's, its numbers as in results.json
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| text teacher") or "(kc)" in line]
     assert len(rows) == 2 and rows[1].split(" | ")[1:4] == [f"{res[f'text_probe_{k}']:.1f}" for k in ("common", "rare", "never")]
     with pytest.raises(SystemExit, match="no such file"):
@@ -1742,7 +1755,7 @@ def test_every_method_on_shards_and_csv_with_our_and_hf_teachers(tmp_path, capsy
     for i in range(30):
         write_png(tmp_path / "pictures" / ("red" if i % 2 else "blue") / f"shape_{i}.png", (200 * (i % 2), 20, 200 * (1 - i % 2)))
     (tmp_path / "pictures" / "blue" / "broken.png").write_bytes(b"not a png")
-    n, bad, pattern = data.convert_folder(str(tmp_path / "pictures"), str(tmp_path / "conv"), shard_size=8)
+    n, bad, pattern = convert_folder.convert_folder(str(tmp_path / "pictures"), str(tmp_path / "conv"), shard_size=8)
     assert (n, bad) == (30, 1) and pattern.endswith("pairs-{00000..00003}.tar")
     csv_pairs, shard_pairs = data.CsvPairs(str(tmp_path / "conv" / "pairs.csv"), label_key="category"), data.ShardPairs(pattern)
     assert csv_pairs.captions == [shard_pairs.caption(i) for i in range(30)] and csv_pairs.captions[0] == "blue shape"
@@ -1865,7 +1878,7 @@ def test_step_flops_backward_is_about_twice_forward():
     fwd, step = bench.step_flops(m, batch, args, backward=False), bench.step_flops(m, batch, args)
     assert fwd > 0 and 2.8 * fwd < step <= 3 * fwd
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # counting changed no weight
-    stream = data.ShapesStream(args)
+    stream = train.make_stream(args)
     teacher_step = bench.step_flops(clip.build("teacher", merges=stream.merges), stream.batch(0), args)
     student_step = bench.step_flops(clip.build("tiny", merges=stream.merges), stream.batch(0), args)
     n = reproduce.equal_compute_steps(args)
@@ -1933,7 +1946,7 @@ def test_real_table_trains_the_teacher_on_all_and_students_on_a_part(tmp_path, m
     for i in range(48):
         os.makedirs(f"pics/{'red' if i % 2 else 'blue'}", exist_ok=True)
         write_png(tmp_path / "pics" / ("red" if i % 2 else "blue") / f"img_{i}.png", (200 * (i % 2), 20 + i, 200 * (1 - i % 2)))
-    data.convert_folder("pics", "conv")
+    convert_folder.convert_folder("pics", "conv")
     monkeypatch.setattr(reproduce, "REAL_COMMON", ["--val-frac", "0.25", "--csv-label-key", "category"])
     monkeypatch.setattr(reproduce, "REAL_TEACHER", ["--method", "clip", "--model", "tiny", "--steps", "2", "--seed", "0"])
     monkeypatch.setattr(reproduce, "REAL_STUDENT", ["--steps", "2", "--train-frac", "0.5"])
@@ -2044,7 +2057,7 @@ def test_store_builds_reuses_rebuilds_what_changed_and_resumes(tmp_path, monkeyp
     (store,), summary = teachers.build_store(pairs, [FakeClipTeacher()], root, "d", workers=0)
     assert FakeClipTeacher.calls == 14 and summary["parts_built"] == 3 and summary["missing"] == [1]
     assert store.ok.tolist() == [i != 7 for i in range(15)]
-    want = FakeClipTeacher.embed(torch.stack([data.load_image(pairs.source(i), 8) for i in (0, 9, 14)]))
+    want = FakeClipTeacher.embed(torch.stack([clip.load_image(pairs.source(i), 8) for i in (0, 9, 14)]))
     got = store.rows("image", [0, 9, 14])
     assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3) and not torch.equal(got, want)  # fp16
     assert torch.equal(store.rows("text", [3]), FakeClipTeacher().encode_texts(["pair 3"]).half().float())
@@ -2072,7 +2085,7 @@ def test_store_builds_reuses_rebuilds_what_changed_and_resumes(tmp_path, monkeyp
     (store1,), summary = teachers.build_store(pairs, [FakeClipTeacher(1)], root, "d", workers=0)
     assert summary["parts_reused"] == 1 and FakeClipTeacher.calls == 10  # part 0 was kept
     rows1 = store1.rows("image", range(16))
-    real_atomic = data.atomic
+    real_atomic = clip.atomic
 
     @contextlib.contextmanager
     def full_disk(path):
@@ -2181,7 +2194,7 @@ def test_hf_teacher_store_follows_the_weights_and_its_preprocessing_config(tmp_p
     assert (t.resize, t.crop, t.mean, t.std) == (40, 32, (0.5,) * 3, (0.25,) * 3)
     pairs = data.ShardPairs(write_shards(tmp_path, 1, 6), image_size=16)  # the student's size: not the teacher's
     (first,), _ = teachers.build_store(pairs, [t], str(tmp_path / "st"), "d", workers=0)
-    direct = t.encode_images(torch.stack([data.load_image(pairs.source(i), 40, 32) for i in range(6)]))
+    direct = t.encode_images(torch.stack([clip.load_image(pairs.source(i), 40, 32) for i in range(6)]))
     assert torch.allclose(first.rows("image", range(6)), direct, atol=2e-3)
     tiny_hf_clip(tmp_path / "hf", seed=1)  # other weights, same folder
     t2 = teachers.load_clip_teacher(folder, "cpu")

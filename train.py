@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -48,6 +47,90 @@ PRESETS = {
                 teacher_steps=20000),
 }  # teacher_steps: --teacher own trains a teacher on the student's data first, this long
 METHODS = ["clip", "kclip", "cid", "kclip+cid"]  # kclip+cid: both teachers at once (beyond both papers)
+PRESET = "the preset's"  # a default taken from PRESETS
+# Every flag, grouped as a reader meets them: (flag, default, help[, argparse keywords]). The type
+# is the default's; False: a switch. --help prints each flag's value for this run.
+FLAGS = {
+    "run": [
+        ("--method", "clip", "which losses (kclip+cid: both teachers)", dict(choices=METHODS)),
+        ("--device", "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ..."),
+        ("--preset", None, "the defaults marked (preset): gpu on CUDA, else cpu", dict(choices=list(PRESETS))),
+        ("--seed", 0, "draws the data, the initialisation and the batch order"),
+        ("--out", None, "run folder; default runs/METHOD-MODEL-sSEED (then -2, -3, ... if taken)"),
+        ("--resume", False, "continue the run in --out from its checkpoint"),
+        ("--overwrite", False, "start afresh even if --out holds a run"),
+        ("--log-every", 10, "steps between lines of DIR/log.jsonl"),
+        ("--ckpt-every", 100, "steps between checkpoints (DIR/ckpt.pt)"),
+        ("--eval-split", "test", "val: the embedded set's validation split alone (eval.validate_shapes), to choose "
+                                 "settings on; no test number is computed", dict(choices=["test", "val"])),
+        ("--eval-sets", [], "zero-shot/probe sets under --data-root: " + ", ".join(evaluation.EVAL_SETS), dict(nargs="*")),
+        ("--data-root", os.path.expanduser("~/.cache/clip-distill"), "where eval sets live"),
+        ("--store", os.path.join("runs", "store"), "root of the teacher store (kclip, cid)"),
+        ("--store-dtype", "float16", "teacher rows on disk", dict(choices=["float16", "float32"])),
+        ("--trust-remote-code", False, "allow a Hugging Face teacher's own code"),
+    ],
+    "model and optimiser": [
+        ("--model", PRESET, "the student's size (clip.SIZES)", dict(choices=list(clip.SIZES))),
+        ("--image-size", None, "the model's by default", dict(type=int)),
+        ("--vocab-size", PRESET, "ids of the byte-pair tokenizer learned from the training captions (clip.learn_bpe; "
+                                 "at most 20,000 of them); 259: bytes alone"),
+        ("--steps", PRESET, "optimizer steps"),
+        ("--batch-size", PRESET, "pairs per step, over all processes"),
+        ("--lr", PRESET, "peak learning rate (AdamW)"),
+        ("--warmup", PRESET, "steps of linear warmup, then cosine to 0"),
+        ("--weight-decay", 0.1, "on tensors of 2 or more dims only"),
+        ("--grad-clip", 1.0, "largest gradient norm"),
+        ("--clip-weight", 1.0, "weight of the CLIP loss (Knowledge-CLIP's gamma)"),
+    ],
+    "data: 'shapes' (embedded, generated; 'shapes-pretrain': the teacher's pool) or your own pairs": [
+        ("--data", "shapes", "'shapes', 'shapes-pretrain', a .csv/.tsv file or tar shards 'dir/cc3m-{00000..00331}.tar'"),
+        ("--n-train", PRESET, "shapes: training pairs generated"),
+        ("--n-eval", 2000, "shapes: test pairs (probe 2x, val 0.5x)"),
+        ("--dup-frac", 0.3, "shapes: near-duplicate fraction"),
+        ("--imbalance", 0.8, "shapes: Zipf exponent of class frequency"),
+        ("--val-frac", 0.02, "yours: held-out pairs for retrieval (by key: the same every seed)"),
+        ("--train-frac", 1.0, "yours: train on this part of the other pairs (by key), e.g. a student on a part, its "
+                              "teacher on all"),
+        ("--csv-img-key", "filepath", "CSV column of the image paths"),
+        ("--csv-caption-key", "title", "CSV column of the captions"),
+        ("--csv-label-key", None, "CSV column of a class name per pair: zero-shot over the class names and a linear "
+                                  "probe on the held-out pairs (python docs/convert_folder.py writes 'category')"),
+        ("--csv-key", None, "CSV column of a stable sample key (default: the image path)"),
+        ("--workers", 2, "DataLoader workers"),
+    ],
+    "Knowledge-CLIP (--method kclip)": [
+        ("--text-teacher", teachers.DEFAULT_TEXT_TEACHER, "Hugging Face model name or folder, e.g. "
+                                                          "meta-llama/Llama-2-7b-hf (with --pool last)"),
+        ("--pool", "mean", "text teacher pooling over tokens", dict(choices=["mean", "last"])),
+        ("--text-teacher-init", "pretrained", "random: the same architecture freshly initialised (seeded by --seed), "
+                                              "a control", dict(choices=["pretrained", "random"])),
+        ("--concepts", 64, "K of the k-means on the text teacher's caption embeddings"),
+        ("--concept-tau", 0.05, "temperature tau_c of the soft concept labels"),
+        ("--emb-weight", 1.0, "alpha, weight of the text embedding distillation"),
+        ("--concept-weight", 0.01, "beta, weight of the concept KL loss"),
+        ("--text-corpus", None, "beyond the paper: distil the text teacher on text-only lines too; a text file, one "
+                                "phrase per line; 'shapes' or no value: the corpus data.py generates (with the "
+                                "never-seen words)", dict(nargs="?", const="shapes", metavar="PATH")),
+        ("--corpus-weight", 1.0, "weight of L_emb on the text-only batch"),
+        ("--corpus-batch", 128, "text-only lines per step"),
+    ],
+    "CLIP-CID (--method cid)": [
+        ("--teacher", None, "'pretrained': the teacher in weights/, pretrained on a broader pool (the default for "
+                            "--data shapes); 'own': train one on this run's data first (the default for other data); "
+                            "or a run folder of ours, or a Hugging Face CLIPModel name/path"),
+        ("--teacher-steps", PRESET, "steps of --teacher own"),
+        ("--clusters", 64, "K of the k-means on teacher image embeddings"),
+        ("--balance", True, "image semantic balance", dict(action=argparse.BooleanOptionalAction)),
+        ("--balance-threshold", 0.99, "cosine at or above which two images are duplicates"),
+        ("--balance-buckets", None, "search duplicates within k-means buckets (default: exact below 200,000 pairs, "
+                                    "else pairs / 2000 buckets)", dict(type=int)),
+        ("--cd-weight", 1.0, "weight of the cluster discrimination loss"),
+        ("--id-weight", 1.0, "weight of the instance discrimination loss"),
+        ("--margin", 0.3, "ArcFace additive angular margin m"),
+        ("--arc-scale", 32.0, "ArcFace scale s"),
+        ("--class-frac", 1.0, "partial class sampling: fraction of negative clusters kept"),
+    ],
+}
 # Which flags decide what: each list is read by every place that needs it (resume, the own
 # teacher's folder and command, the reproduction's runs).
 DATA_KEYS = ("data", "seed", "n_train", "dup_frac", "imbalance", "image_size", "val_frac", "train_frac",
@@ -70,131 +153,35 @@ class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):  # each flag's value
 
 
 def parse_args(argv=None):
-    # --help shows the values a run will use: the device, preset, model and data come first
-    first = argparse.ArgumentParser(add_help=False)
-    for flag, default in (("--device", "cuda" if torch.cuda.is_available() else "cpu"), ("--preset", None),
-                          ("--model", None), ("--data", "shapes")):
-        first.add_argument(flag, default=default)
+    """The flags (FLAGS), with the defaults this run will use: the preset's (gpu on CUDA, else cpu),
+    the image size of the model, the teacher that suits the data; then their checks (check_args)."""
+    first = argparse.ArgumentParser(add_help=False)  # what the other defaults depend on
+    for flag in ("--device", "--preset", "--model", "--data"):
+        first.add_argument(flag)
     known = first.parse_known_args(argv)[0]
-    preset_name = known.preset if known.preset in PRESETS else ("gpu" if known.device.startswith("cuda") else "cpu")
-    preset = PRESETS[preset_name]
-    model = known.model if known.model in clip.SIZES else preset["model"]
+    device = known.device or FLAGS["run"][1][1]
+    preset = known.preset if known.preset in PRESETS else ("gpu" if device.startswith("cuda") else "cpu")
+    model = known.model if known.model in clip.SIZES else PRESETS[preset]["model"]
+    chosen = {"preset": preset, "image_size": clip.SIZES[model].image_size,
+              "teacher": "pretrained" if (known.data or "shapes") == "shapes" else "own"}
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=ShowDefaults,
                                 epilog="The reproduction: python docs/reproduce.py --help. The step bench: python docs/bench.py.")
-    g = p.add_argument_group("common")
-    g.add_argument("--method", choices=METHODS, default="clip", help="which losses (kclip+cid: both teachers)")
-    g.add_argument("--data", default="shapes", help="'shapes' (embedded, generated; 'shapes-pretrain': the teacher's "
-                   "pretraining pool), a .csv/.tsv file or tar shards 'dir/cc3m-{00000..00331}.tar'")
-    g.add_argument("--device", default=known.device, help="cpu, cuda, cuda:1, ...")
-    g.add_argument("--preset", choices=list(PRESETS), default=preset_name, help="the defaults below: gpu on CUDA, else cpu")
-    g.add_argument("--model", choices=list(clip.SIZES), default=preset["model"], help="the student's size (clip.SIZES)")
-    g.add_argument("--steps", type=int, default=preset["steps"], help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=preset["batch_size"], help="pairs per step, over all processes")
-    g.add_argument("--lr", type=float, default=preset["lr"], help="peak learning rate (AdamW)")
-    g.add_argument("--warmup", type=int, default=preset["warmup"], help="steps of linear warmup, then cosine to 0")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="on tensors of 2 or more dims only")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm")
-    g.add_argument("--vocab-size", type=int, default=preset["vocab_size"], help="ids of the byte-pair tokenizer learned "
-                   "from the training captions (clip.learn_bpe; at most 20,000 of them); 259: bytes alone")
-    g.add_argument("--image-size", type=int, default=clip.SIZES[model].image_size, help="the model's by default")
-    g.add_argument("--clip-weight", type=float, default=1.0, help="weight of the CLIP loss (Knowledge-CLIP's gamma)")
-    g.add_argument("--seed", type=int, default=0, help="draws the data, the initialisation and the batch order")
-    g.add_argument("--out", default=None, help="run folder; default runs/METHOD-MODEL-sSEED (then -2, -3, ... if taken)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
-    g.add_argument("--log-every", type=int, default=10, help="steps between lines of DIR/log.jsonl")
-    g.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (DIR/ckpt.pt)")
-    g.add_argument("--eval-split", choices=["test", "val"], default="test", help="val: the embedded set's validation "
-                   "split alone (eval.validate_shapes), to choose settings on; no test number is computed")
-    g.add_argument("--eval-sets", nargs="*", default=[], help="zero-shot/probe sets under --data-root: "
-                   + ", ".join([*data.EVAL_SETS, *data.ATTRIBUTE_SETS]))
-    g.add_argument("--data-root", default=os.path.expanduser("~/.cache/clip-distill"), help="where eval sets live")
-    g.add_argument("--store", default=os.path.join("runs", "store"), help="root of the teacher store (kclip, cid)")
-    g.add_argument("--store-dtype", choices=["float16", "float32"], default="float16", help="teacher rows on disk")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow a Hugging Face teacher's own code")
-    g = p.add_argument_group("embedded data (--data shapes)")
-    g.add_argument("--n-train", type=int, default=preset["n_train"], help="training pairs generated")
-    g.add_argument("--n-eval", type=int, default=2000, help="test pairs (probe 2x, val 0.5x)")
-    g.add_argument("--dup-frac", type=float, default=0.3, help="near-duplicate fraction")
-    g.add_argument("--imbalance", type=float, default=0.8, help="Zipf exponent of class frequency")
-    g = p.add_argument_group("your own data (--data FILE.csv or SHARDS.tar)")
-    g.add_argument("--val-frac", type=float, default=0.02, help="held-out pairs for retrieval (by key: the same every seed)")
-    g.add_argument("--train-frac", type=float, default=1.0, help="train on this part of the other pairs (by key), e.g. "
-                   "a student on a part, its teacher on all")
-    g.add_argument("--csv-img-key", default="filepath", help="CSV column of the image paths")
-    g.add_argument("--csv-caption-key", default="title", help="CSV column of the captions")
-    g.add_argument("--csv-label-key", default=None, help="CSV column of a class name per pair: zero-shot over the "
-                   "class names and a linear probe on the held-out pairs (python data.py --convert writes 'category')")
-    g.add_argument("--csv-key", default=None, help="CSV column of a stable sample key (default: the image path)")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    g = p.add_argument_group("Knowledge-CLIP (--method kclip)")
-    g.add_argument("--text-teacher", default=teachers.DEFAULT_TEXT_TEACHER,
-                   help="Hugging Face model name or folder, e.g. meta-llama/Llama-2-7b-hf (with --pool last)")
-    g.add_argument("--pool", choices=["mean", "last"], default="mean", help="text teacher pooling over tokens")
-    g.add_argument("--text-teacher-init", choices=["pretrained", "random"], default="pretrained",
-                   help="random: the same architecture freshly initialised (seeded by --seed), a control")
-    g.add_argument("--concepts", type=int, default=64, help="K of the k-means on the text teacher's caption embeddings")
-    g.add_argument("--concept-tau", type=float, default=0.05, help="temperature tau_c of the soft concept labels")
-    g.add_argument("--emb-weight", type=float, default=1.0, help="alpha, weight of the text embedding distillation")
-    g.add_argument("--concept-weight", type=float, default=0.01, help="beta, weight of the concept KL loss")
-    g.add_argument("--text-corpus", nargs="?", const="shapes", default=None, metavar="PATH",
-                   help="beyond the paper: distil the text teacher on text-only lines too; a text file, one phrase per "
-                        "line; 'shapes' or no value: the corpus data.py generates (with the never-seen words)")
-    g.add_argument("--corpus-weight", type=float, default=1.0, help="weight of L_emb on the text-only batch")
-    g.add_argument("--corpus-batch", type=int, default=128, help="text-only lines per step")
-    g = p.add_argument_group("CLIP-CID (--method cid)")
-    g.add_argument("--teacher", default="pretrained" if known.data == "shapes" else "own",
-                   help="'pretrained': the teacher in weights/, pretrained on a broader pool (the default for --data "
-                   "shapes); 'own': train one on this run's data first (the default for other data); or a run folder "
-                   "of ours, or a Hugging Face CLIPModel name/path")
-    g.add_argument("--teacher-steps", type=int, default=preset["teacher_steps"], help="steps of --teacher own")
-    g.add_argument("--clusters", type=int, default=64, help="K of the k-means on teacher image embeddings")
-    g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True, help="image semantic balance")
-    g.add_argument("--balance-threshold", type=float, default=0.99, help="cosine at or above which two images are duplicates")
-    g.add_argument("--balance-buckets", type=int, default=None, help="search duplicates within k-means buckets "
-                   "(default: exact below 200,000 pairs, else pairs / 2000 buckets)")
-    g.add_argument("--cd-weight", type=float, default=1.0, help="weight of the cluster discrimination loss")
-    g.add_argument("--id-weight", type=float, default=1.0, help="weight of the instance discrimination loss")
-    g.add_argument("--margin", type=float, default=0.3, help="ArcFace additive angular margin m")
-    g.add_argument("--arc-scale", type=float, default=32.0, help="ArcFace scale s")
-    g.add_argument("--class-frac", type=float, default=1.0, help="partial class sampling: fraction of negative clusters kept")
+    for group, rows in FLAGS.items():
+        g = p.add_argument_group(group)
+        for flag, default, help_text, *more in rows:
+            key = flag[2:].replace("-", "_")
+            default = PRESETS[preset][key] if default is PRESET else chosen.get(key, default)
+            kw = dict(more[0]) if more else {}
+            if default is False:
+                kw["action"] = "store_true"
+            elif "action" not in kw and "nargs" not in kw and default is not None:
+                kw.setdefault("type", type(default))
+            g.add_argument(flag, default=default, help=help_text + (" (preset)" if key in PRESETS[preset] else ""), **kw)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (--help lists the flags)\n")  # no usage dump
     args = p.parse_args(argv)
-    if args.image_size % clip.SIZES[args.model].patch_size:
-        p.error(f"--image-size {args.image_size} is not a multiple of --model {args.model}'s patch size "
-                f"{clip.SIZES[args.model].patch_size}")
-    if args.vocab_size < clip.N_BASE:
-        p.error(f"--vocab-size must be at least {clip.N_BASE} (the bytes and 3 special ids), got {args.vocab_size}")
-    for key in ("steps", "batch_size", "n_train", "n_eval", "log_every", "ckpt_every", "image_size"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if args.batch_size < 2:
-        p.error("--batch-size must be at least 2: the contrastive loss needs negatives")
-    if not args.lr > 0 or not 0 <= args.val_frac < 1 or not 0 <= args.dup_frac < 1 or not 0 < args.train_frac <= 1:
-        p.error("need --lr > 0, 0 <= --val-frac < 1, 0 < --train-frac <= 1 and 0 <= --dup-frac < 1")
-    if args.eval_split == "val" and (args.data not in data.EMBEDDED or args.eval_sets):
-        p.error("--eval-split val is the embedded set's validation split alone: not for your own data (its held-out "
-                "pairs are --val-frac), nor with --eval-sets")
-    if args.train_frac < 1 and args.data in data.EMBEDDED:
-        p.error("--train-frac is for your own data; --n-train sets how many embedded pairs a run trains on")
-    unknown = [s for s in args.eval_sets if s not in data.EVAL_SETS and s not in data.ATTRIBUTE_SETS]
-    if unknown:
-        p.error(f"--eval-sets {' '.join(unknown)}: unknown; choose from {', '.join([*data.EVAL_SETS, *data.ATTRIBUTE_SETS])}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here")
-    if args.text_corpus and "kclip" not in parts(args.method):
-        p.error("--text-corpus distils the text teacher: it needs --method kclip or kclip+cid")
-    if args.corpus_batch < 1 or args.corpus_batch % int(os.environ.get("WORLD_SIZE", "1")):
-        p.error("--corpus-batch must be at least 1 and a multiple of the number of processes")
-    if args.concepts < 1 or not args.concept_tau > 0:
-        p.error("need --concepts >= 1 and --concept-tau > 0")
-    if args.clusters < 1 or not 0 < args.class_frac <= 1 or not -1 <= args.balance_threshold <= 1:
-        p.error("need --clusters >= 1, 0 < --class-frac <= 1 and -1 <= --balance-threshold <= 1")
+    check_args(args, p.error)
     if "cid" not in parts(args.method):
         args.teacher = None  # no CLIP teacher
-    if args.teacher == "pretrained" and args.data != "shapes":
-        p.error(f"--teacher pretrained knows the embedded shapes only; for --data {args.data} pass --teacher own "
-                "(trained on it first), a run folder of ours or a Hugging Face CLIP")
     if args.out is None:  # the default folder; a finished or broken run there is kept, not reused
         base = args.out = os.path.join("runs", f"{args.method}-{args.model}-s{args.seed}")
         k = 1
@@ -202,6 +189,61 @@ def parse_args(argv=None):
             k += 1
             args.out = f"{base}-{k}"
     return args
+
+
+def check_args(args, error):
+    """What argparse cannot see alone: each check ends the run with one line (error)."""
+    patch = clip.SIZES[args.model].patch_size
+    if args.image_size % patch:
+        error(f"--image-size {args.image_size} is not a multiple of --model {args.model}'s patch size {patch}")
+    if args.vocab_size < clip.N_BASE:
+        error(f"--vocab-size must be at least {clip.N_BASE} (the bytes and 3 special ids), got {args.vocab_size}")
+    for key in ("steps", "batch_size", "n_train", "n_eval", "log_every", "ckpt_every", "image_size"):
+        if getattr(args, key) < 1:
+            error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if args.batch_size < 2:
+        error("--batch-size must be at least 2: the contrastive loss needs negatives")
+    if not args.lr > 0 or not 0 <= args.val_frac < 1 or not 0 <= args.dup_frac < 1 or not 0 < args.train_frac <= 1:
+        error("need --lr > 0, 0 <= --val-frac < 1, 0 < --train-frac <= 1 and 0 <= --dup-frac < 1")
+    if args.eval_split == "val" and (args.data not in data.EMBEDDED or args.eval_sets):
+        error("--eval-split val is the embedded set's validation split alone: not for your own data (its held-out "
+              "pairs are --val-frac), nor with --eval-sets")
+    if args.train_frac < 1 and args.data in data.EMBEDDED:
+        error("--train-frac is for your own data; --n-train sets how many embedded pairs a run trains on")
+    unknown = [s for s in args.eval_sets if s not in evaluation.EVAL_SETS]
+    if unknown:
+        error(f"--eval-sets {' '.join(unknown)}: unknown; choose from {', '.join(evaluation.EVAL_SETS)} (the attribute "
+              "sets cub, awa2: python docs/attributes.py)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        error(f"--device {args.device}: CUDA is not available here")
+    if args.text_corpus and "kclip" not in parts(args.method):
+        error("--text-corpus distils the text teacher: it needs --method kclip or kclip+cid")
+    if args.corpus_batch < 1 or args.corpus_batch % int(os.environ.get("WORLD_SIZE", "1")):
+        error("--corpus-batch must be at least 1 and a multiple of the number of processes")
+    if args.concepts < 1 or not args.concept_tau > 0:
+        error("need --concepts >= 1 and --concept-tau > 0")
+    if args.clusters < 1 or not 0 < args.class_frac <= 1 or not -1 <= args.balance_threshold <= 1:
+        error("need --clusters >= 1, 0 < --class-frac <= 1 and -1 <= --balance-threshold <= 1")
+    if args.teacher == "pretrained" and args.data != "shapes" and "cid" in parts(args.method):
+        error(f"--teacher pretrained knows the embedded shapes only; for --data {args.data} pass --teacher own "
+              "(trained on it first), a run folder of ours or a Hugging Face CLIP")
+
+
+def make_stream(args):
+    """The batches of this run: the embedded set drawn from its flags, or your pairs read by row."""
+    context = clip.SIZES[args.model].context_length
+    if args.data in data.EMBEDDED:
+        return data.ShapesStream(data.training_set(vars(args)), args.batch_size, args.seed, args.vocab_size, context)
+    pairs = data.real_pairs(args.data, args.image_size, args.csv_img_key, args.csv_caption_key, args.csv_key,
+                            os.path.join(args.store, "scans"), args.csv_label_key)
+    return data.RealStream(pairs, args.batch_size, args.seed, args.vocab_size, context, args.val_frac, args.train_frac,
+                           args.workers)
+
+
+def loss_config(args):  # the flags that losses.loss_terms reads
+    return losses.LossConfig({"clip": args.clip_weight, "emb": args.emb_weight, "concept": args.concept_weight,
+                              "cd": args.cd_weight, "id": args.id_weight, "corpus": args.corpus_weight},
+                             args.concept_tau, args.arc_scale, args.margin, args.class_frac, args.seed)
 
 
 def say(message):
@@ -214,21 +256,9 @@ def parts(method):  # "kclip+cid" -> ["kclip", "cid"]: the methods whose terms a
 
 
 # ----------------------------------------------------------------------------------------
-# The method: which loss terms a batch produces, and their weights. CLIP has one term;
-# Knowledge-CLIP adds text embedding distillation and concept learning against a frozen LLM's
-# cached caption embeddings; CLIP-CID adds cluster and instance discrimination against a
-# frozen CLIP teacher's cached embeddings.
-
-class KCLIPHeads(nn.Module):
-    """The student's extra parameters in Knowledge-CLIP (its Figure 1): the linear projector W_e
-    (D_s -> D_t, into the LLM's space) and the concept classifier C (D_s -> K), shared by the
-    image and text embeddings."""
-
-    def __init__(self, d_student, d_teacher, n_concepts):
-        super().__init__()
-        self.proj = nn.Linear(d_student, d_teacher, bias=False)
-        self.classifier = nn.Linear(d_student, n_concepts)
-
+# The method's preparation, once before the loop: the teachers embed every pair into the
+# teacher store; Knowledge-CLIP's concepts, CLIP-CID's balance and clusters are computed on it.
+# (What each batch then computes, its loss terms: losses.loss_terms.)
 
 def open_store(args, stream, teacher):
     """The teacher store of this run's pairs (built, or the parts still missing built now)."""
@@ -267,23 +297,16 @@ def prepare_kclip(args, stream, device):
             "soft_label_max_mean": round(soft_max.mean().item(), 4)}
     extra = {"t_store": store, "concept_centroids": centroids.to(device)}
     if args.text_corpus:  # text-only lines: their tokens and teacher embeddings, in a store of their own
-        lines, dropped = data.read_corpus(args)
+        held = data.eval_captions(args.n_eval, args.seed, args.image_size) if args.data in data.EMBEDDED else set()
+        lines, dropped = data.read_corpus(args.text_corpus, held, args.seed)
+        if dropped:
+            say(f"kclip: dropped {dropped} lines of --text-corpus that are evaluation captions")
         extra["corpus_tokens"] = stream.tokenizer(lines, clip.SIZES[args.model].context_length)  # (M, L)
         (extra["corpus_store"],), _ = teachers.build_store(data.TextLines(lines), [teacher], args.store,
                                                            f"corpus-{data.fingerprint_of(lines)}", args.store_dtype)
         info["text_corpus"] = {"path": args.text_corpus, "lines": len(lines), "distinct": len(set(lines)),
                                "evaluation_captions_dropped": dropped}
     return teacher.dim, extra, info
-
-
-class CIDHeads(nn.Module):
-    """The student's extra parameters in CLIP-CID: the projector P (D_s -> D_t) into the
-    teacher's space and the learned scale s' of the instance loss (initialised like CLIP's)."""
-
-    def __init__(self, d_student, d_teacher):
-        super().__init__()
-        self.proj = nn.Linear(d_student, d_teacher, bias=False)
-        self.logit_scale = clip.logit_scale()  # s'
 
 
 def default_teacher_dir(args):
@@ -307,10 +330,10 @@ def ensure_teacher(args, stream):
     if args.teacher != "own":
         record = (os.path.join(args.teacher, "results.json") if os.path.isdir(args.teacher)
                   else os.path.splitext(args.teacher)[0] + ".json")  # a run folder of ours, or a .pt with its manifest
-        return args.teacher, data.read_json(record) if os.path.isfile(record) else None, False
+        return args.teacher, clip.read_json(record) if os.path.isfile(record) else None, False
     tdir = default_teacher_dir(args)
     if os.path.exists(os.path.join(tdir, "results.json")):
-        record = data.read_json(os.path.join(tdir, "results.json"))
+        record = clip.read_json(os.path.join(tdir, "results.json"))
         trained_on = record.get("data_fingerprint")
         if trained_on != stream.fingerprint:
             raise SystemExit(f"error: the teacher in {tdir} was trained on other data ({trained_on or 'an older data.py'}, "
@@ -322,7 +345,7 @@ def ensure_teacher(args, stream):
     batch = batch if len(stream.pool) >= batch else args.batch_size
     train(parse_args(["--method", "clip", "--model", "teacher", "--steps", str(args.teacher_steps), "--batch-size",
                       str(batch), *flags(args, DATA_KEYS + RUN_KEYS), "--out", tdir, "--resume"]))
-    return tdir, data.read_json(os.path.join(tdir, "results.json")), True  # every rank: train() ends after rank 0 wrote it
+    return tdir, clip.read_json(os.path.join(tdir, "results.json")), True  # every rank: train() ends after rank 0 wrote it
 
 
 def prepare_cid(args, stream, device):
@@ -360,64 +383,8 @@ def prepare_cid(args, stream, device):
     return teacher.dim, {"store": store, "centroids": centroids.to(device), "labels": labels}, info
 
 
-def loss_terms(model, heads, batch, extra, args):
-    """{name: scalar loss} for one batch. heads: {"kclip": KCLIPHeads, "cid": CIDHeads}, those of
-    the run's method (kclip+cid: both)."""
-    image_emb = model.encode_image(batch["images"])  # (B, D_s) I_e
-    text_feat = model.encode_text(batch["tokens"], normalize=False)  # (B, D_s) E_T(x), before normalising
-    if "corpus_index" in batch:  # text-only lines (--text-corpus): the text tower alone
-        corpus_feat = model.encode_text(extra["corpus_tokens"][batch["corpus_index"]].to(image_emb.device),
-                                        normalize=False)  # (B_c, D_s)
-    with torch.autocast(image_emb.device.type, enabled=False):  # the losses in fp32, also under bf16 autocast
-        image_emb, text_feat = image_emb.float(), text_feat.float()
-        text_emb = F.normalize(text_feat, dim=-1)  # (B, D_s) T_e
-        rank, n = data.world()
-        gathered = {} if n == 1 else dict(image_all=data.gather(image_emb), text_all=data.gather(text_emb), offset=rank * len(image_emb))
-        terms = {"clip": losses.clip_loss(image_emb, text_emb, model.logit_scale.exp(), **gathered)}
-        idx, dev = batch["index"], image_emb.device  # (B / W,) this rank's rows of the data (and of the store)
-        if "kclip" in heads:
-            kh = heads["kclip"]
-            t_txt = extra["t_store"].rows("text", idx).to(dev)  # (B, D_t) L(x)
-            soft = kmeans.soft_assign(t_txt, extra["concept_centroids"], args.concept_tau)  # (B, K) s_i
-            terms["emb"] = losses.embedding_distill_loss(kh.proj(text_feat), t_txt)
-            terms["concept"] = losses.concept_loss(kh.classifier(image_emb), kh.classifier(text_emb), soft)
-        if "corpus_index" in batch:  # the same W_e and L_emb, on lines with no image
-            terms["corpus"] = losses.embedding_distill_loss(heads["kclip"].proj(corpus_feat.float()),
-                                                            extra["corpus_store"].rows("text", batch["corpus_index"]).to(dev))
-        if "cid" in heads:
-            ch = heads["cid"]
-            zi = F.normalize(ch.proj(image_emb), dim=-1)  # (B, D_t) P(I_s)
-            zt = F.normalize(ch.proj(text_emb), dim=-1)  # (B, D_t) P(T_s)
-            y, C = extra["labels"][idx].to(dev), extra["centroids"]
-            kw = dict(s=args.arc_scale, m=args.margin, sample_frac=args.class_frac,
-                      generator=data.step_generator(args.seed, batch["step"], 1) if args.class_frac < 1 else None)
-            terms["cd"] = (losses.cluster_loss(zi, C, y, **kw) + losses.cluster_loss(zt, C, y, **kw)) / 2
-            every = batch["global_index"]  # the teacher's rows: the whole global batch
-            terms["id"] = losses.instance_loss(zi, zt, extra["store"].rows("image", every).to(dev),
-                                               extra["store"].rows("text", every).to(dev),
-                                               ch.logit_scale.exp(), offset=rank * len(idx))
-        return terms
-
-
-def loss_weights(args):
-    return {"clip": args.clip_weight, "emb": args.emb_weight, "concept": args.concept_weight,
-            "cd": args.cd_weight, "id": args.id_weight, "corpus": args.corpus_weight}
-
-
-class Student(nn.Module):
-    """The CLIP and its method's heads as one module whose forward gives the loss terms: the unit
-    DistributedDataParallel wraps (its gradient all-reduce hooks fire for what forward computed)."""
-
-    def __init__(self, model, heads, extra, args):
-        super().__init__()
-        self.model, self.heads, self.extra, self.args = model, heads, extra, args
-
-    def forward(self, batch):
-        return loss_terms(self.model, self.heads, batch, self.extra, self.args)
-
-
 # ----------------------------------------------------------------------------------------
-# Optimiser, schedule, one training step, checkpoints.
+# Optimiser, schedule, one training step, FLOPs (checkpoints: clip.save_checkpoint, load_for_resume).
 
 def make_optimizer(modules, lr, weight_decay, fused=False):
     """AdamW; no weight decay on gains, biases and logit scales (every tensor with < 2 dims).
@@ -440,15 +407,14 @@ def lr_at(step, lr, warmup, steps):
 
 
 def on_device(batch, step, device):  # a stream's batch for `step`, its pixels (normalised) and tokens on device
-    return {**batch, "step": step, "images": data.to_input(batch["images"], device), "tokens": batch["tokens"].to(device)}
+    return {**batch, "step": step, "images": clip.to_input(batch["images"], device), "tokens": batch["tokens"].to(device)}
 
 
-def train_step(student, batch, optimizer, args, scales, amp):
+def train_step(student, batch, optimizer, weights, grad_clip, scales, amp):
     """One update: the loss terms (bf16 autocast if amp), their weighted sum, backward, gradient
     clipping, AdamW, and the clamp exp(t) <= 100 of every learned temperature in `scales`.
     -> (the loss and each term (1 + T,), averaged over ranks; the term names; what went wrong or
     None). A NaN or inf loss or gradient norm is not applied: the weights stay as they were."""
-    weights = loss_weights(args)
     with torch.autocast(batch["images"].device.type, dtype=torch.bfloat16, enabled=amp):
         terms = student(batch)
         loss = sum(weights[k] * v for k, v in terms.items())
@@ -461,7 +427,7 @@ def train_step(student, batch, optimizer, args, scales, amp):
         return values, list(terms), ("loss", values[0])
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the same on every rank
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # the same on every rank
     if not torch.isfinite(grad_norm):
         return values, list(terms), ("gradient norm", grad_norm)
     optimizer.step()
@@ -469,10 +435,6 @@ def train_step(student, batch, optimizer, args, scales, amp):
         for t in scales:
             t.clamp_(0, clip.MAX_LOGIT_SCALE)
     return values, list(terms), None
-
-
-def finite_weights(*modules):
-    return all(torch.isfinite(t).all() for m in modules for t in m.state_dict().values() if t.is_floating_point())
 
 
 def step_shape(batch, extra):
@@ -484,47 +446,6 @@ def step_shape(batch, extra):
     corpus = (len(batch["corpus_index"]), clip.text_length(extra["corpus_tokens"][batch["corpus_index"]])) \
         if "corpus_index" in batch else None
     return len(batch["tokens"]), clip.text_length(batch["tokens"]), corpus
-
-
-def save_checkpoint(path, model, heads, optimizer, step, args, flops=None):
-    """Write to a temp file, then rename: a killed run never leaves a half-written ckpt.pt.
-    Weights with a NaN or inf are never written (the good checkpoint on disk stays): False then."""
-    if not finite_weights(model, heads):
-        return False
-    state = {"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "model_config": asdict(model.cfg), "config": vars(args), "flops": flops,
-             "rng": {"torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    with data.atomic(path) as tmp:
-        torch.save(state, tmp)
-    return True
-
-
-def load_for_resume(path, model, heads, optimizer, args):
-    ckpt = clip.load_file(path, args.device)
-    diff = [k for k in RESUME_MUST_MATCH if ckpt["config"].get(k, getattr(args, k)) != getattr(args, k)]  # absent: older flag
-    if diff:
-        raise SystemExit("error: cannot resume " + path + ": " + ", ".join(
-            f"--{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {getattr(args, k)!r}" for k in diff))
-    if clip.CLIPConfig(**ckpt["model_config"]).merges != model.cfg.merges:
-        raise SystemExit(f"error: cannot resume {path}: the tokenizer learned from the data now differs from the "
-                         "checkpoint's (the training captions changed)")
-    model.load_state_dict(ckpt["model"])
-    heads.load_state_dict(ckpt["heads"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # RNG states are CPU tensors, also when loaded onto CUDA
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in ckpt["rng"]["cuda"]])
-    return ckpt["step"], ckpt.get("flops")  # no "flops": an older checkpoint, the count is unknown
-
-
-def trim_log(path, step):
-    """Drop log lines past the checkpoint's step (a killed run may have logged beyond it)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with data.atomic(path) as tmp, open(tmp, "w") as f:
-            f.writelines(lines)
 
 
 def flop_accounting(student, info):
@@ -562,10 +483,10 @@ def train(args):
         raise SystemExit(f"error: {args.out} already holds a run; pass --resume to continue it, "
                          f"--overwrite to start afresh, or --out for a new folder")
     for name in args.eval_sets:  # a missing eval set is found now, not after training
-        data.check_eval_set(name, args.data_root)
+        evaluation.check_eval_set(name, args.data_root)
     data.barrier()  # every rank has looked before rank 0 writes
     os.makedirs(args.out, exist_ok=True)
-    stream = data.ShapesStream(args) if args.data in data.EMBEDDED else data.RealStream(args)
+    stream = make_stream(args)
     model = clip.build(args.model, image_size=args.image_size, merges=stream.merges).to(device)
     n_params = clip.count_params(model)
     say(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x "
@@ -580,19 +501,20 @@ def train(args):
     torch.set_rng_state(rng)
     teacher_flops = {k: info.pop(k) for k in ("teacher_flops", "text_teacher_flops") if k in info}
     if "kclip" in dims:
-        heads["kclip"] = KCLIPHeads(model.cfg.embed_dim, dims["kclip"], args.concepts).to(device)
+        heads["kclip"] = losses.KCLIPHeads(model.cfg.embed_dim, dims["kclip"], args.concepts).to(device)
     if "cid" in dims:
-        heads["cid"] = CIDHeads(model.cfg.embed_dim, dims["cid"]).to(device)
+        heads["cid"] = losses.CIDHeads(model.cfg.embed_dim, dims["cid"]).to(device)
     scales = [model.logit_scale] + ([heads["cid"].logit_scale] if "cid" in heads else [])  # clamped after every step
     optimizer = make_optimizer([model, heads], args.lr, args.weight_decay, fused=device.type == "cuda")
-    student = Student(model, heads, extra, args)
+    cfg = loss_config(args)
+    student = losses.Student(model, heads, extra, cfg)
     if n_proc > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     start, flops = 0, 0  # flops: the student's training FLOPs so far, every process
     if args.resume and os.path.exists(ckpt_path):
-        start, flops = load_for_resume(ckpt_path, model, heads, optimizer, args)
+        start, flops = clip.load_for_resume(ckpt_path, model, heads, optimizer, vars(args), RESUME_MUST_MATCH)
         if main_rank:
-            trim_log(log_path, start)
+            clip.trim_log(log_path, start)
         say(f"resumed from {ckpt_path} at step {start}")
     else:
         if args.resume:
@@ -613,7 +535,7 @@ def train(args):
     def save(step_done):  # the checkpoint after `step_done` updates, or a clear stop if the weights are not finite
         nonlocal saved
         if main_rank:
-            if not save_checkpoint(ckpt_path, model, heads, optimizer, step_done, args, flops):
+            if not clip.save_checkpoint(ckpt_path, model, heads, optimizer, step_done, vars(args), flops):
                 raise SystemExit(f"error: the weights hold NaN or inf after step {step_done}; {on_disk()}")
             saved = step_done
 
@@ -625,8 +547,9 @@ def train(args):
                 group["lr"] = lr
             batch = on_device(stream.batch(step), step, device)
             if "corpus_tokens" in extra:
-                batch["corpus_index"] = data.corpus_index(step, len(extra["corpus_tokens"]), args)
-            run_step = lambda: train_step(student, batch, optimizer, args, scales, amp=device.type == "cuda")  # noqa: E731
+                batch["corpus_index"] = data.corpus_index(step, len(extra["corpus_tokens"]), args.corpus_batch, args.seed)
+            run_step = lambda: train_step(student, batch, optimizer, cfg.weights, args.grad_clip, scales,  # noqa: E731
+                                          amp=device.type == "cuda")
             shape = step_shape(batch, extra)
             if shape not in step_flops:  # a new shape: count this step's FLOPs (results.json: flops)
                 (values, names, bad), step_flops[shape] = clip.count_flops(run_step)
@@ -664,7 +587,9 @@ def train(args):
                "skipped_pairs": stream.skipped, "data_fingerprint": stream.fingerprint, "pairs_trained_on": len(stream.pool),
                "flops": flop_accounting(flops, teacher_flops),
                **info}
-    results.update(evaluation.evaluate(model, args, device, stream.pairs))
+    results.update(evaluation.evaluate(model, device, args.seed, args.n_eval, None if args.data in data.EMBEDDED
+                                       else stream.pairs, args.val_frac, args.eval_sets, args.data_root,
+                                       validation=args.eval_split == "val"))
     evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))
     if "kclip" in parts(args.method) and args.data in data.EMBEDDED:  # teacher vs student text space, by concept
         sample = stream.pool[:2000]
@@ -673,15 +598,30 @@ def train(args):
         evaluation.plot_text_pca({"teacher L(x)": teacher_text, "student T_e": student_text},
                                  kmeans.assign(teacher_text, extra["concept_centroids"].cpu(), spherical=True)[0],
                                  os.path.join(args.out, "text_pca.png"))
-    data.write_json(os.path.join(args.out, "results.json"), results)
+    clip.write_json(os.path.join(args.out, "results.json"), results)
     print(json.dumps(results, indent=2))
     data.barrier()
     return results
 
 
+def init_distributed(device, out):
+    """Join the process group torchrun describes: nccl on CUDA (one GPU per process), gloo on CPU.
+    Each rank then takes its share of every batch (data.world). Rank 0 alone writes logs,
+    checkpoints, pictures and results, into the folder it chose. -> (this rank's device, out)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        shared = [out]
+        dist.broadcast_object_list(shared, src=0)  # every rank writes (or reads) rank 0's folder
+        out = shared[0]
+    return device, out
+
+
 def main(argv=None):
     args = parse_args(argv)
-    data.init_distributed(args)
+    args.device, args.out = init_distributed(args.device, args.out)
     try:
         return train(args)
     except (FileNotFoundError, ValueError) as e:

@@ -17,6 +17,10 @@ distinct for training, 749 distinct held out). A second model with its own short
 (train.py's optimizer and schedule), so it lives here, beside the reproduction that uses it:
 `python docs/em_probe.py --ckpt KCLIP_DIR --baseline CLIP_DIR` prints the EM table (proof of
 concept, text teacher, an untrained tower, CLIP, the --ckpt run).
+
+A second, training-free text probe: `python docs/em_probe.py --tiers [--ckpt DIR]`, the vocabulary
+tiers (eval.tier_hits: is a rare or never-seen word's nearest common word its own value's?), for
+the text teacher and the --ckpt run.
 """
 import argparse
 import hashlib
@@ -223,7 +227,7 @@ def cached_autoencoder(path, train, seed=0, steps=600, device="cpu"):
             ae.load_state_dict(saved["state"])
             return ae.eval()
     ae = train_autoencoder(train, steps, seed=seed, device=device)
-    with data.atomic(path) as tmp:
+    with clip.atomic(path) as tmp:
         torch.save({"state": ae.state_dict(), "meta": meta}, tmp)
     return ae
 
@@ -260,23 +264,47 @@ def em_captions(cfg):
     return data.training_set(cfg).captions, test.captions
 
 
+def print_tiers(a):
+    """--tiers: how often the nearest common word is right, per vocabulary tier."""
+    model, cfg = clip.load_checkpoint(a.ckpt, a.device) if a.ckpt else (None, {})
+    teacher = teachers.load_text_teacher(a.text_teacher or cfg.get("text_teacher") or teachers.DEFAULT_TEXT_TEACHER,
+                                         a.device, cfg.get("pool", "mean"), a.trust_remote_code)
+    encoders = {f"text teacher {teacher.name}": lambda t: evaluation.in_batches(teacher.encode_texts, t)}
+    if model is not None:
+        encoders[f"{cfg['method']} ({a.ckpt})"] = lambda t: evaluation.embed_texts(model, t, a.device)
+    print("| text encoder | common | rare | never-seen | rare and never-seen words it gets right |\n|---|---|---|---|---|")
+    for name, encode in encoders.items():
+        hits = evaluation.tier_hits(encode)
+        right = [w for tier in ("rare", "never-seen") for w, r in hits[tier] if r]
+        print(f"| {name} | " + " | ".join(f"{evaluation.percent_right(h):.1f}" for h in hits.values())
+              + f" | {', '.join(right) or '-'} |")
+
+
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="The EM text probe of a run's text encoder, beside the text teacher's, an "
                                             "untrained tower's and a plain CLIP's.")
-    p.add_argument("--ckpt", required=True, help="run folder (DIR/ckpt.pt) trained on --data shapes")
+    p.add_argument("--ckpt", help="run folder (DIR/ckpt.pt) trained on --data shapes")
     p.add_argument("--baseline", default=None, help="a plain CLIP run folder to compare with")
     p.add_argument("--text-teacher", default=None, help="default: the --ckpt run's text teacher")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the text teacher's own code (only this "
                                                                      "flag grants it, never a checkpoint)")
+    p.add_argument("--tiers", action="store_true", help="the vocabulary-tier probe instead: the text teacher's, and "
+                                                         "--ckpt's if given")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    if a.tiers:
+        return print_tiers(a)
+    if a.ckpt is None:
+        p.error("give --ckpt DIR (or --tiers)")
     try:
         res = text_em_table(a.ckpt, a.baseline, a.device, a.text_teacher, a.trust_remote_code)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print("\n| text encoder | EM % |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in res.items()))
     out = os.path.join(a.ckpt if os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt), "text_em.json")
-    data.write_json(out, res)
+    clip.write_json(out, res)
     print(f"wrote {out}")
 
 

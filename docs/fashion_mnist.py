@@ -4,7 +4,7 @@
 photos of clothing in 10 classes) does, resumably, into runs/fmnist:
 1. the data: every training image as a PNG with a caption made from its class name, a synonym
    and a template (`caption`), in pairs.csv (filepath, title, category); the 10,000 test images
-   as PNGs in one folder per class (test/<class>/), for `python eval.py --images`;
+   as PNGs in one folder per class (test/<class>/), for `python docs/use_student.py --images`;
 2. a CLIP teacher (`--model teacher`) trained on all 58,788 training pairs (the 2% held out by
    --val-frac aside), as the papers' teachers know far more data than their students;
 3. students (the same 0.65M `small` model, the same steps) trained on a small part of the
@@ -95,7 +95,7 @@ def convert(out, raw=data.DEBIAN_FASHION_MNIST):
             Image.fromarray(images[i]).save(os.path.join(out, rel))
             if split == "train":
                 rows.append((rel, caption(y, rng), CLASSES[y]))
-    with data.atomic(csv_path) as tmp, open(tmp, "w", newline="") as f:
+    with clip.atomic(csv_path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["filepath", "title", "category"])
         w.writerows(rows)
@@ -109,10 +109,10 @@ def test_scores(run_dir, root):
     if not os.path.exists(path):
         model, _ = clip.load_checkpoint(run_dir)
         res = evaluation.eval_named_set(model, "fashion-mnist", root, "cpu", max_n=10000)
-        data.write_json(path, {"test_zero_shot": res["fashion-mnist_zero_shot_top1"],
+        clip.write_json(path, {"test_zero_shot": res["fashion-mnist_zero_shot_top1"],
                                "test_probe": res["fashion-mnist_linear_probe_top1"],
                                "n_test": res["fashion-mnist_n_test"], "n_probe_train": res["fashion-mnist_n_train"]})
-    return data.read_json(path)
+    return clip.read_json(path)
 
 
 def main(argv=None):
@@ -136,7 +136,7 @@ def main(argv=None):
                 print(f"\nfmnist: {row} -> {out}")
                 reproduce.timed_train(train.parse_args(["--data", csv_path, *COMMON, *flags, *row_flags, "--out", out,
                                                         "--resume"]))
-            found[row].append({**data.read_json(os.path.join(out, "results.json")), **test_scores(out, root)})
+            found[row].append({**clip.read_json(os.path.join(out, "results.json")), **test_scores(out, root)})
     lines = [f"Fashion-MNIST: mean ± std over seeds {' '.join(map(str, a.seeds))} (`python docs/fashion_mnist.py`); "
              "the teacher is one run", "", "| | " + " | ".join(c for _, c in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
     for row, results in found.items():
@@ -146,7 +146,7 @@ def main(argv=None):
     for row, results in list(found.items())[2:]:
         lines.append(f"- {row}: " + "; ".join(reproduce.seed_diffs([r[k] for r in results], [c[k] for c in found["CLIP"]])
                                                 for k in ("test_zero_shot", "test_probe")))
-    with data.atomic(os.path.join(a.out, "table.md")) as tmp, open(tmp, "w") as f:
+    with clip.atomic(os.path.join(a.out, "table.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\nfmnist: done in {(time.time() - t0) / 60:.1f} min (this call)")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every method on real images: Debian's openclipart-png, converted to a CSV and to shards
 # (docs/openclipart.md holds the table this printed). From the repository root, in its venv:
-#   apt-get install openclipart-png && python data.py --convert /usr/share/openclipart/png --out /tmp/oc
+#   apt-get install openclipart-png && python docs/convert_folder.py /usr/share/openclipart/png --out /tmp/oc
 #   bash docs/openclipart.sh /tmp/oc
 # Runs go to runs/oc/ (each ~3-4 min on 2 cores); a finished run is not run again.
 set -uo pipefail

@@ -67,11 +67,11 @@ def pretrain_teacher(device):
     the float16 weights, as shipped."""
     run = train.parse_args(PRETRAIN_RECIPE + ["--device", device, "--out", PRETRAIN_DIR, "--resume"])
     res_path = os.path.join(PRETRAIN_DIR, "results.json")
-    res = data.read_json(res_path) if os.path.exists(res_path) else train.train(run)
+    res = clip.read_json(res_path) if os.path.exists(res_path) else train.train(run)
     ckpt = clip.load_file(os.path.join(PRETRAIN_DIR, "ckpt.pt"))
     config = {k: v for k, v in ckpt["config"].items() if k not in ("out", "data_root", "store")}  # no local paths
     os.makedirs(os.path.dirname(teachers.PRETRAINED), exist_ok=True)
-    with data.atomic(teachers.PRETRAINED) as tmp:
+    with clip.atomic(teachers.PRETRAINED) as tmp:
         torch.save({"model": {k: v.half() for k, v in ckpt["model"].items()}, "model_config": ckpt["model_config"],
                     "config": config}, tmp)
     model = clip.load_checkpoint(teachers.PRETRAINED, run.device)[0]
@@ -85,8 +85,8 @@ def pretrain_teacher(device):
                 "machine": {"device": run.device, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                             "threads": torch.get_num_threads(), "torch": torch.__version__},
                 "train_seconds": res["seconds"], "flops": res.get("flops"),
-                "results": evaluation.evaluate(model, run, torch.device(run.device))}  # of the float16 weights
-    data.write_json(teachers.MANIFEST, manifest)
+                "results": evaluation.evaluate_run(model, vars(run), torch.device(run.device))}  # of the float16 weights
+    clip.write_json(teachers.MANIFEST, manifest)
     return manifest
 
 
@@ -165,7 +165,7 @@ def equal_compute_steps(args, students=1):
     pretrained: its manifest's FLOPs; own: --teacher-steps), split over the `students` that share
     it, embedding the training set with it once, and the student's own --steps (its projector
     and losses are < 0.1% of a step and not counted)."""
-    stream = data.ShapesStream(args)
+    stream = train.make_stream(args)
     batch = stream.batch(0)
     student = clip.build(args.model, image_size=args.image_size, merges=stream.merges)
     pretrained = (args.teacher or "pretrained") == "pretrained"  # a clip row of the sweep names no teacher: the default's
@@ -188,7 +188,7 @@ def sweep_em(run_dir, root, cfg, steps):
     path = os.path.join(root, f"em-reference-s{cfg.seed}.json")  # the autoencoder and the text teacher, once per seed
     if not os.path.exists(path):
         teacher = teachers.load_text_teacher(cfg.text_teacher, cfg.device, cfg.pool, cfg.trust_remote_code)
-        data.write_json(path, {"proof of concept": em_probe.em_poc(ae, test), f"text teacher {teacher.name}": em(
+        clip.write_json(path, {"proof of concept": em_probe.em_poc(ae, test), f"text teacher {teacher.name}": em(
             lambda caps: evaluation.in_batches(teacher.encode_texts, caps))})
     return em(lambda caps: evaluation.embed_texts(model, caps, cfg.device))
 
@@ -205,7 +205,7 @@ def timed_train(run):
     store, training, evaluation) as wall_seconds."""
     start = time.time()
     res = train.train(run)
-    data.write_json(os.path.join(run.out, "results.json"), {**res, "wall_seconds": round(time.time() - start, 1)})
+    clip.write_json(os.path.join(run.out, "results.json"), {**res, "wall_seconds": round(time.time() - start, 1)})
 
 
 def seed_diffs(values, minus):
@@ -221,10 +221,10 @@ def sweep(a, flags):
     base = train.parse_args(flags)
     spec_path = os.path.join(root, "sweep.json")
     spec = {"flags": flags, "preset": base.preset, "device": base.device, "em_steps": a.em_steps}
-    if os.path.exists(spec_path) and data.read_json(spec_path) != spec:
-        raise SystemExit(f"error: the sweep in {root} was made with {data.read_json(spec_path)}, not {spec}; "
+    if os.path.exists(spec_path) and clip.read_json(spec_path) != spec:
+        raise SystemExit(f"error: the sweep in {root} was made with {clip.read_json(spec_path)}, not {spec}; "
                          "pass another --out")
-    data.write_json(spec_path, spec)
+    clip.write_json(spec_path, spec)
     rows = []
     for folder, row, row_flags, em in SWEEP:
         if a.rows and folder not in a.rows:
@@ -240,13 +240,13 @@ def sweep(a, flags):
         tiers_path = os.path.join(root, f"text-teacher-tiers-{data.fingerprint_of(named, pool)}.json")
         if not os.path.exists(tiers_path):
             teacher = teachers.load_text_teacher(named, base.device, pool, base.trust_remote_code)
-            data.write_json(tiers_path, {"name": teacher.name, **{f"text_probe_{k}": v for k, v in evaluation.tier_probe(
+            clip.write_json(tiers_path, {"name": teacher.name, **{f"text_probe_{k}": v for k, v in evaluation.tier_probe(
                 lambda t: evaluation.in_batches(teacher.encode_texts, t)).items()}})
     for folder, row, row_flags, em in rows:
         for seed in a.seeds:
             out = os.path.join(root, f"{folder}-s{seed}")
             res_path = os.path.join(out, "results.json")
-            if os.path.exists(res_path) and not (em and "text_em" not in data.read_json(res_path)):
+            if os.path.exists(res_path) and not (em and "text_em" not in clip.read_json(res_path)):
                 continue  # finished: nothing to redo
             argv = flags + row_flags + ["--seed", str(seed)]
             if folder.startswith("clip-equal"):
@@ -256,9 +256,9 @@ def sweep(a, flags):
             if not os.path.exists(res_path):
                 print(f"\nsweep: {row}, seed {seed} -> {out}")
                 timed_train(run)
-            res = data.read_json(res_path)
+            res = clip.read_json(res_path)
             if em and "text_em" not in res:
-                data.write_json(res_path, {**res, "text_em": sweep_em(out, root, run, a.em_steps)})
+                clip.write_json(res_path, {**res, "text_em": sweep_em(out, root, run, a.em_steps)})
             write_table(root, a.seeds, flags)
     write_table(root, a.seeds, flags)
     first = {row: os.path.join(root, f"{folder}-s{a.seeds[0]}") for folder, row, _, _ in SWEEP[:3]}
@@ -304,7 +304,7 @@ def tune(a, flags):
                 print(f"\ntune: {' '.join(f'{k} {v}' for k, v in cell['flags'].items())}, seed {seed} -> {out}")
                 train.train(train.parse_args(flags + base + sum((cell_flags(*kv) for kv in cell["flags"].items()), [])
                                              + ["--seed", str(seed), "--eval-split", "val", "--out", out, "--resume"]))
-            res = data.read_json(os.path.join(out, "results.json"))
+            res = clip.read_json(os.path.join(out, "results.json"))
             if TUNE_KEY not in res:
                 raise SystemExit(f"error: {out} holds no validation numbers (made without --eval-split val?)")
             cell["runs"].append({k: res.get(k) for k in ("seed", TUNE_KEY, "val_zero_shot_top1",
@@ -312,7 +312,7 @@ def tune(a, flags):
         cell["mean"] = float(np.mean([r[TUNE_KEY] for r in cell["runs"]]))
         cells.append(cell)
     best = max(cells, key=lambda c: c["mean"])
-    data.write_json(os.path.join(root, f"{a.tune}.json"), {"base": base, "axes": axes, "key": TUNE_KEY, "seeds": a.seeds,
+    clip.write_json(os.path.join(root, f"{a.tune}.json"), {"base": base, "axes": axes, "key": TUNE_KEY, "seeds": a.seeds,
                                                           "flags": flags, "cells": cells, "chosen": best})
     lines = [f"{' '.join(base)} on validation (eval.validate_shapes; mean over seeds {' '.join(map(str, a.seeds))}): "
              f"zero-shot all 64 / seen / unseen combinations, pairs trained on", "",
@@ -321,7 +321,7 @@ def tune(a, flags):
         mean = lambda k: float(np.mean([r[k] for r in c["runs"]]))  # noqa: E731
         lines.append("| " + " | ".join(c["flags"].values()) + f" | {c['mean']:.1f} | {mean('val_zero_shot_top1'):.1f} | "
                      f"{mean('val_zero_shot_unseen_top1'):.1f} | {mean('pairs_trained_on'):,.0f} | {'yes' if c is best else ''} |")
-    with data.atomic(os.path.join(root, f"{a.tune}.md")) as tmp, open(tmp, "w") as f:
+    with clip.atomic(os.path.join(root, f"{a.tune}.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"tune: chosen {' '.join(f'{k} {v}' for k, v in best['flags'].items())} "
@@ -330,7 +330,7 @@ def tune(a, flags):
 
 
 # ----------------------------------------------------------------------------------------
-# Real images: your own CSV with a class column (python data.py --convert writes one). A teacher
+# Real images: your own CSV with a class column (python docs/convert_folder.py writes one). A teacher
 # trained on the whole set (every pair but the held-out ones) knows more than the students, who
 # train on a quarter of it (--train-frac, the same part for every seed); every run is scored on
 # the same held-out pairs: zero-shot over the class names, retrieval, linear probe, and
@@ -363,7 +363,7 @@ def real(a, flags):
             if not os.path.exists(os.path.join(out, "results.json")):
                 print(f"\nreal: {row} -> {out}")
                 timed_train(train.parse_args(["--data", a.real, *REAL_COMMON, *flags, *row_flags, "--out", out, "--resume"]))
-    found = {row: [data.read_json(os.path.join(out, "results.json")) for out, _ in outs] for row, outs in runs.items()}
+    found = {row: [clip.read_json(os.path.join(out, "results.json")) for out, _ in outs] for row, outs in runs.items()}
     lines = [f"{a.real}: mean ± std over seeds {' '.join(map(str, a.seeds))}; the teacher is one run", "",
              "| | " + " | ".join(c for _, c in REAL_TABLE) + " |", "|---" * (len(REAL_TABLE) + 1) + "|"]
     for row, results in found.items():
@@ -374,7 +374,7 @@ def real(a, flags):
     for row, results in list(found.items())[2:]:
         lines.append(f"- {row}: " + "; ".join(seed_diffs([r[k] for r in results], [c[k] for c in clip_runs])
                                                 for k in ("zero_shot_top1", "retrieval_i2t_r1", "linear_probe_top1")))
-    with data.atomic(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
+    with clip.atomic(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\nreal: done in {(time.time() - t0) / 60:.1f} min (this call)")
 
@@ -409,32 +409,32 @@ def write_table(root, seeds, flags):
     sources = [("CLIP-CID own-data teacher (--teacher own)", teacher_dirs)]
     sources += [(row, [os.path.join(root, f"{folder}-s{s}") for s in seeds]) for folder, row, _, _ in SWEEP]
     if os.path.exists(teachers.MANIFEST):  # one teacher for every seed: no std
-        manifest = data.read_json(teachers.MANIFEST)
+        manifest = clip.read_json(teachers.MANIFEST)
         rows["CLIP-CID pretrained teacher (weights/)"] = {k: {"values": [manifest["results"][k]], "seedless": True}
                                                           for k, _ in TABLE + TIER_TABLE if k in manifest["results"]}
     for row, dirs in sources:
         found = []
         for d in dirs:
             if os.path.exists(os.path.join(d, "results.json")):
-                found.append(data.read_json(os.path.join(d, "results.json")))
+                found.append(clip.read_json(os.path.join(d, "results.json")))
                 if os.path.exists(os.path.join(d, "eval.json")):  # re-evaluated later by `python eval.py --ckpt DIR`
-                    found[-1].update(data.read_json(os.path.join(d, "eval.json")))
+                    found[-1].update(clip.read_json(os.path.join(d, "eval.json")))
                 wall += found[-1].get("wall_seconds", 0.0)  # the whole run: teacher, training, evaluation, EM
         if found:
             rows[row] = {key: {"values": [r[key] for r in found if key in r]} for key, _ in TABLE + TIER_TABLE}
     for s in seeds:  # the EM probe's references, per seed
         path = os.path.join(root, f"em-reference-s{s}.json")
-        for name, value in (data.read_json(path) if os.path.exists(path) else {}).items():
+        for name, value in (clip.read_json(path) if os.path.exists(path) else {}).items():
             rows.setdefault(f"EM reference: {name}", {"text_em": {"values": []}})["text_em"]["values"].append(value)
     for tiers_path in sorted(glob.glob(os.path.join(root, "text-teacher-tiers-*.json"))):  # each text teacher, its own space
-        ref = data.read_json(tiers_path)
+        ref = clip.read_json(tiers_path)
         name = ref.pop("name")
         rows[f"text teacher {name}, its own space"] = {k: {"values": [v], "seedless": True} for k, v in ref.items()}
     for cells in rows.values():
         for cell in cells.values():
             if cell["values"]:
                 cell["mean"], cell["std"] = mean_std(cell["values"])
-    data.write_json(os.path.join(root, "table.json"), {"seeds": seeds, "rows": rows})
+    clip.write_json(os.path.join(root, "table.json"), {"seeds": seeds, "rows": rows})
 
     def shown(key, found):
         return show(key, found.get("values", []), None if "seedless" in found else len(seeds))
@@ -443,7 +443,7 @@ def write_table(root, seeds, flags):
         lines = ["| | " + " | ".join(c for _, c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
         return "\n".join(lines + [f"| {row} | " + " | ".join(shown(k, cells.get(k, {})) for k, _ in columns) + " |"
                                   for row, cells in rows.items() if any(cells.get(k, {}).get("values") for k, _ in columns)])
-    with data.atomic(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
+    with clip.atomic(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
         f.write(f"mean ± std over seeds {' '.join(map(str, seeds))} (sample std); the sweep's runs took "
                 f"{wall / 60:.0f} min of wall time\n\n{markdown(TABLE)}\n\nVocabulary tiers (zero-shot on seen "
                 f"combinations, prompts in each tier's words; probe: nearest common word right, %)\n\n"
@@ -478,7 +478,7 @@ def main(argv=None):
                    "validation (TUNE_GRIDS into runs/tune, resumable) and exit: cid (default) CLIP-CID's --cd-weight "
                    "and balance threshold, gemma the Gemma teacher's --pool and --emb-weight")
     p.add_argument("--real", metavar="CSV", help="the real-image table on this CSV (with a 'category' column: python "
-                   "data.py --convert FOLDER --out DIR writes DIR/pairs.csv) into runs/real, resumable, and exit")
+                   "docs/convert_folder.py FOLDER --out DIR writes DIR/pairs.csv) into runs/real, resumable, and exit")
     p.add_argument("--out", default=None, help="the sweep's folder (default runs/sweep; --tune: runs/tune; --real: runs/real)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rows", nargs="+", default=None, metavar="ROW",

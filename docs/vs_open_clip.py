@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip  # noqa: E402
-import data  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
 
@@ -46,7 +45,7 @@ def main():
     from open_clip.loss import ClipLoss
     torch.manual_seed(0)
     args = train.parse_args(["--model", a.model, "--batch-size", str(a.batch_size), "--device", "cpu"])
-    stream = train.ShapesStream(args)
+    stream = train.make_stream(args)
     bpe_batches = [stream.batch(i) for i in range(a.steps + 3)]
     byte_batches = [{**b, "tokens": clip.tokenize([stream.ds.captions[int(i)] for i in b["index"]],
                                                   clip.SIZES[a.model].context_length)} for b in bpe_batches]
@@ -57,7 +56,7 @@ def main():
 
     def our_step(model, opt):
         def step(b):
-            loss = losses.clip_loss(model.encode_image(data.to_input(b["images"])), model.encode_text(b["tokens"]),
+            loss = losses.clip_loss(model.encode_image(clip.to_input(b["images"])), model.encode_text(b["tokens"]),
                                     model.logit_scale.exp())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -66,7 +65,7 @@ def main():
 
     def their_step(opt):
         def step(b):
-            image, text, scale = theirs(data.to_input(b["images"]), b["tokens"])[:3]  # (B, D), (B, D), exp(t)
+            image, text, scale = theirs(clip.to_input(b["images"]), b["tokens"])[:3]  # (B, D), (B, D), exp(t)
             loss = clip_loss(image, text, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
