@@ -161,7 +161,7 @@ def check_pretrained(path=PRETRAINED):
         raise SystemExit(f"error: no pretrained teacher at {path} (with its manifest {os.path.basename(manifest_path)}); "
                          f"build it with `{REBUILD}`, or pass --teacher own to train one on this run's data")
     try:
-        manifest = data.read_json(manifest_path)
+        manifest = clip.read_json(manifest_path)
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {manifest_path} is not valid JSON ({e}); restore it (git checkout weights/)") from None
     if sha256_of(path) != manifest["sha256"]:
@@ -326,7 +326,7 @@ def part_problem(folder, j, pairs, meta, fields):
     js = os.path.join(folder, f"part-{j:05d}.json")
     if not os.path.exists(js):
         return "missing"
-    old = data.read_json(js)
+    old = clip.read_json(js)
     if old.get("fingerprint") != pairs.part_fingerprint(j) or old.get("rows") != pairs.parts[j][2] - pairs.parts[j][1]:
         return f"its pairs changed since the build ({pairs.parts[j][0]})"
     if {k: old.get(k) for k in meta} != meta:
@@ -442,7 +442,7 @@ def derived(store, name, params, compute):
     key = hashlib.sha1(json.dumps([params, store.data_fingerprint], sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(store.folder, f"{name}-{key}")
     if os.path.exists(path + ".json"):
-        figures = data.read_json(path + ".json")["figures"]
+        figures = clip.read_json(path + ".json")["figures"]
         with np.load(path + ".npz", allow_pickle=False) as z:
             return {k: z[k] for k in z.files}, figures, True
     arrays, figures = compute()

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import clip  # noqa: E402
 import data  # noqa: E402
 import kmeans  # noqa: E402
+import losses  # noqa: E402
 import teachers  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -41,13 +42,15 @@ def step_flops(model, batch, args, backward=True):
     counted by torch's FlopCounterMode (matmuls, convolutions and attention; elementwise work is
     not counted): what train.py's loop counts for each new step shape."""
     import train  # here, not at the top: the k-means and store benches run without it (the store bench's peak RSS)
-    student = train.Student(model, nn.ModuleDict(), {}, args)
+    cfg = train.loss_config(args)
+    student = losses.Student(model, nn.ModuleDict(), {}, cfg)
     batch = train.on_device(batch, 0, next(model.parameters()).device)
     if not backward:
         with torch.no_grad():
             return clip.count_flops(lambda: student(batch))[1]
     optimizer = train.make_optimizer([model], 0.0, 0.0)  # lr 0: counting leaves the weights as they were
-    return clip.count_flops(lambda: train.train_step(student, batch, optimizer, args, [model.logit_scale], amp=False))[1]
+    return clip.count_flops(lambda: train.train_step(student, batch, optimizer, cfg.weights, args.grad_clip,
+                                                     [model.logit_scale], amp=False))[1]
 
 
 def bench(args, steps):
@@ -56,7 +59,7 @@ def bench(args, steps):
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(args.seed)
-    stream = data.ShapesStream(args)
+    stream = train.make_stream(args)
     batches = [stream.batch(i) for i in range(steps + 3)]
     model = clip.build(args.model, image_size=args.image_size, merges=stream.merges).to(device)
     byte_model = clip.build(args.model, image_size=args.image_size).to(device)  # the same, on bytes alone
@@ -75,9 +78,11 @@ def bench(args, steps):
         return (time.time() - t) / steps
 
     def timed_step(net, amp, fused_adam):  # train.py's update, on this net
-        student = train.Student(net, nn.ModuleDict(), {}, args)
+        cfg = train.loss_config(args)
+        student = losses.Student(net, nn.ModuleDict(), {}, cfg)
         optimizer = train.make_optimizer([net], args.lr, args.weight_decay, fused=fused_adam)
-        return lambda b, i: train.train_step(student, train.on_device(b, i, device), optimizer, args, [net.logit_scale], amp)
+        return lambda b, i: train.train_step(student, train.on_device(b, i, device), optimizer, cfg.weights, args.grad_clip,
+                                             [net.logit_scale], amp)
 
     # (name, byte-pair tokens, fused attention, padding cut, bf16, fused AdamW)
     variants = [("naive: byte tokens, textbook attention, all 64 text positions, fp32", False, False, False, False, False),
