@@ -1784,18 +1784,19 @@ def test_shard_run_resumed_mid_epoch_sees_the_same_keys_in_the_same_order(tmp_pa
         if seen.get("kill") == step:
             raise KeyboardInterrupt
         out = real(self, step)
-        seen.setdefault(self.args.out, []).append((step, [keys[i] for i in out["index"].tolist()]))
+        seen.setdefault(seen["run"], []).append((step, [keys[i] for i in out["index"].tolist()]))
         return out
     monkeypatch.setattr(data.RealStream, "batch", recording)
     args = ["--model", "tiny", "--steps", "12", "--batch-size", "8", "--warmup", "2", "--log-every", "1", "--workers", "2",
             "--val-frac", "0.1", "--image-size", "16", "--data", shards, "--ckpt-every", "100"]
+    seen["run"] = "whole"
     train.main(args + ["--out", str(tmp_path / "whole")])
-    seen["kill"] = 7  # mid-epoch: 36 training pairs make 4 batches an epoch
+    seen["kill"], seen["run"] = 7, "broken"  # mid-epoch: 36 training pairs make 4 batches an epoch
     with pytest.raises(SystemExit, match="interrupted at step 7"):
         train.main(args + ["--out", str(tmp_path / "broken")])
     seen.pop("kill")
     train.main(args + ["--out", str(tmp_path / "broken"), "--resume"])
-    whole, broken = seen[str(tmp_path / "whole")], seen[str(tmp_path / "broken")]
+    whole, broken = seen["whole"], seen["broken"]
     assert [s for s, _ in whole] == list(range(12)) and [s for s, _ in broken] == list(range(7)) + list(range(7, 12))
     assert broken == whole
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("whole", "broken"))
@@ -2093,10 +2094,10 @@ def test_store_builds_reuses_rebuilds_what_changed_and_resumes(tmp_path, monkeyp
             raise OSError(28, "No space left on device")
         with real_atomic(path) as tmp:
             yield tmp
-    monkeypatch.setattr(data, "atomic", full_disk)
+    monkeypatch.setattr(clip, "atomic", full_disk)
     with pytest.raises(SystemExit, match=r"No space left on device\); the parts already written are kept \(1 of 3\)"):
         teachers.build_store(pairs, [FakeClipTeacher(2)], root, "d", workers=0)
-    monkeypatch.setattr(data, "atomic", real_atomic)
+    monkeypatch.setattr(clip, "atomic", real_atomic)
     (_,), summary = teachers.build_store(pairs, [FakeClipTeacher(2)], root, "d", workers=0)
     assert summary["parts_built"] == 2 and summary["parts_reused"] == 1
     npy = os.path.join(store1.folder, "part-00002.image.npy")
