@@ -2,11 +2,9 @@
 
 A teacher is never run inside the training loop: before training, one pass over the pairs embeds each pair once into
 the store on disk (section 3), and the loop reads the rows of its batch. That is the pattern of MobileCLIP's reinforced
-datasets (DataCompDR), on one machine; CLIP-KD and TinyCLIP run the teacher online, every epoch again.
-
-Sections: 1. CLIP teachers (CLIP-CID's: ours, or any Hugging Face CLIPModel); 2. text teachers (Knowledge-CLIP's frozen
-LLM L: any Hugging Face model); 3. the teacher store, and what is computed once on it (balance, clusters, concepts);
-4. image semantic balance (CLIP-CID Sec. 3.1: union-find over pairs of teacher image embeddings, cos >= threshold).
+datasets (DataCompDR), on one machine; CLIP-KD and TinyCLIP run the teacher online, every epoch again. Sections:
+1. CLIP teachers (CLIP-CID's: ours, or any Hugging Face CLIPModel); 2. text teachers (Knowledge-CLIP's frozen LLM L);
+3. the teacher store, and what is computed once on it; 4. image semantic balance (CLIP-CID Sec. 3.1).
 """
 import hashlib
 import inspect
@@ -56,8 +54,7 @@ class HFClipTeacher:
 
     def __init__(self, name_or_path, device, trust_remote_code=False):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-        self.model = hf_load(CLIPModel, name_or_path, "--teacher", trust_remote_code)
-        self.model = self.model.to(device).eval().requires_grad_(False)
+        self.model = hf_load(CLIPModel, name_or_path, "--teacher", trust_remote_code).to(device).eval().requires_grad_(False)
         self.tokenizer = hf_load(AutoTokenizer, name_or_path, "--teacher", trust_remote_code)
         self.max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
         size = self.model.config.vision_config.image_size
@@ -424,9 +421,8 @@ def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, w
     data.barrier()  # every rank's parts are on disk
     stores = [Store(folder, pairs, teacher_fields(t)) for folder, t in zip(folders, teachers_)]
     summary = {"folders": folders, "rows": len(pairs), "parts": len(pairs.parts), "parts_built": len(todo),
-               "parts_reused": len(pairs.parts) - len(todo), "missing": [int((~s.ok).sum()) for s in stores],
-               "dtype": dtype, "build_seconds": round(seconds, 2),
-               "pairs_per_second": round(total / seconds, 1) if total and seconds > 0 else None}
+               "parts_reused": len(pairs.parts) - len(todo), "missing": [int((~s.ok).sum()) for s in stores], "dtype": dtype,
+               "build_seconds": round(seconds, 2), "pairs_per_second": round(total / seconds, 1) if total and seconds > 0 else None}
     if rank == 0:
         print(f"store: {len(pairs)} pairs in {len(pairs.parts)} parts, {len(todo)} built"
               + (f" in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} pairs/s{' on rank 0' if n_ranks > 1 else ''})" if todo else "")
