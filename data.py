@@ -1,25 +1,21 @@
-"""Image-caption data: an embedded procedural set, real CSV / webdataset pairs, eval sets.
+"""Image-caption data, from a world of shapes to the batches a run trains on (evaluation sets: eval.py).
 
-1. The embedded set ("shapes"): images of one or two coloured objects, drawn from a seed, with
-   captions from several templates and synonyms ("crimson" for red, "disk" for circle), so a
-   pretrained text model's knowledge can matter. Nothing to download, any size. Like web data
-   it is redundant on purpose: a fraction of near-duplicate pairs (`dup_frac`) and a long-tailed
-   class frequency (`imbalance`), so CLIP-CID's semantic balance has something real to remove.
-   Held out from training: 8 shape x colour combinations (compositional zero-shot) and one
-   word per attribute value plus one template (held-out wordings).
-2. Real pairs: open_clip-style CSV/TSV (`filepath`, `title`) and img2dataset webdataset tar
-   shards (`{key}.jpg` + `{key}.txt`), read with the standard library; corrupt or missing
-   images and empty captions are skipped and counted, never crash a run.
-3. Evaluation sets by name through torchvision: images, labels, class names.
-4. Attribute sets as published (CUB-200-2011, AWA2): images, classes, class x attribute matrix.
-5. Data parallelism: which rank takes which rows.
-6. Batches: a training run's stream of batches, each a pure function of (seed, step), the
-   embedded set's from memory and real pairs' through a DataLoader.
+1. The embedded "shapes" world: images of one or two coloured objects, drawn from a seed, with captions from several
+   templates and synonyms ("crimson" for red, "disk" for circle), so a pretrained text model's knowledge can matter,
+   and a text-only corpus in the same words. Nothing to download, any size. Like web data it is redundant on purpose
+   (near-duplicates, a long tail of classes), so CLIP-CID's semantic balance has something real to remove. Held out
+   from training: 8 shape x colour combinations (compositional zero-shot) and some wordings.
+2. Pairs by row: the embedded set, open_clip-style CSV/TSV rows, img2dataset webdataset tar shards (read with the
+   standard library) and text-only lines behind one interface (`Pairs`); a corrupt or missing image or an empty
+   caption is skipped and counted, never crashes a run.
+3. Data parallelism: which rank takes which rows.
+4. Batches: a run's stream of batches, each a pure function of (seed, step), the embedded set's from memory and real
+   pairs' through a DataLoader.
 """
+import contextlib
 import copy
 import csv
 import hashlib
-import json
 import os
 import re
 import tarfile
@@ -40,19 +36,18 @@ COLOURS = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"]
 SIZES = ["small", "large"]
 POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
 
-RGB = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (0.95, 0.9, 0.1),
-       "green": (0.1, 0.75, 0.2), "cyan": (0.1, 0.85, 0.9), "blue": (0.15, 0.3, 1.0),
-       "purple": (0.55, 0.15, 0.8), "pink": (1.0, 0.5, 0.75)}
+RGB = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (0.95, 0.9, 0.1), "green": (0.1, 0.75, 0.2),
+       "cyan": (0.1, 0.85, 0.9), "blue": (0.15, 0.3, 1.0), "purple": (0.55, 0.15, 0.8), "pink": (1.0, 0.5, 0.75)}
 
 # The words for each value, in three tiers (eval.py scores each tier apart):
 #   common: the training captions use them all the time (each about equally often);
-#   rare: each mention of a colour or shape uses its rare word with probability RARE_FRAC,
-#     so each rare word is in a fraction of a percent of the training captions;
-#   never-seen: in no training caption; only in the held-out split "wordings", in prompts and in
-#     the text-only corpus (`text_corpus`). Sizes and positions have no rare word.
-# The rare and never-seen words are ones the default text teacher (all-MiniLM-L6-v2) matches
-# to their colour or shape where it can (python docs/em_probe.py --tiers measures it; it misses some
-# colours whichever synonym is taken), and none is a spelling variant of a common word.
+#   rare: each mention of a colour or shape uses its rare word with probability RARE_FRAC, so each rare word is in a
+#     fraction of a percent of the training captions;
+#   never-seen: in no training caption; only in the held-out split "wordings", in prompts and in the text-only corpus
+#     (`text_corpus`). Sizes and positions have no rare word.
+# The rare and never-seen words are ones the default text teacher (all-MiniLM-L6-v2) matches to their colour or shape
+# where it can (python docs/em_probe.py --tiers measures it; it misses some colours whichever synonym is taken), and
+# none is a spelling variant of a common word.
 RARE_FRAC = 0.02
 WORDS = {  # value: (common words, rare word or None, never-seen word)
     "red": (["red", "scarlet"], "ruby", "crimson"), "orange": (["orange", "amber"], "peach", "apricot"),
@@ -90,6 +85,9 @@ UNSEEN = {(s, (3 * s + 1) % 8) for s in range(8)}
 SEEN_CLASSES = [c for c in range(64) if (c // 8, c % 8) not in UNSEEN]  # class = shape * 8 + colour
 UNSEEN_CLASSES = sorted(s * 8 + c for s, c in UNSEEN)
 CLASS_NAMES = [f"{COLOURS[c % 8]} {SHAPES[c // 8]}" for c in range(64)]
+SPLITS = {"train": 0, "val": 1, "test": 2, "probe": 3, "wordings": 4, "pretrain": 6}  # a seed's random streams
+CORPUS_STREAM = 5  # text_corpus's
+EMBEDDED = {"shapes": "train", "shapes-pretrain": "pretrain"}  # --data name -> split
 
 
 def with_article(text):
@@ -100,66 +98,66 @@ def fix_articles(text):  # a template's "a" before a vowel: "a amber star" -> "a
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
+def word(value, rng, how="train"):
+    """A word that names `value`, drawn from rng. how: "train": a common word, or the rare one with probability
+    RARE_FRAC; "never-seen": the never-seen word; "every": any of its words, every tier alike; "tiers": a tier first
+    (common, rare or never-seen, equally often), then one of its words."""
+    common, rare, never = WORDS[value]
+    if how == "never-seen":
+        return never
+    if how == "train" and rare is not None and rng.random() < RARE_FRAC:
+        return rare
+    if how == "tiers":
+        tiers = [t for t in TIERS if tier_words(value, t)]
+        words = tier_words(value, tiers[rng.integers(len(tiers))])
+    else:
+        words = common if how == "train" else common + [w for w in (rare, never) if w]
+    return words[rng.integers(len(words))]
+
+
 def caption(shape, colour, size, pos, rng, held_out=False, second=None, every_wording=False):
-    """One caption for an object (and an optional second object (shape, colour)). every_wording:
-    each word drawn from all of its value's words, every tier alike, and the held-out template
-    among the others (the teacher's pretraining pool)."""
-    def word(value):
-        common, rare, never = WORDS[value]
-        if every_wording:
-            words = common + [w for w in (rare, never) if w]
-            return words[rng.integers(len(words))]
-        if held_out:
-            return never
-        if rare is not None and rng.random() < RARE_FRAC:
-            return rare
-        return common[rng.integers(len(common))]
-    sh, co = word(SHAPES[shape]), word(COLOURS[colour])
+    """One caption for an object (and an optional second object (shape, colour)). held_out: the never-seen words and
+    the held-out template; every_wording: each word drawn from all of its value's words, every tier alike, and the
+    held-out template among the others (the teacher's pretraining pool)."""
+    how = "every" if every_wording else "never-seen" if held_out else "train"
+    sh, co = word(SHAPES[shape], rng, how), word(COLOURS[colour], rng, how)
     if second is not None:
-        text = PAIR_TEMPLATE.format(colour=co, shape=sh, colour2=word(COLOURS[second[1]]),
-                                    shape2=word(SHAPES[second[0]]))
+        text = PAIR_TEMPLATE.format(colour=co, shape=sh, colour2=word(COLOURS[second[1]], rng, how),
+                                    shape2=word(SHAPES[second[0]], rng, how))
     else:
         templates = TEMPLATES + [HELD_OUT_TEMPLATE] if every_wording else TEMPLATES
         template = HELD_OUT_TEMPLATE if held_out else templates[rng.integers(len(templates))]
-        text = template.format(size=word(SIZES[size]), colour=co, shape=sh, pos=word(POSITIONS[pos]))
+        text = template.format(size=word(SIZES[size], rng, how), colour=co, shape=sh,
+                               pos=word(POSITIONS[pos], rng, how))
     return fix_articles(text)
 
 
 def text_corpus(n=10000, seed=0, exclude=frozenset()):
-    """The default text-only corpus of `train.py --text-corpus` (beyond the papers): n phrases
-    in the caption templates, every word drawn from a tier chosen at random (common, rare or
-    never-seen, equally often), so it holds every never-seen word that no training caption has.
-    The student distils the text teacher on these lines as on its captions (L_emb). A phrase in
-    `exclude` (the evaluation captions: `eval_captions`) is drawn again, so the corpus never
-    holds a caption that retrieval or the EM probe tests on."""
+    """The default text-only corpus of `train.py --text-corpus` (beyond the papers), which the student distils the
+    text teacher on as on its captions (L_emb): n phrases in the caption templates, each word drawn by tier (`word`),
+    so it holds every never-seen word. A phrase in `exclude` (`eval_captions`) is drawn again."""
     rng = np.random.default_rng([seed, CORPUS_STREAM])
-
-    def word(value):
-        tiers = [t for t in TIERS if tier_words(value, t)]
-        ws = tier_words(value, tiers[rng.integers(len(tiers))])
-        return ws[rng.integers(len(ws))]
-    templates = TEMPLATES + [HELD_OUT_TEMPLATE]
-    lines = []
+    templates, lines = TEMPLATES + [HELD_OUT_TEMPLATE], []
     while len(lines) < n:
         shape, colour = SHAPES[rng.integers(8)], COLOURS[rng.integers(8)]
         template = templates[rng.integers(len(templates))]
-        text = fix_articles(template.format(size=word(SIZES[rng.integers(2)]), colour=word(colour), shape=word(shape),
-                                            pos=word(POSITIONS[rng.integers(4)])))
+        text = fix_articles(template.format(size=word(SIZES[rng.integers(2)], rng, "tiers"),
+                                            colour=word(colour, rng, "tiers"), shape=word(shape, rng, "tiers"),
+                                            pos=word(POSITIONS[rng.integers(4)], rng, "tiers")))
         if text not in exclude:
             lines.append(text)
     return lines
 
 
 def eval_captions(n_eval, seed=0, image_size=32):
-    """The captions that evaluation tests on (the test split, also the EM probe's held-out
-    captions, and the held-out wordings), as a set: no text-only corpus may contain them."""
+    """The captions that retrieval and the EM probe test on (the test and wordings splits), as a set: no text-only
+    corpus may contain them."""
     return {c for split in ("test", "wordings") for c in ShapesDataset(split, n_eval, seed=seed, image_size=image_size).captions}
 
 
 def read_corpus(spec, exclude=frozenset(), seed=0):
-    """--text-corpus: 'shapes' -> text_corpus; else a UTF-8 file, one phrase per line. No line may
-    be in `exclude` (on the embedded data, the evaluation captions: eval_captions): the generated
-    corpus draws none, and a file's such lines are dropped and counted. -> (lines, lines dropped)."""
+    """--text-corpus: 'shapes' -> text_corpus; else a UTF-8 file, one phrase per line, its lines in `exclude` (on
+    the embedded data, eval_captions) dropped and counted. -> (lines, lines dropped)."""
     if spec == "shapes":
         return text_corpus(seed=seed, exclude=exclude), 0
     if not os.path.isfile(spec):
@@ -176,38 +174,25 @@ def read_corpus(spec, exclude=frozenset(), seed=0):
 def shape_mask(shape, u, v):
     """Inside-test of a unit-radius shape; u, v are coordinates in units of the radius."""
     r = np.sqrt(u * u + v * v)
-    name = SHAPES[shape]
-    if name == "circle":
-        return r <= 1
-    if name == "square":
-        return np.maximum(abs(u), abs(v)) <= 0.8
-    if name == "triangle":
-        return (v <= 0.75) & (abs(u) <= (v + 0.95) * 0.6)
-    if name == "diamond":
-        return abs(u) + abs(v) <= 1
-    if name == "cross":
-        return ((abs(u) <= 0.3) & (abs(v) <= 0.95)) | ((abs(v) <= 0.3) & (abs(u) <= 0.95))
-    if name == "star":
-        theta = np.arctan2(u, -v)
-        return r <= 0.4 + 0.6 * np.abs(np.cos(2.5 * theta)) ** 4
-    if name == "hexagon":
-        return np.maximum(abs(u) * 0.866 + abs(v) * 0.5, abs(v)) <= 0.9
-    return (r <= 1) & (r >= 0.5)  # ring
+    return {"circle": lambda: r <= 1, "square": lambda: np.maximum(abs(u), abs(v)) <= 0.8,
+            "triangle": lambda: (v <= 0.75) & (abs(u) <= (v + 0.95) * 0.6), "diamond": lambda: abs(u) + abs(v) <= 1,
+            "cross": lambda: ((abs(u) <= 0.3) & (abs(v) <= 0.95)) | ((abs(v) <= 0.3) & (abs(u) <= 0.95)),
+            "star": lambda: r <= 0.4 + 0.6 * np.abs(np.cos(2.5 * np.arctan2(u, -v))) ** 4,
+            "hexagon": lambda: np.maximum(abs(u) * 0.866 + abs(v) * 0.5, abs(v)) <= 0.9,
+            "ring": lambda: (r <= 1) & (r >= 0.5)}[SHAPES[shape]]()
 
 
 def render(objects, background, size_px, noise_rng=None):
-    """objects: list of (shape, colour, size, pos, jitter (2,), shade); background: (level,
-    gradient (2,)). Returns a (3, S, S) uint8 image. Sub-pixel sampling smooths the edges."""
-    S = size_px
+    """objects: list of (shape, colour, size, pos, jitter (2,), shade); background: (level, gradient (2,)).
+    Returns a (3, S, S) uint8 image. Sub-pixel sampling smooths the edges."""
+    S, (level, grad) = size_px, background
     ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) / S  # (S, S) in [0, 1)
-    level, grad = background
     img = np.empty((3, S, S), np.float32)
     img[:] = level + grad[0] * (xs - 0.5) + grad[1] * (ys - 0.5)
     offsets = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)]
     for shape, colour, size, pos, jitter, shade in objects:
         radius = (0.2, 0.3)[size]
-        cx = (0.3, 0.7)[pos % 2] + jitter[0]
-        cy = (0.3, 0.7)[pos // 2] + jitter[1]
+        cx, cy = (0.3, 0.7)[pos % 2] + jitter[0], (0.3, 0.7)[pos // 2] + jitter[1]
         cover = sum(shape_mask(shape, (xs + ox / S - cx) / radius, (ys + oy / S - cy) / radius)
                     for ox, oy in offsets) / len(offsets)  # (S, S) in [0, 1]
         rgb = np.array(RGB[COLOURS[colour]], np.float32)[:, None, None] * shade
@@ -217,25 +202,17 @@ def render(objects, background, size_px, noise_rng=None):
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-SPLITS = {"train": 0, "val": 1, "test": 2, "probe": 3, "wordings": 4, "pretrain": 6}  # a seed's random streams
-CORPUS_STREAM = 5  # text_corpus's
-EMBEDDED = {"shapes": "train", "shapes-pretrain": "pretrain"}  # --data name -> split
-
-
 class ShapesDataset:
-    """The embedded set, generated in memory. Fields:
-    images (N, 3, S, S) uint8; captions: list of N str; attributes (N,) int64 each:
-    shape, colour, size, pos (of the main object), label = shape * 8 + colour,
-    label2 (the second object's class, or -1), n_objects,
-    dup_of (index of the pair this one nearly duplicates, or -1).
+    """The embedded set, generated in memory. Fields: images (N, 3, S, S) uint8; captions: list of N str;
+    attributes (N,) int64 each: shape, colour, size, pos (of the main object), label = shape * 8 + colour, label2 (the
+    second object's class, or -1), n_objects, dup_of (index of the pair this one nearly duplicates, or -1).
 
-    train: seen combinations only, long-tailed class frequency, `two_frac` two-object images,
-      `dup_frac` near-duplicates (the same scene, new pixel noise, a new caption).
+    train: seen combinations only, long-tailed class frequency, `two_frac` two-object images, `dup_frac`
+      near-duplicates (the same scene, new pixel noise, a new caption).
     val / test / probe: one object, all 64 combinations equally often, training wordings.
     wordings: like test, but every caption uses the held-out words and template.
-    pretrain: the CLIP-CID teacher's pretraining pool (`--data shapes-pretrain`), broader than
-      any student's data: like train, but all 64 combinations (the held-out ones too) and every
-      wording (each word from all tiers, the held-out template among the others)."""
+    pretrain: the CLIP-CID teacher's pretraining pool (`--data shapes-pretrain`), broader than any student's data:
+      like train, but all 64 combinations (the held-out ones too) and every wording (`caption`'s every_wording)."""
 
     def __init__(self, split, n, seed=0, image_size=32, dup_frac=0.3, imbalance=0.8, two_frac=0.2):
         if split not in SPLITS:
@@ -243,21 +220,17 @@ class ShapesDataset:
         rng = np.random.default_rng([seed, SPLITS[split]])
         train = split in ("train", "pretrain")  # the pools models train on
         classes = np.array(SEEN_CLASSES if split == "train" else range(64))
-        if train:  # Zipf-like frequencies over a seeded random order of the seen classes
-            p = (1.0 + rng.permutation(len(classes))) ** -imbalance
-            p /= p.sum()
-        else:
-            p = np.full(len(classes), 1 / len(classes))
+        # train: Zipf-like frequencies over a seeded random order of the seen classes; else all equally often
+        p = (1.0 + rng.permutation(len(classes))) ** -imbalance if train else np.ones(len(classes))
+        p /= p.sum()
         self.images = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
-        self.captions, scenes = [], []
-        fields = {k: np.zeros(n, np.int64) for k in ("shape", "colour", "size", "pos", "n_objects", "label2")}
-        dup_of = np.full(n, -1, np.int64)
+        self.captions, scenes, dup_of = [], [], np.full(n, -1, np.int64)
+        info = np.zeros((n, 6), np.int64)  # per pair: shape, colour, size, pos, n_objects, label2
         for i in tqdm(range(n), desc=f"drawing {split} pairs", disable=n < 50000, mininterval=2.0):
             if train and i > 0 and rng.random() < dup_frac:
                 j = int(rng.integers(i))
-                while dup_of[j] >= 0:
-                    j = int(dup_of[j])  # point at the original scene
-                dup_of[i], scene = j, scenes[j]
+                dup_of[i] = j if dup_of[j] < 0 else dup_of[j]  # point at the original scene (j's own if j is a copy)
+                scene = scenes[j]
             else:
                 label = int(rng.choice(classes, p=p))
                 objects = [(label // 8, label % 8, int(rng.integers(2)), int(rng.integers(4)),
@@ -275,10 +248,9 @@ class ShapesDataset:
             self.images[i] = torch.from_numpy(render(objects, scene[1], image_size, rng))
             self.captions.append(caption(sh, co, sz, po, rng, held_out=split == "wordings", second=second,
                                          every_wording=split == "pretrain"))
-            label2 = second[0] * 8 + second[1] if second else -1
-            for k, val in zip(("shape", "colour", "size", "pos", "n_objects", "label2"), (sh, co, sz, po, len(objects), label2)):
-                fields[k][i] = val
-        self.attributes = {k: torch.from_numpy(v) for k, v in fields.items()}
+            info[i] = sh, co, sz, po, len(objects), second[0] * 8 + second[1] if second else -1
+        self.attributes = {k: torch.from_numpy(info[:, j].copy())
+                           for j, k in enumerate(("shape", "colour", "size", "pos", "n_objects", "label2"))}
         self.attributes["label"] = self.attributes["shape"] * 8 + self.attributes["colour"]
         self.attributes["dup_of"] = torch.from_numpy(dup_of)
 
@@ -287,30 +259,24 @@ class ShapesDataset:
 
 
 def training_set(cfg):
-    """The embedded pairs a run trains on, from its config (a dict: train.py's flags, or a checkpoint's
-    saved config): every place that needs them again (the EM probe, the pretrained teacher's
-    pool check) draws them here, from the same keys."""
+    """The embedded pairs a run trains on, from its config (train.py's flags, or a checkpoint's saved config): every
+    place that needs them again (the EM probe, the pretrained teacher's pool check) draws them here."""
     return ShapesDataset(EMBEDDED[cfg["data"]], cfg["n_train"], seed=cfg["seed"], image_size=cfg["image_size"],
                          dup_frac=cfg["dup_frac"], imbalance=cfg["imbalance"])
 
 
 # ----------------------------------------------------------------------------------------
-# 2. Pairs by row: real CSV / shard data, and the embedded set seen the same way. A `Pairs` is
-# every pair of a data set in a fixed order. Row i has a stable key (`keys[i]`: the shard's name
-# and the sample's __key__; a CSV row's image path or key column; the embedded pair's index),
-# and reading it gives (image (3, S, S) uint8, caption, i), or the reason it cannot be used.
-# Rows come in `parts` (a tar shard each; 10,000 CSV rows; 5,000 embedded pairs): the teacher
-# store (teachers.py) builds, fingerprints and resumes one part at a time. Shards are read by
-# row too: one scan of their headers records where each member's bytes lie, so CSV rows, shards
-# and the embedded set shuffle, resume mid-epoch and split over ranks the same way.
-# A pair whose key hashes below `val_frac` is held out for evaluation: the same pairs for every
-# seed, so a seed spread measures training, not the split. `--train-frac` trains on a part of
-# the rest, drawn by a second hash: the same part for every seed, and a teacher trained on the
-# whole set (--train-frac 1) has seen none of the held-out pairs either.
+# 2. Pairs by row. A `Pairs` is every pair of a data set in a fixed order: the embedded set, CSV rows, webdataset
+# shards (read by row too: one scan of their headers records where each member's bytes lie) and text-only lines
+# answer alike, so they shuffle, resume mid-epoch and split over ranks the same way. Row i has a stable key
+# (`keys[i]`), and reading it gives (image (3, S, S) uint8, caption, i), or the reason it cannot be used. Rows come in
+# `parts`: the teacher store (teachers.py) builds, fingerprints and resumes one part at a time.
+# A pair whose key hashes below `val_frac` is held out for evaluation: the same pairs for every seed, so a seed spread
+# measures training, not the split. `--train-frac` trains on a part of the rest, drawn by a second hash: the same part
+# for every seed, and a teacher trained on the whole set (--train-frac 1) has seen none of the held-out pairs either.
 
 def key_hash(key, salt):  # a pair's key -> a number in [0, 1), the same on every machine
-    h = hashlib.sha1(f"{salt}:{key}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2 ** 64
+    return int.from_bytes(hashlib.sha1(f"{salt}:{key}".encode()).digest()[:8], "big") / 2 ** 64
 
 
 def is_val(key, val_frac):
@@ -322,33 +288,39 @@ def in_part(key, train_frac):
 
 
 def skipped(where, why):
-    """A pair that cannot be used travels through the DataLoader as this string, its reason
-    (`collate` counts and drops it; a run that finds no usable pair prints one)."""
+    """A pair that cannot be used travels through the DataLoader as this string, its reason (`collate` counts and
+    drops it; a run that finds no usable pair prints one)."""
     return f"{where}: {why}"
-
-
-def utf8(text):  # False for a field read with errors="surrogateescape" from bytes that are not UTF-8
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def chunks(n, size):  # [(start, stop)] covering range(n) in pieces of `size`
     return [(a, min(n, a + size)) for a in range(0, n, size)]
 
 
+def fingerprint_of(*parts):
+    """A short hash: tensors by their bytes, everything else by its repr."""
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p.contiguous().numpy().tobytes() if torch.is_tensor(p) else repr(p).encode())
+    return h.hexdigest()[:16]
+
+
 class Pairs(torch.utils.data.Dataset):
-    """What every data set answers. Subclasses set `keys` (N str), `parts` [(name, start, stop)],
-    `skipped_rows` / `skip_reason` (pairs dropped when the listing was read), and define
-    source(i) (path, bytes, uint8 tensor, or None: no image), caption(i) (str, or None: none),
-    where(i) (for messages) and part_content(j) (what part j's fingerprint hashes: it changes
-    when the part's pairs change), and `spec` (what --data named, for messages)."""
+    """What every data set answers. Subclasses set `keys` (N str), `parts` [(name, start, stop)], the lists `sources`
+    (a path, bytes or uint8 tensor per row; None: no image) and `captions` (str; None: none) or define source(i) and
+    caption(i), and define where(i) (row i, for messages) and part_content(start, stop) (what the part's fingerprint
+    hashes: it changes when the part's pairs change). `spec`: what --data named; `skipped_rows` / `skip_reason`: the
+    pairs dropped when the listing was read."""
     image_size, crop, skipped_rows, skip_reason, spec = 32, None, 0, None, None
 
     def __len__(self):
         return len(self.keys)
+
+    def source(self, i):
+        return self.sources[i]
+
+    def caption(self, i):
+        return self.captions[i]
 
     def at_size(self, image_size, crop=None):
         """The same pairs read at another size (a teacher's own input size)."""
@@ -371,7 +343,7 @@ class Pairs(torch.utils.data.Dataset):
     def part_fingerprint(self, j):  # hashed once per part and run: the store asks for it often
         memo = self.__dict__.setdefault("fingerprints", {})
         if j not in memo:
-            memo[j] = fingerprint_of(*self.part_content(j))
+            memo[j] = fingerprint_of(*self.part_content(*self.parts[j][1:]))
         return memo[j]
 
     def fingerprint(self):
@@ -379,89 +351,77 @@ class Pairs(torch.utils.data.Dataset):
         return hashlib.sha1(repr([self.part_fingerprint(j) for j in range(len(self.parts))]).encode()).hexdigest()[:16]
 
 
-def fingerprint_of(*parts):
-    """A short hash: tensors by their bytes, everything else by its repr."""
-    h = hashlib.sha1()
-    for p in parts:
-        h.update(p.contiguous().numpy().tobytes() if torch.is_tensor(p) else repr(p).encode())
-    return h.hexdigest()[:16]
-
-
 class ShapesPairs(Pairs):
-    """The embedded set (a ShapesDataset in memory) by row."""
+    """The embedded set (a ShapesDataset in memory) by row: key the pair's index, parts of 5,000 pairs."""
 
     def __init__(self, ds, part_rows=5000):
-        self.ds, self.image_size = ds, ds.images.shape[-1]
+        self.ds, self.image_size, self.sources, self.captions = ds, ds.images.shape[-1], ds.images, ds.captions
         self.keys = [str(i) for i in range(len(ds))]
         self.parts = [(f"pairs-{a:07d}", a, b) for a, b in chunks(len(ds), part_rows)]
-
-    def source(self, i):
-        return self.ds.images[i]
-
-    def caption(self, i):
-        return self.ds.captions[i]
 
     def where(self, i):
         return f"pair {i}"
 
-    def part_content(self, j):
-        _, a, b = self.parts[j]
-        return self.ds.images[a:b], self.ds.captions[a:b]
+    def part_content(self, a, b):
+        return self.sources[a:b], self.captions[a:b]
+
+
+class TextLines(Pairs):
+    """Text-only lines (a Knowledge-CLIP text corpus) by row, for the text teacher's store: key the line's index,
+    parts of 10,000 lines, no images."""
+
+    def __init__(self, lines, part_rows=10000):
+        self.captions, self.sources, self.keys = lines, [None] * len(lines), [str(i) for i in range(len(lines))]
+        self.parts = [(f"lines-{a:09d}", a, b) for a, b in chunks(len(lines), part_rows)]
+
+    def where(self, i):
+        return f"line {i + 1}"
+
+    def part_content(self, a, b):
+        return (self.captions[a:b],)
 
 
 class CsvPairs(Pairs):
-    """open_clip-style CSV (comma) or TSV (tab): one row per pair, image path relative to the
-    file. Rows with an empty caption or bytes that are not UTF-8 are dropped when the file is
-    read (counted in `skipped_rows`, the first one's reason in `skip_reason`); an Excel BOM
-    before the header is ignored. Key: the `key_column` if given, else the image path as written
-    (the k-th repeat of a path gets '#k')."""
+    """open_clip-style CSV (comma) or TSV (tab): one row per pair, image path relative to the file, parts of 10,000
+    rows. Rows with an empty caption or bytes that are not UTF-8 are dropped when the file is read (counted in
+    `skipped_rows`, the first one's reason in `skip_reason`); an Excel BOM before the header is ignored. Key: the
+    `key_column` if given, else the image path as written (the k-th repeat of a path gets '#k')."""
 
     def __init__(self, path, image_size=32, img_key="filepath", caption_key="title", key_column=None, part_rows=10000,
                  label_key=None):
-        delimiter = "\t" if path.endswith(".tsv") else ","
+        root, bad, seen, labels = os.path.dirname(os.path.abspath(path)), [], {}, []
+        self.spec, self.image_size, self.keys, self.sources, self.captions = path, image_size, [], [], []
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
+            reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
             missing = {img_key, caption_key, *(k for k in (key_column, label_key) if k)} - set(reader.fieldnames or [])
             if missing:
-                raise ValueError(f"{path}: no column {', '.join(sorted(missing))}; columns are "
-                                 f"{reader.fieldnames} (set --csv-img-key / --csv-caption-key / --csv-key / "
-                                 "--csv-label-key)")
-            rows, keys, bad, seen, labels = [], [], [], {}, []
+                raise ValueError(f"{path}: no column {', '.join(sorted(missing))}; columns are {reader.fieldnames} "
+                                 "(set --csv-img-key / --csv-caption-key / --csv-key / --csv-label-key)")
             for line, r in enumerate(reader, start=2):
                 img, text = r[img_key] or "", (r[caption_key] or "").strip()
-                if not (utf8(img) and utf8(text)):
+                if re.search("[\ud800-\udfff]", img + text):  # bytes that are not UTF-8, read as surrogates
                     bad.append(skipped(f"{path} line {line}", "bytes that are not UTF-8"))
                 elif not text or not img:
                     bad.append(skipped(f"{path} line {line}", "no caption" if not text else "no image path"))
                 else:
                     key = r[key_column] if key_column else img
                     seen[key] = seen.get(key, 0) + 1
-                    keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
-                    rows.append((img, text))
+                    self.keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
+                    self.sources.append(os.path.join(root, img))
+                    self.captions.append(text)
                     labels.append(" ".join((r[label_key] or "").split()) if label_key else "")
-        root = os.path.dirname(os.path.abspath(path))
-        self.spec, self.image_size, self.keys = path, image_size, keys
         self.skipped_rows, self.skip_reason = len(bad), bad[0] if bad else None
-        self.rows = [(os.path.join(root, p), c) for p, c in rows]
         self.labels = labels if label_key else None  # a class name per row ('' where none): eval.eval_labelled_pairs
-        self.parts = [(f"rows-{a:09d}", a, b) for a, b in chunks(len(rows), part_rows)]
+        self.parts = [(f"rows-{a:09d}", a, b) for a, b in chunks(len(self.keys), part_rows)]
 
     @property
-    def captions(self):  # all N captions, read without touching an image
-        return [c for _, c in self.rows]
+    def rows(self):  # [(image path, caption)]
+        return list(zip(self.sources, self.captions))
 
-    def source(self, i):
-        return self.rows[i][0]
+    where = Pairs.source  # a row is named by its image path
 
-    def caption(self, i):
-        return self.rows[i][1]
-
-    def where(self, i):
-        return self.rows[i][0]
-
-    def part_content(self, j):
-        _, a, b = self.parts[j]
-        return self.keys[a:b], self.rows[a:b]
+    def part_content(self, a, b):
+        return self.keys[a:b], list(zip(self.sources[a:b], self.captions[a:b]))
 
 
 def expand_braces(pattern):
@@ -473,10 +433,9 @@ def expand_braces(pattern):
         if not m:
             out.append(part)
             continue
-        body = m.group(1)
-        rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        rng = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
         items = ([str(k).zfill(len(rng.group(1))) for k in range(int(rng.group(1)), int(rng.group(2)) + 1)]
-                 if rng else body.split(","))
+                 if rng else m.group(1).split(","))
         for item in items:
             out.extend(expand_braces(part[: m.start()] + item + part[m.end():]))
     return out
@@ -486,10 +445,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def scan_shard(path):
-    """Where each sample of a tar shard lies, from its headers alone (the data is seeked over):
-    ([(key, image (offset, size) or None, caption (offset, size) or None)], reason or None).
-    Members `{key}.{jpg,png,webp}` and `{key}.txt` make a sample, as img2dataset writes them;
-    a shard that cannot be read to its end keeps the samples before the break and says why."""
+    """Where each sample of a tar shard lies, from its headers alone (the data is seeked over): ([(key, image
+    (offset, size) or None, caption (offset, size) or None)], reason or None). Members `{key}.{jpg,png,webp}` and
+    `{key}.txt` make a sample; a shard that cannot be read to its end keeps the samples before the break, says why."""
     samples, reason, size, end = {}, None, os.path.getsize(path), 0
     try:
         with tarfile.open(path, "r:") as tar:  # plain tar: random access needs it uncompressed
@@ -514,32 +472,25 @@ def scan_shard(path):
 
 
 def scan_cached(path, cache):
-    """scan_shard, kept in the folder `cache` (None: not kept) and reused while the shard's path,
-    size, modification time and first and last 64 KiB are unchanged: a CC3M-sized listing is
-    scanned once, not per run. (Size and time alone miss a shard rewritten within one clock tick:
-    tar pads every file to 10 KiB records, so two small shards often have one size.)"""
+    """scan_shard, kept in the folder `cache` (None: not kept) and reused while the shard's path, size, modification
+    time and first and last 64 KiB are unchanged (size and time alone miss a shard rewritten within one clock tick:
+    tar pads every file to 10 KiB records): a CC3M-sized listing is scanned once, not per run."""
     if cache is None:
         return scan_shard(path)
     st, path = os.stat(path), os.path.abspath(path)
     with open(path, "rb") as f:
         ends = f.read(65536)
         f.seek(max(0, st.st_size - 65536))
-        ends += f.read()
-    stamp = [path, st.st_size, st.st_mtime_ns, hashlib.sha1(ends).hexdigest()]
+        stamp = [path, st.st_size, st.st_mtime_ns, hashlib.sha1(ends + f.read()).hexdigest()]
     file = os.path.join(cache, hashlib.sha1(path.encode()).hexdigest()[:16] + ".json")
-    try:
-        with open(file) as f:
-            old = json.load(f)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # none kept yet, or unreadable: scan again
+        old = clip.read_json(file)
         if old["stamp"] == stamp:
             return [(k, img and tuple(img), txt and tuple(txt)) for k, img, txt in old["samples"]], old["reason"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # none yet, or unreadable: scan again
     samples, reason = scan_shard(path)
-    try:
+    with contextlib.suppress(OSError):  # a read-only or full disk: the scan is still right, only not kept
         os.makedirs(cache, exist_ok=True)
         clip.write_json(file, {"stamp": stamp, "samples": samples, "reason": reason})
-    except OSError:
-        pass  # a read-only or full disk: the scan is still right, only not kept
     return samples, reason
 
 
@@ -550,10 +501,9 @@ def read_bytes(path, span):  # span (offset, size): a member's bytes, without re
 
 
 class ShardPairs(Pairs):
-    """webdataset tar shards as img2dataset writes them, by row: one part per shard, key
-    'shard/__key__'. A sample with no image, no or an empty caption, or a corrupt image comes out
-    as its reason; an unreadable or truncated shard is counted once in `skipped_rows`. With
-    `scan_cache` (a folder) each shard's header scan is kept there (scan_cached)."""
+    """webdataset tar shards as img2dataset writes them, by row: one part per shard, key 'shard/__key__'. A sample
+    with no image, no or an empty caption, or a corrupt image comes out as its reason; an unreadable or truncated
+    shard is counted once in `skipped_rows`. Each shard's header scan is kept in `scan_cache` (scan_cached)."""
 
     def __init__(self, pattern, image_size=32, scan_cache=None):
         self.shards, self.spec = expand_braces(pattern), pattern
@@ -566,8 +516,7 @@ class ShardPairs(Pairs):
         for s, (shard, name) in enumerate(tqdm(list(zip(self.shards, names)), desc="scanning shards", unit="shard",
                                                 disable=len(self.shards) < 50, mininterval=2.0)):
             samples, reason = scan_cached(shard, scan_cache)
-            if reason:
-                problems.append(skipped(shard, reason))
+            problems += [skipped(shard, reason)] if reason else []
             self.parts.append((name, len(self.keys), len(self.keys) + len(samples)))
             self.listing.append(f"{name}:{os.path.getsize(shard)} bytes:{fingerprint_of(samples)}")
             self.keys += [f"{name}/{k}" for k, _, _ in samples]
@@ -589,30 +538,9 @@ class ShardPairs(Pairs):
         return self.listing[j]
 
 
-class TextLines(Pairs):
-    """Text-only lines (a Knowledge-CLIP text corpus) by row, for the text teacher's store."""
-
-    def __init__(self, lines, part_rows=10000):
-        self.lines, self.keys = lines, [str(i) for i in range(len(lines))]
-        self.parts = [(f"lines-{a:09d}", a, b) for a, b in chunks(len(lines), part_rows)]
-
-    def source(self, i):
-        return None
-
-    def caption(self, i):
-        return self.lines[i]
-
-    def where(self, i):
-        return f"line {i + 1}"
-
-    def part_content(self, j):
-        _, a, b = self.parts[j]
-        return (self.lines[a:b],)
-
-
 def collate(batch):
-    """Drop the pairs that failed to load (their reasons, strings). Returns (images (B, 3, S, S)
-    uint8, captions, rows (B,) int64, n_skipped, the first skipped pair's reason or None)."""
+    """Drop the pairs that failed to load (their reasons, strings). Returns (images (B, 3, S, S) uint8, captions,
+    rows (B,) int64, n_skipped, the first skipped pair's reason or None)."""
     good = [b for b in batch if not isinstance(b, str)]
     why = next((b for b in batch if isinstance(b, str)), None)
     if not good:
@@ -623,8 +551,8 @@ def collate(batch):
 
 def real_pairs(spec, image_size=32, img_key="filepath", caption_key="title", key_column=None, scan_cache=None,
                label_key=None):
-    """`--data` for real pairs: a .csv/.tsv path or a tar shard pattern (header scans kept in
-    `scan_cache`); label_key: a CSV column of class names."""
+    """`--data` for real pairs: a .csv/.tsv path or a tar shard pattern (header scans kept in `scan_cache`);
+    label_key: a CSV column of class names."""
     if spec.endswith((".csv", ".tsv")):
         if not os.path.exists(spec):
             raise FileNotFoundError(f"--data {spec}: no such file")
@@ -639,15 +567,13 @@ def real_pairs(spec, image_size=32, img_key="filepath", caption_key="title", key
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Data parallelism: which rank takes which rows. torchrun starts N processes; each takes 1/N
-# of every global batch (the streams below) and of every store k-means fits on (`shard`);
-# DistributedDataParallel averages the gradients. One process: every helper is a no-op.
+# 3. Data parallelism: which rank takes which rows. torchrun starts N processes; each takes 1/N of every global batch
+# (the streams below) and of every store k-means fits on (`shard`); DistributedDataParallel averages the gradients.
+# One process: every helper is a no-op.
 
 def world():
     """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def barrier():
@@ -657,23 +583,22 @@ def barrier():
 
 
 def shard(x):
-    """This rank's contiguous slice of the rows of x (all of x when not distributed): what each
-    rank passes to `kmeans.fit` so that the ranks together hold every row once, in order."""
-    rank, n_ranks = world()
-    n = len(x)
+    """This rank's contiguous slice of the rows of x (all of x when not distributed): what each rank passes to
+    `kmeans.fit` so that the ranks together hold every row once, in order."""
+    (rank, n_ranks), n = world(), len(x)
     return x[rank * n // n_ranks:(rank + 1) * n // n_ranks]
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Batches. Each one is a pure function of (seed, step), so a resumed run sees the same data.
+# 4. Batches. Each one is a pure function of (seed, step), so a resumed run sees the same data.
 
 BPE_SAMPLE = 20000  # captions the tokenizer learns its merges from (evenly spaced over the pool)
 
 
 def step_generator(seed, step, stream):
-    """The random draws a step makes inside the loop come from here, a pure function of (seed,
-    step, stream), never from the global RNG: a resumed run draws exactly what an unbroken one
-    did, wherever it was stopped. stream 0: text-only lines; 1: partial class sampling."""
+    """The random draws a step makes inside the loop come from here, a pure function of (seed, step, stream), never
+    from the global RNG: a resumed run draws exactly what an unbroken one did, wherever it was stopped. stream 0:
+    text-only lines; 1: partial class sampling."""
     return torch.Generator().manual_seed(seed * 1000003 + step + stream * 2 ** 40)
 
 
@@ -686,8 +611,8 @@ def corpus_index(step, n_lines, batch_size, seed):
 
 class Stream:
     def learn_tokenizer(self, captions, vocab_size):
-        """The byte-pair tokenizer of this run, learned from its training captions: its merges go
-        into the model's config (and so into every checkpoint)."""
+        """The byte-pair tokenizer of this run, learned from its training captions: its merges go into the model's
+        config (and so into every checkpoint)."""
         self.merges = clip.learn_bpe(captions, vocab_size) if vocab_size > clip.N_BASE else []
         self.tokenizer = clip.Tokenizer(self.merges)
 
@@ -705,10 +630,9 @@ class ShapesStream(Stream):
     """The embedded set in memory, in `order(epoch)` of its pool."""
 
     def __init__(self, ds, batch_size, seed=0, vocab_size=1024, context_length=32):
-        self.ds = ds  # a ShapesDataset (training_set)
         if batch_size > len(ds):
             raise SystemExit(f"error: --batch-size {batch_size} is larger than the {len(ds)} training pairs")
-        self.pairs = ShapesPairs(ds)  # the same pairs by row, for the teacher store
+        self.ds, self.pairs = ds, ShapesPairs(ds)  # a ShapesDataset (training_set); its pairs by row, for the store
         self.learn_tokenizer(ds.captions[:BPE_SAMPLE], vocab_size)
         self.tokens = self.tokenizer(ds.captions, context_length)  # (N, L)
         self.batch_size, self.seed, self.perm_epoch, self.skipped = batch_size, seed, None, 0
@@ -719,8 +643,7 @@ class ShapesStream(Stream):
         return self.ds.images[torch.as_tensor(idx)]
 
     def batch(self, step):
-        per_epoch = len(self.pool) // self.batch_size
-        epoch, k = divmod(step, per_epoch)
+        epoch, k = divmod(step, len(self.pool) // self.batch_size)
         if self.perm_epoch != epoch:
             self.perm, self.perm_epoch = self.order(epoch), epoch
         idx = self.perm[k * self.batch_size:(k + 1) * self.batch_size]  # (B,) the global batch
@@ -731,13 +654,11 @@ class ShapesStream(Stream):
 
 
 class RealStream(Stream):
-    """CSV rows or tar shards, read by row (Pairs) through a DataLoader: the same seeded
-    permutation of the pool per epoch as the embedded set, so resuming at step s skips the
-    batches already seen without loading their images, and ranks take their share of each
-    global batch. Held out: the pairs whose key is_val picks; trained on: in_part of the rest.
-    A batch holds --batch-size rows less the pairs that could not be read (under torchrun:
-    trimmed to the smallest share, so every rank gathers as many rows); a batch with fewer than
-    2 usable pairs is skipped."""
+    """CSV rows or tar shards, read by row (Pairs) through a DataLoader, in the same seeded order of the pool per
+    epoch as the embedded set: resuming at step s skips the batches already seen without loading their images. The
+    pool: the pairs is_val leaves, in_part of them. A batch holds --batch-size rows less the pairs that could not be
+    read (under torchrun: trimmed to the smallest share, so every rank gathers as many rows); a batch with fewer than 2
+    usable pairs is skipped."""
 
     def __init__(self, pairs, batch_size, seed=0, vocab_size=1024, context_length=32, val_frac=0.02, train_frac=1.0,
                  workers=2):
@@ -758,10 +679,9 @@ class RealStream(Stream):
                             for item in (view[int(i)] for i in idx)])
 
     def epochs(self, start_step):
-        """Yield (images, captions, local rows, global rows, n_skipped) from step `start_step` on.
-        A whole pass that yields no batch stops the run with one line that says why."""
-        step, epoch, B = 0, 0, self.batch_size
-        rank, n = world()
+        """Yield (images, captions, local rows, global rows, n_skipped) from step `start_step` on. A whole pass that
+        yields no batch stops the run with one line that says why."""
+        (rank, n), B, step, epoch = world(), self.batch_size, 0, 0
         carry, reason = 0, self.pairs.skip_reason  # skipped pulls not yet reported; an example
         while True:
             order = self.order(epoch)
@@ -771,24 +691,19 @@ class RealStream(Stream):
                 raise SystemExit(f"error: --data {self.pairs.spec} has {len(order)} training pairs{dropped}, fewer than "
                                  f"--batch-size {B}")
             skip = min(max(start_step - step, 0), per_epoch)  # batches already trained on
-            step, full_pass = step + skip, skip == 0
+            step, full_pass, usable = step + skip, skip == 0, 0
             mine = order[skip * B:per_epoch * B].view(-1, n, B // n)[:, rank]
             loader = torch.utils.data.DataLoader(self.pairs, sampler=mine.flatten().tolist(), batch_size=B // n,
                                                  num_workers=self.workers, collate_fn=collate)
-            usable = 0
             for images, captions, rows, skipped, why in loader:
-                step += 1
-                reason = reason or why
-                k = len(captions)
+                step, reason, k = step + 1, reason or why, torch.tensor([len(captions)])
                 if n > 1:  # every rank keeps as many pairs as the one with fewest
-                    k = torch.tensor([k])
                     dist.all_reduce(k, op=dist.ReduceOp.MIN)
-                    k = int(k)
+                k = int(k)
                 if k < 2:  # nothing to contrast: skipped, its pairs counted
                     carry += skipped + len(captions)
                     continue
-                skipped += len(captions) - k
-                images, captions, rows = images[:k], captions[:k], rows[:k]
+                skipped, images, captions, rows = skipped + len(captions) - k, images[:k], captions[:k], rows[:k]
                 every = rows
                 if n > 1:  # (k W,) the global batch's rows, in rank order
                     shares = [torch.empty_like(rows) for _ in range(n)]
