@@ -2,9 +2,7 @@
 
 A teacher is never run inside the training loop: before training, one pass over the pairs embeds each pair once into
 the store on disk (section 3), and the loop reads the rows of its batch. That is the pattern of MobileCLIP's reinforced
-datasets (DataCompDR), on one machine; CLIP-KD and TinyCLIP run the teacher online, every epoch again. Sections:
-1. CLIP teachers (CLIP-CID's: ours, or any Hugging Face CLIPModel); 2. text teachers (Knowledge-CLIP's frozen LLM L);
-3. the teacher store, and what is computed once on it; 4. image semantic balance (CLIP-CID Sec. 3.1).
+datasets (DataCompDR), on one machine; CLIP-KD and TinyCLIP run the teacher online, every epoch again.
 """
 import hashlib
 import inspect
@@ -97,8 +95,7 @@ def weights_name(path, model):
 
 
 def hf_load(cls, spec, flag, trust_remote_code=False):
-    """cls.from_pretrained(spec) from a local folder or the Hugging Face cache, never the network
-    (nothing is downloaded at run time), or one line saying why it cannot be loaded."""
+    """cls.from_pretrained(spec) from a local folder or the Hugging Face cache (never the network), or one line why not."""
     path = os.path.expanduser(spec)
     if spec.startswith((".", "/", "~")) and not os.path.exists(path):
         raise FileNotFoundError(f"{flag} {spec}: no such folder")
@@ -144,8 +141,7 @@ def sha256_of(path):
 
 
 def pool_prefix_fingerprint(pool, rows=PREFIX_ROWS):
-    """The fingerprint of the pretraining pool's first rows as data.py draws them now (each row
-    depends on every draw before it, so a change to how the pool is drawn shows here)."""
+    """The pool's first rows as data.py draws them now, fingerprinted: any change to how it draws the pool shows."""
     ds = data.training_set({**pool, "n_train": rows})
     return data.fingerprint_of(ds.images, ds.captions)
 
@@ -246,14 +242,12 @@ def load_text_teacher(spec, device, pool="mean", trust_remote_code=False, random
 
 
 # ----------------------------------------------------------------------------------------
-# 3. The teacher store. One folder per (data, teacher), ROOT/<data>/<teacher name>-<hash of its cache_key and the row
-# dtype>/, holding per part of the pairs (data.Pairs.parts: a shard, or 10,000 CSV rows):
-#   part-NNNNN.<field>.npy  (rows, D) float16 by default, memory-mapped: a CLIP teacher's 'image' and 'text', or 'text'
-#   part-NNNNN.ok.npy       (rows,) bool: the teacher could embed the pair (a corrupt image: False)
-#   part-NNNNN.json         written last: data fingerprint (shard name, size, members; CSV rows), cache_key, counts
-# and, beside them, what is computed once on the store (`derived`: keep mask, cluster ids, concept centroids). Side
-# files per part, not one array: a changed shard rebuilds its part only, a killed build keeps every finished part, under
-# torchrun the ranks build and write parts of their own and nothing is joined. Batches gather rows from the memmaps.
+# 3. The teacher store: ROOT/<data>/<teacher name>-<hash of its cache_key and dtype>/ holds, per part of the pairs
+# (data.Pairs.parts), part-NNNNN.<field>.npy (rows, D) float16 memmaps (a CLIP teacher's 'image' and 'text', or
+# 'text'), part-NNNNN.ok.npy (rows,) bool (False: the teacher could not embed the pair) and part-NNNNN.json, written
+# last (data fingerprint, cache_key, counts); beside them, what is computed once on it (`derived`). Files per part, not
+# one array: a changed shard rebuilds its part only, a killed build keeps every finished part, and under torchrun the
+# ranks build parts of their own and nothing is joined. Batches gather their rows from the memmaps.
 
 def data_name(spec, pairs):
     """The store's folder name for a --data: readable, and apart for two files of the same name."""
@@ -480,7 +474,7 @@ def store_balance(store, pool, threshold, buckets=None, seed=0):
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Image semantic balance.
+# 4. Image semantic balance (CLIP-CID Sec. 3.1).
 
 def flatten(parent):
     """Point every node straight at its root (pointer jumping)."""
