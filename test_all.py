@@ -2379,7 +2379,7 @@ def test_attributes_script_scores_a_run_and_says_what_is_missing(cub, awa2, tmp_
 # docs/use_student.py: your own images, the Hugging Face export
 
 def test_hf_tokenizer_gives_our_ids():
-    """clip.hf_tokenizer (the `tokenizers` pipeline that --export-hf saves) gives our ids: learned
+    """use_student.hf_tokenizer (the `tokenizers` pipeline that --export-hf saves) gives our ids: learned
     merges and bytes alone, odd and long captions, and characters of every Unicode class, each
     between letters, digits and spaces (our split, Python's re, against Oniguruma's)."""
     import unicodedata
