@@ -10,8 +10,9 @@ Supervision", Figure 3 (the numpy-like pseudocode, also Figure 2 of Knowledge-CL
     logits = I_e @ T_e.T * exp(t)     # (B, B)
 
 This file holds everything up to `logits`; the loss lives in losses.py.
-Read it top to bottom: tokenizer -> Transformer block -> the two towers -> CLIP -> sizes ->
-checkpoints and `load` -> the export to Hugging Face.
+Read it top to bottom: tokenizer -> pixels (load_image, to_input) -> Transformer block -> the two
+towers -> CLIP -> sizes -> checkpoints (the one writer and reader of files) and `load`. The export
+to Hugging Face: docs/use_student.py.
 """
 import contextlib
 import io

@@ -1,19 +1,19 @@
-"""Evaluation: zero-shot classification, image-text retrieval, linear probe, attributes, EM.
+"""Evaluation: zero-shot classification, image-text retrieval, linear probe, pictures and plots.
 
 - Zero-shot (Radford et al. 2021, Sec. 3.1.4): each class is the mean of its prompt-template
-  text embeddings, renormalised; an image takes the class of highest cosine.
+  text embeddings, renormalised; an image takes the class of highest cosine (`zero_shot`).
 - Retrieval: recall@k, image->text and text->image; pairs with the same caption string are one
   right answer, and a tie with a wrong candidate is a miss.
 - Linear probe: multinomial logistic regression on frozen, normalised image features, in torch
   (L-BFGS), its weight decay chosen on a validation split, then scored once on the test split.
-- Attributes (Knowledge-CLIP's AWA2 / CUB evaluation): zero-shot from attribute prompts.
-- Vocabulary tiers: zero-shot and a text-space probe with rare and never-seen words.
+- On the embedded set: seen and unseen classes, attributes, vocabulary tiers; on named torchvision
+  sets; on your pairs' held-out part (and its class names).
 - Pictures and plots a run writes: clusters, duplicate groups, loss curves, a text-space PCA.
-(Knowledge-CLIP's EM text probe trains a model of its own: docs/em_probe.py.)
 
-`evaluate(model, ...)` is what train.py calls at the end of a run; `python eval.py --ckpt DIR`
-runs the same on a saved checkpoint (into DIR/eval.json); `--tiers` and `--curves` below;
-`--images FOLDER` zero-shots your own images, `--export-hf OUT` writes a transformers folder.
+`evaluate(model, ...)` is what train.py calls at the end of a run; `python eval.py --ckpt DIR` runs
+the same on a saved checkpoint (into DIR/eval.json); `--curves DIR ...` plots runs side by side.
+Knowledge-CLIP's other evaluations: docs/em_probe.py (EM, vocabulary tiers), docs/attributes.py (AWA2,
+CUB); your own images and the Hugging Face export: docs/use_student.py.
 """
 import argparse
 import gzip

@@ -1,4 +1,4 @@
-"""Every loss of the project, each a plain function on tensors (no imports from our files).
+"""Every loss of the project, each a plain function on tensors; then each method's terms on a batch.
 
 CLIP (Radford et al. 2021, Figure 3; Knowledge-CLIP Figure 2):
     logits = I_e @ T_e.T * exp(t)
@@ -7,6 +7,8 @@ Knowledge-CLIP (Kao 2024, Sec. 3): text embedding distillation through the linea
 W_e (embedding_distill_loss) and concept learning from soft k-means labels (concept_loss).
 CLIP-CID (Yang et al. 2024): cluster discrimination with an additive angular margin
 (arcface_logits, cluster_loss, sample_classes) and instance discrimination (instance_loss).
+The methods (last section): the student's heads (KCLIPHeads, CIDHeads) and `loss_terms`, where the
+methods differ: which of these losses a batch adds up, on the teachers' rows cached before training.
 """
 import math
 from dataclasses import dataclass, field
@@ -197,7 +199,7 @@ def loss_terms(model, heads, batch, extra, cfg=LossConfig()):
             terms["concept"] = concept_loss(kh.classifier(image_emb), kh.classifier(text_emb), soft)
         if "corpus_index" in batch:  # the same W_e and L_emb, on lines with no image
             terms["corpus"] = embedding_distill_loss(heads["kclip"].proj(corpus_feat.float()),
-                                                            extra["corpus_store"].rows("text", batch["corpus_index"]).to(dev))
+                                                     extra["corpus_store"].rows("text", batch["corpus_index"]).to(dev))
         if "cid" in heads:
             ch = heads["cid"]
             zi = F.normalize(ch.proj(image_emb), dim=-1)  # (B, D_t) P(I_s)
@@ -208,8 +210,8 @@ def loss_terms(model, heads, batch, extra, cfg=LossConfig()):
             terms["cd"] = (cluster_loss(zi, C, y, **kw) + cluster_loss(zt, C, y, **kw)) / 2
             every = batch["global_index"]  # the teacher's rows: the whole global batch
             terms["id"] = instance_loss(zi, zt, extra["store"].rows("image", every).to(dev),
-                                               extra["store"].rows("text", every).to(dev),
-                                               ch.logit_scale.exp(), offset=rank * len(idx))
+                                        extra["store"].rows("text", every).to(dev), ch.logit_scale.exp(),
+                                        offset=rank * len(idx))
         return terms
 
 

@@ -1,14 +1,16 @@
 """Train a CLIP: `python train.py --method clip | kclip | cid | kclip+cid`.
 
-What a run does (`train`, at the end): 1. its batches (make_stream: the embedded shapes drawn from --seed, or
-your CSV / webdataset pairs, and a byte-pair tokenizer learned from their captions); 2. the method's
-preparation, once: a frozen teacher embeds every pair into the teacher store, then Knowledge-CLIP clusters
-its text teacher's caption embeddings into concepts (prepare_kclip) and CLIP-CID removes near-duplicate
-images and clusters its CLIP teacher's image embeddings (prepare_cid); 3. the loop: each batch's loss terms
-(losses.loss_terms: where the methods differ), one AdamW update (train_step: warmup + cosine, clipping, the
-logit-scale clamp, bf16 autocast on CUDA, no update from a NaN or inf), DIR/log.jsonl, checkpoints that
-resume bit for bit; 4. the evaluation (eval.py) into DIR/results.json, and pictures.
-`torchrun --nproc_per_node N train.py ...` runs the same loop on N processes (init_distributed).
+What a run does, in order (`train`, at the end of this file):
+1. its batches (`make_stream`): the embedded shapes drawn from --seed, or your CSV / webdataset
+   pairs, and a byte-pair tokenizer learned from their captions;
+2. the method's preparation, once: a frozen teacher embeds every pair into the teacher store;
+   Knowledge-CLIP clusters its text teacher's caption embeddings into concepts (`prepare_kclip`),
+   CLIP-CID removes near-duplicate images and clusters its teacher's image embeddings (`prepare_cid`);
+3. the loop: each batch's loss terms (losses.loss_terms: where the methods differ), one AdamW
+   update (`train_step`: warmup + cosine, clipping, the logit-scale clamp, bf16 autocast on CUDA,
+   no update from a NaN or inf), DIR/log.jsonl, checkpoints that resume bit for bit;
+4. the evaluation (eval.py) into DIR/results.json, and pictures.
+`torchrun --nproc_per_node N train.py ...` runs the same loop on N processes (`init_distributed`).
 """
 import argparse
 import hashlib
