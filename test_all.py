@@ -33,6 +33,7 @@ import train
 REPO = os.path.dirname(os.path.abspath(__file__))  # the checkout (tests run in their own folders: in_own_folder)
 sys.path.insert(0, os.path.join(REPO, "docs"))
 import attributes  # noqa: E402
+import balance  # noqa: E402
 import bench  # noqa: E402
 import convert_folder  # noqa: E402
 import em_probe  # noqa: E402
@@ -2597,6 +2598,33 @@ def test_real_table_trains_the_teacher_on_all_and_students_on_a_part(tmp_path, m
     assert students["teacher"] == os.path.join("real", "teacher") and students["zero_shot_n"] == teacher["zero_shot_n"] == held
     md = open("real/table.md").read()
     assert "| CLIP |" in md and "- CLIP-CID (teacher on the whole set): " in md and "±" in md
+
+
+# ========================================================================================
+# docs/balance.py: semantic balance scored against the embedded set's near-duplicates
+
+def test_balance_truth_scores_hand_cases():
+    """Scenes {0, 1, 2} (1 and 2 duplicates of 0), {3, 4}, {5}: 3 redundant pairs. Each keep mask
+    scored by hand: nothing removed; the perfect removal (a duplicate kept in place of its original
+    counts the same); a balance that merges every scene into one."""
+    dup_of, labels = np.array([-1, 0, 0, -1, 3, -1]), np.array([7, 7, 7, 9, 9, 3])
+    score = lambda keep: balance.truth_scores(np.array(keep, bool), dup_of, labels)  # noqa: E731
+    none = score([1, 1, 1, 1, 1, 1])
+    assert (none["removed"], none["precision"], none["recall"], none["scenes_lost"], none["classes_hit"]) == (0, 0, 0, 0, 0)
+    for keep in ([1, 0, 0, 1, 0, 1], [0, 1, 0, 0, 1, 1]):
+        s = score(keep)
+        assert (s["removed"], s["precision"], s["recall"], s["scenes_lost"], s["classes_hit"]) == (50, 100, 100, 0, 0)
+    merged = score([1, 0, 0, 0, 0, 0])  # 5 removed: 1 and 2 redundant, 3, 4 and 5 whole scenes
+    assert merged["removed"] == pytest.approx(500 / 6) and merged["precision"] == pytest.approx(40)
+    assert merged["recall"] == pytest.approx(200 / 3) and merged["scenes_lost"] == pytest.approx(200 / 3)
+    assert merged["classes_hit"] == 2 and merged["rare_classes"] == 1 and merged["rare_classes_hit"] == 1  # class 3: 1 pair
+
+
+def test_balance_cosines_hand_case():
+    emb = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.6, 0.8]]), dim=1)
+    dup, nearest = balance.cosines(emb, np.array([-1, 0, -1, -1]))  # pair 1 duplicates 0
+    assert dup == pytest.approx([float(emb[0] @ emb[1])])
+    assert nearest == pytest.approx([0.6, 0.8, 0.8])  # originals 0, 2, 3: each one's nearest other original
 
 
 # ========================================================================================
