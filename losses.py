@@ -191,15 +191,16 @@ def loss_terms(model, heads, batch, extra, cfg=LossConfig()):
         gathered = {} if n == 1 else dict(image_all=gather(image_emb), text_all=gather(text_emb), offset=rank * len(image_emb))
         terms = {"clip": clip_loss(image_emb, text_emb, model.logit_scale.exp(), **gathered)}
         idx, dev = batch["index"], image_emb.device  # (B / W,) this rank's rows of the data (and of the store)
+        mean, std = extra.get("target_shift", (0.0, 1.0))  # L_emb's target: L(x), or (L(x) - mean) / std (standardised)
         if "kclip" in heads:
             kh = heads["kclip"]
             t_txt = extra["t_store"].rows("text", idx).to(dev)  # (B, D_t) L(x)
             soft = kmeans.soft_assign(t_txt, extra["concept_centroids"], cfg.concept_tau)  # (B, K) s_i
-            terms["emb"] = embedding_distill_loss(kh.proj(text_feat), t_txt)
+            terms["emb"] = embedding_distill_loss(kh.proj(text_feat), (t_txt - mean) / std)
             terms["concept"] = concept_loss(kh.classifier(image_emb), kh.classifier(text_emb), soft)
         if "corpus_index" in batch:  # the same W_e and L_emb, on lines with no image
-            terms["corpus"] = embedding_distill_loss(heads["kclip"].proj(corpus_feat.float()),
-                                                     extra["corpus_store"].rows("text", batch["corpus_index"]).to(dev))
+            lines = extra["corpus_store"].rows("text", batch["corpus_index"]).to(dev)  # (B_c, D_t)
+            terms["corpus"] = embedding_distill_loss(heads["kclip"].proj(corpus_feat.float()), (lines - mean) / std)
         if "cid" in heads:
             ch = heads["cid"]
             zi = F.normalize(ch.proj(image_emb), dim=-1)  # (B, D_t) P(I_s)

@@ -507,6 +507,29 @@ def test_loss_terms_are_fp32_under_bf16_autocast():
         assert mixed[k].dtype == torch.float32 and abs(mixed[k].item() - plain[k].item()) < 1e-5, k
 
 
+def test_standardised_target_is_what_l_emb_regresses_onto():
+    """--standardise-target: train.moments gives the pool's per-dimension mean and (population) std,
+    chunk by chunk as torch does it at once (a constant dimension: std 1e-6); loss_terms' L_emb then
+    regresses onto (L(x) - mean) / std, and without it onto L(x) itself."""
+    torch.manual_seed(0)
+    rows = torch.randn(50, 10) * torch.arange(1.0, 11.0) + 3.0  # (N, D_t) scale and offset per dimension
+    rows[:, 4] = 7.0  # a constant dimension
+    pool = torch.arange(5, 45)
+    mean, std = train.moments(ArrayStore(text=rows), "text", pool, chunk=7)
+    assert torch.allclose(mean, rows[pool].mean(0), atol=1e-5)
+    assert torch.allclose(std, rows[pool].std(0, unbiased=False).clamp(min=1e-6), atol=1e-5) and std[4] == 1e-6
+    model, heads = clip.build("tiny"), nn.ModuleDict({"kclip": losses.KCLIPHeads(64, 10, 5)})
+    ds = data.ShapesDataset("test", 8)
+    batch = {"images": clip.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8)}
+    extra = {"t_store": ArrayStore(text=rows), "concept_centroids": torch.randn(5, 10)}
+    projected = heads["kclip"].proj(model.encode_text(batch["tokens"], normalize=False))
+    plain = losses.loss_terms(model, heads, batch, extra)
+    assert torch.allclose(plain["emb"], losses.embedding_distill_loss(projected, rows[:8]))
+    shifted = losses.loss_terms(model, heads, batch, {**extra, "target_shift": (mean, std)})
+    assert torch.allclose(shifted["emb"], losses.embedding_distill_loss(projected, (rows[:8] - mean) / std))
+    assert torch.equal(shifted["concept"], plain["concept"])  # the soft concept labels come from L(x) itself
+
+
 def test_text_only_batch_trains_the_text_tower_and_w_e_never_the_image_tower():
     """--text-corpus: L_emb on lines with no image reaches the text tower and W_e only."""
     torch.manual_seed(0)

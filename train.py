@@ -98,6 +98,7 @@ FLAGS = {
         ("--concepts", 64, "K of the k-means on the text teacher's caption embeddings"),
         ("--concept-tau", 0.05, "temperature tau_c of the soft concept labels"),
         ("--emb-weight", 1.0, "alpha, weight of the text embedding distillation"),
+        ("--standardise-target", False, "beyond the paper: L_emb's target standardised per dimension, on training captions"),
         ("--concept-weight", 0.01, "beta, weight of the concept KL loss"),
         ("--text-corpus", None, "beyond the paper: also distil on text-only lines, a file or 'shapes' (the default)",
          dict(nargs="?", const="shapes", metavar="PATH")),
@@ -124,7 +125,8 @@ FLAGS = {
 DATA_KEYS = ("data", "seed", "n_train", "dup_frac", "imbalance", "image_size", "val_frac", "train_frac",
              "csv_img_key", "csv_caption_key", "csv_key")  # the pairs a run trains on
 METHOD_KEYS = ("method", "teacher", "clusters", "balance", "balance_threshold", "balance_buckets", "class_frac",
-               "text_teacher", "pool", "concepts", "concept_tau", "text_teacher_init", "text_corpus", "corpus_batch")
+               "text_teacher", "pool", "concepts", "concept_tau", "text_teacher_init", "text_corpus", "corpus_batch",
+               "standardise_target")
 RESUME_MUST_MATCH = ("model", "batch_size", "vocab_size", "store_dtype", *DATA_KEYS, *METHOD_KEYS)
 RUN_KEYS = ("preset", "n_eval", "eval_split", "csv_label_key", "vocab_size", "workers", "device", "store",
             "store_dtype")  # how, where, evaluated on what
@@ -271,6 +273,17 @@ def cluster(args, stream, store, field, k, name):
     return centroids, labels
 
 
+def moments(store, field, pool, chunk=65536):
+    """Per-dimension mean and standard deviation (D,) of the store's `field` rows over the pool, read a chunk at a
+    time (float64 sums); a constant dimension gets std 1e-6, not 0."""
+    s1 = s2 = 0
+    for a in range(0, len(pool), chunk):
+        x = store.rows(field, pool[a:a + chunk]).double()  # (n, D)
+        s1, s2 = s1 + x.sum(0), s2 + (x * x).sum(0)
+    mean = s1 / len(pool)
+    return mean.float(), (s2 / len(pool) - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6).float()
+
+
 def prepare_kclip(args, stream, device):
     """Knowledge-CLIP: the text teacher's caption embeddings L(x) (the store) and the concepts, k-means
     on them (centroids mu_k); a batch's soft labels s_i = softmax_k(cos(L(x_i), mu_k) / tau_c) come from its rows."""
@@ -287,6 +300,10 @@ def prepare_kclip(args, stream, device):
     flops = {"text_teacher_forward": teachers.forward_flops(teacher, stream.pairs, pool), "text_teacher_training": None,
              "text_teacher_trained_by_this_run": False}
     extra = {"t_store": store, "concept_centroids": centroids.to(device)}
+    if args.standardise_target:  # L_emb's target (L(x) - mean) / std, fitted on the training captions only
+        mean, std = moments(store, "text", pool)
+        extra["target_shift"] = (mean.to(device), std.to(device))
+        info["target_standardised"] = {"mean_norm": round(mean.norm().item(), 4), "std_mean": round(std.mean().item(), 4)}
     if args.text_corpus:  # text-only lines: their tokens and teacher embeddings, in a store of their own
         held = data.eval_captions(args.n_eval, args.seed, args.image_size) if args.data in data.EMBEDDED else set()
         lines, dropped = data.read_corpus(args.text_corpus, held, args.seed)

@@ -121,6 +121,10 @@ SWEEP = [  # (folder, row of the table, flags, EM text probe?)
     # weight > 0 scored below none, at either pooling; the random-init control has the same settings
     ("kclip-gemma-tuned", "Knowledge-CLIP, Gemma-3-270M, tuned on validation (last token, alpha = 0)",
      ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last", "--emb-weight", "0"], True),
+    # beyond the paper: L_emb onto the Gemma target standardised per dimension (train.py --standardise-target), the
+    # paper's alpha = 1, and alpha and pooling chosen on validation by `--tune gemma-std --seeds 0` (runs/tune/gemma-std.md)
+    ("kclip-gemma-std", "Knowledge-CLIP, Gemma-3-270M, last token, standardised target, alpha = 1",
+     ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last", "--standardise-target"], True),
     ("kclip-gemma-random", "Knowledge-CLIP, random-init Gemma-3-270M, last token, alpha = 0",
      ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last", "--emb-weight", "0",
       "--text-teacher-init", "random"], True),
@@ -149,7 +153,7 @@ CLAIMS = [  # (row, minus row[, keys: CLAIM_KEYS]): each seed's difference, for 
     ("cid", "cid-own"), ("cid-cd", "cid"), ("cid-id", "cid"), ("kclip-corpus", "kclip", WORD_KEYS),
     ("kclip-corpus", "kclip-random-corpus", WORD_KEYS), ("kclip-gemma-last", "clip"), ("kclip-gemma-mean", "clip"),
     ("kclip-gemma-tuned", "clip"), ("kclip-gemma-tuned", "kclip"), ("kclip-gemma-tuned", "kclip-alpha0"),
-    ("kclip-gemma-random", "kclip-gemma-tuned"),
+    ("kclip-gemma-random", "kclip-gemma-tuned"), ("kclip-gemma-std", "clip"), ("kclip-gemma-std", "kclip-gemma-last"),
     ("clip-equal", "cid-full"), ("clip-equal-shared", "cid-full"), ("clip-equal-shared", "cid-tuned"),
     ("clip-pool", "clip"), ("clip-pool", "cid-full"),
 ]
@@ -277,6 +281,8 @@ TUNE_GRIDS = {  # grid: (the flags of every cell, [(the flag of an axis, its val
     "cid": (["--method", "cid"], [("--cd-weight", ["0.1", "0.3", "1.0"]), ("--balance-threshold", ["0.99", "0.999", "off"])]),
     "gemma": (["--method", "kclip", "--text-teacher", convert_gguf.GEMMA],
               [("--pool", ["last", "mean"]), ("--emb-weight", ["0", "0.0001", "0.001", "0.01", "0.1", "1.0"])]),
+    "gemma-std": (["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--standardise-target"],
+                  [("--pool", ["last", "mean"]), ("--emb-weight", ["0.001", "0.01", "0.1", "1.0"])]),
 }
 TUNE_KEY = "val_zero_shot_all_top1"
 
