@@ -482,7 +482,8 @@ def main(argv=None):
                    "(PRETRAIN_RECIPE into runs/pretrain-teacher, resumable; evaluated in float16) and exit")
     p.add_argument("--tune", nargs="?", const="cid", choices=list(TUNE_GRIDS), help="choose a grid's flags on "
                    "validation (TUNE_GRIDS into runs/tune, resumable) and exit: cid (default) CLIP-CID's --cd-weight "
-                   "and balance threshold, gemma the Gemma teacher's --pool and --emb-weight")
+                   "and balance threshold, gemma the Gemma teacher's --pool and --emb-weight, gemma-std the same with "
+                   "--standardise-target")
     p.add_argument("--real", metavar="CSV", help="the real-image table on this CSV (with a 'category' column: python "
                    "docs/convert_folder.py FOLDER --out DIR writes DIR/pairs.csv) into runs/real, resumable, and exit")
     p.add_argument("--out", default=None, help="the sweep's folder (default runs/sweep; --tune: runs/tune; --real: runs/real)")
