@@ -125,6 +125,9 @@ SWEEP = [  # (folder, row of the table, flags, EM text probe?)
     # paper's alpha = 1, and alpha and pooling chosen on validation by `--tune gemma-std --seeds 0` (runs/tune/gemma-std.md)
     ("kclip-gemma-std", "Knowledge-CLIP, Gemma-3-270M, last token, standardised target, alpha = 1",
      ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last", "--standardise-target"], True),
+    ("kclip-gemma-std-tuned", "Knowledge-CLIP, Gemma-3-270M, standardised target, tuned on validation (last, alpha = 0.01)",
+     ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last", "--standardise-target",
+      "--emb-weight", "0.01"], True),
     ("kclip-gemma-random", "Knowledge-CLIP, random-init Gemma-3-270M, last token, alpha = 0",
      ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last", "--emb-weight", "0",
       "--text-teacher-init", "random"], True),
@@ -154,6 +157,7 @@ CLAIMS = [  # (row, minus row[, keys: CLAIM_KEYS]): each seed's difference, for 
     ("kclip-corpus", "kclip-random-corpus", WORD_KEYS), ("kclip-gemma-last", "clip"), ("kclip-gemma-mean", "clip"),
     ("kclip-gemma-tuned", "clip"), ("kclip-gemma-tuned", "kclip"), ("kclip-gemma-tuned", "kclip-alpha0"),
     ("kclip-gemma-random", "kclip-gemma-tuned"), ("kclip-gemma-std", "clip"), ("kclip-gemma-std", "kclip-gemma-last"),
+    ("kclip-gemma-std-tuned", "clip"), ("kclip-gemma-std-tuned", "kclip-gemma-tuned"),
     ("clip-equal", "cid-full"), ("clip-equal-shared", "cid-full"), ("clip-equal-shared", "cid-tuned"),
     ("clip-pool", "clip"), ("clip-pool", "cid-full"),
 ]
