@@ -77,9 +77,10 @@ def main(argv=None):
         stream = train.make_stream(args)
         teacher = teachers.load_clip_teacher(teachers.PRETRAINED if a.teacher == "pretrained" else a.teacher, "cpu")
         store, _ = train.open_store(args, stream, teacher)
+        if not torch.equal(stream.pool, torch.arange(len(stream.ds))):  # dup_of indexes the whole set
+            raise SystemExit("error: the teacher could not embed every training pair; dup_of would not line up")
         emb = store.rows("image", stream.pool)  # (N, D) every training pair's teacher image embedding
-        dup_of = stream.ds.attributes["dup_of"].numpy()[stream.pool.numpy()]
-        labels = stream.ds.attributes["label"].numpy()[stream.pool.numpy()]
+        dup_of, labels = stream.ds.attributes["dup_of"].numpy(), stream.ds.attributes["label"].numpy()
         d, n = cosines(emb, dup_of)
         dup_cos.append(d)
         near_cos.append(n)
