@@ -414,10 +414,6 @@ class CsvPairs(Pairs):
         self.labels = labels if label_key else None  # a class name per row ('' where none): eval.eval_labelled_pairs
         self.parts = [(f"rows-{a:09d}", a, b) for a, b in chunks(len(self.keys), part_rows)]
 
-    @property
-    def rows(self):  # [(image path, caption)]
-        return list(zip(self.sources, self.captions))
-
     where = Pairs.source  # a row is named by its image path
 
     def part_content(self, a, b):

@@ -655,7 +655,7 @@ def test_csv_reader_skips_bad_rows(tmp_path):
     assert "missing.png" in ds[3] and data.collate([ds[0]])[4] is None  # a skipped pair is its reason
     (tmp_path / "bom.csv").write_bytes("\ufefffilepath,title\nok0.png,caf\u00e9\n".encode("utf-8"))  # Excel's BOM
     bom = data.CsvPairs(str(tmp_path / "bom.csv"), 16)
-    assert len(bom) == 1 and bom.rows[0][1] == "caf\u00e9"
+    assert len(bom) == 1 and bom.captions[0] == "caf\u00e9"
     # TSV with other column names, and a clear error for a wrong key
     with open(tmp_path / "pairs.tsv", "w") as f:
         f.write("img\tcap\nok0.png\thello\n")

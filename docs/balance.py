@@ -66,7 +66,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995])
-    p.add_argument("--teacher", default="pretrained", help="as train.py's --teacher: pretrained, or a run folder")
+    p.add_argument("--teacher", default="pretrained", help="as train.py's --teacher: pretrained, own, a run folder or "
+                   "a Hugging Face CLIP")
     p.add_argument("--n-train", type=int, default=None, help="default: the preset's")
     p.add_argument("--store", default=os.path.join("runs", "store"))
     a = p.parse_args(argv)
@@ -75,7 +76,7 @@ def main(argv=None):
         args = train.parse_args(["--method", "cid", "--seed", str(seed), "--store", a.store, "--teacher", a.teacher]
                                 + (["--n-train", str(a.n_train)] if a.n_train else []))
         stream = train.make_stream(args)
-        teacher = teachers.load_clip_teacher(teachers.PRETRAINED if a.teacher == "pretrained" else a.teacher, "cpu")
+        teacher = teachers.load_clip_teacher(train.ensure_teacher(args, stream)[0], "cpu")  # as --method cid does
         store, _ = train.open_store(args, stream, teacher)
         if not torch.equal(stream.pool, torch.arange(len(stream.ds))):  # dup_of indexes the whole set
             raise SystemExit("error: the teacher could not embed every training pair; dup_of would not line up")
