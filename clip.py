@@ -441,7 +441,8 @@ def load_for_resume(path, model, heads, optimizer, config, must_match=()):
     diff = [k for k in must_match if ckpt["config"].get(k, config[k]) != config[k]]  # absent: older flag
     if diff:
         raise SystemExit("error: cannot resume " + path + ": " + ", ".join(
-            f"--{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {config[k]!r}" for k in diff))
+            f"--{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {config[k]!r}" for k in diff)
+            + f" (pass the flags it was made with, or move {os.path.dirname(path) or '.'} away to start afresh)")
     if CLIPConfig(**ckpt["model_config"]).merges != model.cfg.merges:
         raise SystemExit(f"error: cannot resume {path}: the tokenizer learned from the data now differs from the "
                          "checkpoint's (the training captions changed)")

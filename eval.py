@@ -394,6 +394,23 @@ def evaluate_run(model, cfg, device, eval_sets=None, data_root=None):
                     validation=cfg.get("eval_split", "test") == "val")
 
 
+CLOSING = [("zero_shot_top1", "zero-shot"), ("zero_shot_unseen_top1", "unseen"), ("linear_probe_top1", "probe"),
+           ("retrieval_i2t_r1", "R@1 i2t"), ("retrieval_t2i_r1", "R@1 t2i"), ("pairs_trained_on", "pairs"),
+           ("wall_seconds", "seconds")]
+
+
+def closing_table(rows):
+    """What a run prints at its end, read in five seconds: [(name, results dict)] -> aligned lines of the
+    CLOSING columns (a validation run's val_ numbers where it has no test ones; '-': not measured)."""
+    def cell(r, key):
+        v = r.get(key, r.get("val_" + key))
+        return "-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.1f}"
+    lines = [[""] + [c for _, c in CLOSING]] + [[name] + [cell(r, k) for k, _ in CLOSING] for name, r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
 # ----------------------------------------------------------------------------------------
 # Pictures (PNG through torchvision).
 
@@ -405,19 +422,29 @@ def picture_row(images_uint8, per_row, scale=2):
     return torch.cat([row, torch.zeros(per_row - len(row), *row.shape[1:])])
 
 
-def save_duplicate_groups(images, groups, path, n_groups=8, per_row=8):
-    """CLIP-CID semantic balance: one row per group of near-duplicates, largest groups first;
-    the kept image comes first, framed in green, then the removed ones. images(rows) -> uint8."""
+def save_duplicate_groups(images, groups, path, n_groups=8, per_row=8, dup_of=None):
+    """CLIP-CID semantic balance: one row per group of near-duplicates, largest groups first; the kept image first,
+    framed in green, then the removed ones. images(rows) -> uint8. dup_of (N,): the embedded set's truth (a copy's
+    original, -1 for an original), if known: a removed image of the kept one's scene framed in blue (a true copy,
+    nothing lost), of another scene in red."""
+    scene = None if dup_of is None else torch.where(dup_of >= 0, dup_of, torch.arange(len(dup_of)))  # (N,)
+    colour = {"kept": [0.0, 1.0, 0.0], "copy": [0.0, 0.4, 1.0], "other": [1.0, 0.0, 0.0]}
     rows = []
     for members in sorted(groups, key=len, reverse=True)[:n_groups]:
-        row = picture_row(images(torch.as_tensor(members[:per_row])), per_row)
+        shown = torch.as_tensor(members[:per_row])
+        row = picture_row(images(shown), per_row)
         frame = torch.ones_like(row[0], dtype=torch.bool)
         frame[:, 2:-2, 2:-2] = False
-        row[0][frame] = torch.tensor([0.0, 1.0, 0.0])[:, None, None].expand_as(row[0])[frame]  # green
+        for k in range(len(shown)):
+            kind = "kept" if k == 0 else None if scene is None else \
+                "copy" if scene[shown[k]] == scene[shown[0]] else "other"
+            if kind:
+                row[k][frame] = torch.tensor(colour[kind])[:, None, None].expand_as(row[k])[frame]
         rows.append(row)
     if rows:
         torchvision.utils.save_image(torch.cat(rows), path, nrow=per_row, padding=2, pad_value=1.0)
-        print(f"wrote {path} (kept image framed in green, removed duplicates beside it)")
+        print(f"wrote {path} (kept image framed in green, removed ones beside it"
+              + ("; blue: a copy of the kept scene, red: another scene)" if scene is not None else ")"))
 
 
 def save_cluster_grid(images, emb, centroids, labels, rows, path, n_clusters=12, per_row=10):

@@ -6,6 +6,7 @@ datasets (DataCompDR), on one machine; CLIP-KD and TinyCLIP run the teacher onli
 """
 import hashlib
 import inspect
+import io
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import clip
@@ -129,7 +131,8 @@ def load_clip_teacher(spec, device, trust_remote_code=False):
 # The pretrained teacher of the embedded data: float16 weights in the repository (as a user of open_clip starts from
 # downloaded ones) and a manifest beside them (.json) that says how they were made: the command, the code version, the
 # pool's fingerprint, the recipe's first losses, the evaluation, the FLOPs, the file's sha256. test_all.py rechecks all.
-PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes-teacher.pt")
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # what the repository ships
+PRETRAINED = os.path.join(WEIGHTS, "shapes-teacher.pt")
 MANIFEST = os.path.splitext(PRETRAINED)[0] + ".json"  # beside it, same name
 REBUILD = "python docs/reproduce.py --pretrain-teacher"
 PREFIX_ROWS = 256  # the pool's first rows, drawn again at every use to see that data.py still draws this pool
@@ -548,3 +551,39 @@ def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0):
              "removed_fraction": float(1 - keep.mean()), "duplicate_groups": len(groups),
              "largest_group": int(size.max()), "threshold": threshold}
     return keep, stats, groups
+
+
+# The threshold that means the same in any teacher's space. The paper's 0.99 is a cosine of EVA-CLIP's space; another
+# teacher packs its images tighter or looser (ours: most images of one shape x colour class lie above 0.99). So by
+# default the threshold is read off the teacher itself: two images are near-duplicates when the teacher puts them as
+# close as it puts an image and its re-saved copy (JPEG at PIL's default quality 75, as the web holds copies of images):
+# the `quantile` of those cosines (0.5: as close as a typical copy; 0.9, the default chosen on validation: as close as
+# the closest tenth of copies, a cautious rule). docs/choices.md.
+
+def near_copy(images, quality=75):
+    """Each image saved as JPEG and read back. (B, 3, S, S) uint8 -> (B, 3, S, S) uint8."""
+    out = []
+    for image in images:
+        buf = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=quality)
+        out.append(torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def copy_cosines(store, teacher, pairs, pool, n=512, seed=0):
+    """cos(teacher(x), teacher(near_copy(x))) for n images of the pool, rounded to the store's dtype as the balance
+    reads its rows; computed once beside the store. -> (n,) float32 (fewer if some images cannot be read)."""
+    def compute():
+        rows = np.random.default_rng(seed).choice(pool.numpy(), size=min(n, len(pool)), replace=False)
+        view = pairs.at_size(teacher.resize, teacher.crop)
+        read = [item[0] for item in (view[int(i)] for i in rows) if not isinstance(item, str)]
+        if not read:
+            raise SystemExit(f"error: semantic balance: none of {len(rows)} sampled images could be read; "
+                             "pass --balance-threshold COS, or --no-balance")
+        dtype = store.arrays["image"][0].dtype
+        as_stored = lambda e: torch.from_numpy(e.cpu().numpy().astype(dtype).astype(np.float32))  # noqa: E731
+        cos = [(as_stored(teacher.encode_images(x)) * as_stored(teacher.encode_images(near_copy(x)))).sum(1)
+               for x in torch.stack(read).split(128)]  # (n, 3, S, S) uint8, 128 at a time
+        return {"cos": torch.cat(cos).numpy()}, {}
+    out, _, _ = derived(store, "copies", {"n": n, "seed": seed, "pool": data.fingerprint_of(pool)}, compute)
+    return out["cos"]

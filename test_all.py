@@ -3,6 +3,7 @@ train, eval, then the docs/ scripts; fixtures and helpers used by more than one 
 Run: python -m pytest -q test_all.py   (CPU, offline, a few minutes)."""
 import contextlib
 import csv
+import glob
 import importlib.util
 import io
 import json
@@ -89,7 +90,7 @@ def in_range(res):
 
 def run(tmp_path, *extra, name="run"):
     args = ["--model", "tiny", "--steps", "30", "--batch-size", "64", "--n-train", "1000", "--n-eval", "200",
-            "--warmup", "5", "--log-every", "5", "--ckpt-every", "10", "--out", str(tmp_path / name), *extra]
+            "--warmup", "5", "--log-every", "5", "--ckpt-every", "10", "--no-vs-clip", "--out", str(tmp_path / name), *extra]
     return train.main(args)
 
 
@@ -1127,6 +1128,34 @@ class FakeClipTeacher:
         return F.normalize(t, dim=1)
 
 
+def test_balance_rule_reads_its_threshold_off_the_teacher(tmp_path):
+    """The default threshold's cosines: near_copy is a JPEG round trip (a flat image comes back as it was, a noisy one
+    not); copy_cosines gives the sampled images' cos to their copies as the store's float16 rows round them (checked
+    against a direct computation), is computed once beside the store, and stops in one line if no image can be read."""
+    flat = torch.full((2, 3, 16, 16), 120, dtype=torch.uint8)
+    assert torch.equal(teachers.near_copy(flat), flat)
+    noisy = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    copy = teachers.near_copy(noisy)
+    assert copy.dtype == torch.uint8 and copy.shape == noisy.shape and not torch.equal(copy, noisy)
+    ds = data.ShapesDataset("train", 300, seed=0, image_size=8)
+    pairs = data.ShapesPairs(ds, part_rows=100)
+    (store,), _ = teachers.build_store(pairs, [FakeClipTeacher()], str(tmp_path), "shapes", workers=0)
+    pool = torch.arange(20, 300)
+    cos = teachers.copy_cosines(store, FakeClipTeacher(), pairs, pool, n=50, seed=3)
+    rows = np.random.default_rng(3).choice(pool.numpy(), size=50, replace=False)
+    x = ds.images[torch.from_numpy(rows)]
+    half = lambda e: e.half().float()  # noqa: E731
+    direct = (half(FakeClipTeacher.embed(x)) * half(FakeClipTeacher.embed(teachers.near_copy(x)))).sum(1)
+    assert cos.shape == (50,) and np.allclose(cos, direct.numpy(), atol=1e-6) and cos.min() < 1
+    calls = FakeClipTeacher.calls
+    assert np.array_equal(teachers.copy_cosines(store, FakeClipTeacher(), pairs, pool, n=50, seed=3), cos)
+    assert FakeClipTeacher.calls == calls  # kept beside the store: nothing embedded again
+    unreadable = data.ShapesPairs(ds, part_rows=100)
+    unreadable.sources = [None] * 300
+    with pytest.raises(SystemExit, match="none of 50 sampled images could be read"):
+        teachers.copy_cosines(store, FakeClipTeacher(), unreadable, pool, n=50, seed=4)
+
+
 def test_store_builds_reuses_rebuilds_what_changed_and_resumes(tmp_path, monkeypatch, capsys):
     """The teacher store on shards: rows equal the teacher's outputs (float16), a rerun embeds
     nothing, a changed shard rebuilds its own part only, a killed build and a full disk keep
@@ -1519,7 +1548,7 @@ def test_training_on_csv_pairs(tmp_path):
 
 
 def test_cid_trains_default_teacher_then_reuses_it_and_every_term_falls(tmp_path, capsys):
-    args = ["--method", "cid", "--teacher", "own", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
+    args = ["--no-vs-clip", "--method", "cid", "--teacher", "own", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
             "--n-eval", "200", "--warmup", "5", "--log-every", "5", "--lr", "3e-3", "--teacher-steps", "15",
             "--clusters", "8", "--no-balance", "--out", "student"]
     res = train.main(args)
@@ -1651,7 +1680,7 @@ def test_cid_resume_with_partial_class_sampling_is_bit_exact(tmp_path, monkeypat
     (after the image branch drew, before the text branch did), a resumed run must still see the
     very draws of an unbroken one: they come from (seed, step), not from the global RNG."""
     run(tmp_path, "--steps", "10", name="teacher")
-    args = ["--method", "cid", "--teacher", str(tmp_path / "teacher"), "--class-frac", "0.5", "--clusters", "16",
+    args = ["--no-vs-clip", "--method", "cid", "--teacher", str(tmp_path / "teacher"), "--class-frac", "0.5", "--clusters", "16",
             "--no-balance", "--steps", "24"]
     run(tmp_path, *args, name="whole")
     calls = {"n": 0}
@@ -1697,7 +1726,7 @@ def test_real_data_with_no_usable_pair_stops_with_one_line(tmp_path):
 
 
 def test_kclip_run_every_term_falls_and_teacher_cache_reused(tmp_path, capsys):
-    args = ["--method", "kclip", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
+    args = ["--no-vs-clip", "--method", "kclip", "--model", "tiny", "--steps", "60", "--batch-size", "64", "--n-train", "1000",
             "--n-eval", "200", "--warmup", "5", "--log-every", "5", "--lr", "3e-3", "--concepts", "8", "--out", "kc"]
     res = train.main(args)
     log = evaluation.read_log("kc")
@@ -1722,7 +1751,7 @@ def test_kclip_with_a_text_corpus_file(tmp_path, capsys):
     the tier metrics are reported; bad uses are one-line errors."""
     with open("corpus.txt", "w") as f:
         f.write("\n".join(data.text_corpus(60, seed=1)) + "\n\n")  # a blank line is skipped
-    args = ["--method", "kclip", "--model", "tiny", "--steps", "40", "--batch-size", "32", "--n-train", "300",
+    args = ["--no-vs-clip", "--method", "kclip", "--model", "tiny", "--steps", "40", "--batch-size", "32", "--n-train", "300",
             "--n-eval", "100", "--warmup", "4", "--log-every", "4", "--lr", "3e-3", "--concepts", "4",
             "--text-corpus", "corpus.txt", "--corpus-batch", "16", "--out", "kc"]
     res = train.main(args)
@@ -1769,7 +1798,7 @@ def test_every_method_on_shards_and_csv_with_our_and_hf_teachers(tmp_path, capsy
     hf = tiny_hf_clip(tmp_path / "hf")
     CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(hf)
     shards = colour_shards(tmp_path, corrupt={5})
-    base = ["--model", "tiny", "--steps", "6", "--batch-size", "8", "--warmup", "2", "--log-every", "2", "--workers", "0",
+    base = ["--no-vs-clip", "--model", "tiny", "--steps", "6", "--batch-size", "8", "--warmup", "2", "--log-every", "2", "--workers", "0",
             "--val-frac", "0.1", "--image-size", "16", "--balance-threshold", "0.9999"]
     res = train.main(base + ["--data", shards, "--method", "cid", "--teacher", hf, "--clusters", "4", "--out", "cid-hf"])
     log = evaluation.read_log("cid-hf")
@@ -1824,7 +1853,7 @@ def test_shard_run_resumed_mid_epoch_sees_the_same_keys_in_the_same_order(tmp_pa
         seen.setdefault(seen["run"], []).append((step, [keys[i] for i in out["index"].tolist()]))
         return out
     monkeypatch.setattr(data.RealStream, "batch", recording)
-    args = ["--model", "tiny", "--steps", "12", "--batch-size", "8", "--warmup", "2", "--log-every", "1", "--workers", "2",
+    args = ["--no-vs-clip", "--model", "tiny", "--steps", "12", "--batch-size", "8", "--warmup", "2", "--log-every", "1", "--workers", "2",
             "--val-frac", "0.1", "--image-size", "16", "--data", shards, "--ckpt-every", "100"]
     seen["run"] = "whole"
     train.main(args + ["--out", str(tmp_path / "whole")])
@@ -1872,13 +1901,15 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, method, on):
     global batch and gathers the other half's embeddings; the logged loss, and the weights after
     8 steps, equal one process training on the whole global batch. (clip: a 2-process run
     interrupted at step 5 and resumed ends exactly where the uninterrupted one did.)"""
-    argv = ["--method", method, "--model", "tiny", "--steps", "8", "--batch-size", "32", "--n-train", "256",
+    argv = ["--no-vs-clip", "--method", method, "--model", "tiny", "--steps", "8", "--batch-size", "32", "--n-train", "256",
             "--n-eval", "100", "--warmup", "2", "--log-every", "2", "--ckpt-every", "4", "--teacher", "own",
             "--teacher-steps", "4", "--clusters", "4", "--no-balance"]
     if on == "shards":  # every rank reads its share of each global batch from the shards, by row
         argv += ["--data", colour_shards(tmp_path, 2, 40), "--workers", "0", "--val-frac", "0", "--image-size", "16"]
     train.main(argv + ["--out", "one"])
-    mp.spawn(_ddp_worker, args=(free_port(), argv + ["--out", "two"]), nprocs=2, join=True)
+    both = ["--vs-clip"] if (method, on) == ("cid", "shapes") else []  # the closing table's CLIP, trained on both ranks
+    mp.spawn(_ddp_worker, args=(free_port(), argv + both + ["--out", "two"]), nprocs=2, join=True)
+    assert len(glob.glob("clip-reference-*/results.json")) == len(both)
     one, two = evaluation.read_log("one"), evaluation.read_log("two")
     assert [r["step"] for r in two] == [2, 4, 6, 8]
     for a, b in zip(one, two):
@@ -1897,6 +1928,47 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, method, on):
         assert [(r["step"], r["loss"]) for r in three] == [(r["step"], r["loss"]) for r in two]
         w3 = torch.load("three/ckpt.pt", weights_only=True)["model"]
         assert all(torch.equal(wb[k], w3[k]) for k in wb)
+
+
+def test_a_run_ends_beside_its_teacher_and_plain_clip_trained_once(capsys):
+    """The closing table: the student, its teacher's record and plain CLIP on the same data and seed, which is trained
+    once beside the run (the same numbers and log as `--method clip` with those flags) and reused by the next run."""
+    common = ["--model", "tiny", "--steps", "4", "--batch-size", "32", "--n-train", "300", "--n-eval", "100",
+              "--warmup", "2", "--log-every", "1"]
+    res = train.main(["--method", "cid", *common, "--clusters", "4", "--balance-threshold", "0.9999", "--out", "runs/cid"])
+    out = capsys.readouterr().out
+    assert "now plain CLIP on the same data and seed" in out
+    lines = out[out.index("zero-shot  unseen"):].splitlines()
+    assert lines[1].startswith("student (cid)") and f"{res['zero_shot_top1']:.1f}" in lines[1]
+    assert lines[2].startswith("teacher shapes-teacher.pt (its manifest)") and "50,000" in lines[2]
+    assert lines[3].startswith("plain CLIP, same data and seed ") and "(kept" not in lines[3]
+    assert "runs/cid/results.json" in lines[4]
+    (ref_dir,) = glob.glob("runs/clip-reference-*")
+    direct = train.main(["--method", "clip", *common, "--out", "runs/clip"])
+    ref = json.load(open(os.path.join(ref_dir, "results.json")))
+    assert ref["zero_shot_top1"] == direct["zero_shot_top1"] and f"{direct['zero_shot_top1']:.1f}" in lines[3]
+    strip = lambda log: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in log]  # noqa: E731
+    ref_log = strip(evaluation.read_log(ref_dir))  # logged every 10 steps (its default): the last line here
+    assert ref_log and ref_log == [r for r in strip(evaluation.read_log("runs/clip")) if r["step"] in {4}]
+    capsys.readouterr()
+    train.main(["--method", "cid", *common, "--clusters", "4", "--no-balance", "--out", "runs/cid2"])
+    out = capsys.readouterr().out
+    assert "now plain CLIP" not in out and "plain CLIP, same data and seed (kept from before)" in out
+    assert glob.glob("runs/clip-reference-*") == [ref_dir]
+
+
+def test_the_front_doors_clip_reference_is_shipped_and_read_not_trained(monkeypatch):
+    """`python train.py --method cid` ends beside plain CLIP without training it: weights/ holds it for the default
+    flags, made from the data that data.py draws now (else: `python docs/reproduce.py --ship-reference`)."""
+    args = train.parse_args(["--method", "cid", "--out", "runs/cid"])
+    path = os.path.join(teachers.WEIGHTS, train.reference_run(args)[1] + ".json")
+    assert os.path.exists(path), "the front door's flags changed: python docs/reproduce.py --ship-reference"
+    shipped = json.load(open(path))
+    assert (shipped["method"], shipped["steps"], shipped["seed"]) == ("clip", args.steps, 0) and "machine" in shipped
+    assert shipped["data_fingerprint"] == train.make_stream(args).fingerprint
+    monkeypatch.setattr(train, "train", lambda a: pytest.fail("trained a reference that is shipped"))
+    res, how = train.clip_reference(args)
+    assert res == shipped and how.startswith("shipped in weights/, made on a ")
 
 
 # ========================================================================================
@@ -2048,6 +2120,27 @@ def test_labelled_pairs_zero_shot_matches_a_direct_count_and_ties_miss(monkeypat
     collapsed = evaluation.eval_labelled_pairs(m, labels, (emb, rows), None, "cpu")
     assert collapsed["zero_shot_top1"] == 0 and collapsed["zero_shot_per_class_top1"] == 0
     assert evaluation.eval_labelled_pairs(m, ["red"] * 8, (emb, rows), None, "cpu") == {}  # one class: nothing to score
+
+
+def test_balance_picture_marks_true_copies_and_other_scenes():
+    grey = lambda rows: torch.full((len(rows), 3, 8, 8), 128, dtype=torch.uint8)  # noqa: E731
+    evaluation.save_duplicate_groups(grey, [np.array([0, 1, 2])], "g.png", dup_of=torch.tensor([-1, 0, -1]))
+    evaluation.save_duplicate_groups(grey, [np.array([0, 1, 2])], "plain.png")
+    corner = lambda img, k: img.getpixel((2 + k * 18, 2))  # noqa: E731  tiles of 16 px (8 px upscaled), 2 px apart
+    img, plain = Image.open("g.png").convert("RGB"), Image.open("plain.png").convert("RGB")
+    assert [corner(img, k) for k in range(3)] == [(0, 255, 0), (0, 102, 255), (255, 0, 0)]  # kept, its copy, another scene
+    assert [corner(plain, k) for k in range(3)] == [(0, 255, 0), (128, 128, 128), (128, 128, 128)]  # no truth: no marks
+
+
+def test_closing_table_hand_case():
+    rows = [("student (cid)", {"zero_shot_top1": 61.04, "linear_probe_top1": 70.0, "pairs_trained_on": 12345,
+                               "wall_seconds": 80.0}),
+            ("a validation run", {"val_zero_shot_top1": 50.0, "val_zero_shot_unseen_top1": 25.56}), ("nothing", {})]
+    lines = evaluation.closing_table(rows).splitlines()
+    assert lines[0].split() == ["zero-shot", "unseen", "probe", "R@1", "i2t", "R@1", "t2i", "pairs", "seconds"]
+    assert lines[1].split() == ["student", "(cid)", "61.0", "-", "70.0", "-", "-", "12,345", "80.0"]
+    assert lines[2].split()[3:6] == ["50.0", "25.6", "-"] and lines[3].split()[1:] == ["-"] * 7
+    assert len({len(line) for line in lines}) == 1  # aligned
 
 
 def test_eval_smoke():
@@ -2573,11 +2666,25 @@ def test_sweep_writes_the_table_resumes_and_refuses_other_flags(tmp_path, monkey
         reproduce.main([*argv, "--steps", "20"])
 
 
+def test_equal_epochs_row_trains_the_balanced_share_of_the_steps(monkeypatch):
+    """cid-epochs: the pairs balance kept, for as many epochs as the full set's --steps (fewer steps, fewer FLOPs)."""
+    with pytest.raises(SystemExit, match="needs the cid row of its seed first"):
+        reproduce.epoch_steps(["--method", "cid"], "sw/cid-s0/results.json")
+    monkeypatch.setattr(reproduce, "SWEEP", [(*f[:3], False) for f in reproduce.SWEEP if f[0] in ("cid", "cid-epochs")])
+    reproduce.main(["--model", "tiny", "--steps", "8", "--batch-size", "32", "--n-train", "300", "--n-eval", "100",
+                    "--warmup", "2", "--seeds", "0", "--out", "sw"])  # (no EM probe)
+    full, epochs = (json.load(open(f"sw/{r}-s0/results.json")) for r in ("cid", "cid-epochs"))
+    kept = full["balance"]["pairs_after"] / full["balance"]["pairs_before"]
+    assert kept < 1 and epochs["steps"] == round(8 * kept) == reproduce.epoch_steps(["--steps", "8"], "sw/cid-s0/results.json")
+    assert epochs["flops"]["student_training"] < full["flops"]["student_training"]
+    assert "student TFLOPs" in open("sw/table.md").read()
+
+
 def test_claims_are_per_seed_differences_of_rows_with_every_seed():
     cell = lambda *v: {"values": list(v)}  # noqa: E731
     rows = {"CLIP": {"zero_shot_top1": cell(70.0, 60.0), "text_em": cell(1.0, 2.0)},
             "Knowledge-CLIP": {"zero_shot_top1": cell(80.0, 65.5), "text_em": cell(50.0)},  # EM: one seed only
-            "CLIP-CID (balanced set)": {"zero_shot_top1": cell(75.0)}}
+            "CLIP-CID, balanced set": {"zero_shot_top1": cell(75.0)}}
     lines = reproduce.claims(rows, [0, 1])
     assert lines == ["- kclip − clip: zero-shot +7.8 [+10.0, +5.5]"]  # cid lacks seed 1, EM lacks a seed: left out
 
@@ -2641,6 +2748,16 @@ def test_balance_truth_scores_hand_cases():
     assert merged["removed"] == pytest.approx(500 / 6) and merged["precision"] == pytest.approx(40)
     assert merged["recall"] == pytest.approx(200 / 3) and merged["scenes_lost"] == pytest.approx(200 / 3)
     assert merged["classes_hit"] == 2 and merged["rare_classes"] == 1 and merged["rare_classes_hit"] == 1  # class 3: 1 pair
+
+
+def test_balance_script_scores_fixed_thresholds_and_the_rule(capsys):
+    rows = balance.main(["--seeds", "0", "--n-train", "300", "--thresholds", "0.999", "--copies", "0.5"])
+    out = capsys.readouterr().out
+    (rule,) = [line for line in out.splitlines() if line.startswith("| copies 0.5: ")]
+    threshold = float(rule.split()[3])
+    assert 0 < threshold <= 1 and set(rows) == {"0.999", "copies 0.5"} and "| 0.999 | " in out
+    assert all(0 <= r["precision"] <= 100 and 0 <= r["recall"] <= 100 for scores in rows.values() for r in scores)
+    assert "cos(image, its JPEG re-save), 300 images" in out and "cos(duplicate, its original)" in out
 
 
 def test_balance_cosines_hand_case():

@@ -63,6 +63,8 @@ FLAGS = {
         ("--store", os.path.join("runs", "store"), "root of the teacher store (kclip, cid)"),
         ("--store-dtype", "float16", "teacher rows on disk", dict(choices=["float16", "float32"])),
         ("--trust-remote-code", False, "allow a Hugging Face teacher's own code"),
+        ("--vs-clip", True, "end beside plain CLIP on the same data and seed (trained once, kept beside the run)",
+         dict(action=argparse.BooleanOptionalAction)),
     ],
     "model and optimiser": [
         ("--model", PRESET, "the student's size (clip.SIZES)", dict(choices=list(clip.SIZES))),
@@ -111,7 +113,9 @@ FLAGS = {
         ("--teacher-steps", PRESET, "steps of --teacher own"),
         ("--clusters", 64, "K of the k-means on teacher image embeddings"),
         ("--balance", True, "image semantic balance", dict(action=argparse.BooleanOptionalAction)),
-        ("--balance-threshold", 0.99, "cosine at or above which two images are duplicates"),
+        ("--balance-threshold", None, "cosine at or above which two images are duplicates (0.99: our former default; "
+                                      "the paper gives none); default: the --balance-copies rule", dict(type=float)),
+        ("--balance-copies", 0.9, "the rule: this quantile of the teacher's cos(image, its light copy)"),
         ("--balance-buckets", None, "search within k-means buckets (default: exact below 200,000 pairs)", dict(type=int)),
         ("--cd-weight", 1.0, "weight of the cluster discrimination loss"),
         ("--id-weight", 1.0, "weight of the instance discrimination loss"),
@@ -124,9 +128,9 @@ FLAGS = {
 # teacher's folder and command, the reproduction's runs).
 DATA_KEYS = ("data", "seed", "n_train", "dup_frac", "imbalance", "image_size", "val_frac", "train_frac",
              "csv_img_key", "csv_caption_key", "csv_key")  # the pairs a run trains on
-METHOD_KEYS = ("method", "teacher", "clusters", "balance", "balance_threshold", "balance_buckets", "class_frac",
-               "text_teacher", "pool", "concepts", "concept_tau", "text_teacher_init", "text_corpus", "corpus_batch",
-               "standardise_target")
+METHOD_KEYS = ("method", "teacher", "clusters", "balance", "balance_threshold", "balance_copies", "balance_buckets",
+               "class_frac", "text_teacher", "pool", "concepts", "concept_tau", "text_teacher_init", "text_corpus",
+               "corpus_batch", "standardise_target")
 RESUME_MUST_MATCH = ("model", "batch_size", "vocab_size", "store_dtype", *DATA_KEYS, *METHOD_KEYS)
 RUN_KEYS = ("preset", "n_eval", "eval_split", "csv_label_key", "vocab_size", "workers", "device", "store",
             "store_dtype")  # how, where, evaluated on what
@@ -206,8 +210,9 @@ def check_args(a, error):
         (a.corpus_batch < 1 or a.corpus_batch % processes,
          "--corpus-batch must be at least 1 and a multiple of the number of processes"),
         (a.concepts < 1 or not a.concept_tau > 0, "need --concepts >= 1 and --concept-tau > 0"),
-        (a.clusters < 1 or not 0 < a.class_frac <= 1 or not -1 <= a.balance_threshold <= 1,
-         "need --clusters >= 1, 0 < --class-frac <= 1 and -1 <= --balance-threshold <= 1"),
+        (a.clusters < 1 or not 0 < a.class_frac <= 1 or not -1 <= (a.balance_threshold or 0) <= 1
+         or not 0 < a.balance_copies < 1,
+         "need --clusters >= 1, 0 < --class-frac <= 1, -1 <= --balance-threshold <= 1 and 0 < --balance-copies < 1"),
         (a.teacher == "pretrained" and a.data != "shapes" and "cid" in parts(a.method),
          f"--teacher pretrained knows the embedded shapes only; for --data {a.data} pass --teacher own (trained on "
          "it first), a run folder of ours or a Hugging Face CLIP")]:
@@ -366,13 +371,19 @@ def prepare_cid(args, stream, device):
              "teacher_trained_by_this_run": trained_here}
     if args.balance:
         buckets = args.balance_buckets or (len(stream.pool) // 2000 if len(stream.pool) > 200_000 else None)  # exact below
-        keep, stats, groups, reused = teachers.store_balance(store, stream.pool, args.balance_threshold, buckets, args.seed)
+        threshold, rule = args.balance_threshold, "--balance-threshold"
+        if threshold is None:  # the rule: as close as the teacher puts an image and its light copy (teachers.py)
+            cos = torch.from_numpy(teachers.copy_cosines(store, teacher, stream.pairs, stream.pool, seed=args.seed))
+            threshold = torch.quantile(cos.double(), args.balance_copies).item()
+            rule = f"--balance-copies {args.balance_copies}"
+        keep, stats, groups, reused = teachers.store_balance(store, stream.pool, threshold, buckets, args.seed)
         say(f"cid: semantic balance {'(reused) ' if reused else ''}removed {stats['removed']} of {stats['pairs_before']} "
             f"pairs ({100 * stats['removed_fraction']:.1f}%) in {stats['duplicate_groups']} groups of near-duplicates "
-            f"(largest {stats['largest_group']}, cos >= {args.balance_threshold})")
-        info["balance"] = stats
+            f"(largest {stats['largest_group']}, cos >= {threshold:.4f}: {rule})")
+        info["balance"] = {**stats, "rule": rule}
         if data.world()[0] == 0:
-            evaluation.save_duplicate_groups(stream.images, groups, os.path.join(args.out, "balance_groups.png"))
+            evaluation.save_duplicate_groups(stream.images, groups, os.path.join(args.out, "balance_groups.png"),
+                                             dup_of=stream.ds.attributes["dup_of"] if args.data in data.EMBEDDED else None)
         stream.restrict(torch.from_numpy(keep))
     info["pairs_trained_on"] = len(stream.pool)
     centroids, labels = cluster(args, stream, store, "image", args.clusters, "clusters")
@@ -459,6 +470,7 @@ def flop_accounting(student, teachers_):
 # The loop.
 
 def train(args):
+    t_run = time.time()
     torch.manual_seed(args.seed)
     device, (rank, n_proc) = torch.device(args.device), data.world()
     main_rank = rank == 0  # writes logs, checkpoints, pictures, results
@@ -582,10 +594,52 @@ def train(args):
         evaluation.plot_text_pca({"teacher L(x)": teacher_text, "student T_e": evaluation.embed_texts(
             model, [stream.ds.captions[i] for i in sample], device)}, kmeans.assign(
             teacher_text, extra["concept_centroids"].cpu(), spherical=True)[0], os.path.join(args.out, "text_pca.png"))
+    results["wall_seconds"] = round(time.time() - t_run, 1)  # the whole run: data, teachers, training, evaluation
     clip.write_json(os.path.join(args.out, "results.json"), results)
-    print(json.dumps(results, indent=2))
     data.barrier()
     return results
+
+
+def reference_run(args):
+    """Plain CLIP with this run's data, seed, student and schedule: -> (its flags, its name: clip-reference-<hash>)."""
+    keys = (*DATA_KEYS, "preset", "n_eval", "eval_split", "csv_label_key", "vocab_size", "device", "model", "steps",
+            "batch_size", "lr", "warmup", "weight_decay", "grad_clip")
+    argv = ["--method", "clip", *flags(args, keys), "--no-vs-clip"]
+    return argv, "clip-reference-" + hashlib.sha1(json.dumps(argv).encode()).hexdigest()[:10]
+
+
+def clip_reference(args):
+    """reference_run's results -> (results, where they come from: None if trained now). Trained once beside the run
+    (DIR/../NAME) and reused; for the front door's flags, the one the repository ships (weights/NAME.json, made by
+    `python docs/reproduce.py --ship-reference` on the CPU it names) is read instead of training one."""
+    argv, name = reference_run(args)
+    out, shipped = os.path.join(os.path.dirname(os.path.abspath(args.out)), name), os.path.join(teachers.WEIGHTS, name + ".json")
+    if os.path.exists(os.path.join(out, "results.json")):
+        return clip.read_json(os.path.join(out, "results.json")), "kept from before"
+    if os.path.exists(shipped):
+        m = clip.read_json(shipped)["machine"]
+        return clip.read_json(shipped), f"shipped in weights/, made on a {m['cpu_capability']} CPU, {m['threads']} threads"
+    say(f"{args.method}: now plain CLIP on the same data and seed, for the closing table (once: kept in {out})")
+    return train(parse_args([*argv, "--out", out, "--resume"])), None
+
+
+def closing(args, results, reference=None):
+    """The run's closing table: the student, its teachers (a CLIP teacher's own numbers from its record: the
+    pretrained one's manifest or an own teacher's results.json; a text teacher has no image numbers) and plain
+    CLIP on the same data and seed (clip_reference's (results, where from)). Everything else is in results.json."""
+    rows = [(f"student ({args.method})", results)]
+    record = results.get("teacher_results")
+    if "teacher" in results and record and "results" in record:  # a manifest: its evaluation, its pool, its training
+        note = "its manifest" + (f", seed {record['pool']['seed']}'s test set" if record["pool"]["seed"] != args.seed else "")
+        rows.append((f"teacher {os.path.basename(results['teacher'])} ({note})", {
+            **record["results"], "pairs_trained_on": record["pool"]["n"], "wall_seconds": record["train_seconds"]}))
+    elif "teacher" in results:
+        rows.append((f"teacher {os.path.basename(results['teacher'])}" + (" (its results.json)" if record else ""), record or {}))
+    if "text_teacher" in results:
+        rows.append((f"text teacher {results['text_teacher']} (a text model)", {}))
+    if reference is not None:
+        rows.append((f"plain CLIP, same data and seed{f' ({reference[1]})' if reference[1] else ''}", reference[0]))
+    return rows
 
 
 def init_distributed(device, out):
@@ -607,7 +661,12 @@ def main(argv=None):
     args = parse_args(argv)
     args.device, args.out = init_distributed(args.device, args.out)
     try:
-        return train(args)
+        results = train(args)
+        reference = clip_reference(args) if args.vs_clip and args.method != "clip" else None  # every rank: it trains
+        if data.world()[0] == 0:
+            print(f"\n{evaluation.closing_table(closing(args, results, reference))}\n"
+                  f"(every number: {os.path.join(args.out, 'results.json')})")
+        return results
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -12,9 +12,11 @@ at each threshold and scores what it removed against that truth:
 - scenes lost: the share of the distinct scenes with no pair left (what balance takes from the data);
 - classes hit: shape x colour classes that lose a scene, and of those the rarest quarter's.
 
-Then the cosines that a transferable threshold could be read from (issue: the paper's 0.99 is a
-value in EVA-CLIP's space): the teacher's cosine between each duplicate and its original, and
-between each original scene and its nearest other scene.
+The same for train.py's default rule (--balance-copies Q: the threshold is the Q-quantile of the
+teacher's cosine between an image and a light copy of it, teachers.copy_cosines), whose threshold
+each seed reads off its own teacher and data. Then the cosines behind it: the teacher's cosine
+between each duplicate and its original, between an image and its light copy, and between each
+original scene and its nearest other scene.
 """
 import argparse
 import os
@@ -66,12 +68,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995])
+    p.add_argument("--copies", type=float, nargs="+", default=[0.9, 0.75, 0.5], help="quantiles of the rule (--balance-copies)")
     p.add_argument("--teacher", default="pretrained", help="as train.py's --teacher: pretrained, own, a run folder or "
                    "a Hugging Face CLIP")
     p.add_argument("--n-train", type=int, default=None, help="default: the preset's")
     p.add_argument("--store", default=os.path.join("runs", "store"))
     a = p.parse_args(argv)
-    rows, dup_cos, near_cos = {t: [] for t in a.thresholds}, [], []
+    rows, dup_cos, near_cos, copy_cos = {f"{t}": [] for t in a.thresholds}, [], [], []
+    chosen = {q: [] for q in a.copies}  # each seed's threshold under the rule
     for seed in a.seeds:
         args = train.parse_args(["--method", "cid", "--seed", str(seed), "--store", a.store, "--teacher", a.teacher]
                                 + (["--n-train", str(a.n_train)] if a.n_train else []))
@@ -85,23 +89,30 @@ def main(argv=None):
         d, n = cosines(emb, dup_of)
         dup_cos.append(d)
         near_cos.append(n)
-        for t in a.thresholds:
+        copy_cos.append(teachers.copy_cosines(store, teacher, stream.pairs, stream.pool, seed=seed))
+        for q in a.copies:
+            chosen[q].append(float(np.quantile(copy_cos[-1], q)))
+        for t, label in [(t, f"{t}") for t in a.thresholds] + [(chosen[q][-1], f"copies {q}") for q in a.copies]:
             keep, _, _ = teachers.semantic_balance(emb.numpy(), t)
-            rows[t].append(truth_scores(keep, dup_of, labels))
+            rows.setdefault(label, []).append(truth_scores(keep, dup_of, labels))
     print(f"\nteacher {teacher.name}, seeds {' '.join(map(str, a.seeds))}, {len(emb)} pairs each: mean (min-max) over seeds")
     keys = ["removed", "precision", "recall", "scenes_lost", "classes_hit", "rare_classes_hit"]
     print("| cos >= | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
-    for t in a.thresholds:
+    for label, scores in rows.items():
         cells = []
         for k in keys:
-            v = np.array([r[k] for r in rows[t]], float)
+            v = np.array([r[k] for r in scores], float)
             cells.append(f"{v.mean():.1f} ({v.min():.1f}-{v.max():.1f})" if k not in ("classes_hit", "rare_classes_hit")
                          else f"{v.mean():.1f} ({int(v.min())}-{int(v.max())})")
-        print(f"| {t} | " + " | ".join(cells) + " |")
-    dup_cos, near_cos = np.concatenate(dup_cos), np.concatenate(near_cos)
-    pct = [1, 5, 25, 50]
+        rule = label.startswith("copies")
+        shown = f"{label}: {' '.join(f'{t:.4f}' for t in chosen[float(label.split()[1])])}" if rule else label
+        print(f"| {shown} | " + " | ".join(cells) + " |")
+    dup_cos, near_cos, copy_cos = np.concatenate(dup_cos), np.concatenate(near_cos), np.concatenate(copy_cos)
+    pct = [1, 5, 10, 25, 50, 90]
     print(f"\ncos(duplicate, its original), {len(dup_cos)} pairs: percentiles "
           + ", ".join(f"{q}%: {np.percentile(dup_cos, q):.4f}" for q in pct))
+    print(f"cos(image, its JPEG re-save), {len(copy_cos)} images: percentiles "
+          + ", ".join(f"{q}%: {np.percentile(copy_cos, q):.4f}" for q in pct))
     print(f"cos(original, its nearest other original), {len(near_cos)} scenes: percentiles "
           + ", ".join(f"{q}%: {np.percentile(near_cos, q):.4f}" for q in (50, 75, 95, 99)))
     return rows

@@ -22,17 +22,17 @@ run clip-csv python train.py --method clip --data "$C" $COMMON --out runs/oc/cli
 run clip-shards python train.py --method clip --data "$S" $COMMON --out runs/oc/clip-shards
 run kclip-csv python train.py --method kclip --data "$C" $COMMON --out runs/oc/kclip-csv
 run kclip-shards python train.py --method kclip --data "$S" $COMMON --out runs/oc/kclip-shards
-run cid-csv python train.py --method cid --data "$C" $COMMON --out runs/oc/cid-csv
+run cid-csv python train.py --method cid --data "$C" $COMMON --balance-threshold 0.99 --out runs/oc/cid-csv
 if [ ! -e runs/oc/cid-shards/results.json ]; then  # killed (SIGKILL) 8 s into its teacher store build, then resumed
   t0=$(date +%s.%N)
-  setsid python train.py --method cid --data "$S" $COMMON --out runs/oc/cid-shards > runs/oc/cid-shards-killed.log 2>&1 &
+  setsid python train.py --method cid --data "$S" $COMMON --balance-threshold 0.99 --out runs/oc/cid-shards > runs/oc/cid-shards-killed.log 2>&1 &
   pid=$!
   until grep -q "teacher store (" runs/oc/cid-shards-killed.log || ! kill -0 $pid 2>/dev/null; do sleep 1; done
   sleep 8; kill -9 -- -$pid; wait $pid
   echo "cid-shards-killed killed at wall=$(python -c "print(round($(date +%s.%N) - $t0, 1))") s" >> runs/oc/times.txt
-  run cid-shards python train.py --method cid --data "$S" $COMMON --out runs/oc/cid-shards --resume
+  run cid-shards python train.py --method cid --data "$S" $COMMON --balance-threshold 0.99 --out runs/oc/cid-shards --resume
 fi
-run cid-shards-2rank torchrun --nproc_per_node 2 train.py --method cid --data "$S" $COMMON --workers 1 --out runs/oc/cid-shards-2rank
+run cid-shards-2rank torchrun --nproc_per_node 2 train.py --method cid --data "$S" $COMMON --balance-threshold 0.99 --workers 1 --out runs/oc/cid-shards-2rank
 # A random CLIP sees every image alike (cos >= 0.99): balance would remove 97% and stop with one line
 run cid-hf-shards python train.py --method cid --data "$S" $COMMON --teacher runs/oc/hfclip --no-balance --out runs/oc/cid-hf-shards
 run cid-hf-csv python train.py --method cid --data "$C" $COMMON --teacher runs/oc/hfclip --no-balance --out runs/oc/cid-hf-csv

@@ -8,8 +8,11 @@ student, data, steps and evaluation; any train.py flag given here goes to every 
 one resumes from its checkpoint: run the same command again to continue a killed sweep.
 
 `python docs/reproduce.py --tune cid --seeds 0` chooses CLIP-CID's cluster weight and balance threshold
-on the validation split (TUNE_GRIDS; runs/tune/cid.md); `--tune gemma` the Gemma teacher's pooling
-and L_emb weight (runs/tune/gemma.md).
+on the validation split (TUNE_GRIDS; runs/tune/cid.md); `--tune balance` the balance rule's quantile
+(--balance-copies); `--tune gemma` the Gemma teacher's pooling and L_emb weight (runs/tune/gemma.md).
+
+`python docs/reproduce.py --ship-reference` makes weights/clip-reference-*.json, the plain CLIP that
+`python train.py --method cid` ends beside (train.clip_reference).
 
 `python docs/reproduce.py --real DIR/pairs.csv` makes the table on real images (REAL_ROWS; runs/real/table.md).
 
@@ -61,6 +64,25 @@ def code_version():  # the commit of these files, and whether they were changed 
         return None
 
 
+def machine(device):  # what a float depends on: bit-equal only on the same kind of CPU, threads and torch
+    return {"device": device, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def ship_reference(flags):
+    """weights/clip-reference-<hash>.json: plain CLIP with the front door's flags (`python train.py --method cid`
+    and these), the closing table's last row, so that the first run need not train it (train.clip_reference)."""
+    args = train.parse_args(["--method", "cid", *flags])
+    argv, name = train.reference_run(args)
+    out = os.path.join("runs", name)
+    res_path = os.path.join(out, "results.json")
+    res = clip.read_json(res_path) if os.path.exists(res_path) else train.train(train.parse_args(argv + ["--out", out, "--resume"]))
+    shipped = os.path.join(teachers.WEIGHTS, name + ".json")
+    clip.write_json(shipped, {**res, "command": " ".join(["python docs/reproduce.py --ship-reference", *flags]),
+                              "code_version": code_version(), "machine": machine(args.device)})
+    return shipped
+
+
 def pretrain_teacher(device):
     """Train PRETRAIN_RECIPE into runs/pretrain-teacher (a killed run resumes), then write
     weights/shapes-teacher.pt (the weights in float16) and its manifest, whose evaluation is of
@@ -82,8 +104,7 @@ def pretrain_teacher(device):
                 "bytes": os.path.getsize(teachers.PRETRAINED), "command": teachers.REBUILD, "recipe": PRETRAIN_RECIPE,
                 "code_version": code_version(), "pool": pool, "model": run.model, "params": res["params"],
                 "steps": run.steps, "first_losses": [r["loss"] for r in evaluation.read_log(PRETRAIN_DIR)[:5]],
-                "machine": {"device": run.device, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                            "threads": torch.get_num_threads(), "torch": torch.__version__},
+                "machine": machine(run.device),
                 "train_seconds": res["seconds"], "flops": res.get("flops"),
                 "results": evaluation.evaluate_run(model, vars(run), torch.device(run.device))}  # of the float16 weights
     clip.write_json(teachers.MANIFEST, manifest)
@@ -96,15 +117,24 @@ def pretrain_teacher(device):
 SWEEP = [  # (folder, row of the table, flags, EM text probe?)
     ("clip", "CLIP", ["--method", "clip"], True),
     ("kclip", "Knowledge-CLIP", ["--method", "kclip"], True),
-    ("cid", "CLIP-CID (balanced set)", ["--method", "cid"], True),
+    # balance's threshold by train.py's rule (--balance-copies, chosen on validation by `--tune balance --seeds 0`)
+    ("cid", "CLIP-CID, balanced set", ["--method", "cid"], True),
     ("cid-full", "CLIP-CID, full set (no balance)", ["--method", "cid", "--no-balance"], False),
+    # the paper's claim is efficiency: the balanced set for as many epochs as the full set's 500 steps make, so fewer
+    # steps (--steps: epoch_steps, from the cid row's pairs kept), and balance at cos >= 0.99, our former default
+    ("cid-epochs", "CLIP-CID, balanced set, equal epochs (fewer steps)", ["--method", "cid"], False),
+    ("cid-paper", "CLIP-CID, balanced at cos >= 0.99 (our former default)", ["--method", "cid", "--balance-threshold", "0.99"],
+     False),
     # chosen on validation by `python docs/reproduce.py --tune cid --seeds 0` (runs/tune/cid.md): the paper's --cd-weight
-    # 1.0 and our balance threshold 0.99 are the cid row above
+    # 1.0 is the cid-full row above
     ("cid-tuned", "CLIP-CID, tuned on validation (--cd-weight 0.3, no balance)",
      ["--method", "cid", "--cd-weight", "0.3", "--no-balance"], False),
     ("cid-own", "CLIP-CID, teacher trained on the student's data (--teacher own)", ["--method", "cid", "--teacher", "own"],
      False),
-    ("kclip-cid", "Knowledge-CLIP + CLIP-CID, both teachers", ["--method", "kclip+cid"], True),
+    ("cid-own-full", "CLIP-CID, full set, teacher trained on the student's data (--teacher own --no-balance)",
+     ["--method", "cid", "--teacher", "own", "--no-balance"], False),
+    ("kclip-cid", "Knowledge-CLIP + CLIP-CID, both teachers (balance at 0.99)",
+     ["--method", "kclip+cid", "--balance-threshold", "0.99"], True),  # made before the --balance-copies rule
     ("kclip-random", "Knowledge-CLIP, random-init text teacher", ["--method", "kclip", "--text-teacher-init", "random"], True),
     ("kclip-alpha0", "Knowledge-CLIP, alpha = 0 (no L_emb)", ["--method", "kclip", "--emb-weight", "0"], True),
     ("kclip-beta0", "Knowledge-CLIP, beta = 0 (no concept KL)", ["--method", "kclip", "--concept-weight", "0"], True),
@@ -131,30 +161,38 @@ SWEEP = [  # (folder, row of the table, flags, EM text probe?)
     ("kclip-gemma-random", "Knowledge-CLIP, random-init Gemma-3-270M, last token, alpha = 0",
      ["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--pool", "last", "--emb-weight", "0",
       "--text-teacher-init", "random"], True),
-    ("cid-cd", "CLIP-CID, cluster term alone", ["--method", "cid", "--id-weight", "0"], False),
-    ("cid-id", "CLIP-CID, instance term alone", ["--method", "cid", "--cd-weight", "0"], False),
+    # each term alone, balanced at cos >= 0.99 (made before the --balance-copies rule: its numbers stand as they were)
+    ("cid-cd", "CLIP-CID, cluster term alone (balance at 0.99)", ["--method", "cid", "--id-weight", "0",
+                                                                  "--balance-threshold", "0.99"], False),
+    ("cid-id", "CLIP-CID, instance term alone (balance at 0.99)", ["--method", "cid", "--cd-weight", "0",
+                                                                   "--balance-threshold", "0.99"], False),
     # --steps: equal_compute_steps, the pretrained teacher counted in full / shared by every CLIP-CID student of the sweep
     ("clip-equal", "CLIP, equal total compute (teacher counted in full)", ["--method", "clip"], False),
     ("clip-equal-shared", "CLIP, equal total compute (teacher shared by the sweep's students)", ["--method", "clip"], False),
     ("clip-pool", "CLIP on the teacher's pretraining pool", ["--method", "clip", *PRETRAIN_POOL], False),
 ]
-SHARING = [f for f, _, flags, _ in SWEEP if "cid" in " ".join(flags) and "own" not in flags]  # rows of the pretrained teacher
+# the rows of the pretrained teacher when clip-equal-shared was made (6 rows x 3 seeds: 18 students); the rows added
+# since (cid-epochs, cid-paper) are left out so that its steps, and its table row, stay as they were
+SHARING = ["cid", "cid-full", "cid-tuned", "kclip-cid", "cid-cd", "cid-id"]
 TABLE = [  # (results.json key, column)
     ("zero_shot_top1", "zero-shot seen"), ("zero_shot_unseen_top1", "zero-shot unseen"),
     ("linear_probe_top1", "linear probe"), ("retrieval_i2t_r1", "R@1 i2t"), ("retrieval_t2i_r1", "R@1 t2i"),
     ("zero_shot_by_attributes_top1", "attributes seen"), ("zero_shot_by_attributes_unseen_top1", "attributes unseen"),
-    ("text_em", "EM"), ("params", "params"), ("steps", "steps"), ("seconds", "train s"),
+    ("text_em", "EM"), ("params", "params"), ("pairs_trained_on", "pairs"), ("steps", "steps"),
+    ("student_tflops", "student TFLOPs"), ("seconds", "train s"),
 ]
 CLAIM_KEYS = [("zero_shot_top1", "zero-shot"), ("zero_shot_unseen_top1", "unseen"), ("linear_probe_top1", "probe"),
               ("zero_shot_by_attributes_top1", "attributes"), ("text_em", "EM")]
 WORD_KEYS = [("zero_shot_never_words_top1", "zero-shot never-seen words"), ("text_probe_never", "probe never-seen"),
              ("zero_shot_rare_words_top1", "zero-shot rare words"), ("zero_shot_top1", "zero-shot")]
+COST_KEYS = [("student_tflops", "student TFLOPs"), *CLAIM_KEYS[:3]]
 CLAIMS = [  # (row, minus row[, keys: CLAIM_KEYS]): each seed's difference, for the claims (table.md's last section)
     ("kclip", "clip"), ("cid", "clip"), ("cid-full", "clip"), ("cid-tuned", "clip"), ("cid", "cid-full"),
-    ("cid-tuned", "cid"), ("cid-tuned", "cid-full"), ("cid-full", "kclip"), ("kclip-cid", "kclip"),
+    ("cid-tuned", "cid-paper"), ("cid-tuned", "cid-full"), ("cid-epochs", "cid-full", COST_KEYS), ("cid-epochs", "cid"),
+    ("cid-paper", "clip"), ("cid-paper", "cid-full"), ("cid-full", "kclip"), ("kclip-cid", "kclip"),
     ("kclip-random", "kclip"), ("kclip-alpha0", "kclip"), ("kclip-beta0", "kclip"), ("cid-own", "clip"),
-    ("cid", "cid-own"), ("cid-cd", "cid"), ("cid-id", "cid"), ("kclip-corpus", "kclip", WORD_KEYS),
-    ("kclip-corpus", "kclip-random-corpus", WORD_KEYS), ("kclip-gemma-last", "clip"), ("kclip-gemma-mean", "clip"),
+    ("cid", "cid-own"), ("cid-own-full", "cid-full"), ("cid-own", "cid-own-full"), ("cid-cd", "cid-paper"),
+    ("cid-id", "cid-paper"), ("kclip-corpus", "kclip", WORD_KEYS), ("kclip-corpus", "kclip-random-corpus", WORD_KEYS), ("kclip-gemma-last", "clip"), ("kclip-gemma-mean", "clip"),
     ("kclip-gemma-tuned", "clip"), ("kclip-gemma-tuned", "kclip"), ("kclip-gemma-tuned", "kclip-alpha0"),
     ("kclip-gemma-random", "kclip-gemma-tuned"), ("kclip-gemma-std", "clip"), ("kclip-gemma-std", "kclip-gemma-last"),
     ("kclip-gemma-std-tuned", "clip"), ("kclip-gemma-std-tuned", "kclip-gemma-tuned"),
@@ -186,6 +224,15 @@ def equal_compute_steps(args, students=1):
     return math.ceil(args.steps + teacher_total / f_student)
 
 
+def epoch_steps(argv, balanced):
+    """Steps that give the pairs the balanced run kept as many epochs as --steps give the full set."""
+    if not os.path.exists(balanced):
+        raise SystemExit(f"error: the cid-epochs row needs the cid row of its seed first ({balanced}): "
+                         "python docs/reproduce.py --rows cid cid-epochs")
+    stats = clip.read_json(balanced)["balance"]
+    return max(1, round(train.parse_args(argv).steps * stats["pairs_after"] / stats["pairs_before"]))
+
+
 def sweep_em(run_dir, root, cfg, steps):
     """EM % of a run's text tower, through the seed's autoencoder (trained once, kept in root)."""
     model = clip.load_checkpoint(run_dir, cfg.device)[0]
@@ -206,14 +253,6 @@ def missing_text_teacher(flags):
     before docs/convert_gguf.py has run); None otherwise."""
     named = flags[flags.index("--text-teacher") + 1] if "--text-teacher" in flags else None
     return named if named and not os.path.isdir(named) else None
-
-
-def timed_train(run):
-    """train.train(run), then its results.json again with the whole call's wall time (teacher,
-    store, training, evaluation) as wall_seconds."""
-    start = time.time()
-    res = train.train(run)
-    clip.write_json(os.path.join(run.out, "results.json"), {**res, "wall_seconds": round(time.time() - start, 1)})
 
 
 def seed_diffs(values, minus):
@@ -257,13 +296,15 @@ def sweep(a, flags):
             if os.path.exists(res_path) and not (em and "text_em" not in clip.read_json(res_path)):
                 continue  # finished: nothing to redo
             argv = flags + row_flags + ["--seed", str(seed)]
+            if folder == "cid-epochs":
+                argv += ["--steps", str(epoch_steps(argv, os.path.join(root, f"cid-s{seed}", "results.json")))]
             if folder.startswith("clip-equal"):
                 students = 1 if folder == "clip-equal" else len(SHARING) * len(a.seeds)
                 argv += ["--steps", str(equal_compute_steps(train.parse_args(argv), students))]
             run = train.parse_args(argv + ["--out", out, "--resume"])
             if not os.path.exists(res_path):
                 print(f"\nsweep: {row}, seed {seed} -> {out}")
-                timed_train(run)
+                train.train(run)
             res = clip.read_json(res_path)
             if em and "text_em" not in res:
                 clip.write_json(res_path, {**res, "text_em": sweep_em(out, root, run, a.em_steps)})
@@ -283,6 +324,7 @@ def sweep(a, flags):
 
 TUNE_GRIDS = {  # grid: (the flags of every cell, [(the flag of an axis, its values)])
     "cid": (["--method", "cid"], [("--cd-weight", ["0.1", "0.3", "1.0"]), ("--balance-threshold", ["0.99", "0.999", "off"])]),
+    "balance": (["--method", "cid"], [("--balance-copies", ["0.9", "0.75", "0.5"])]),  # the rule's quantile
     "gemma": (["--method", "kclip", "--text-teacher", convert_gguf.GEMMA],
               [("--pool", ["last", "mean"]), ("--emb-weight", ["0", "0.0001", "0.001", "0.01", "0.1", "1.0"])]),
     "gemma-std": (["--method", "kclip", "--text-teacher", convert_gguf.GEMMA, "--standardise-target"],
@@ -350,8 +392,9 @@ REAL_COMMON = ["--val-frac", "0.1", "--csv-label-key", "category", "--eval-sets"
 REAL_TEACHER = ["--method", "clip", "--model", "teacher", "--steps", "500", "--train-frac", "1", "--seed", "0"]
 REAL_STUDENT = ["--steps", "200", "--train-frac", "0.25"]
 REAL_ROWS = [("clip", "CLIP", ["--method", "clip"]), ("kclip", "Knowledge-CLIP (MiniLM)", ["--method", "kclip"]),
-             ("cid", "CLIP-CID (teacher on the whole set)", ["--method", "cid"]),
-             ("kclip-cid", "Knowledge-CLIP + CLIP-CID", ["--method", "kclip+cid"])]
+             ("cid", "CLIP-CID (teacher on the whole set)", ["--method", "cid", "--balance-threshold", "0.99"]),
+             ("kclip-cid", "Knowledge-CLIP + CLIP-CID", ["--method", "kclip+cid", "--balance-threshold", "0.99"])]
+# (balance at cos >= 0.99, the default when docs/openclipart.md's table was made)
 REAL_TABLE = [("zero_shot_top1", "zero-shot"), ("zero_shot_per_class_top1", "zero-shot per class"),
               ("linear_probe_top1", "linear probe"), ("retrieval_i2t_r1", "R@1 i2t"), ("retrieval_i2t_r5", "R@5 i2t"),
               ("retrieval_t2i_r1", "R@1 t2i"), ("retrieval_t2i_r5", "R@5 t2i"), ("fashion-mnist_zero_shot_top1",
@@ -372,7 +415,7 @@ def real(a, flags):
         for out, row_flags in outs:
             if not os.path.exists(os.path.join(out, "results.json")):
                 print(f"\nreal: {row} -> {out}")
-                timed_train(train.parse_args(["--data", a.real, *REAL_COMMON, *flags, *row_flags, "--out", out, "--resume"]))
+                train.train(train.parse_args(["--data", a.real, *REAL_COMMON, *flags, *row_flags, "--out", out, "--resume"]))
     found = {row: [clip.read_json(os.path.join(out, "results.json")) for out, _ in outs] for row, outs in runs.items()}
     lines = [f"{a.real}: mean ± std over seeds {' '.join(map(str, a.seeds))}; the teacher is one run", "",
              "| | " + " | ".join(c for _, c in REAL_TABLE) + " |", "|---" * (len(REAL_TABLE) + 1) + "|"]
@@ -406,7 +449,8 @@ def show(key, values, n_seeds=None):
     m, s = mean_std(values)
     if key in ("params", "steps"):  # the same for every seed
         return f"{m / 1e6:.2f}M" if key == "params" else f"{m:.0f}"
-    text = f"{m:.0f}" if key in ("seconds", "pairs_trained_on") else f"{m:.1f}" + (f" ± {s:.1f}" if len(values) > 1 else "")
+    alone = key in ("seconds", "pairs_trained_on", "student_tflops")  # counts and costs: the mean alone
+    text = f"{m:.1f}" if key == "student_tflops" else f"{m:.0f}" if alone else f"{m:.1f}" + (f" ± {s:.1f}" if len(values) > 1 else "")
     return text + (f" (n={len(values)})" if n_seeds and len(values) < n_seeds else "")
 
 
@@ -427,6 +471,8 @@ def write_table(root, seeds, flags):
         for d in dirs:
             if os.path.exists(os.path.join(d, "results.json")):
                 found.append(clip.read_json(os.path.join(d, "results.json")))
+                if "flops" in found[-1]:  # the student's training: what balance saves (its teacher's share is the same)
+                    found[-1]["student_tflops"] = found[-1]["flops"]["student_training"] / 1e12
                 if os.path.exists(os.path.join(d, "eval.json")):  # re-evaluated later by `python eval.py --ckpt DIR`
                     found[-1].update(clip.read_json(os.path.join(d, "eval.json")))
                 wall += found[-1].get("wall_seconds", 0.0)  # the whole run: teacher, training, evaluation, EM
@@ -486,8 +532,10 @@ def main(argv=None):
                    "(PRETRAIN_RECIPE into runs/pretrain-teacher, resumable; evaluated in float16) and exit")
     p.add_argument("--tune", nargs="?", const="cid", choices=list(TUNE_GRIDS), help="choose a grid's flags on "
                    "validation (TUNE_GRIDS into runs/tune, resumable) and exit: cid (default) CLIP-CID's --cd-weight "
-                   "and balance threshold, gemma the Gemma teacher's --pool and --emb-weight, gemma-std the same with "
+                   "and balance threshold, balance the rule's --balance-copies, gemma the Gemma teacher's --pool and --emb-weight, gemma-std the same with "
                    "--standardise-target")
+    p.add_argument("--ship-reference", action="store_true", help="(re)make the front door's plain CLIP reference "
+                   "(weights/clip-reference-*.json) and exit")
     p.add_argument("--real", metavar="CSV", help="the real-image table on this CSV (with a 'category' column: python "
                    "docs/convert_folder.py FOLDER --out DIR writes DIR/pairs.csv) into runs/real, resumable, and exit")
     p.add_argument("--out", default=None, help="the sweep's folder (default runs/sweep; --tune: runs/tune; --real: runs/real)")
@@ -505,6 +553,8 @@ def main(argv=None):
     try:
         if a.pretrain_teacher:
             print(json.dumps(pretrain_teacher(train.parse_args(flags).device), indent=2))
+        elif a.ship_reference:
+            print(f"wrote {ship_reference(flags)}")
         elif a.tune:
             tune(a, flags)
         elif a.real:
