@@ -1968,7 +1968,7 @@ def test_the_front_doors_clip_reference_is_shipped_and_read_not_trained(monkeypa
     assert shipped["data_fingerprint"] == train.make_stream(args).fingerprint
     monkeypatch.setattr(train, "train", lambda a: pytest.fail("trained a reference that is shipped"))
     res, how = train.clip_reference(args)
-    assert res == shipped and how.startswith("shipped in weights/, made on a ")
+    assert res == shipped and how.startswith("shipped in weights/, made with ")
 
 
 # ========================================================================================

@@ -618,7 +618,7 @@ def clip_reference(args):
         return clip.read_json(os.path.join(out, "results.json")), "kept from before"
     if os.path.exists(shipped):
         m = clip.read_json(shipped)["machine"]
-        return clip.read_json(shipped), f"shipped in weights/, made on a {m['cpu_capability']} CPU, {m['threads']} threads"
+        return clip.read_json(shipped), f"shipped in weights/, made with {m['cpu_capability']}, {m['threads']} threads"
     say(f"{args.method}: now plain CLIP on the same data and seed, for the closing table (once: kept in {out})")
     return train(parse_args([*argv, "--out", out, "--resume"])), None
 
