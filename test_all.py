@@ -1940,9 +1940,10 @@ def test_a_run_ends_beside_its_teacher_and_plain_clip_trained_once(capsys):
     assert "now plain CLIP on the same data and seed" in out
     lines = out[out.index("zero-shot  unseen"):].splitlines()
     assert lines[1].startswith("student (cid)") and f"{res['zero_shot_top1']:.1f}" in lines[1]
-    assert lines[2].startswith("teacher shapes-teacher.pt (its manifest)") and "50,000" in lines[2]
-    assert lines[3].startswith("plain CLIP, same data and seed ") and "(kept" not in lines[3]
-    assert "runs/cid/results.json" in lines[4]
+    assert lines[2].startswith("teacher shapes-teacher.pt ") and "50,000" in lines[2]
+    assert lines[3].startswith("plain CLIP, same data and seed ")
+    assert lines[4:] == ["  teacher: its manifest's numbers", "  plain CLIP: trained now",
+                         "  every number: runs/cid/results.json"]
     (ref_dir,) = glob.glob("runs/clip-reference-*")
     direct = train.main(["--method", "clip", *common, "--out", "runs/clip"])
     ref = json.load(open(os.path.join(ref_dir, "results.json")))
@@ -1953,7 +1954,7 @@ def test_a_run_ends_beside_its_teacher_and_plain_clip_trained_once(capsys):
     capsys.readouterr()
     train.main(["--method", "cid", *common, "--clusters", "4", "--no-balance", "--out", "runs/cid2"])
     out = capsys.readouterr().out
-    assert "now plain CLIP" not in out and "plain CLIP, same data and seed (kept from before)" in out
+    assert "now plain CLIP" not in out and f"  plain CLIP: trained before, kept in {ref_dir}" in out
     assert glob.glob("runs/clip-reference-*") == [ref_dir]
 
 
@@ -1968,7 +1969,7 @@ def test_the_front_doors_clip_reference_is_shipped_and_read_not_trained(monkeypa
     assert shipped["data_fingerprint"] == train.make_stream(args).fingerprint
     monkeypatch.setattr(train, "train", lambda a: pytest.fail("trained a reference that is shipped"))
     res, how = train.clip_reference(args)
-    assert res == shipped and how.startswith("shipped in weights/, made with ")
+    assert res == shipped and how.startswith(f"shipped in {os.path.relpath(path)}, made with ")
 
 
 # ========================================================================================

@@ -615,10 +615,10 @@ def clip_reference(args):
     argv, name = reference_run(args)
     out, shipped = os.path.join(os.path.dirname(os.path.abspath(args.out)), name), os.path.join(teachers.WEIGHTS, name + ".json")
     if os.path.exists(os.path.join(out, "results.json")):
-        return clip.read_json(os.path.join(out, "results.json")), "kept from before"
+        return clip.read_json(os.path.join(out, "results.json")), f"trained before, kept in {os.path.relpath(out)}"
     if os.path.exists(shipped):
         m = clip.read_json(shipped)["machine"]
-        return clip.read_json(shipped), f"shipped in weights/, made with {m['cpu_capability']}, {m['threads']} threads"
+        return clip.read_json(shipped), f"shipped in {os.path.relpath(shipped)}, made with {m['cpu_capability']}, {m['threads']} threads"
     say(f"{args.method}: now plain CLIP on the same data and seed, for the closing table (once: kept in {out})")
     return train(parse_args([*argv, "--out", out, "--resume"])), None
 
@@ -626,20 +626,25 @@ def clip_reference(args):
 def closing(args, results, reference=None):
     """The run's closing table: the student, its teachers (a CLIP teacher's own numbers from its record: the
     pretrained one's manifest or an own teacher's results.json; a text teacher has no image numbers) and plain
-    CLIP on the same data and seed (clip_reference's (results, where from)). Everything else is in results.json."""
-    rows = [(f"student ({args.method})", results)]
+    CLIP on the same data and seed (clip_reference's (results, where from)). -> (rows, notes: where each row's
+    numbers come from). Everything else is in results.json."""
+    rows, notes = [(f"student ({args.method})", results)], []
     record = results.get("teacher_results")
     if "teacher" in results and record and "results" in record:  # a manifest: its evaluation, its pool, its training
-        note = "its manifest" + (f", seed {record['pool']['seed']}'s test set" if record["pool"]["seed"] != args.seed else "")
-        rows.append((f"teacher {os.path.basename(results['teacher'])} ({note})", {
+        rows.append((f"teacher {os.path.basename(results['teacher'])}", {
             **record["results"], "pairs_trained_on": record["pool"]["n"], "wall_seconds": record["train_seconds"]}))
+        notes.append("teacher: its manifest's numbers" + (f" (seed {record['pool']['seed']}'s test set)"
+                                                          if record["pool"]["seed"] != args.seed else ""))
     elif "teacher" in results:
-        rows.append((f"teacher {os.path.basename(results['teacher'])}" + (" (its results.json)" if record else ""), record or {}))
+        rows.append((f"teacher {os.path.basename(results['teacher'])}", record or {}))
+        notes.append(f"teacher: {'its results.json' if record else 'no record of its own numbers'}")
     if "text_teacher" in results:
-        rows.append((f"text teacher {results['text_teacher']} (a text model)", {}))
+        rows.append((f"text teacher {results['text_teacher'].split('@')[0]}", {}))
+        notes.append("text teacher: a text model, no image numbers")
     if reference is not None:
-        rows.append((f"plain CLIP, same data and seed{f' ({reference[1]})' if reference[1] else ''}", reference[0]))
-    return rows
+        rows.append(("plain CLIP, same data and seed", reference[0]))
+        notes.append(f"plain CLIP: {reference[1] or 'trained now'}")
+    return rows, notes
 
 
 def init_distributed(device, out):
@@ -664,8 +669,9 @@ def main(argv=None):
         results = train(args)
         reference = clip_reference(args) if args.vs_clip and args.method != "clip" else None  # every rank: it trains
         if data.world()[0] == 0:
-            print(f"\n{evaluation.closing_table(closing(args, results, reference))}\n"
-                  f"(every number: {os.path.join(args.out, 'results.json')})")
+            rows, notes = closing(args, results, reference)
+            print(f"\n{evaluation.closing_table(rows)}\n" + "".join(f"  {n}\n" for n in notes)
+                  + f"  every number: {os.path.join(args.out, 'results.json')}")
         return results
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
