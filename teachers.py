@@ -553,8 +553,8 @@ def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0):
     return keep, stats, groups
 
 
-# The threshold that means the same in any teacher's space. The paper's 0.99 is a cosine of EVA-CLIP's space; another
-# teacher packs its images tighter or looser (ours: most images of one shape x colour class lie above 0.99). So by
+# The threshold that means the same in any teacher's space. The paper gives none, and a fixed cosine (our former 0.99)
+# means different things to different teachers (ours puts most images of one shape x colour class above 0.99). So by
 # default the threshold is read off the teacher itself: two images are near-duplicates when the teacher puts them as
 # close as it puts an image and its re-saved copy (JPEG at PIL's default quality 75, as the web holds copies of images):
 # the `quantile` of those cosines (0.5: as close as a typical copy; 0.9, the default chosen on validation: as close as

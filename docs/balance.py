@@ -13,9 +13,9 @@ at each threshold and scores what it removed against that truth:
 - classes hit: shape x colour classes that lose a scene, and of those the rarest quarter's.
 
 The same for train.py's default rule (--balance-copies Q: the threshold is the Q-quantile of the
-teacher's cosine between an image and a light copy of it, teachers.copy_cosines), whose threshold
+teacher's cosine between an image and its JPEG re-save, teachers.copy_cosines), whose threshold
 each seed reads off its own teacher and data. Then the cosines behind it: the teacher's cosine
-between each duplicate and its original, between an image and its light copy, and between each
+between each duplicate and its original, between an image and its JPEG re-save, and between each
 original scene and its nearest other scene.
 """
 import argparse
