@@ -587,3 +587,8 @@ def copy_cosines(store, teacher, pairs, pool, n=512, seed=0):
         return {"cos": torch.cat(cos).numpy()}, {}
     out, _, _ = derived(store, "copies", {"n": n, "seed": seed, "pool": data.fingerprint_of(pool)}, compute)
     return out["cos"]
+
+
+def copy_threshold(cos, quantile):
+    """The rule's cosine: the `quantile` of copy_cosines' (n,) cosines, in float64 (linear between ranks)."""
+    return torch.quantile(torch.from_numpy(cos).double(), quantile).item()

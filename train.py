@@ -373,8 +373,8 @@ def prepare_cid(args, stream, device):
         buckets = args.balance_buckets or (len(stream.pool) // 2000 if len(stream.pool) > 200_000 else None)  # exact below
         threshold, rule = args.balance_threshold, "--balance-threshold"
         if threshold is None:  # the rule: as close as the teacher puts an image and its light copy (teachers.py)
-            cos = torch.from_numpy(teachers.copy_cosines(store, teacher, stream.pairs, stream.pool, seed=args.seed))
-            threshold = torch.quantile(cos.double(), args.balance_copies).item()
+            cos = teachers.copy_cosines(store, teacher, stream.pairs, stream.pool, seed=args.seed)
+            threshold = teachers.copy_threshold(cos, args.balance_copies)
             rule = f"--balance-copies {args.balance_copies}"
         keep, stats, groups, reused = teachers.store_balance(store, stream.pool, threshold, buckets, args.seed)
         say(f"cid: semantic balance {'(reused) ' if reused else ''}removed {stats['removed']} of {stats['pairs_before']} "
@@ -608,7 +608,7 @@ def reference_run(args):
     return argv, "clip-reference-" + hashlib.sha1(json.dumps(argv).encode()).hexdigest()[:10]
 
 
-def clip_reference(args):
+def clip_reference(args, use_shipped=True):
     """reference_run's results -> (results, where they come from: None if trained now). Trained once beside the run
     (DIR/../NAME) and reused; for the front door's flags, the one the repository ships (weights/NAME.json, made by
     `python docs/reproduce.py --ship-reference` on the CPU it names) is read instead of training one."""
@@ -616,9 +616,10 @@ def clip_reference(args):
     out, shipped = os.path.join(os.path.dirname(os.path.abspath(args.out)), name), os.path.join(teachers.WEIGHTS, name + ".json")
     if os.path.exists(os.path.join(out, "results.json")):
         return clip.read_json(os.path.join(out, "results.json")), f"trained before, kept in {os.path.relpath(out)}"
-    if os.path.exists(shipped):
-        m = clip.read_json(shipped)["machine"]
-        return clip.read_json(shipped), f"shipped in {os.path.relpath(shipped)}, made with {m['cpu_capability']}, {m['threads']} threads"
+    if use_shipped and os.path.exists(shipped):
+        ref = clip.read_json(shipped)
+        m = ref["machine"]
+        return ref, f"shipped in {os.path.relpath(shipped)}, made with {m['cpu_capability']}, {m['threads']} threads"
     say(f"{args.method}: now plain CLIP on the same data and seed, for the closing table (once: kept in {out})")
     return train(parse_args([*argv, "--out", out, "--resume"])), None
 

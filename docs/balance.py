@@ -91,7 +91,7 @@ def main(argv=None):
         near_cos.append(n)
         copy_cos.append(teachers.copy_cosines(store, teacher, stream.pairs, stream.pool, seed=seed))
         for q in a.copies:
-            chosen[q].append(float(np.quantile(copy_cos[-1], q)))
+            chosen[q].append(teachers.copy_threshold(copy_cos[-1], q))  # as train.py reads it
         for t, label in [(t, f"{t}") for t in a.thresholds] + [(chosen[q][-1], f"copies {q}") for q in a.copies]:
             keep, _, _ = teachers.semantic_balance(emb.numpy(), t)
             rows.setdefault(label, []).append(truth_scores(keep, dup_of, labels))

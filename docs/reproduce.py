@@ -72,12 +72,9 @@ def machine(device):  # what a float depends on: bit-equal only on the same kind
 def ship_reference(flags):
     """weights/clip-reference-<hash>.json: plain CLIP with the front door's flags (`python train.py --method cid`
     and these), the closing table's last row, so that the first run need not train it (train.clip_reference)."""
-    args = train.parse_args(["--method", "cid", *flags])
-    argv, name = train.reference_run(args)
-    out = os.path.join("runs", name)
-    res_path = os.path.join(out, "results.json")
-    res = clip.read_json(res_path) if os.path.exists(res_path) else train.train(train.parse_args(argv + ["--out", out, "--resume"]))
-    shipped = os.path.join(teachers.WEIGHTS, name + ".json")
+    args = train.parse_args(["--method", "cid", *flags, "--out", os.path.join("runs", "cid")])  # the reference: runs/NAME
+    res, _ = train.clip_reference(args, use_shipped=False)  # trained once into runs/NAME, or read from there
+    shipped = os.path.join(teachers.WEIGHTS, train.reference_run(args)[1] + ".json")
     clip.write_json(shipped, {**res, "command": " ".join(["python docs/reproduce.py --ship-reference", *flags]),
                               "code_version": code_version(), "machine": machine(args.device)})
     return shipped
