@@ -370,6 +370,27 @@ def count_flops(fn):
     return out, counter.get_total_flops()
 
 
+def step_shape(tokens, corpus_tokens=None):
+    """What a training step's FLOPs depend on: its batch size and text length (the text tower runs only
+    the columns some caption uses, text_length), and the text-only lines' (--text-corpus). train.py
+    counts a step's FLOPs the first time its shape comes up and adds that count for every step of the
+    same shape. Not in the key: partial class sampling's K' (--class-frac < 1) moves the cluster
+    loss's B x K' x D_t by a few classes."""
+    corpus = (len(corpus_tokens), text_length(corpus_tokens)) if corpus_tokens is not None else None
+    return len(tokens), text_length(tokens), corpus
+
+
+def flop_accounting(student, teachers_):
+    """results.json's "flops": the student's training (the sum over its steps, step_shape; None when a resumed
+    checkpoint had no count), each teacher's forward passes over the data and training (None: trained elsewhere,
+    e.g. a Hugging Face model), and the total, every teacher counted in full (shared by N students, each would
+    pay forward + training / N: docs/teacher.md)."""
+    out = {"student_training": student, **teachers_}
+    out["total"] = sum(v for k, v in out.items() if not k.endswith("by_this_run") and v is not None) \
+        if student is not None else None
+    return out
+
+
 def build(size="small", **overrides):
     """A CLIP of a named size; keyword overrides change single fields (e.g. image_size=64)."""
     if size not in SIZES:
@@ -378,9 +399,30 @@ def build(size="small", **overrides):
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints: every .pt file of this project is written and read here, read as weights only
-# (no unpickling). A training checkpoint holds the model, the method's heads, the optimiser,
-# the step, the run's flags and the RNG states: a resumed run continues bit for bit.
+# The optimiser and its schedule; checkpoints: every .pt file of this project is written and read
+# here, read as weights only (no unpickling). A training checkpoint holds the model, the method's
+# heads, the optimiser, the step, the run's flags and the RNG states: a resumed run continues bit
+# for bit.
+
+def make_optimizer(modules, lr, weight_decay, fused=False):
+    """AdamW; no weight decay on gains, biases and logit scales (every tensor with < 2 dims).
+    On CUDA the fused kernel updates every parameter at once (the default loop launches a
+    handful of kernels per tensor, which dominates a small model's step: docs/bench.py)."""
+    params = [p for m in modules for p in m.parameters()]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+
+
+def lr_at(step, lr, warmup, steps):
+    """Linear warmup to lr, then cosine to zero. A pure function of the step: the schedule's
+    whole state is the step counter stored in the checkpoint."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+
 
 @contextlib.contextmanager
 def atomic(path):

@@ -155,22 +155,6 @@ def eval_captions(n_eval, seed=0, image_size=32):
     return {c for split in ("test", "wordings") for c in ShapesDataset(split, n_eval, seed=seed, image_size=image_size).captions}
 
 
-def read_corpus(spec, exclude=frozenset(), seed=0):
-    """--text-corpus: 'shapes' -> text_corpus; else a UTF-8 file, one phrase per line, its lines in `exclude` (on
-    the embedded data, eval_captions) dropped and counted. -> (lines, lines dropped)."""
-    if spec == "shapes":
-        return text_corpus(seed=seed, exclude=exclude), 0
-    if not os.path.isfile(spec):
-        raise SystemExit(f"error: --text-corpus {spec}: no such file")
-    with open(spec, encoding="utf-8", errors="replace") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    kept = [line for line in lines if line not in exclude]
-    if not kept:
-        raise SystemExit(f"error: --text-corpus {spec} has no non-empty line"
-                         + (" that is not an evaluation caption" if lines else ""))
-    return kept, len(lines) - len(kept)
-
-
 def shape_mask(shape, u, v):
     """Inside-test of a unit-radius shape; u, v are coordinates in units of the radius."""
     r = np.sqrt(u * u + v * v)
@@ -598,13 +582,6 @@ def step_generator(seed, step, stream):
     return torch.Generator().manual_seed(seed * 1000003 + step + stream * 2 ** 40)
 
 
-def corpus_index(step, n_lines, batch_size, seed):
-    """(B_c / W,) this rank's text-only lines at a step; the global draw is split over ranks like the pairs."""
-    idx = torch.randint(n_lines, (batch_size,), generator=step_generator(seed, step, 0))  # (B_c,)
-    rank, n = world()
-    return idx.view(n, -1)[rank]
-
-
 class Stream:
     def learn_tokenizer(self, captions, vocab_size):
         """The byte-pair tokenizer of this run, learned from its training captions: its merges go into the model's
@@ -721,20 +698,3 @@ class RealStream(Stream):
         self.skipped += skipped
         return {"images": images, "tokens": self.tokenizer(captions, self.context_length),
                 "captions": captions, "index": rows, "global_index": every, "skipped": self.skipped}
-
-
-if __name__ == "__main__":  # python data.py: look at the embedded data
-    import argparse
-    import torchvision
-    p = argparse.ArgumentParser(description="Write a grid of embedded training pairs and print their captions "
-                                "(your own folder of images into pairs: python docs/convert_folder.py).")
-    p.add_argument("--n", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="shapes.png", help="the grid's PNG")
-    a = p.parse_args()
-    ds = ShapesDataset("train", a.n, seed=a.seed)
-    big = torch.nn.functional.interpolate(ds.images.float() / 255, scale_factor=3, mode="nearest")
-    torchvision.utils.save_image(big, a.out, nrow=8, padding=2, pad_value=1.0)
-    for i, c in enumerate(ds.captions):
-        print(f"{i:3d}  {c}" + (f"   (near-duplicate of {int(ds.attributes['dup_of'][i])})" if ds.attributes["dup_of"][i] >= 0 else ""))
-    print(f"wrote {a.out}")

@@ -8,7 +8,8 @@
   (L-BFGS), its weight decay chosen on a validation split, then scored once on the test split.
 - On the embedded set: seen and unseen classes, attributes, vocabulary tiers; on named torchvision
   sets; on your pairs' held-out part (and its class names).
-- Pictures and plots a run writes: clusters, duplicate groups, loss curves, a text-space PCA.
+- The closing table a run prints; its plots: loss curves, a text-space PCA (its pictures of clusters and
+  duplicate groups: losses.py).
 
 `evaluate(model, ...)` is what train.py calls at the end of a run; `python eval.py --ckpt DIR` runs
 the same on a saved checkpoint (into DIR/eval.json); `--curves DIR ...` plots runs side by side.
@@ -23,7 +24,6 @@ import shutil
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
 import clip
 import data
@@ -394,6 +394,9 @@ def evaluate_run(model, cfg, device, eval_sets=None, data_root=None):
                     validation=cfg.get("eval_split", "test") == "val")
 
 
+# ----------------------------------------------------------------------------------------
+# The closing table a run prints: the student beside its teachers and plain CLIP.
+
 CLOSING = [("zero_shot_top1", "zero-shot"), ("zero_shot_unseen_top1", "unseen"), ("linear_probe_top1", "probe"),
            ("retrieval_i2t_r1", "R@1 i2t"), ("retrieval_t2i_r1", "R@1 t2i"), ("pairs_trained_on", "pairs"),
            ("wall_seconds", "seconds")]
@@ -411,54 +414,28 @@ def closing_table(rows):
                      for line in lines)
 
 
-# ----------------------------------------------------------------------------------------
-# Pictures (PNG through torchvision).
-
-def picture_row(images_uint8, per_row, scale=2):
-    """(n <= per_row, 3, S, S) uint8 -> (per_row, 3, scale*S, scale*S) floats in [0, 1]: upscaled so
-    32-pixel images are visible, padded with black tiles to a full row."""
-    scale = scale if images_uint8.shape[-1] <= 32 else 1
-    row = F.interpolate(images_uint8.float() / 255, scale_factor=scale, mode="nearest")
-    return torch.cat([row, torch.zeros(per_row - len(row), *row.shape[1:])])
-
-
-def save_duplicate_groups(images, groups, path, n_groups=8, per_row=8, dup_of=None):
-    """CLIP-CID semantic balance: one row per group of near-duplicates, largest groups first; the kept image first,
-    framed in green, then the removed ones. images(rows) -> uint8. dup_of (N,): the embedded set's truth (a copy's
-    original, -1 for an original), if known: a removed image of the kept one's scene framed in blue (a true copy,
-    nothing lost), of another scene in red."""
-    scene = None if dup_of is None else torch.where(dup_of >= 0, dup_of, torch.arange(len(dup_of)))  # (N,)
-    colour = {"kept": [0.0, 1.0, 0.0], "copy": [0.0, 0.4, 1.0], "other": [1.0, 0.0, 0.0]}
-    rows = []
-    for members in sorted(groups, key=len, reverse=True)[:n_groups]:
-        shown = torch.as_tensor(members[:per_row])
-        row = picture_row(images(shown), per_row)
-        frame = torch.ones_like(row[0], dtype=torch.bool)
-        frame[:, 2:-2, 2:-2] = False
-        for k in range(len(shown)):
-            kind = "kept" if k == 0 else None if scene is None else \
-                "copy" if scene[shown[k]] == scene[shown[0]] else "other"
-            if kind:
-                row[k][frame] = torch.tensor(colour[kind])[:, None, None].expand_as(row[k])[frame]
-        rows.append(row)
-    if rows:
-        torchvision.utils.save_image(torch.cat(rows), path, nrow=per_row, padding=2, pad_value=1.0)
-        print(f"wrote {path} (kept image framed in green, removed ones beside it"
-              + ("; blue: a copy of the kept scene, red: another scene)" if scene is not None else ")"))
-
-
-def save_cluster_grid(images, emb, centroids, labels, rows, path, n_clusters=12, per_row=10):
-    """One row per cluster (the most populous first): its members nearest the centroid.
-    labels (M,) the clusters of the data rows `rows` (M,); emb(positions) -> their (n, D)
-    embeddings, images(data rows) -> (n, 3, S, S) uint8."""
-    counts = torch.bincount(labels, minlength=len(centroids))
-    pictures = []
-    for k in counts.argsort(descending=True)[:n_clusters].tolist():
-        members = torch.nonzero(labels == k).squeeze(1)  # positions in rows
-        best = members[(emb(members) @ centroids[k].cpu()).argsort(descending=True)[:per_row]]
-        pictures.append(picture_row(images(torch.as_tensor(rows)[best]), per_row))
-    torchvision.utils.save_image(torch.cat(pictures), path, nrow=per_row, padding=2, pad_value=1.0)
-    print(f"wrote {path} (one row per cluster: the pairs nearest its centroid)")
+def closing_rows(method, seed, results, reference=None):
+    """The run's closing table: the student, its teachers (a CLIP teacher's own numbers from its record: the
+    pretrained one's manifest or an own teacher's results.json; a text teacher has no image numbers) and plain
+    CLIP on the same data and seed (train.clip_reference's (results, where from)). -> (rows, notes: where each row's
+    numbers come from). Everything else is in results.json."""
+    rows, notes = [(f"student ({method})", results)], []
+    record = results.get("teacher_results")
+    if "teacher" in results and record and "results" in record:  # a manifest: its evaluation, its pool, its training
+        rows.append((f"teacher {os.path.basename(results['teacher'])}", {
+            **record["results"], "pairs_trained_on": record["pool"]["n"], "wall_seconds": record["train_seconds"]}))
+        notes.append("teacher: its manifest's numbers" + (f" (seed {record['pool']['seed']}'s test set)"
+                                                          if record["pool"]["seed"] != seed else ""))
+    elif "teacher" in results:
+        rows.append((f"teacher {os.path.basename(results['teacher'])}", record or {}))
+        notes.append(f"teacher: {'its results.json' if record else 'no record of its own numbers'}")
+    if "text_teacher" in results:
+        rows.append((f"text teacher {results['text_teacher'].split('@')[0]}", {}))
+        notes.append("text teacher: a text model, no image numbers")
+    if reference is not None:
+        rows.append(("plain CLIP, same data and seed", reference[0]))
+        notes.append(f"plain CLIP: {reference[1] or 'trained now'}")
+    return rows, notes
 
 
 # ----------------------------------------------------------------------------------------
@@ -530,9 +507,7 @@ def plot_text_pca(panels, labels, path):
     print(f"wrote {path}")
 
 
-def in_batches(encode, captions, batch_size=256):
-    """encode (list of str -> (n, D)) over all captions, batch by batch -> (N, D) on the CPU."""
-    return torch.cat([encode(captions[i:i + batch_size]).cpu() for i in range(0, len(captions), batch_size)])
+
 
 
 def main(argv=None):

@@ -1,26 +1,37 @@
-"""Every loss of the project, each a plain function on tensors; then each method's terms on a batch.
+"""The three methods, each from its paper: every loss as a plain function on tensors, CLIP-CID's semantic balance, the
+terms a batch adds up, and what each method computes once from its teacher's rows before training.
 
 CLIP (Radford et al. 2021, Figure 3; Knowledge-CLIP Figure 2):
     logits = I_e @ T_e.T * exp(t)
     loss   = (CE(logits, arange(B), axis=0) + CE(logits, arange(B), axis=1)) / 2
 Knowledge-CLIP (Kao 2024, Sec. 3): text embedding distillation through the linear projector
 W_e (embedding_distill_loss) and concept learning from soft k-means labels (concept_loss).
-CLIP-CID (Yang et al. 2024): cluster discrimination with an additive angular margin
-(arcface_logits, cluster_loss, sample_classes) and instance discrimination (instance_loss).
-The methods (last section): the student's heads (KCLIPHeads, CIDHeads) and `loss_terms`, where the
-methods differ: which of these losses a batch adds up, on the teachers' rows cached before training.
+CLIP-CID (Yang et al. 2024): image semantic balance (semantic_balance, Sec. 3.1), then cluster
+discrimination with an additive angular margin (arcface_logits, cluster_loss, sample_classes) and
+instance discrimination (instance_loss).
+A batch: the student's heads (KCLIPHeads, CIDHeads) and `loss_terms`, where the methods differ: which
+of these losses a batch adds up, on the teachers' rows cached before training.
+Before training, once (last section, on the teacher store of teachers.py): `prepare_kclip` (the
+concepts), `prepare_cid` (the balance, the clusters), and the pictures of what they found.
 """
+import io
 import math
+import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
 
 import clip
 import data
+import eval as evaluation
 import kmeans
+import teachers
 
 
 def clip_loss(image_emb, text_emb, logit_scale, image_all=None, text_all=None, offset=0):
@@ -66,7 +77,107 @@ def concept_loss(image_logits, text_logits, soft_labels):
 
 
 # ----------------------------------------------------------------------------------------
-# CLIP-CID (Yang et al. 2024, arXiv 2408.09441), cluster and instance discrimination.
+# CLIP-CID (Yang et al. 2024, arXiv 2408.09441), 1: image semantic balance (its Sec. 3.1). Near-duplicate
+# images are found in the teacher's image embeddings (the store's rows); each group keeps one pair.
+
+def flatten(parent):
+    """Point every node straight at its root (pointer jumping)."""
+    while not ((grand := parent[parent]) == parent).all():
+        parent[:] = grand
+    return parent
+
+
+def union(parent, pairs):
+    """Vectorised union-find: hook the larger root under the smaller, pair by pair, until both
+    ends of every pair share a root. parent (N,) int64, updated in place; pairs (P, 2)."""
+    i, j = pairs[:, 0], pairs[:, 1]
+    while len(i):
+        flatten(parent)
+        ri, rj = parent[i], parent[j]
+        differ = ri != rj
+        i, j, ri, rj = i[differ], j[differ], ri[differ], rj[differ]
+        np.minimum.at(parent, np.maximum(ri, rj), np.minimum(ri, rj))
+
+
+def similar_pairs(emb, threshold, block=2048):
+    """Exact: yields, block by block of the (N, N) similarity matrix (never all of it at once),
+    every pair (i < j) with cos >= threshold as a (P, 2) int64 array. emb (N, D) unit-norm."""
+    emb = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
+    for a in range(0, len(emb), block):
+        for b in range(a, len(emb), block):
+            sim = emb[a:a + block] @ emb[b:b + block].t()  # (block, block)
+            i, j = torch.nonzero(sim >= threshold, as_tuple=True)
+            i, j = i + a, j + b
+            yield torch.stack([i[i < j], j[i < j]], 1).numpy()
+
+
+def similar_pairs_bucketed(emb, threshold, n_buckets, seed=0):
+    """For large N: spherical k-means buckets (fit on at most 256 rows per bucket, as faiss trains), then the exact
+    search inside each bucket only, one bucket's rows in memory at a time; near-duplicates rarely straddle a border."""
+    centroids = kmeans.fit(data.shard(emb), n_buckets, spherical=True, seed=seed, max_points=256 * n_buckets)
+    labels = kmeans.assign(emb, centroids, spherical=True)[0].numpy()  # (N,)
+    order = np.argsort(labels, kind="stable")  # bucket by bucket, rows in order within each
+    bounds = np.searchsorted(labels[order], np.arange(n_buckets + 1))
+    for k in range(n_buckets):
+        members = order[bounds[k]:bounds[k + 1]]
+        for local in similar_pairs(np.asarray(emb[members], dtype=np.float32), threshold):
+            yield members[local]
+
+
+def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0):
+    """Keep one pair per group of near-duplicates. emb (N, D) unit-norm teacher image embeddings (an array, a memmap
+    or a store view: read in pieces). Groups are the connected components of the graph 'cos >= threshold'; each keeps
+    the member nearest its (normalised mean) centroid. n_buckets=None: exact blocked search; an int: search within that
+    many k-means buckets. Returns (keep (N,) bool, stats dict, groups: a list of index arrays, kept member first, for
+    groups of two or more)."""
+    n = len(emb)
+    parent = np.arange(n)
+    for pairs in (similar_pairs(emb, threshold) if n_buckets is None else similar_pairs_bucketed(emb, threshold, n_buckets, seed)):
+        union(parent, pairs)
+    root = flatten(parent)
+    size = np.bincount(root, minlength=n)
+    keep = size[root] == 1  # a pair with no near-duplicate is kept
+    grouped = np.nonzero(~keep)[0]  # (G,) the members of groups of two or more, in row order
+    groups = []
+    if len(grouped):
+        _, gid = np.unique(root[grouped], return_inverse=True)  # (G,) group number of each member
+        x = torch.from_numpy(np.asarray(emb[grouped], dtype=np.float32))  # (G, D): only the grouped rows
+        centre = F.normalize(torch.zeros(gid.max() + 1, x.shape[1]).index_add_(0, torch.from_numpy(gid), x), dim=1)
+        score = (x * centre[gid]).sum(1).numpy()  # cos to own centroid
+        order = np.lexsort((-score, gid))  # by group, best first
+        first = order[np.r_[True, gid[order][1:] != gid[order][:-1]]]  # best member of each group
+        keep[grouped[first]] = True
+        groups = np.split(grouped[order], np.nonzero(np.diff(gid[order]))[0] + 1)
+    stats = {"pairs_before": n, "pairs_after": int(keep.sum()), "removed": int(n - keep.sum()),
+             "removed_fraction": float(1 - keep.mean()), "duplicate_groups": len(groups),
+             "largest_group": int(size.max()), "threshold": threshold}
+    return keep, stats, groups
+
+
+# The threshold that means the same in any teacher's space. The paper gives none, and a fixed cosine (our former 0.99)
+# means different things to different teachers (ours puts most images of one shape x colour class above 0.99). So by
+# default the threshold is read off the teacher itself: two images are near-duplicates when the teacher puts them as
+# close as it puts an image and its re-saved copy (JPEG at PIL's default quality 75, as the web holds copies of images):
+# the `quantile` of those cosines (0.5: as close as a typical copy; 0.9, the default chosen on validation: as close as
+# the closest tenth of copies, a cautious rule). docs/choices.md.
+
+def near_copy(images, quality=75):
+    """Each image saved as JPEG and read back. (B, 3, S, S) uint8 -> (B, 3, S, S) uint8."""
+    out = []
+    for image in images:
+        buf = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=quality)
+        out.append(torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def copy_threshold(cos, quantile):
+    """The rule's cosine: the `quantile` of copy_cosines' (n,) cosines, in float64 (linear between ranks)."""
+    return torch.quantile(torch.from_numpy(cos).double(), quantile).item()
+
+
+# ----------------------------------------------------------------------------------------
+# CLIP-CID, 2: cluster and instance discrimination.
 # The paper gives no equations in code; these follow the same lab's UNICOM (margin softmax
 # over k-means pseudo-classes) and instance-level CLIP distillation (docs/choices.md).
 
@@ -178,7 +289,7 @@ def loss_terms(model, heads, batch, extra, cfg=LossConfig()):
     """{name: scalar loss} for one batch: the terms of the run's method, each paper's equations
     above on the student's embeddings. heads: {"kclip": KCLIPHeads, "cid": CIDHeads}, those of the
     run's method (kclip+cid: both). extra: the frozen teachers' side, computed once before training
-    (train.prepare_kclip, prepare_cid): the teacher store's rows, centroids and cluster labels."""
+    (prepare_kclip, prepare_cid below): the teacher store's rows, centroids and cluster labels."""
     image_emb = model.encode_image(batch["images"])  # (B, D_s) I_e
     text_feat = model.encode_text(batch["tokens"], normalize=False)  # (B, D_s) E_T(x), before normalising
     if "corpus_index" in batch:  # text-only lines (--text-corpus): the text tower alone
@@ -226,3 +337,215 @@ class Student(nn.Module):
 
     def forward(self, batch):
         return loss_terms(self.model, self.heads, batch, self.extra, self.cfg)
+
+
+# ----------------------------------------------------------------------------------------
+# Each method's preparation, once before the loop, on the teacher store (its teacher's rows of every training pair;
+# store_at: teachers.open_store's root, name, dtype, workers): Knowledge-CLIP's concepts, CLIP-CID's balance and
+# clusters. Each returns what loss_terms reads (`extra`), a summary for results.json and the teacher's FLOPs.
+
+def cluster(stream, store, field, k, name, seed, out):
+    """Spherical k-means of the store's `field` rows over the pool (kept beside the store), and its picture
+    OUT/NAME.png. -> centroids (K, D_t), labels (N,)."""
+    pool = stream.pool
+    if k > len(pool):
+        raise SystemExit(f"error: --{name} {k} is more than the {len(pool)} training "
+                         f"{'captions' if field == 'text' else 'pairs'}")
+    centroids, labels = teachers.store_clusters(store, field, name, pool, k, seed)  # (K, D_t), (N,)
+    if data.world()[0] == 0:
+        unit = F.normalize if field == "text" else (lambda x, dim: x)  # a text teacher's rows are not unit vectors
+        save_cluster_grid(stream.images, lambda i: unit(store.rows(field, pool[i]), dim=-1), centroids,
+                          labels[pool], pool, os.path.join(out, f"{name}.png"))
+    return centroids, labels
+
+
+def moments(store, field, pool, chunk=65536):
+    """Per-dimension mean and standard deviation (D,) of the store's `field` rows over the pool, read a chunk at a
+    time (float64 sums); a constant dimension gets std 1e-6, not 0."""
+    s1 = s2 = 0
+    for a in range(0, len(pool), chunk):
+        x = store.rows(field, pool[a:a + chunk]).double()  # (n, D)
+        s1, s2 = s1 + x.sum(0), s2 + (x * x).sum(0)
+    mean = s1 / len(pool)
+    return mean.float(), (s2 / len(pool) - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6).float()
+
+
+def prepare_kclip(stream, teacher, store_at, out, device, seed=0, concepts=64, tau=0.05, standardise=False,
+                  corpus=None, corpus_exclude=frozenset(), context_length=32):
+    """Knowledge-CLIP: the text teacher's caption embeddings L(x) (the store) and the concepts, k-means on them
+    (centroids mu_k); a batch's soft labels s_i = softmax_k(cos(L(x_i), mu_k) / tau_c) come from its rows.
+    standardise: L_emb's target (L(x) - mean) / std, fitted on the training captions. corpus: --text-corpus."""
+    store, summary = teachers.open_store(stream, teacher, **store_at)
+    centroids, labels = cluster(stream, store, "text", concepts, "concepts", seed, out)
+    pool = stream.pool
+    soft_max = torch.cat([kmeans.soft_assign(store.rows("text", pool[a:a + 65536]), centroids, tau).max(1).values
+                          for a in range(0, len(pool), 65536)])
+    info = {"text_teacher": teacher.name, "text_teacher_params": clip.count_params(teacher.model), "text_store": summary,
+            "concept_sizes": torch.bincount(labels[pool], minlength=concepts).tolist(),
+            "soft_label_max_mean": round(soft_max.mean().item(), 4)}
+    flops = {"text_teacher_forward": teachers.forward_flops(teacher, stream.pairs, pool), "text_teacher_training": None,
+             "text_teacher_trained_by_this_run": False}
+    extra = {"t_store": store, "concept_centroids": centroids.to(device)}
+    if standardise:
+        mean, std = moments(store, "text", pool)
+        extra["target_shift"] = (mean.to(device), std.to(device))
+        info["target_standardised"] = {"mean_norm": round(mean.norm().item(), 4), "std_mean": round(std.mean().item(), 4)}
+    if corpus:  # text-only lines: their tokens and teacher embeddings, in a store of their own
+        lines, dropped = read_corpus(corpus, corpus_exclude, seed)
+        if dropped and data.world()[0] == 0:
+            print(f"kclip: dropped {dropped} lines of --text-corpus that are evaluation captions")
+        extra["corpus_tokens"] = stream.tokenizer(lines, context_length)  # (M, L)
+        (extra["corpus_store"],), _ = teachers.build_store(data.TextLines(lines), [teacher], store_at["root"],
+                                                           f"corpus-{data.fingerprint_of(lines)}", store_at["dtype"])
+        info["text_corpus"] = {"path": corpus, "lines": len(lines), "distinct": len(set(lines)),
+                               "evaluation_captions_dropped": dropped}
+    return extra, info, flops
+
+
+def read_corpus(spec, exclude=frozenset(), seed=0):
+    """--text-corpus: 'shapes' -> text_corpus; else a UTF-8 file, one phrase per line, its lines in `exclude` (on
+    the embedded data, eval_captions) dropped and counted. -> (lines, lines dropped)."""
+    if spec == "shapes":
+        return data.text_corpus(seed=seed, exclude=exclude), 0
+    if not os.path.isfile(spec):
+        raise SystemExit(f"error: --text-corpus {spec}: no such file")
+    with open(spec, encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    kept = [line for line in lines if line not in exclude]
+    if not kept:
+        raise SystemExit(f"error: --text-corpus {spec} has no non-empty line"
+                         + (" that is not an evaluation caption" if lines else ""))
+    return kept, len(lines) - len(kept)
+
+
+def corpus_index(step, n_lines, batch_size, seed):
+    """(B_c / W,) --text-corpus: this rank's text-only lines at a step; the global draw is split over ranks like the pairs."""
+    idx = torch.randint(n_lines, (batch_size,), generator=data.step_generator(seed, step, 0))  # (B_c,)
+    rank, n = data.world()
+    return idx.view(n, -1)[rank]
+
+
+def copy_cosines(store, teacher, pairs, pool, n=512, seed=0):
+    """cos(teacher(x), teacher(near_copy(x))) for n images of the pool, rounded to the store's dtype as the balance
+    reads its rows; computed once beside the store. -> (n,) float32 (fewer if some images cannot be read)."""
+    def compute():
+        rows = np.random.default_rng(seed).choice(pool.numpy(), size=min(n, len(pool)), replace=False)
+        view = pairs.at_size(teacher.resize, teacher.crop)
+        read = [item[0] for item in (view[int(i)] for i in rows) if not isinstance(item, str)]
+        if not read:
+            raise SystemExit(f"error: semantic balance: none of {len(rows)} sampled images could be read; "
+                             "pass --balance-threshold COS, or --no-balance")
+        dtype = store.arrays["image"][0].dtype
+        as_stored = lambda e: torch.from_numpy(e.cpu().numpy().astype(dtype).astype(np.float32))  # noqa: E731
+        cos = [(as_stored(teacher.encode_images(x)) * as_stored(teacher.encode_images(near_copy(x)))).sum(1)
+               for x in torch.stack(read).split(128)]  # (n, 3, S, S) uint8, 128 at a time
+        return {"cos": torch.cat(cos).numpy()}, {}
+    out, _, _ = teachers.derived(store, "copies", {"n": n, "seed": seed, "pool": data.fingerprint_of(pool)}, compute)
+    return out["cos"]
+
+
+def store_balance(store, pool, threshold, buckets=None, seed=0):
+    """semantic_balance of the pool's image rows, computed once beside the store. -> keep (N,) bool
+    (False outside the pool), stats, groups (data rows, kept member first), reused."""
+    def compute():
+        keep, stats, groups = semantic_balance(store.view("image", pool), threshold, buckets, seed)
+        full = np.zeros(len(store.ok), dtype=bool)
+        full[pool.numpy()[keep]] = True
+        flat = pool.numpy()[np.concatenate(groups)] if groups else np.zeros(0, np.int64)  # rows, group by group
+        return {"keep": full, "group_rows": flat, "group_sizes": np.array([len(g) for g in groups], np.int64)}, stats
+    params = {"threshold": threshold, "buckets": buckets, "seed": seed, "pool": data.fingerprint_of(pool)}
+    out, stats, reused = teachers.derived(store, "balance", params, compute)
+    groups = np.split(out["group_rows"], np.cumsum(out["group_sizes"])[:-1]) if len(out["group_sizes"]) else []
+    return out["keep"], stats, groups, reused
+
+
+def prepare_cid(stream, teacher, store_at, out, device, seed=0, clusters=64, balance=True, threshold=None, copies=0.9,
+                buckets=None, spec=None, record=None, trained_here=False):
+    """CLIP-CID: the CLIP teacher's image and text embeddings (the store), semantic balance (the pairs kept: cos >=
+    threshold, or by default the copies rule) and the k-means pseudo-classes of the kept pairs (centroids, each pair's
+    cluster), all kept beside the store. spec, record, trained_here: what --teacher named, its own results (our
+    results.json or the manifest; None: a Hugging Face model), whether this run trained it."""
+    store, summary = teachers.open_store(stream, teacher, **store_at)
+    info = {"teacher": spec, "teacher_params": clip.count_params(teacher.model), "store": summary,
+            **({"teacher_results": record} if record is not None else {})}
+    flops = {"teacher_forward": teachers.forward_flops(teacher, stream.pairs, stream.pool),
+             "teacher_training": (record or {}).get("flops", {}).get("student_training"),  # None: trained elsewhere
+             "teacher_trained_by_this_run": trained_here}
+    if balance:
+        buckets = buckets or (len(stream.pool) // 2000 if len(stream.pool) > 200_000 else None)  # exact below
+        rule = "--balance-threshold"
+        if threshold is None:  # the rule: as close as the teacher puts an image and its light copy
+            threshold = copy_threshold(copy_cosines(store, teacher, stream.pairs, stream.pool, seed=seed), copies)
+            rule = f"--balance-copies {copies}"
+        keep, stats, groups, reused = store_balance(store, stream.pool, threshold, buckets, seed)
+        info["balance"] = {**stats, "rule": rule}
+        if data.world()[0] == 0:
+            print(f"cid: semantic balance {'(reused) ' if reused else ''}removed {stats['removed']} of "
+                  f"{stats['pairs_before']} pairs ({100 * stats['removed_fraction']:.1f}%) in {stats['duplicate_groups']} "
+                  f"groups of near-duplicates (largest {stats['largest_group']}, cos >= {threshold:.4f}: {rule})")
+            save_duplicate_groups(stream.images, groups, os.path.join(out, "balance_groups.png"),
+                                  dup_of=stream.ds.attributes["dup_of"] if hasattr(stream, "ds") else None)
+        stream.restrict(torch.from_numpy(keep))
+    info["pairs_trained_on"] = len(stream.pool)
+    centroids, labels = cluster(stream, store, "image", clusters, "clusters", seed, out)
+    return {"store": store, "centroids": centroids.to(device), "labels": labels}, info, flops
+
+
+# The pictures of what the preparation found (each cluster's pairs nearest its centroid, the groups of near-
+# duplicates) and, after training, of the text space it was distilled into.
+
+def picture_row(images_uint8, per_row, scale=2):
+    """(n <= per_row, 3, S, S) uint8 -> (per_row, 3, scale*S, scale*S) floats in [0, 1]: upscaled so
+    32-pixel images are visible, padded with black tiles to a full row."""
+    scale = scale if images_uint8.shape[-1] <= 32 else 1
+    row = F.interpolate(images_uint8.float() / 255, scale_factor=scale, mode="nearest")
+    return torch.cat([row, torch.zeros(per_row - len(row), *row.shape[1:])])
+
+
+def save_cluster_grid(images, emb, centroids, labels, rows, path, n_clusters=12, per_row=10):
+    """One row per cluster (the most populous first): its members nearest the centroid.
+    labels (M,) the clusters of the data rows `rows` (M,); emb(positions) -> their (n, D)
+    embeddings, images(data rows) -> (n, 3, S, S) uint8."""
+    counts = torch.bincount(labels, minlength=len(centroids))
+    pictures = []
+    for k in counts.argsort(descending=True)[:n_clusters].tolist():
+        members = torch.nonzero(labels == k).squeeze(1)  # positions in rows
+        best = members[(emb(members) @ centroids[k].cpu()).argsort(descending=True)[:per_row]]
+        pictures.append(picture_row(images(torch.as_tensor(rows)[best]), per_row))
+    torchvision.utils.save_image(torch.cat(pictures), path, nrow=per_row, padding=2, pad_value=1.0)
+    print(f"wrote {path} (one row per cluster: the pairs nearest its centroid)")
+
+
+def save_duplicate_groups(images, groups, path, n_groups=8, per_row=8, dup_of=None):
+    """CLIP-CID semantic balance: one row per group of near-duplicates, largest groups first; the kept image first,
+    framed in green, then the removed ones. images(rows) -> uint8. dup_of (N,): the embedded set's truth (a copy's
+    original, -1 for an original), if known: a removed image of the kept one's scene framed in blue (a true copy,
+    nothing lost), of another scene in red."""
+    scene = None if dup_of is None else torch.where(dup_of >= 0, dup_of, torch.arange(len(dup_of)))  # (N,)
+    colour = {"kept": [0.0, 1.0, 0.0], "copy": [0.0, 0.4, 1.0], "other": [1.0, 0.0, 0.0]}
+    rows = []
+    for members in sorted(groups, key=len, reverse=True)[:n_groups]:
+        shown = torch.as_tensor(members[:per_row])
+        row = picture_row(images(shown), per_row)
+        frame = torch.ones_like(row[0], dtype=torch.bool)
+        frame[:, 2:-2, 2:-2] = False
+        for k in range(len(shown)):
+            kind = "kept" if k == 0 else None if scene is None else \
+                "copy" if scene[shown[k]] == scene[shown[0]] else "other"
+            if kind:
+                row[k][frame] = torch.tensor(colour[kind])[:, None, None].expand_as(row[k])[frame]
+        rows.append(row)
+    if rows:
+        torchvision.utils.save_image(torch.cat(rows), path, nrow=per_row, padding=2, pad_value=1.0)
+        print(f"wrote {path} (kept image framed in green, removed ones beside it"
+              + ("; blue: a copy of the kept scene, red: another scene)" if scene is not None else ")"))
+
+
+def plot_text_space(model, stream, extra, path, device):
+    """Knowledge-CLIP's Figures 4-5 at our scale (eval.plot_text_pca): 2,000 training captions as the text teacher
+    embeds them (the store) and as the trained student does, coloured by their concept."""
+    sample = stream.pool[:2000]
+    teacher_text = extra["t_store"].rows("text", sample)  # (n, D_t)
+    evaluation.plot_text_pca({"teacher L(x)": teacher_text, "student T_e": evaluation.embed_texts(
+        model, [stream.pairs.caption(int(i)) for i in sample], device)}, kmeans.assign(
+        teacher_text, extra["concept_centroids"].cpu(), spherical=True)[0], path)

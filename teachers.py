@@ -1,4 +1,5 @@
-"""Frozen teachers, the teacher store that holds their embeddings of every pair, and CLIP-CID's semantic balance.
+"""Frozen teachers, and the teacher store that holds their embeddings of every pair (CLIP-CID's semantic balance on
+those rows: losses.py).
 
 A teacher is never run inside the training loop: before training, one pass over the pairs embeds each pair once into
 the store on disk (section 3), and the loop reads the rows of its batch. That is the pattern of MobileCLIP's reinforced
@@ -6,7 +7,6 @@ datasets (DataCompDR), on one machine; CLIP-KD and TinyCLIP run the teacher onli
 """
 import hashlib
 import inspect
-import io
 import json
 import os
 import re
@@ -15,7 +15,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import clip
@@ -168,6 +167,29 @@ def check_pretrained(path=PRETRAINED):
                          f"{PREFIX_ROWS} pairs: {now}, the manifest's {manifest['pool']['prefix_fingerprint']}); "
                          f"rebuild it with `{REBUILD}` (~1 h on 2 CPU cores)")
     return manifest
+
+
+def clip_teacher(spec, own_dir=None, fingerprint=None, train_own=None):
+    """--teacher -> (the CLIP teacher to load, its record: our results.json or the manifest, None for a Hugging Face
+    model; whether this run trained it). 'pretrained': the shipped one, checked against its manifest; 'own': the one
+    in own_dir, reused only if trained on this very data (its `fingerprint`), else trained there first (train_own(own_dir))."""
+    if spec == "pretrained":
+        return PRETRAINED, check_pretrained(), False
+    if spec != "own":
+        record = (os.path.join(spec, "results.json") if os.path.isdir(spec)
+                  else os.path.splitext(spec)[0] + ".json")  # a run folder of ours, or a .pt with its manifest
+        return spec, clip.read_json(record) if os.path.isfile(record) else None, False
+    if os.path.exists(os.path.join(own_dir, "results.json")):
+        record = clip.read_json(os.path.join(own_dir, "results.json"))
+        trained_on = record.get("data_fingerprint")
+        if trained_on != fingerprint:
+            raise SystemExit(f"error: the teacher in {own_dir} was trained on other data ({trained_on or 'an older data.py'}"
+                             f", this run's is {fingerprint}); move it away to train a new one, or pass --teacher {own_dir}")
+        if data.world()[0] == 0:
+            print(f"cid: using the teacher in {own_dir}")
+        return own_dir, record, False
+    train_own(own_dir)
+    return own_dir, clip.read_json(os.path.join(own_dir, "results.json")), True  # every rank: after rank 0 wrote it
 
 
 # ----------------------------------------------------------------------------------------
@@ -428,6 +450,17 @@ def build_store(pairs, teachers_, root, name, dtype="float16", batch_size=256, w
     return stores, summary
 
 
+def open_store(stream, teacher, root, name, dtype="float16", workers=2):
+    """The teacher store of a run's pairs (data.ShapesStream / RealStream; the parts still missing built now), under
+    root/name (data_name); the pairs it could not read leave the stream's pool. -> (store, summary for results.json)."""
+    (store,), summary = build_store(stream.pairs, [teacher], root, name, dtype, workers=workers)
+    missing = int((~store.ok[stream.pool.numpy()]).sum())  # training pairs with no teacher row
+    if missing and data.world()[0] == 0:
+        print(f"teacher store: {missing} training pairs have no row (the teacher could not read them); they are left out")
+    stream.restrict(torch.from_numpy(store.ok))
+    return store, {**summary, "training_pairs_missing": missing}
+
+
 def derived(store, name, params, compute):
     """What is computed once on a store (a keep mask, cluster ids, centroids): compute() -> (dict of arrays, dict of
     figures), saved beside the store as NAME-<hash>.npz and .json, reused while the params and the store's data are the
@@ -459,136 +492,3 @@ def store_clusters(store, field, name, pool, k, seed=0):
         return {"centroids": c.cpu().numpy(), "labels": labels}, {}
     out, _, _ = derived(store, name, {"field": field, "k": k, "seed": seed, "pool": data.fingerprint_of(pool)}, compute)
     return torch.from_numpy(out["centroids"]), torch.from_numpy(out["labels"])
-
-
-def store_balance(store, pool, threshold, buckets=None, seed=0):
-    """CLIP-CID's semantic balance of the pool's image rows (below), computed once beside the store. -> keep (N,) bool
-    (False outside the pool), stats, groups (data rows, kept member first), reused."""
-    def compute():
-        keep, stats, groups = semantic_balance(store.view("image", pool), threshold, buckets, seed)
-        full = np.zeros(len(store.ok), dtype=bool)
-        full[pool.numpy()[keep]] = True
-        flat = pool.numpy()[np.concatenate(groups)] if groups else np.zeros(0, np.int64)  # rows, group by group
-        return {"keep": full, "group_rows": flat, "group_sizes": np.array([len(g) for g in groups], np.int64)}, stats
-    params = {"threshold": threshold, "buckets": buckets, "seed": seed, "pool": data.fingerprint_of(pool)}
-    out, stats, reused = derived(store, "balance", params, compute)
-    groups = np.split(out["group_rows"], np.cumsum(out["group_sizes"])[:-1]) if len(out["group_sizes"]) else []
-    return out["keep"], stats, groups, reused
-
-
-# ----------------------------------------------------------------------------------------
-# 4. Image semantic balance (CLIP-CID Sec. 3.1).
-
-def flatten(parent):
-    """Point every node straight at its root (pointer jumping)."""
-    while not ((grand := parent[parent]) == parent).all():
-        parent[:] = grand
-    return parent
-
-
-def union(parent, pairs):
-    """Vectorised union-find: hook the larger root under the smaller, pair by pair, until both
-    ends of every pair share a root. parent (N,) int64, updated in place; pairs (P, 2)."""
-    i, j = pairs[:, 0], pairs[:, 1]
-    while len(i):
-        flatten(parent)
-        ri, rj = parent[i], parent[j]
-        differ = ri != rj
-        i, j, ri, rj = i[differ], j[differ], ri[differ], rj[differ]
-        np.minimum.at(parent, np.maximum(ri, rj), np.minimum(ri, rj))
-
-
-def similar_pairs(emb, threshold, block=2048):
-    """Exact: yields, block by block of the (N, N) similarity matrix (never all of it at once),
-    every pair (i < j) with cos >= threshold as a (P, 2) int64 array. emb (N, D) unit-norm."""
-    emb = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
-    for a in range(0, len(emb), block):
-        for b in range(a, len(emb), block):
-            sim = emb[a:a + block] @ emb[b:b + block].t()  # (block, block)
-            i, j = torch.nonzero(sim >= threshold, as_tuple=True)
-            i, j = i + a, j + b
-            yield torch.stack([i[i < j], j[i < j]], 1).numpy()
-
-
-def similar_pairs_bucketed(emb, threshold, n_buckets, seed=0):
-    """For large N: spherical k-means buckets (fit on at most 256 rows per bucket, as faiss trains), then the exact
-    search inside each bucket only, one bucket's rows in memory at a time; near-duplicates rarely straddle a border."""
-    centroids = kmeans.fit(data.shard(emb), n_buckets, spherical=True, seed=seed, max_points=256 * n_buckets)
-    labels = kmeans.assign(emb, centroids, spherical=True)[0].numpy()  # (N,)
-    order = np.argsort(labels, kind="stable")  # bucket by bucket, rows in order within each
-    bounds = np.searchsorted(labels[order], np.arange(n_buckets + 1))
-    for k in range(n_buckets):
-        members = order[bounds[k]:bounds[k + 1]]
-        for local in similar_pairs(np.asarray(emb[members], dtype=np.float32), threshold):
-            yield members[local]
-
-
-def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0):
-    """Keep one pair per group of near-duplicates. emb (N, D) unit-norm teacher image embeddings (an array, a memmap
-    or a store view: read in pieces). Groups are the connected components of the graph 'cos >= threshold'; each keeps
-    the member nearest its (normalised mean) centroid. n_buckets=None: exact blocked search; an int: search within that
-    many k-means buckets. Returns (keep (N,) bool, stats dict, groups: a list of index arrays, kept member first, for
-    groups of two or more)."""
-    n = len(emb)
-    parent = np.arange(n)
-    for pairs in (similar_pairs(emb, threshold) if n_buckets is None else similar_pairs_bucketed(emb, threshold, n_buckets, seed)):
-        union(parent, pairs)
-    root = flatten(parent)
-    size = np.bincount(root, minlength=n)
-    keep = size[root] == 1  # a pair with no near-duplicate is kept
-    grouped = np.nonzero(~keep)[0]  # (G,) the members of groups of two or more, in row order
-    groups = []
-    if len(grouped):
-        _, gid = np.unique(root[grouped], return_inverse=True)  # (G,) group number of each member
-        x = torch.from_numpy(np.asarray(emb[grouped], dtype=np.float32))  # (G, D): only the grouped rows
-        centre = F.normalize(torch.zeros(gid.max() + 1, x.shape[1]).index_add_(0, torch.from_numpy(gid), x), dim=1)
-        score = (x * centre[gid]).sum(1).numpy()  # cos to own centroid
-        order = np.lexsort((-score, gid))  # by group, best first
-        first = order[np.r_[True, gid[order][1:] != gid[order][:-1]]]  # best member of each group
-        keep[grouped[first]] = True
-        groups = np.split(grouped[order], np.nonzero(np.diff(gid[order]))[0] + 1)
-    stats = {"pairs_before": n, "pairs_after": int(keep.sum()), "removed": int(n - keep.sum()),
-             "removed_fraction": float(1 - keep.mean()), "duplicate_groups": len(groups),
-             "largest_group": int(size.max()), "threshold": threshold}
-    return keep, stats, groups
-
-
-# The threshold that means the same in any teacher's space. The paper gives none, and a fixed cosine (our former 0.99)
-# means different things to different teachers (ours puts most images of one shape x colour class above 0.99). So by
-# default the threshold is read off the teacher itself: two images are near-duplicates when the teacher puts them as
-# close as it puts an image and its re-saved copy (JPEG at PIL's default quality 75, as the web holds copies of images):
-# the `quantile` of those cosines (0.5: as close as a typical copy; 0.9, the default chosen on validation: as close as
-# the closest tenth of copies, a cautious rule). docs/choices.md.
-
-def near_copy(images, quality=75):
-    """Each image saved as JPEG and read back. (B, 3, S, S) uint8 -> (B, 3, S, S) uint8."""
-    out = []
-    for image in images:
-        buf = io.BytesIO()
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=quality)
-        out.append(torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1))
-    return torch.stack(out)
-
-
-def copy_cosines(store, teacher, pairs, pool, n=512, seed=0):
-    """cos(teacher(x), teacher(near_copy(x))) for n images of the pool, rounded to the store's dtype as the balance
-    reads its rows; computed once beside the store. -> (n,) float32 (fewer if some images cannot be read)."""
-    def compute():
-        rows = np.random.default_rng(seed).choice(pool.numpy(), size=min(n, len(pool)), replace=False)
-        view = pairs.at_size(teacher.resize, teacher.crop)
-        read = [item[0] for item in (view[int(i)] for i in rows) if not isinstance(item, str)]
-        if not read:
-            raise SystemExit(f"error: semantic balance: none of {len(rows)} sampled images could be read; "
-                             "pass --balance-threshold COS, or --no-balance")
-        dtype = store.arrays["image"][0].dtype
-        as_stored = lambda e: torch.from_numpy(e.cpu().numpy().astype(dtype).astype(np.float32))  # noqa: E731
-        cos = [(as_stored(teacher.encode_images(x)) * as_stored(teacher.encode_images(near_copy(x)))).sum(1)
-               for x in torch.stack(read).split(128)]  # (n, 3, S, S) uint8, 128 at a time
-        return {"cos": torch.cat(cos).numpy()}, {}
-    out, _, _ = derived(store, "copies", {"n": n, "seed": seed, "pool": data.fingerprint_of(pool)}, compute)
-    return out["cos"]
-
-
-def copy_threshold(cos, quantile):
-    """The rule's cosine: the `quantile` of copy_cosines' (n,) cosines, in float64 (linear between ranks)."""
-    return torch.quantile(torch.from_numpy(cos).double(), quantile).item()

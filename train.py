@@ -4,10 +4,10 @@ What a run does, in order (`train`, at the end of this file):
 1. its batches (`make_stream`): the embedded shapes drawn from --seed, or your CSV / webdataset
    pairs, and a byte-pair tokenizer learned from their captions;
 2. the method's preparation, once: a frozen teacher embeds every pair into the teacher store;
-   Knowledge-CLIP clusters its text teacher's caption embeddings into concepts (`prepare_kclip`),
-   CLIP-CID removes near-duplicate images and clusters its teacher's image embeddings (`prepare_cid`);
+   Knowledge-CLIP clusters its text teacher's caption embeddings into concepts (losses.prepare_kclip),
+   CLIP-CID removes near-duplicate images and clusters its teacher's image embeddings (prepare_cid);
 3. the loop: each batch's loss terms (losses.loss_terms: where the methods differ), one AdamW
-   update (`train_step`: warmup + cosine, clipping, the logit-scale clamp, bf16 autocast on CUDA,
+   update (`train_step`: clip.lr_at's warmup + cosine, clipping, the logit-scale clamp, bf16 autocast on CUDA,
    no update from a NaN or inf), DIR/log.jsonl, checkpoints that resume bit for bit;
 4. the evaluation (eval.py) into DIR/results.json, and pictures.
 `torchrun --nproc_per_node N train.py ...` runs the same loop on N processes (`init_distributed`).
@@ -15,7 +15,6 @@ What a run does, in order (`train`, at the end of this file):
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -23,13 +22,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import clip
 import data
 import eval as evaluation
-import kmeans
 import losses
 import teachers
 
@@ -246,83 +243,7 @@ def parts(method):  # "kclip+cid" -> ["kclip", "cid"]: the methods whose terms a
     return method.split("+")
 
 
-# ----------------------------------------------------------------------------------------
-# The method's preparation, once before the loop: a teacher embeds every pair into the teacher store,
-# then Knowledge-CLIP's concepts, CLIP-CID's balance and clusters are computed on it (each batch's loss
-# terms: losses.loss_terms). Each returns the teacher's width D_t, what loss_terms needs, a summary
-# for results.json, and the teacher's FLOPs (its forward passes over the data, its training).
-
-def open_store(args, stream, teacher):
-    """The teacher store of this run's pairs (the parts still missing built now); pairs it could not read are left out."""
-    (store,), summary = teachers.build_store(stream.pairs, [teacher], args.store, teachers.data_name(args.data, stream.pairs),
-                                             args.store_dtype, workers=args.workers)
-    missing = int((~store.ok[stream.pool.numpy()]).sum())  # training pairs with no teacher row
-    if missing:
-        say(f"{args.method}: {missing} training pairs have no row in the teacher store (it could not read them); "
-            "they are left out")
-    stream.restrict(torch.from_numpy(store.ok))
-    return store, {**summary, "training_pairs_missing": missing}
-
-
-def cluster(args, stream, store, field, k, name):
-    """Spherical k-means of the store's `field` rows over the pool (kept beside the store), and its picture."""
-    pool = stream.pool
-    if k > len(pool):
-        raise SystemExit(f"error: --{name} {k} is more than the {len(pool)} training "
-                         f"{'captions' if field == 'text' else 'pairs'}")
-    centroids, labels = teachers.store_clusters(store, field, name, pool, k, args.seed)  # (K, D_t), (N,)
-    if data.world()[0] == 0:
-        unit = F.normalize if field == "text" else (lambda x, dim: x)  # a text teacher's rows are not unit vectors
-        evaluation.save_cluster_grid(stream.images, lambda i: unit(store.rows(field, pool[i]), dim=-1), centroids,
-                                     labels[pool], pool, os.path.join(args.out, f"{name}.png"))
-    return centroids, labels
-
-
-def moments(store, field, pool, chunk=65536):
-    """Per-dimension mean and standard deviation (D,) of the store's `field` rows over the pool, read a chunk at a
-    time (float64 sums); a constant dimension gets std 1e-6, not 0."""
-    s1 = s2 = 0
-    for a in range(0, len(pool), chunk):
-        x = store.rows(field, pool[a:a + chunk]).double()  # (n, D)
-        s1, s2 = s1 + x.sum(0), s2 + (x * x).sum(0)
-    mean = s1 / len(pool)
-    return mean.float(), (s2 / len(pool) - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6).float()
-
-
-def prepare_kclip(args, stream, device):
-    """Knowledge-CLIP: the text teacher's caption embeddings L(x) (the store) and the concepts, k-means
-    on them (centroids mu_k); a batch's soft labels s_i = softmax_k(cos(L(x_i), mu_k) / tau_c) come from its rows."""
-    teacher = teachers.load_text_teacher(args.text_teacher, device, args.pool, args.trust_remote_code,
-                                         random_init_seed=args.seed if args.text_teacher_init == "random" else None)
-    store, summary = open_store(args, stream, teacher)
-    centroids, labels = cluster(args, stream, store, "text", args.concepts, "concepts")
-    pool = stream.pool
-    soft_max = torch.cat([kmeans.soft_assign(store.rows("text", pool[a:a + 65536]), centroids, args.concept_tau).max(1).values
-                          for a in range(0, len(pool), 65536)])
-    info = {"text_teacher": teacher.name, "text_teacher_params": clip.count_params(teacher.model), "text_store": summary,
-            "concept_sizes": torch.bincount(labels[pool], minlength=args.concepts).tolist(),
-            "soft_label_max_mean": round(soft_max.mean().item(), 4)}
-    flops = {"text_teacher_forward": teachers.forward_flops(teacher, stream.pairs, pool), "text_teacher_training": None,
-             "text_teacher_trained_by_this_run": False}
-    extra = {"t_store": store, "concept_centroids": centroids.to(device)}
-    if args.standardise_target:  # L_emb's target (L(x) - mean) / std, fitted on the training captions only
-        mean, std = moments(store, "text", pool)
-        extra["target_shift"] = (mean.to(device), std.to(device))
-        info["target_standardised"] = {"mean_norm": round(mean.norm().item(), 4), "std_mean": round(std.mean().item(), 4)}
-    if args.text_corpus:  # text-only lines: their tokens and teacher embeddings, in a store of their own
-        held = data.eval_captions(args.n_eval, args.seed, args.image_size) if args.data in data.EMBEDDED else set()
-        lines, dropped = data.read_corpus(args.text_corpus, held, args.seed)
-        if dropped:
-            say(f"kclip: dropped {dropped} lines of --text-corpus that are evaluation captions")
-        extra["corpus_tokens"] = stream.tokenizer(lines, clip.SIZES[args.model].context_length)  # (M, L)
-        (extra["corpus_store"],), _ = teachers.build_store(data.TextLines(lines), [teacher], args.store,
-                                                           f"corpus-{data.fingerprint_of(lines)}", args.store_dtype)
-        info["text_corpus"] = {"path": args.text_corpus, "lines": len(lines), "distinct": len(set(lines)),
-                               "evaluation_captions_dropped": dropped}
-    return teacher.dim, extra, info, flops
-
-
-def default_teacher_dir(args):
+def default_teacher_dir(args):  # --method cid's teacher (the method's preparation: losses.prepare_kclip, prepare_cid)
     """Where --teacher own keeps the teacher of this data and recipe: runs/teacher-PRESET-DATA-<hash of the data
     keys, the tokenizer and the teacher's steps>."""
     name = args.data if args.data in data.EMBEDDED else teachers.data_name(args.data, None)
@@ -331,87 +252,17 @@ def default_teacher_dir(args):
                                 f"{hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]}")
 
 
-def ensure_teacher(args, stream):
-    """-> (the CLIP teacher to load, its record: our results.json or the manifest, None for a Hugging Face model;
-    whether this run trained it). pretrained: the shipped one, checked against its manifest; own: `--method clip
-    --model teacher` trained on this data first, reused only if trained on this very data (its fingerprint)."""
-    if args.teacher == "pretrained":
-        return teachers.PRETRAINED, teachers.check_pretrained(), False
-    if args.teacher != "own":
-        record = (os.path.join(args.teacher, "results.json") if os.path.isdir(args.teacher)
-                  else os.path.splitext(args.teacher)[0] + ".json")  # a run folder of ours, or a .pt with its manifest
-        return args.teacher, clip.read_json(record) if os.path.isfile(record) else None, False
-    tdir = default_teacher_dir(args)
-    if os.path.exists(os.path.join(tdir, "results.json")):
-        record = clip.read_json(os.path.join(tdir, "results.json"))
-        trained_on = record.get("data_fingerprint")
-        if trained_on != stream.fingerprint:
-            raise SystemExit(f"error: the teacher in {tdir} was trained on other data ({trained_on or 'an older data.py'}, "
-                             f"this run's is {stream.fingerprint}); move it away to train a new one, or pass --teacher {tdir}")
-        say(f"cid: using the teacher in {tdir}")
-        return tdir, record, False
+def train_own_teacher(args, stream, tdir):
+    """--teacher own, the first time: `--method clip --model teacher` on this data, into tdir (teachers.clip_teacher)."""
     say(f"cid: no teacher for this data and preset in {tdir}; training it first ({args.teacher_steps} steps)")
     batch = PRESETS[args.preset]["batch_size"]  # the preset's; the student's if the data holds fewer pairs
     batch = batch if len(stream.pool) >= batch else args.batch_size
     train(parse_args(["--method", "clip", "--model", "teacher", "--steps", str(args.teacher_steps), "--batch-size",
                       str(batch), *flags(args, DATA_KEYS + RUN_KEYS), "--out", tdir, "--resume"]))
-    return tdir, clip.read_json(os.path.join(tdir, "results.json")), True  # every rank: train() ends after rank 0 wrote it
-
-
-def prepare_cid(args, stream, device):
-    """CLIP-CID: the CLIP teacher's image and text embeddings (the store), semantic balance (the pairs kept) and
-    the k-means pseudo-classes of the kept pairs (centroids, each pair's cluster), all kept beside the store."""
-    tdir, record, trained_here = ensure_teacher(args, stream)
-    teacher = teachers.load_clip_teacher(tdir, device, args.trust_remote_code)
-    store, summary = open_store(args, stream, teacher)
-    info = {"teacher": tdir, "teacher_params": clip.count_params(teacher.model), "store": summary,
-            **({"teacher_results": record} if record is not None else {})}  # our results.json, or the manifest
-    flops = {"teacher_forward": teachers.forward_flops(teacher, stream.pairs, stream.pool),
-             "teacher_training": (record or {}).get("flops", {}).get("student_training"),  # None: trained elsewhere
-             "teacher_trained_by_this_run": trained_here}
-    if args.balance:
-        buckets = args.balance_buckets or (len(stream.pool) // 2000 if len(stream.pool) > 200_000 else None)  # exact below
-        threshold, rule = args.balance_threshold, "--balance-threshold"
-        if threshold is None:  # the rule: as close as the teacher puts an image and its light copy (teachers.py)
-            cos = teachers.copy_cosines(store, teacher, stream.pairs, stream.pool, seed=args.seed)
-            threshold = teachers.copy_threshold(cos, args.balance_copies)
-            rule = f"--balance-copies {args.balance_copies}"
-        keep, stats, groups, reused = teachers.store_balance(store, stream.pool, threshold, buckets, args.seed)
-        say(f"cid: semantic balance {'(reused) ' if reused else ''}removed {stats['removed']} of {stats['pairs_before']} "
-            f"pairs ({100 * stats['removed_fraction']:.1f}%) in {stats['duplicate_groups']} groups of near-duplicates "
-            f"(largest {stats['largest_group']}, cos >= {threshold:.4f}: {rule})")
-        info["balance"] = {**stats, "rule": rule}
-        if data.world()[0] == 0:
-            evaluation.save_duplicate_groups(stream.images, groups, os.path.join(args.out, "balance_groups.png"),
-                                             dup_of=stream.ds.attributes["dup_of"] if args.data in data.EMBEDDED else None)
-        stream.restrict(torch.from_numpy(keep))
-    info["pairs_trained_on"] = len(stream.pool)
-    centroids, labels = cluster(args, stream, store, "image", args.clusters, "clusters")
-    return teacher.dim, {"store": store, "centroids": centroids.to(device), "labels": labels}, info, flops
 
 
 # ----------------------------------------------------------------------------------------
-# Optimiser, schedule, one training step, FLOPs (checkpoints: clip.save_checkpoint, load_for_resume).
-
-def make_optimizer(modules, lr, weight_decay, fused=False):
-    """AdamW; no weight decay on gains, biases and logit scales (every tensor with < 2 dims).
-    On CUDA the fused kernel updates every parameter at once (the default loop launches a
-    handful of kernels per tensor, which dominates a small model's step: docs/bench.py)."""
-    params = [p for m in modules for p in m.parameters()]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
-
-
-def lr_at(step, lr, warmup, steps):
-    """Linear warmup to lr, then cosine to zero. A pure function of the step: the schedule's
-    whole state is the step counter stored in the checkpoint."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * lr * (1 + math.cos(math.pi * min(progress, 1.0)))
-
+# One training step (the optimiser, its schedule and checkpoints: clip.py).
 
 def on_device(batch, step, device):  # a stream's batch for `step`, its pixels (normalised) and tokens on device
     return {**batch, "step": step, "images": clip.to_input(batch["images"], device), "tokens": batch["tokens"].to(device)}
@@ -444,28 +295,6 @@ def train_step(student, batch, optimizer, weights, grad_clip, scales, amp):
     return values, list(terms), None
 
 
-def step_shape(batch, extra):
-    """What a step's FLOPs depend on: the batch's size and its text length (the text tower runs
-    only the columns some caption uses, clip.text_length), and the text-only lines' (--text-corpus).
-    The loop counts a step's FLOPs the first time its shape comes up and adds that count for every
-    step of the same shape. Not in the key: partial class sampling's K' (--class-frac < 1) moves
-    the cluster loss's B x K' x D_t by a few classes."""
-    corpus = (len(batch["corpus_index"]), clip.text_length(extra["corpus_tokens"][batch["corpus_index"]])) \
-        if "corpus_index" in batch else None
-    return len(batch["tokens"]), clip.text_length(batch["tokens"]), corpus
-
-
-def flop_accounting(student, teachers_):
-    """results.json's "flops": the student's training (the sum over its steps, step_shape; None when a resumed
-    checkpoint had no count), each teacher's forward passes over the data and training (None: trained elsewhere,
-    e.g. a Hugging Face model), and the total, every teacher counted in full (shared by N students, each would
-    pay forward + training / N: docs/teacher.md)."""
-    out = {"student_training": student, **teachers_}
-    out["total"] = sum(v for k, v in out.items() if not k.endswith("by_this_run") and v is not None) \
-        if student is not None else None
-    return out
-
-
 # ----------------------------------------------------------------------------------------
 # The loop.
 
@@ -492,12 +321,27 @@ def train(args):
     n_params = clip.count_params(model)
     say(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x {args.batch_size} pairs "
         f"on {device}{f' x {n_proc} processes' if n_proc > 1 else ''}, data {args.data} -> {args.out}")
-    extra, info, dims, teacher_flops = {}, {}, {}, {}
+    extra, info, dims, teacher_flops = {}, {}, {}, {}  # the method's preparation (losses.py), once
     rng = torch.get_rng_state()  # loading or training a teacher must not change the student's init
-    for method in ("cid", "kclip"):  # kclip+cid: balance first, so that the concepts are those of the pairs trained on
-        if method in parts(args.method):
-            dims[method], more, more_info, more_flops = (prepare_cid if method == "cid" else prepare_kclip)(args, stream, device)
-            extra, info, teacher_flops = {**extra, **more}, {**info, **more_info}, {**teacher_flops, **more_flops}
+    store_at = dict(root=args.store, name=teachers.data_name(args.data, stream.pairs), dtype=args.store_dtype,
+                    workers=args.workers)
+    if "cid" in parts(args.method):  # first: kclip+cid's concepts are then those of the pairs the balance kept
+        spec, record, trained_here = teachers.clip_teacher(args.teacher, default_teacher_dir(args), stream.fingerprint,
+                                                           lambda tdir: train_own_teacher(args, stream, tdir))
+        teacher = teachers.load_clip_teacher(spec, device, args.trust_remote_code)
+        dims["cid"] = teacher.dim
+        extra, info, teacher_flops = losses.prepare_cid(
+            stream, teacher, store_at, args.out, device, args.seed, args.clusters, args.balance, args.balance_threshold,
+            args.balance_copies, args.balance_buckets, spec=spec, record=record, trained_here=trained_here)
+    if "kclip" in parts(args.method):
+        teacher = teachers.load_text_teacher(args.text_teacher, device, args.pool, args.trust_remote_code,
+                                             random_init_seed=args.seed if args.text_teacher_init == "random" else None)
+        dims["kclip"] = teacher.dim
+        more, more_info, more_flops = losses.prepare_kclip(
+            stream, teacher, store_at, args.out, device, args.seed, args.concepts, args.concept_tau, args.standardise_target,
+            args.text_corpus, data.eval_captions(args.n_eval, args.seed, args.image_size)
+            if args.text_corpus and args.data in data.EMBEDDED else frozenset(), clip.SIZES[args.model].context_length)
+        extra, info, teacher_flops = {**extra, **more}, {**info, **more_info}, {**teacher_flops, **more_flops}
     torch.set_rng_state(rng)
     heads = nn.ModuleDict()  # the student's parameters beyond its CLIP: kclip first, as always
     if "kclip" in dims:
@@ -505,7 +349,7 @@ def train(args):
     if "cid" in dims:
         heads["cid"] = losses.CIDHeads(model.cfg.embed_dim, dims["cid"]).to(device)
     scales = [model.logit_scale] + ([heads["cid"].logit_scale] if "cid" in heads else [])  # clamped after every step
-    optimizer = make_optimizer([model, heads], args.lr, args.weight_decay, fused=device.type == "cuda")
+    optimizer = clip.make_optimizer([model, heads], args.lr, args.weight_decay, fused=device.type == "cuda")
     cfg = loss_config(args)
     student = losses.Student(model, heads, extra, cfg)
     if n_proc > 1:
@@ -541,15 +385,16 @@ def train(args):
     step_flops = {}  # step_shape -> the FLOPs of one step of that shape, counted the first time it comes up
     try:
         for step in bar:
-            lr = lr_at(step, args.lr, args.warmup, args.steps)
+            lr = clip.lr_at(step, args.lr, args.warmup, args.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = on_device(stream.batch(step), step, device)
             if "corpus_tokens" in extra:
-                batch["corpus_index"] = data.corpus_index(step, len(extra["corpus_tokens"]), args.corpus_batch, args.seed)
+                batch["corpus_index"] = losses.corpus_index(step, len(extra["corpus_tokens"]), args.corpus_batch, args.seed)
             run_step = lambda: train_step(student, batch, optimizer, cfg.weights, args.grad_clip, scales,  # noqa: E731
                                           amp=device.type == "cuda")
-            shape = step_shape(batch, extra)
+            shape = clip.step_shape(batch["tokens"], extra["corpus_tokens"][batch["corpus_index"]]
+                                    if "corpus_index" in batch else None)
             if shape not in step_flops:  # a new shape: count this step's FLOPs (results.json: flops)
                 (values, names, bad), step_flops[shape] = clip.count_flops(run_step)
             else:
@@ -583,17 +428,13 @@ def train(args):
                "batch_size": args.batch_size, "seed": args.seed, "data": args.data, "seconds": round(seconds, 1),
                "samples_per_second": round(seen / seconds, 1) if seen else None, "skipped_pairs": stream.skipped,
                "data_fingerprint": stream.fingerprint, "pairs_trained_on": len(stream.pool),
-               "flops": flop_accounting(flops, teacher_flops), **info}
+               "flops": clip.flop_accounting(flops, teacher_flops), **info}
     results.update(evaluation.evaluate(model, device, args.seed, args.n_eval, None if args.data in data.EMBEDDED
                                        else stream.pairs, args.val_frac, args.eval_sets, args.data_root,
                                        validation=args.eval_split == "val"))
     evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))
     if "kclip" in parts(args.method) and args.data in data.EMBEDDED:  # teacher vs student text space, by concept
-        sample = stream.pool[:2000]
-        teacher_text = extra["t_store"].rows("text", sample)
-        evaluation.plot_text_pca({"teacher L(x)": teacher_text, "student T_e": evaluation.embed_texts(
-            model, [stream.ds.captions[i] for i in sample], device)}, kmeans.assign(
-            teacher_text, extra["concept_centroids"].cpu(), spherical=True)[0], os.path.join(args.out, "text_pca.png"))
+        losses.plot_text_space(model, stream, extra, os.path.join(args.out, "text_pca.png"), device)
     results["wall_seconds"] = round(time.time() - t_run, 1)  # the whole run: data, teachers, training, evaluation
     clip.write_json(os.path.join(args.out, "results.json"), results)
     data.barrier()
@@ -624,30 +465,6 @@ def clip_reference(args, use_shipped=True):
     return train(parse_args([*argv, "--out", out, "--resume"])), None
 
 
-def closing(args, results, reference=None):
-    """The run's closing table: the student, its teachers (a CLIP teacher's own numbers from its record: the
-    pretrained one's manifest or an own teacher's results.json; a text teacher has no image numbers) and plain
-    CLIP on the same data and seed (clip_reference's (results, where from)). -> (rows, notes: where each row's
-    numbers come from). Everything else is in results.json."""
-    rows, notes = [(f"student ({args.method})", results)], []
-    record = results.get("teacher_results")
-    if "teacher" in results and record and "results" in record:  # a manifest: its evaluation, its pool, its training
-        rows.append((f"teacher {os.path.basename(results['teacher'])}", {
-            **record["results"], "pairs_trained_on": record["pool"]["n"], "wall_seconds": record["train_seconds"]}))
-        notes.append("teacher: its manifest's numbers" + (f" (seed {record['pool']['seed']}'s test set)"
-                                                          if record["pool"]["seed"] != args.seed else ""))
-    elif "teacher" in results:
-        rows.append((f"teacher {os.path.basename(results['teacher'])}", record or {}))
-        notes.append(f"teacher: {'its results.json' if record else 'no record of its own numbers'}")
-    if "text_teacher" in results:
-        rows.append((f"text teacher {results['text_teacher'].split('@')[0]}", {}))
-        notes.append("text teacher: a text model, no image numbers")
-    if reference is not None:
-        rows.append(("plain CLIP, same data and seed", reference[0]))
-        notes.append(f"plain CLIP: {reference[1] or 'trained now'}")
-    return rows, notes
-
-
 def init_distributed(device, out):
     """Join the process group torchrun describes: nccl on CUDA (one GPU per process), gloo on CPU.
     Each rank then takes its share of every batch (data.world). Rank 0 alone writes logs,
@@ -670,7 +487,7 @@ def main(argv=None):
         results = train(args)
         reference = clip_reference(args) if args.vs_clip and args.method != "clip" else None  # every rank: it trains
         if data.world()[0] == 0:
-            rows, notes = closing(args, results, reference)
+            rows, notes = evaluation.closing_rows(args.method, args.seed, results, reference)
             print(f"\n{evaluation.closing_table(rows)}\n" + "".join(f"  {n}\n" for n in notes)
                   + f"  every number: {os.path.join(args.out, 'results.json')}")
         return results

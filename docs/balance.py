@@ -3,7 +3,7 @@
 The embedded set knows its near-duplicates: a pair with `dup_of` >= 0 (data.ShapesDataset) is the
 same scene as pair `dup_of` drawn again, with new pixel noise and a new caption. A scene drawn n
 times holds n - 1 redundant pairs. `python docs/balance.py` embeds each seed's training pairs with
-the CLIP teacher (the teacher store, shared with train.py --method cid), runs teachers.semantic_balance
+the CLIP teacher (the teacher store, shared with train.py --method cid), runs losses.semantic_balance
 at each threshold and scores what it removed against that truth:
 
 - removed: the share of the pairs it drops;
@@ -13,7 +13,7 @@ at each threshold and scores what it removed against that truth:
 - classes hit: shape x colour classes that lose a scene, and of those the rarest quarter's.
 
 The same for train.py's default rule (--balance-copies Q: the threshold is the Q-quantile of the
-teacher's cosine between an image and its JPEG re-save, teachers.copy_cosines), whose threshold
+teacher's cosine between an image and its JPEG re-save, losses.copy_cosines), whose threshold
 each seed reads off its own teacher and data. Then the cosines behind it: the teacher's cosine
 between each duplicate and its original, between an image and its JPEG re-save, and between each
 original scene and its nearest other scene.
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's files
+import losses  # noqa: E402
 import teachers  # noqa: E402
 import train  # noqa: E402
 
@@ -80,8 +81,11 @@ def main(argv=None):
         args = train.parse_args(["--method", "cid", "--seed", str(seed), "--store", a.store, "--teacher", a.teacher]
                                 + (["--n-train", str(a.n_train)] if a.n_train else []))
         stream = train.make_stream(args)
-        teacher = teachers.load_clip_teacher(train.ensure_teacher(args, stream)[0], "cpu")  # as --method cid does
-        store, _ = train.open_store(args, stream, teacher)
+        spec = teachers.clip_teacher(args.teacher, train.default_teacher_dir(args), stream.fingerprint,
+                                     lambda tdir: train.train_own_teacher(args, stream, tdir))[0]  # as --method cid does
+        teacher = teachers.load_clip_teacher(spec, "cpu")
+        store, _ = teachers.open_store(stream, teacher, args.store, teachers.data_name(args.data, stream.pairs),
+                                       args.store_dtype, args.workers)
         if not torch.equal(stream.pool, torch.arange(len(stream.ds))):  # dup_of indexes the whole set
             raise SystemExit("error: the teacher could not embed every training pair; dup_of would not line up")
         emb = store.rows("image", stream.pool)  # (N, D) every training pair's teacher image embedding
@@ -89,11 +93,11 @@ def main(argv=None):
         d, n = cosines(emb, dup_of)
         dup_cos.append(d)
         near_cos.append(n)
-        copy_cos.append(teachers.copy_cosines(store, teacher, stream.pairs, stream.pool, seed=seed))
+        copy_cos.append(losses.copy_cosines(store, teacher, stream.pairs, stream.pool, seed=seed))
         for q in a.copies:
-            chosen[q].append(teachers.copy_threshold(copy_cos[-1], q))  # as train.py reads it
+            chosen[q].append(losses.copy_threshold(copy_cos[-1], q))  # as train.py reads it
         for t, label in [(t, f"{t}") for t in a.thresholds] + [(chosen[q][-1], f"copies {q}") for q in a.copies]:
-            keep, _, _ = teachers.semantic_balance(emb.numpy(), t)
+            keep, _, _ = losses.semantic_balance(emb.numpy(), t)
             rows.setdefault(label, []).append(truth_scores(keep, dup_of, labels))
     print(f"\nteacher {teacher.name}, seeds {' '.join(map(str, a.seeds))}, {len(emb)} pairs each: mean (min-max) over seeds")
     keys = ["removed", "precision", "recall", "scenes_lost", "classes_hit", "rare_classes_hit"]

@@ -13,7 +13,7 @@ kmeans.fit (k-means++ init, then Lloyd) on synthetic blobs, its inertia against 
 centres', and kmeans.assign with float32 scores and with the bf16 screen.
 
 3. The store bench: `python docs/bench.py --store [--n N [N ...] --d --k --threshold --dir]` times
-CLIP-CID's once-per-store work (teachers.semantic_balance, bucketed, then spherical k-means as
+CLIP-CID's once-per-store work (losses.semantic_balance, bucketed, then spherical k-means as
 kmeans.settings_at_scale sets it) on synthetic float16 teacher embeddings read from a memmap.
 """
 import argparse
@@ -31,7 +31,6 @@ import clip  # noqa: E402
 import data  # noqa: E402
 import kmeans  # noqa: E402
 import losses  # noqa: E402
-import teachers  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # 1. The step bench: python docs/bench.py [--bench-steps N] [any train.py flag]
@@ -48,7 +47,7 @@ def step_flops(model, batch, args, backward=True):
     if not backward:
         with torch.no_grad():
             return clip.count_flops(lambda: student(batch))[1]
-    optimizer = train.make_optimizer([model], 0.0, 0.0)  # lr 0: counting leaves the weights as they were
+    optimizer = clip.make_optimizer([model], 0.0, 0.0)  # lr 0: counting leaves the weights as they were
     return clip.count_flops(lambda: train.train_step(student, batch, optimizer, cfg.weights, args.grad_clip,
                                                      [model.logit_scale], amp=False))[1]
 
@@ -80,7 +79,7 @@ def bench(args, steps):
     def timed_step(net, amp, fused_adam):  # train.py's update, on this net
         cfg = train.loss_config(args)
         student = losses.Student(net, nn.ModuleDict(), {}, cfg)
-        optimizer = train.make_optimizer([net], args.lr, args.weight_decay, fused=fused_adam)
+        optimizer = clip.make_optimizer([net], args.lr, args.weight_decay, fused=fused_adam)
         return lambda b, i: train.train_step(student, train.on_device(b, i, device), optimizer, cfg.weights, args.grad_clip,
                                              [net.logit_scale], amp)
 
@@ -213,7 +212,7 @@ def synthetic_store(path, n, d, k, dup_frac=0.1, seed=0, chunk=65536):
 
 
 def bench_store(sizes, d, k, threshold, folder):
-    """Per N in sizes: teachers.semantic_balance (bucketed), then kmeans.fit + assign of the kept rows, as train.py."""
+    """Per N in sizes: losses.semantic_balance (bucketed), then kmeans.fit + assign of the kept rows, as train.py."""
     import resource
     print(f"semantic balance (bucketed, N / 2000 buckets) + spherical k-means K={k} (kmeans.settings_at_scale, then "
           f"every row assigned), float16 memmap input, D={d}, {torch.get_num_threads()} threads")
@@ -221,7 +220,7 @@ def bench_store(sizes, d, k, threshold, folder):
     for n in sizes:
         emb = synthetic_store(os.path.join(folder, f"bench-{n}x{d}.npy"), n, d, k)
         t0 = time.time()
-        keep, stats, _ = teachers.semantic_balance(emb, threshold, n_buckets=max(1, n // 2000))
+        keep, stats, _ = losses.semantic_balance(emb, threshold, n_buckets=max(1, n // 2000))
         t1 = time.time()
         kept = np.nonzero(keep)[0]
         c = kmeans.fit(emb[kept], k, spherical=True, **kmeans.settings_at_scale(len(kept), k, emb.shape[1]))

@@ -37,7 +37,6 @@ import clip  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import teachers  # noqa: E402
-import train  # noqa: E402
 
 
 POC = "proof of concept (autoencoder)"
@@ -108,10 +107,10 @@ def fit_em(module, batch_loss, n, steps, batch_size, lr, seed, desc):
     steps, then cosine), on random minibatches of indices 0..n-1."""
     g = torch.Generator().manual_seed(seed)
     params = list(module.parameters())
-    opt = train.make_optimizer([module], lr, weight_decay=0.0)
+    opt = clip.make_optimizer([module], lr, weight_decay=0.0)
     for step in (bar := tqdm(range(steps), desc=desc, mininterval=2.0 if sys.stderr.isatty() else 30.0)):
         for group in opt.param_groups:
-            group["lr"] = train.lr_at(step, lr, max(1, steps // 20), steps)
+            group["lr"] = clip.lr_at(step, lr, max(1, steps // 20), steps)
         loss = batch_loss(torch.randint(n, (batch_size,), generator=g))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,6 +236,11 @@ def cached_autoencoder(path, train, seed=0, steps=600, device="cpu"):
 METHOD_NAMES = {"clip": "CLIP", "kclip": "Knowledge-CLIP", "cid": "CLIP-CID"}
 
 
+def in_batches(encode, captions, batch_size=256):
+    """encode (list of str -> (n, D)) over all captions, batch by batch -> (N, D) on the CPU (a text teacher's)."""
+    return torch.cat([encode(captions[i:i + batch_size]).cpu() for i in range(0, len(captions), batch_size)])
+
+
 def text_em_table(ckpt, baseline, device, text_teacher=None, trust_remote_code=False):
     """EM of the text teacher, of the --ckpt run's CLIP tower untrained (a control: random
     features keep much of a caption), of the baseline CLIP and of the --ckpt run, on the captions
@@ -247,7 +251,7 @@ def text_em_table(ckpt, baseline, device, text_teacher=None, trust_remote_code=F
         raise ValueError("the EM probe uses the embedded captions: the --ckpt run must have trained on --data shapes")
     spec = text_teacher or cfg.get("text_teacher") or teachers.DEFAULT_TEXT_TEACHER
     teacher = teachers.load_text_teacher(spec, device, cfg.get("pool", "mean"), trust_remote_code)
-    encoders = {f"teacher {teacher.name}": lambda caps: evaluation.in_batches(teacher.encode_texts, caps)}
+    encoders = {f"teacher {teacher.name}": lambda caps: in_batches(teacher.encode_texts, caps)}
     torch.manual_seed(cfg["seed"])  # a control: the same tower untrained (random features keep a lot)
     towers = {f"untrained {cfg['model']} CLIP, random init": clip.CLIP(model.cfg).to(device)}
     if baseline is not None:
@@ -269,7 +273,7 @@ def print_tiers(a):
     model, cfg = clip.load_checkpoint(a.ckpt, a.device) if a.ckpt else (None, {})
     teacher = teachers.load_text_teacher(a.text_teacher or cfg.get("text_teacher") or teachers.DEFAULT_TEXT_TEACHER,
                                          a.device, cfg.get("pool", "mean"), a.trust_remote_code)
-    encoders = {f"text teacher {teacher.name}": lambda t: evaluation.in_batches(teacher.encode_texts, t)}
+    encoders = {f"text teacher {teacher.name}": lambda t: in_batches(teacher.encode_texts, t)}
     if model is not None:
         encoders[f"{cfg['method']} ({a.ckpt})"] = lambda t: evaluation.embed_texts(model, t, a.device)
     print("| text encoder | common | rare | never-seen | rare and never-seen words it gets right |\n|---|---|---|---|---|")

@@ -241,7 +241,7 @@ def sweep_em(run_dir, root, cfg, steps):
     if not os.path.exists(path):
         teacher = teachers.load_text_teacher(cfg.text_teacher, cfg.device, cfg.pool, cfg.trust_remote_code)
         clip.write_json(path, {"proof of concept": em_probe.em_poc(ae, test), f"text teacher {teacher.name}": em(
-            lambda caps: evaluation.in_batches(teacher.encode_texts, caps))})
+            lambda caps: em_probe.in_batches(teacher.encode_texts, caps))})
     return em(lambda caps: evaluation.embed_texts(model, caps, cfg.device))
 
 
@@ -285,7 +285,7 @@ def sweep(a, flags):
         if not os.path.exists(tiers_path):
             teacher = teachers.load_text_teacher(named, base.device, pool, base.trust_remote_code)
             clip.write_json(tiers_path, {"name": teacher.name, **{f"text_probe_{k}": v for k, v in evaluation.tier_probe(
-                lambda t: evaluation.in_batches(teacher.encode_texts, t)).items()}})
+                lambda t: em_probe.in_batches(teacher.encode_texts, t)).items()}})
     for folder, row, row_flags, em in rows:
         for seed in a.seeds:
             out = os.path.join(root, f"{folder}-s{seed}")

@@ -72,10 +72,10 @@ def main():
             opt.step()
         return step
 
-    sides = {"open_clip CLIP, byte tokens (full context, causal mask)": (their_step(train.make_optimizer([theirs], args)), byte_batches),
-             "ours, byte tokens": (our_step(ours_bytes, train.make_optimizer([ours_bytes], args)), byte_batches),
+    sides = {"open_clip CLIP, byte tokens (full context, causal mask)": (their_step(clip.make_optimizer([theirs], args.lr, args.weight_decay)), byte_batches),
+             "ours, byte tokens": (our_step(ours_bytes, clip.make_optimizer([ours_bytes], args.lr, args.weight_decay)), byte_batches),
              f"ours, byte-pair tokens (--vocab-size {args.vocab_size}, the default)":
-                 (our_step(ours_bpe, train.make_optimizer([ours_bpe], args)), bpe_batches)}
+                 (our_step(ours_bpe, clip.make_optimizer([ours_bpe], args.lr, args.weight_decay)), bpe_batches)}
     best = {}
     for _ in range(a.rounds):
         for name, (step, batches) in sides.items():
