@@ -347,6 +347,12 @@ SIZES = {
                        text_width=128, text_layers=3, text_heads=4),
     "teacher": CLIPConfig(embed_dim=128, vision_width=160, vision_layers=6, vision_heads=5,
                           text_width=128, text_layers=3, text_heads=4),
+    # The `gpu` preset's student and own teacher: ViT-S- and ViT-B-like towers on the embedded 32-pixel images
+    # (4-pixel patches: 64 image tokens), wide enough that a GPU's matmuls, not its kernel launches, set the pace.
+    "vit-s-4": CLIPConfig(embed_dim=384, patch_size=4, vision_width=384, vision_layers=12, vision_heads=6,
+                          context_length=32, text_width=384, text_layers=6, text_heads=6),
+    "vit-b-4": CLIPConfig(embed_dim=512, patch_size=4, vision_width=768, vision_layers=12, vision_heads=12,
+                          context_length=32, text_width=512, text_layers=8, text_heads=8),
     # 224-pixel sizes for real data (CC3M): CLIP ViT-B/32's shape (Radford et al. 2021, Table 19:
     # the byte tokenizer makes its embedding table 259 rows, not 49,408) and a ViT-S/32 student.
     "vit-b-32": CLIPConfig(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12,
@@ -370,14 +376,15 @@ def count_flops(fn):
     return out, counter.get_total_flops()
 
 
-def step_shape(tokens, corpus_tokens=None):
-    """What a training step's FLOPs depend on: its batch size and text length (the text tower runs only
-    the columns some caption uses, text_length), and the text-only lines' (--text-corpus). train.py
-    counts a step's FLOPs the first time its shape comes up and adds that count for every step of the
-    same shape. Not in the key: partial class sampling's K' (--class-frac < 1) moves the cluster
-    loss's B x K' x D_t by a few classes."""
-    corpus = (len(corpus_tokens), text_length(corpus_tokens)) if corpus_tokens is not None else None
-    return len(tokens), text_length(tokens), corpus
+def step_shape(tokens, corpus_tokens=None, trimmed=True):
+    """What a training step's FLOPs depend on: its batch size and text length (a trimmed text tower runs
+    only the columns some caption uses, text_length; untrimmed, all of them), and the text-only lines'
+    (--text-corpus). train.py counts a step's FLOPs the first time its shape comes up and adds that
+    count for every step of the same shape. Not in the key: partial class sampling's K' (--class-frac
+    < 1) moves the cluster loss's B x K' x D_t by a few classes."""
+    length = text_length if trimmed else (lambda t: t.shape[1])
+    corpus = (len(corpus_tokens), length(corpus_tokens)) if corpus_tokens is not None else None
+    return len(tokens), length(tokens), corpus
 
 
 def flop_accounting(student, teachers_):

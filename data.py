@@ -15,6 +15,7 @@
 import contextlib
 import copy
 import csv
+import functools
 import hashlib
 import os
 import re
@@ -518,15 +519,15 @@ class ShardPairs(Pairs):
         return self.listing[j]
 
 
-def collate(batch):
+def collate(batch, tokenizer=None, context_length=32):
     """Drop the pairs that failed to load (their reasons, strings). Returns (images (B, 3, S, S) uint8, captions,
-    rows (B,) int64, n_skipped, the first skipped pair's reason or None)."""
+    [their tokens (B, L) if a tokenizer is given: RealStream's, in the loader's workers,] rows (B,) int64, n_skipped,
+    the first skipped pair's reason or None)."""
     good = [b for b in batch if not isinstance(b, str)]
-    why = next((b for b in batch if isinstance(b, str)), None)
-    if not good:
-        return torch.empty(0, dtype=torch.uint8), [], torch.empty(0, dtype=torch.int64), len(batch), why
-    return (torch.stack([b[0] for b in good]), [b[1] for b in good], torch.tensor([b[2] for b in good]),
-            len(batch) - len(good), why)
+    captions, why = [b[1] for b in good], next((b for b in batch if isinstance(b, str)), None)
+    images = torch.stack([b[0] for b in good]) if good else torch.empty(0, dtype=torch.uint8)
+    tokens = (tokenizer(captions, context_length),) if tokenizer else ()
+    return images, captions, *tokens, torch.tensor([b[2] for b in good], dtype=torch.int64), len(batch) - len(good), why
 
 
 def real_pairs(spec, image_size=32, img_key="filepath", caption_key="title", key_column=None, scan_cache=None,
@@ -551,13 +552,11 @@ def real_pairs(spec, image_size=32, img_key="filepath", caption_key="title", key
 # (the streams below) and of every store k-means fits on (`shard`); DistributedDataParallel averages the gradients.
 # One process: every helper is a no-op.
 
-def world():
-    """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
+def world():  # (rank, world_size); (0, 1) when torch.distributed is not initialised
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
-def barrier():
-    """Wait for every rank (nothing to wait for in one process)."""
+def barrier():  # wait for every rank (nothing to wait for in one process)
     if world()[1] > 1:
         dist.barrier()
 
@@ -584,8 +583,7 @@ def step_generator(seed, step, stream):
 
 class Stream:
     def learn_tokenizer(self, captions, vocab_size):
-        """The byte-pair tokenizer of this run, learned from its training captions: its merges go into the model's
-        config (and so into every checkpoint)."""
+        """The run's byte-pair tokenizer, learned from its training captions (its merges go into every checkpoint)."""
         self.merges = clip.learn_bpe(captions, vocab_size) if vocab_size > clip.N_BASE else []
         self.tokenizer = clip.Tokenizer(self.merges)
 
@@ -634,9 +632,9 @@ class RealStream(Stream):
     usable pairs is skipped."""
 
     def __init__(self, pairs, batch_size, seed=0, vocab_size=1024, context_length=32, val_frac=0.02, train_frac=1.0,
-                 workers=2):
+                 workers=2, pin_memory=False):
         self.pairs, self.batch_size, self.seed, self.workers, self.iterator = pairs, batch_size, seed, workers, None
-        self.context_length, self.skipped = context_length, pairs.skipped_rows
+        self.context_length, self.skipped, self.pin_memory = context_length, pairs.skipped_rows, pin_memory  # CUDA: pinned
         self.pool = torch.tensor([i for i, k in enumerate(pairs.keys)
                                   if not is_val(k, val_frac) and in_part(k, train_frac)], dtype=torch.long)
         if not len(self.pool):
@@ -652,7 +650,7 @@ class RealStream(Stream):
                             for item in (view[int(i)] for i in idx)])
 
     def epochs(self, start_step):
-        """Yield (images, captions, local rows, global rows, n_skipped) from step `start_step` on. A whole pass that
+        """Yield (images, captions, tokens, local rows, global rows, n_skipped) from step `start_step` on. A whole pass that
         yields no batch stops the run with one line that says why."""
         (rank, n), B, step, epoch = world(), self.batch_size, 0, 0
         carry, reason = 0, self.pairs.skip_reason  # skipped pulls not yet reported; an example
@@ -667,8 +665,10 @@ class RealStream(Stream):
             step, full_pass, usable = step + skip, skip == 0, 0
             mine = order[skip * B:per_epoch * B].view(-1, n, B // n)[:, rank]
             loader = torch.utils.data.DataLoader(self.pairs, sampler=mine.flatten().tolist(), batch_size=B // n,
-                                                 num_workers=self.workers, collate_fn=collate)
-            for images, captions, rows, skipped, why in loader:
+                                                 num_workers=self.workers, pin_memory=self.pin_memory,
+                                                 collate_fn=functools.partial(collate, tokenizer=self.tokenizer,
+                                                                              context_length=self.context_length))
+            for images, captions, tokens, rows, skipped, why in loader:
                 step, reason, k = step + 1, reason or why, torch.tensor([len(captions)])
                 if n > 1:  # every rank keeps as many pairs as the one with fewest
                     dist.all_reduce(k, op=dist.ReduceOp.MIN)
@@ -676,7 +676,7 @@ class RealStream(Stream):
                 if k < 2:  # nothing to contrast: skipped, its pairs counted
                     carry += skipped + len(captions)
                     continue
-                skipped, images, captions, rows = skipped + len(captions) - k, images[:k], captions[:k], rows[:k]
+                skipped, images, captions, tokens, rows = skipped + len(captions) - k, images[:k], captions[:k], tokens[:k], rows[:k]
                 every = rows
                 if n > 1:  # (k W,) the global batch's rows, in rank order
                     shares = [torch.empty_like(rows) for _ in range(n)]
@@ -684,7 +684,7 @@ class RealStream(Stream):
                     every = torch.cat(shares)
                 usable += 1
                 if step > start_step:
-                    yield images, captions, rows, every, carry + skipped
+                    yield images, captions, tokens, rows, every, carry + skipped
                     carry = 0
             if full_pass and usable == 0:
                 hint = " (CSV image paths are read relative to the CSV file's folder)" if isinstance(self.pairs, CsvPairs) else ""
@@ -694,7 +694,7 @@ class RealStream(Stream):
     def batch(self, step):
         if self.iterator is None:
             self.iterator = self.epochs(step)
-        images, captions, rows, every, skipped = next(self.iterator)
+        images, captions, tokens, rows, every, skipped = next(self.iterator)
         self.skipped += skipped
-        return {"images": images, "tokens": self.tokenizer(captions, self.context_length),
-                "captions": captions, "index": rows, "global_index": every, "skipped": self.skipped}
+        return {"images": images, "tokens": tokens, "captions": captions, "index": rows, "global_index": every,
+                "skipped": self.skipped}

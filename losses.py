@@ -1,5 +1,5 @@
 """The three methods, each from its paper: every loss as a plain function on tensors, CLIP-CID's semantic balance, the
-terms a batch adds up, and what each method computes once from its teacher's rows before training.
+terms a batch adds up and one update on them, and what each method computes once from its teacher's rows before training.
 
 CLIP (Radford et al. 2021, Figure 3; Knowledge-CLIP Figure 2):
     logits = I_e @ T_e.T * exp(t)
@@ -10,17 +10,20 @@ CLIP-CID (Yang et al. 2024): image semantic balance (semantic_balance, Sec. 3.1)
 discrimination with an additive angular margin (arcface_logits, cluster_loss, sample_classes) and
 instance discrimination (instance_loss).
 A batch: the student's heads (KCLIPHeads, CIDHeads) and `loss_terms`, where the methods differ: which
-of these losses a batch adds up, on the teachers' rows cached before training.
+of these losses a batch adds up, on the teachers' rows cached before training (`lookup`); `train_step`,
+one AdamW update on their weighted sum.
 Before training, once (last section, on the teacher store of teachers.py): `prepare_kclip` (the
 concepts), `prepare_cid` (the balance, the clusters), and the pictures of what they found.
 """
 import io
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
@@ -99,32 +102,32 @@ def union(parent, pairs):
         np.minimum.at(parent, np.maximum(ri, rj), np.minimum(ri, rj))
 
 
-def similar_pairs(emb, threshold, block=2048):
-    """Exact: yields, block by block of the (N, N) similarity matrix (never all of it at once),
-    every pair (i < j) with cos >= threshold as a (P, 2) int64 array. emb (N, D) unit-norm."""
-    emb = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
+def similar_pairs(emb, threshold, block=2048, device="cpu"):
+    """Exact: yields, block by block of the (N, N) similarity matrix (never all of it at once; computed
+    on `device`), every pair (i < j) with cos >= threshold as a (P, 2) int64 array. emb (N, D) unit-norm."""
+    emb = torch.as_tensor(np.asarray(emb), dtype=torch.float32).to(device)
     for a in range(0, len(emb), block):
         for b in range(a, len(emb), block):
             sim = emb[a:a + block] @ emb[b:b + block].t()  # (block, block)
             i, j = torch.nonzero(sim >= threshold, as_tuple=True)
             i, j = i + a, j + b
-            yield torch.stack([i[i < j], j[i < j]], 1).numpy()
+            yield torch.stack([i[i < j], j[i < j]], 1).cpu().numpy()
 
 
-def similar_pairs_bucketed(emb, threshold, n_buckets, seed=0):
+def similar_pairs_bucketed(emb, threshold, n_buckets, seed=0, block=2048, device="cpu"):
     """For large N: spherical k-means buckets (fit on at most 256 rows per bucket, as faiss trains), then the exact
     search inside each bucket only, one bucket's rows in memory at a time; near-duplicates rarely straddle a border."""
-    centroids = kmeans.fit(data.shard(emb), n_buckets, spherical=True, seed=seed, max_points=256 * n_buckets)
-    labels = kmeans.assign(emb, centroids, spherical=True)[0].numpy()  # (N,)
+    centroids = kmeans.fit(data.shard(emb), n_buckets, spherical=True, seed=seed, max_points=256 * n_buckets, device=device)
+    labels = kmeans.assign(emb, centroids, spherical=True, device=device)[0].cpu().numpy()  # (N,)
     order = np.argsort(labels, kind="stable")  # bucket by bucket, rows in order within each
     bounds = np.searchsorted(labels[order], np.arange(n_buckets + 1))
     for k in range(n_buckets):
         members = order[bounds[k]:bounds[k + 1]]
-        for local in similar_pairs(np.asarray(emb[members], dtype=np.float32), threshold):
+        for local in similar_pairs(np.asarray(emb[members], dtype=np.float32), threshold, block, device):
             yield members[local]
 
 
-def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0):
+def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0, device="cpu"):
     """Keep one pair per group of near-duplicates. emb (N, D) unit-norm teacher image embeddings (an array, a memmap
     or a store view: read in pieces). Groups are the connected components of the graph 'cos >= threshold'; each keeps
     the member nearest its (normalised mean) centroid. n_buckets=None: exact blocked search; an int: search within that
@@ -132,7 +135,9 @@ def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0):
     groups of two or more)."""
     n = len(emb)
     parent = np.arange(n)
-    for pairs in (similar_pairs(emb, threshold) if n_buckets is None else similar_pairs_bucketed(emb, threshold, n_buckets, seed)):
+    block = int((teachers.chunk_mb(device) * 2 ** 20 / 4) ** 0.5)  # (block, block) float32 similarities: 2048 on the CPU
+    for pairs in (similar_pairs(emb, threshold, block, device) if n_buckets is None else
+                  similar_pairs_bucketed(emb, threshold, n_buckets, seed, block, device)):
         union(parent, pairs)
     root = flatten(parent)
     size = np.bincount(root, minlength=n)
@@ -285,45 +290,61 @@ class CIDHeads(nn.Module):
         self.logit_scale = clip.logit_scale()  # s'
 
 
+def lookup(batch, extra, device):
+    """What a batch's row indices select from the method's preparation, on `device`: the text teacher's rows L(x)
+    ('text_teacher'), the text-only lines' tokens and rows ('corpus_tokens', 'corpus_rows'), the CLIP teacher's
+    cluster labels ('labels') and its image and text rows of the whole global batch ('teacher_image', 'teacher_text').
+    Looked up before the student's forward: DistributedDataParallel moves every tensor of the forward's inputs to the
+    GPU, the indices too, while the stores are read on the CPU by them. extra: as loss_terms'."""
+    out, idx = {}, batch["index"]  # (B / W,) this rank's rows of the data (and of the store)
+    if "t_store" in extra:
+        out["text_teacher"] = extra["t_store"].rows("text", idx).to(device)  # (B, D_t) L(x)
+    if "corpus_index" in batch:
+        out["corpus_tokens"] = extra["corpus_tokens"][batch["corpus_index"]].to(device)  # (B_c, L)
+        out["corpus_rows"] = extra["corpus_store"].rows("text", batch["corpus_index"]).to(device)  # (B_c, D_t)
+    if "store" in extra:
+        every = batch["global_index"]  # the teacher's rows: the whole global batch
+        out["labels"] = extra["labels"][idx].to(device)  # (B,)
+        out["teacher_image"], out["teacher_text"] = (extra["store"].rows(f, every).to(device) for f in ("image", "text"))
+    return out
+
+
 def loss_terms(model, heads, batch, extra, cfg=LossConfig()):
     """{name: scalar loss} for one batch: the terms of the run's method, each paper's equations
     above on the student's embeddings. heads: {"kclip": KCLIPHeads, "cid": CIDHeads}, those of the
     run's method (kclip+cid: both). extra: the frozen teachers' side, computed once before training
-    (prepare_kclip, prepare_cid below): the teacher store's rows, centroids and cluster labels."""
+    (prepare_kclip, prepare_cid below): the teacher store's rows, centroids and cluster labels;
+    batch["rows"]: what its indices select from it (lookup)."""
+    rows = batch["rows"]
     image_emb = model.encode_image(batch["images"])  # (B, D_s) I_e
     text_feat = model.encode_text(batch["tokens"], normalize=False)  # (B, D_s) E_T(x), before normalising
-    if "corpus_index" in batch:  # text-only lines (--text-corpus): the text tower alone
-        corpus_feat = model.encode_text(extra["corpus_tokens"][batch["corpus_index"]].to(image_emb.device),
-                                        normalize=False)  # (B_c, D_s)
+    if "corpus_tokens" in rows:  # text-only lines (--text-corpus): the text tower alone
+        corpus_feat = model.encode_text(rows["corpus_tokens"], normalize=False)  # (B_c, D_s)
     with torch.autocast(image_emb.device.type, enabled=False):  # the losses in fp32, also under bf16 autocast
         image_emb, text_feat = image_emb.float(), text_feat.float()
         text_emb = F.normalize(text_feat, dim=-1)  # (B, D_s) T_e
         rank, n = data.world()
         gathered = {} if n == 1 else dict(image_all=gather(image_emb), text_all=gather(text_emb), offset=rank * len(image_emb))
         terms = {"clip": clip_loss(image_emb, text_emb, model.logit_scale.exp(), **gathered)}
-        idx, dev = batch["index"], image_emb.device  # (B / W,) this rank's rows of the data (and of the store)
         mean, std = extra.get("target_shift", (0.0, 1.0))  # L_emb's target: L(x), or (L(x) - mean) / std (standardised)
         if "kclip" in heads:
             kh = heads["kclip"]
-            t_txt = extra["t_store"].rows("text", idx).to(dev)  # (B, D_t) L(x)
-            soft = kmeans.soft_assign(t_txt, extra["concept_centroids"], cfg.concept_tau)  # (B, K) s_i
-            terms["emb"] = embedding_distill_loss(kh.proj(text_feat), (t_txt - mean) / std)
+            soft = kmeans.soft_assign(rows["text_teacher"], extra["concept_centroids"], cfg.concept_tau)  # (B, K) s_i
+            terms["emb"] = embedding_distill_loss(kh.proj(text_feat), (rows["text_teacher"] - mean) / std)
             terms["concept"] = concept_loss(kh.classifier(image_emb), kh.classifier(text_emb), soft)
-        if "corpus_index" in batch:  # the same W_e and L_emb, on lines with no image
-            lines = extra["corpus_store"].rows("text", batch["corpus_index"]).to(dev)  # (B_c, D_t)
-            terms["corpus"] = embedding_distill_loss(heads["kclip"].proj(corpus_feat.float()), (lines - mean) / std)
+        if "corpus_tokens" in rows:  # the same W_e and L_emb, on lines with no image
+            terms["corpus"] = embedding_distill_loss(heads["kclip"].proj(corpus_feat.float()),
+                                                     (rows["corpus_rows"] - mean) / std)
         if "cid" in heads:
             ch = heads["cid"]
             zi = F.normalize(ch.proj(image_emb), dim=-1)  # (B, D_t) P(I_s)
             zt = F.normalize(ch.proj(text_emb), dim=-1)  # (B, D_t) P(T_s)
-            y, C = extra["labels"][idx].to(dev), extra["centroids"]
+            y, C = rows["labels"], extra["centroids"]
             kw = dict(s=cfg.arc_scale, m=cfg.margin, sample_frac=cfg.class_frac,
                       generator=data.step_generator(cfg.seed, batch["step"], 1) if cfg.class_frac < 1 else None)
             terms["cd"] = (cluster_loss(zi, C, y, **kw) + cluster_loss(zt, C, y, **kw)) / 2
-            every = batch["global_index"]  # the teacher's rows: the whole global batch
-            terms["id"] = instance_loss(zi, zt, extra["store"].rows("image", every).to(dev),
-                                        extra["store"].rows("text", every).to(dev), ch.logit_scale.exp(),
-                                        offset=rank * len(idx))
+            terms["id"] = instance_loss(zi, zt, rows["teacher_image"], rows["teacher_text"], ch.logit_scale.exp(),
+                                        offset=rank * len(y))
         return terms
 
 
@@ -340,18 +361,62 @@ class Student(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
+# One update (train.py's loop calls it once per step; the optimiser and its schedule: clip.py).
+
+def on_device(batch, step, device, extra=None):
+    """A stream's batch for `step`: its pixels (normalised) and tokens on device, and what its indices select from
+    the method's preparation (lookup); on CUDA the copies do not wait (non_blocking, from pinned memory)."""
+    go = dict(non_blocking=torch.device(device).type == "cuda")
+    return {**batch, "step": step, "images": clip.to_input(batch["images"].to(device, **go), device),
+            "tokens": batch["tokens"].to(device, **go), "rows": lookup(batch, extra or {}, device)}
+
+
+def train_step(student, batch, optimizer, weights, grad_clip, scales, amp):
+    """One update: the loss terms (bf16 autocast if amp), their weighted sum, backward, gradient
+    clipping, AdamW, and the clamp exp(t) <= 100 of every learned temperature in `scales`.
+    -> (the loss and each term (1 + T,), averaged over ranks; the term names; (2,) the loss and the
+    gradient norm, for the loop to check). A NaN or inf loss or gradient norm is never applied: the
+    fused AdamW (CUDA) skips the update on the device (found_inf: weights and moments stay as they
+    were) and nothing here waits for the GPU; the CPU's AdamW stops before the backward or the update."""
+    with torch.autocast(batch["images"].device.type, dtype=torch.bfloat16, enabled=amp):
+        terms = student(batch)
+        loss = sum(weights[k] * v for k, v in terms.items())
+    values = torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
+    if data.world()[1] > 1:  # what is logged and checked: the mean over ranks = the global batch's loss
+        dist.all_reduce(values)
+        values /= data.world()[1]
+    optimizer.zero_grad(set_to_none=True)
+    fused = optimizer.defaults.get("fused")
+    if not fused and not torch.isfinite(values[0]):
+        return values, list(terms), values[0].expand(2)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # the same on every rank
+    checks = torch.stack([values[0], grad_norm.float()])  # (2,)
+    if fused:
+        optimizer.found_inf = (~torch.isfinite(checks).all()).float()  # 1: the device skips this update
+    elif not torch.isfinite(grad_norm):
+        return values, list(terms), checks
+    optimizer.step()
+    with torch.no_grad():
+        for t in scales:
+            t.clamp_(0, clip.MAX_LOGIT_SCALE)
+    return values, list(terms), checks
+
+
+# ----------------------------------------------------------------------------------------
 # Each method's preparation, once before the loop, on the teacher store (its teacher's rows of every training pair;
 # store_at: teachers.open_store's root, name, dtype, workers): Knowledge-CLIP's concepts, CLIP-CID's balance and
 # clusters. Each returns what loss_terms reads (`extra`), a summary for results.json and the teacher's FLOPs.
 
-def cluster(stream, store, field, k, name, seed, out):
+def cluster(stream, store, field, k, name, seed, out, device="cpu"):
     """Spherical k-means of the store's `field` rows over the pool (kept beside the store), and its picture
     OUT/NAME.png. -> centroids (K, D_t), labels (N,)."""
     pool = stream.pool
     if k > len(pool):
         raise SystemExit(f"error: --{name} {k} is more than the {len(pool)} training "
                          f"{'captions' if field == 'text' else 'pairs'}")
-    centroids, labels = teachers.store_clusters(store, field, name, pool, k, seed)  # (K, D_t), (N,)
+    centroids, labels = teachers.store_clusters(store, field, name, pool, k, seed, device)  # (K, D_t), (N,)
     if data.world()[0] == 0:
         unit = F.normalize if field == "text" else (lambda x, dim: x)  # a text teacher's rows are not unit vectors
         save_cluster_grid(stream.images, lambda i: unit(store.rows(field, pool[i]), dim=-1), centroids,
@@ -375,14 +440,17 @@ def prepare_kclip(stream, teacher, store_at, out, device, seed=0, concepts=64, t
     """Knowledge-CLIP: the text teacher's caption embeddings L(x) (the store) and the concepts, k-means on them
     (centroids mu_k); a batch's soft labels s_i = softmax_k(cos(L(x_i), mu_k) / tau_c) come from its rows.
     standardise: L_emb's target (L(x) - mean) / std, fitted on the training captions. corpus: --text-corpus."""
+    t0 = time.time()
     store, summary = teachers.open_store(stream, teacher, **store_at)
-    centroids, labels = cluster(stream, store, "text", concepts, "concepts", seed, out)
+    t1 = time.time()
+    centroids, labels = cluster(stream, store, "text", concepts, "concepts", seed, out, device)
+    seconds = {"teacher_store": t1 - t0, "kmeans": time.time() - t1}  # info["seconds"]: train.py's phases
     pool = stream.pool
     soft_max = torch.cat([kmeans.soft_assign(store.rows("text", pool[a:a + 65536]), centroids, tau).max(1).values
                           for a in range(0, len(pool), 65536)])
     info = {"text_teacher": teacher.name, "text_teacher_params": clip.count_params(teacher.model), "text_store": summary,
             "concept_sizes": torch.bincount(labels[pool], minlength=concepts).tolist(),
-            "soft_label_max_mean": round(soft_max.mean().item(), 4)}
+            "soft_label_max_mean": round(soft_max.mean().item(), 4), "seconds": seconds}
     flops = {"text_teacher_forward": teachers.forward_flops(teacher, stream.pairs, pool), "text_teacher_training": None,
              "text_teacher_trained_by_this_run": False}
     extra = {"t_store": store, "concept_centroids": centroids.to(device)}
@@ -395,8 +463,10 @@ def prepare_kclip(stream, teacher, store_at, out, device, seed=0, concepts=64, t
         if dropped and data.world()[0] == 0:
             print(f"kclip: dropped {dropped} lines of --text-corpus that are evaluation captions")
         extra["corpus_tokens"] = stream.tokenizer(lines, context_length)  # (M, L)
+        t0 = time.time()
         (extra["corpus_store"],), _ = teachers.build_store(data.TextLines(lines), [teacher], store_at["root"],
                                                            f"corpus-{data.fingerprint_of(lines)}", store_at["dtype"])
+        seconds["teacher_store"] += time.time() - t0
         info["text_corpus"] = {"path": corpus, "lines": len(lines), "distinct": len(set(lines)),
                                "evaluation_captions_dropped": dropped}
     return extra, info, flops
@@ -444,11 +514,11 @@ def copy_cosines(store, teacher, pairs, pool, n=512, seed=0):
     return out["cos"]
 
 
-def store_balance(store, pool, threshold, buckets=None, seed=0):
+def store_balance(store, pool, threshold, buckets=None, seed=0, device="cpu"):
     """semantic_balance of the pool's image rows, computed once beside the store. -> keep (N,) bool
     (False outside the pool), stats, groups (data rows, kept member first), reused."""
     def compute():
-        keep, stats, groups = semantic_balance(store.view("image", pool), threshold, buckets, seed)
+        keep, stats, groups = semantic_balance(store.view("image", pool), threshold, buckets, seed, device)
         full = np.zeros(len(store.ok), dtype=bool)
         full[pool.numpy()[keep]] = True
         flat = pool.numpy()[np.concatenate(groups)] if groups else np.zeros(0, np.int64)  # rows, group by group
@@ -465,19 +535,22 @@ def prepare_cid(stream, teacher, store_at, out, device, seed=0, clusters=64, bal
     threshold, or by default the copies rule) and the k-means pseudo-classes of the kept pairs (centroids, each pair's
     cluster), all kept beside the store. spec, record, trained_here: what --teacher named, its own results (our
     results.json or the manifest; None: a Hugging Face model), whether this run trained it."""
+    t0 = time.time()
     store, summary = teachers.open_store(stream, teacher, **store_at)
+    seconds = {"teacher_store": time.time() - t0, "balance": 0.0}  # info["seconds"]: train.py's phases
     info = {"teacher": spec, "teacher_params": clip.count_params(teacher.model), "store": summary,
             **({"teacher_results": record} if record is not None else {})}
     flops = {"teacher_forward": teachers.forward_flops(teacher, stream.pairs, stream.pool),
              "teacher_training": (record or {}).get("flops", {}).get("student_training"),  # None: trained elsewhere
              "teacher_trained_by_this_run": trained_here}
     if balance:
+        t0 = time.time()
         buckets = buckets or (len(stream.pool) // 2000 if len(stream.pool) > 200_000 else None)  # exact below
         rule = "--balance-threshold"
         if threshold is None:  # the rule: as close as the teacher puts an image and its light copy
             threshold = copy_threshold(copy_cosines(store, teacher, stream.pairs, stream.pool, seed=seed), copies)
             rule = f"--balance-copies {copies}"
-        keep, stats, groups, reused = store_balance(store, stream.pool, threshold, buckets, seed)
+        keep, stats, groups, reused = store_balance(store, stream.pool, threshold, buckets, seed, device)
         info["balance"] = {**stats, "rule": rule}
         if data.world()[0] == 0:
             print(f"cid: semantic balance {'(reused) ' if reused else ''}removed {stats['removed']} of "
@@ -486,8 +559,11 @@ def prepare_cid(stream, teacher, store_at, out, device, seed=0, clusters=64, bal
             save_duplicate_groups(stream.images, groups, os.path.join(out, "balance_groups.png"),
                                   dup_of=stream.ds.attributes["dup_of"] if hasattr(stream, "ds") else None)
         stream.restrict(torch.from_numpy(keep))
+        seconds["balance"] = time.time() - t0
     info["pairs_trained_on"] = len(stream.pool)
-    centroids, labels = cluster(stream, store, "image", clusters, "clusters", seed, out)
+    t0 = time.time()
+    centroids, labels = cluster(stream, store, "image", clusters, "clusters", seed, out, device)
+    info["seconds"] = {**seconds, "kmeans": time.time() - t0}
     return {"store": store, "centroids": centroids.to(device), "labels": labels}, info, flops
 
 

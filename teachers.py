@@ -27,22 +27,27 @@ import kmeans
 # embeddings (weights, dtype, preprocessing, text length), which the embedding cache compares before it reuses anything.
 
 class OwnClipTeacher:
-    """A CLIP trained by train.py (a run folder holding ckpt.pt), loaded with weights_only=True."""
+    """A CLIP trained by train.py (a run folder holding ckpt.pt), loaded with weights_only=True; on CUDA it runs
+    under bf16 autocast (its rows within docs/performance.md's measured tolerance of float32's)."""
 
     def __init__(self, run_dir, device):
         self.model = clip.load_checkpoint(run_dir, device)[0].eval().requires_grad_(False)
         self.name, self.dim, self.device = weights_name(run_dir, self.model), self.model.cfg.embed_dim, device
         self.resize = self.crop = self.model.cfg.image_size  # what the store reads its images at
-        self.cache_key = {"model": self.name, "compute_dtype": "float32", "image_size": self.model.cfg.image_size,
-                          "normalise": [clip.MEAN, clip.STD], "context_length": self.model.cfg.context_length}
+        self.amp = torch.device(device).type == "cuda"
+        self.cache_key = {"model": self.name, "compute_dtype": "bfloat16 autocast" if self.amp else "float32",
+                          "image_size": self.model.cfg.image_size, "normalise": [clip.MEAN, clip.STD],
+                          "context_length": self.model.cfg.context_length}
 
     @torch.no_grad()
     def encode_images(self, images_uint8):  # (B, 3, S, S) uint8 -> (B, D_t)
-        return self.model.encode_image(clip.to_input(images_uint8, self.device)).float()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            return self.model.encode_image(clip.to_input(images_uint8, self.device)).float()
 
     @torch.no_grad()
     def encode_texts(self, captions):  # list of B str -> (B, D_t)
-        return self.model.encode_text(self.model.tokenize(captions).to(self.device)).float()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            return self.model.encode_text(self.model.tokenize(captions).to(self.device)).float()
 
 
 class HFClipTeacher:
@@ -480,15 +485,23 @@ def derived(store, name, params, compute):
     return arrays, figures, False
 
 
-def store_clusters(store, field, name, pool, k, seed=0):
+def chunk_mb(device):
+    """Memory for one block of k-means' or the balance's similarities: 16 MiB on the CPU (cache-sized), a 16th of
+    the free memory on a GPU (up to 1 GiB), so a GPU gets blocks large enough to keep it busy."""
+    device = torch.device(device)
+    return 16 if device.type != "cuda" else int(min(1024, max(16, torch.cuda.mem_get_info(device)[0] / 16 / 2 ** 20)))
+
+
+def store_clusters(store, field, name, pool, k, seed=0, device="cpu"):
     """Spherical k-means of the `field` rows of the pool (N_pool,) into k clusters (CLIP-CID's
-    pseudo-classes: the image rows; Knowledge-CLIP's concepts: the text rows), computed once
-    beside the store. -> centroids (K, D) and labels (N,) int64, -1 for rows outside the pool."""
+    pseudo-classes: the image rows; Knowledge-CLIP's concepts: the text rows) on `device`, computed
+    once beside the store. -> centroids (K, D) and labels (N,) int64, -1 for rows outside the pool."""
     def compute():
-        c = kmeans.fit(data.shard(store.view(field, pool)), k, spherical=True, seed=seed,
-                       **kmeans.settings_at_scale(len(pool), k, store.dim[field]))  # (K, D); every rank holds its share
+        c = kmeans.fit(data.shard(store.view(field, pool)), k, spherical=True, seed=seed, device=device,
+                       chunk_mb=chunk_mb(device), **kmeans.settings_at_scale(len(pool), k, store.dim[field]))  # (K, D)
         labels = np.full(len(store.ok), -1, dtype=np.int64)
-        labels[pool.numpy()] = kmeans.assign(store.view(field, pool), c, spherical=True)[0].numpy()
+        labels[pool.numpy()] = kmeans.assign(store.view(field, pool), c, spherical=True, device=device,
+                                             chunk_mb=chunk_mb(device))[0].cpu().numpy()
         return {"centroids": c.cpu().numpy(), "labels": labels}, {}
     out, _, _ = derived(store, name, {"field": field, "k": k, "seed": seed, "pool": data.fingerprint_of(pool)}, compute)
     return torch.from_numpy(out["centroids"]), torch.from_numpy(out["labels"])

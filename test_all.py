@@ -38,6 +38,7 @@ import balance  # noqa: E402
 import bench  # noqa: E402
 import convert_folder  # noqa: E402
 import em_probe  # noqa: E402
+import gpu_check  # noqa: E402
 import reproduce  # noqa: E402
 import shapes  # noqa: E402
 import use_student  # noqa: E402
@@ -476,8 +477,12 @@ class ArrayStore:
     def __init__(self, **fields):
         self.fields = fields
 
-    def rows(self, field, idx):
-        return self.fields[field][torch.as_tensor(idx)]
+    def rows(self, field, idx):  # read by a numpy copy of the indices, as teachers.Store
+        return self.fields[field][torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+
+
+def terms_of(model, heads, batch, extra):  # loss_terms as train.py's loop calls it: the rows looked up first
+    return losses.loss_terms(model, heads, {**batch, "rows": losses.lookup(batch, extra, "cpu")}, extra)
 
 
 def test_kclip_gradients_reach_only_their_modules():
@@ -488,7 +493,7 @@ def test_kclip_gradients_reach_only_their_modules():
     ds = data.ShapesDataset("test", 8)
     batch = {"images": clip.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8)}
     extra = {"t_store": ArrayStore(text=torch.randn(8, 10)), "concept_centroids": torch.randn(5, 10)}
-    terms = losses.loss_terms(model, heads, batch, extra)
+    terms = terms_of(model, heads, batch, extra)
     assert set(terms) == {"clip", "emb", "concept"}
 
     def reached(term):
@@ -515,13 +520,38 @@ def test_kclip_plus_cid_adds_each_methods_own_terms():
     extra = {"t_store": ArrayStore(text=torch.randn(8, 10)), "concept_centroids": torch.randn(5, 10),
              "labels": torch.randint(5, (8,)), "centroids": F.normalize(torch.randn(5, 12), dim=-1),
              "store": ArrayStore(image=F.normalize(torch.randn(8, 12), dim=-1), text=F.normalize(torch.randn(8, 12), dim=-1))}
-    terms = lambda heads: losses.loss_terms(model, nn.ModuleDict(heads), batch, extra)  # noqa: E731
+    terms = lambda heads: terms_of(model, nn.ModuleDict(heads), batch, extra)  # noqa: E731
     both = terms({"kclip": kh, "cid": ch})
     alone = {**terms({"kclip": kh}), **terms({"cid": ch})}
     assert set(both) == {"clip", "emb", "concept", "cd", "id"}
     assert all(torch.allclose(both[k], alone[k], rtol=0, atol=1e-6) for k in both)
     w = train.loss_config(train.parse_args(["--method", "kclip+cid", "--cd-weight", "0.1", "--emb-weight", "2"])).weights
     assert (w["cd"], w["emb"], w["id"], w["concept"]) == (0.1, 2.0, 1.0, 0.01)
+
+
+def test_rows_are_looked_up_before_the_forward_so_moved_indices_change_nothing():
+    """DistributedDataParallel moves every tensor of the forward's inputs to the GPU, the row indices too, and the
+    stores are read by index on the CPU (teachers.Store: a numpy copy of them). So the rows a batch needs are looked
+    up first (losses.lookup) and loss_terms never reads an index: with the indices moved to another device ('meta',
+    no data at all) every term of kclip+cid with a text corpus is what it was, while the lookup itself would fail."""
+    torch.manual_seed(0)
+    model = clip.build("tiny")
+    heads = nn.ModuleDict({"kclip": losses.KCLIPHeads(64, 10, 5), "cid": losses.CIDHeads(64, 12)})
+    ds = data.ShapesDataset("test", 8)
+    extra = {"t_store": ArrayStore(text=torch.randn(8, 10)), "concept_centroids": torch.randn(5, 10),
+             "corpus_tokens": model.tokenize(data.text_corpus(20)), "corpus_store": ArrayStore(text=torch.randn(20, 10)),
+             "labels": torch.randint(5, (8,)), "centroids": F.normalize(torch.randn(5, 12), dim=-1),
+             "store": ArrayStore(image=F.normalize(torch.randn(8, 12), dim=-1), text=F.normalize(torch.randn(8, 12), dim=-1))}
+    batch = {"images": clip.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8),
+             "global_index": torch.arange(8), "corpus_index": torch.tensor([3, 7, 11, 19]), "step": 0}
+    rows = losses.lookup(batch, extra, "cpu")
+    plain = losses.loss_terms(model, heads, {**batch, "rows": rows}, extra)
+    moved = {**batch, **{k: batch[k].to("meta") for k in ("index", "global_index", "corpus_index")}}
+    again = losses.loss_terms(model, heads, {**moved, "rows": rows}, extra)
+    assert set(plain) == {"clip", "emb", "concept", "corpus", "cd", "id"}
+    assert all(torch.equal(plain[k], again[k]) for k in plain)
+    with pytest.raises(TypeError, match="meta"):
+        losses.lookup(moved, extra, "cpu")
 
 
 def test_loss_terms_are_fp32_under_bf16_autocast():
@@ -536,9 +566,9 @@ def test_loss_terms_are_fp32_under_bf16_autocast():
     extra = {"labels": torch.randint(5, (8,)), "centroids": F.normalize(torch.randn(5, 12), dim=-1),
              "store": ArrayStore(image=F.normalize(torch.randn(8, 12), dim=-1), text=F.normalize(torch.randn(8, 12), dim=-1))}
     batch = {"images": None, "tokens": None, "index": torch.arange(8), "global_index": torch.arange(8)}
-    plain = losses.loss_terms(model, heads, batch, extra)
+    plain = terms_of(model, heads, batch, extra)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = losses.loss_terms(model, heads, batch, extra)
+        mixed = terms_of(model, heads, batch, extra)
     for k in plain:
         assert mixed[k].dtype == torch.float32 and abs(mixed[k].item() - plain[k].item()) < 1e-5, k
 
@@ -559,9 +589,9 @@ def test_standardised_target_is_what_l_emb_regresses_onto():
     batch = {"images": clip.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8)}
     extra = {"t_store": ArrayStore(text=rows), "concept_centroids": torch.randn(5, 10)}
     projected = heads["kclip"].proj(model.encode_text(batch["tokens"], normalize=False))
-    plain = losses.loss_terms(model, heads, batch, extra)
+    plain = terms_of(model, heads, batch, extra)
     assert torch.allclose(plain["emb"], losses.embedding_distill_loss(projected, rows[:8]))
-    shifted = losses.loss_terms(model, heads, batch, {**extra, "target_shift": (mean, std)})
+    shifted = terms_of(model, heads, batch, {**extra, "target_shift": (mean, std)})
     assert torch.allclose(shifted["emb"], losses.embedding_distill_loss(projected, (rows[:8] - mean) / std))
     assert torch.equal(shifted["concept"], plain["concept"])  # the soft concept labels come from L(x) itself
 
@@ -577,7 +607,7 @@ def test_text_only_batch_trains_the_text_tower_and_w_e_never_the_image_tower():
              "corpus_tokens": model.tokenize(lines), "corpus_store": ArrayStore(text=corpus_emb)}
     batch = {"images": clip.to_input(ds.images), "tokens": model.tokenize(ds.captions), "index": torch.arange(8),
              "corpus_index": torch.tensor([3, 7, 11, 19])}
-    terms = losses.loss_terms(model, heads, batch, extra)
+    terms = terms_of(model, heads, batch, extra)
     assert set(terms) == {"clip", "emb", "concept", "corpus"}
     terms["corpus"].backward()
     got = {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
@@ -1479,10 +1509,16 @@ class InfiniteGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu-adamw", "fused-adamw"])
 @pytest.mark.parametrize("fault", ["nan loss", "inf gradient"])
-def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fault):
+def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fault, fused):
     """A NaN loss, or a finite loss whose gradient is not, at step 12: the step is not applied,
-    ckpt.pt keeps step 10 (never overwritten), and --resume continues to the unbroken run's weights."""
+    ckpt.pt keeps step 10 (never overwritten), and --resume continues to the unbroken run's weights.
+    fused: CUDA's path, here on the CPU: the fused AdamW skips the update on the device (found_inf)
+    and the loop reads the checks at its next log step (15), not at every step."""
+    if fused:
+        real_make = clip.make_optimizer
+        monkeypatch.setattr(clip, "make_optimizer", lambda *a, **kw: real_make(*a, **{**kw, "fused": True}))
     run(tmp_path, name="whole")
     calls = {"n": 0}
     real_loss = losses.clip_loss
@@ -1626,13 +1662,13 @@ def test_kclip_plus_cid_run_and_its_flop_accounting(tmp_path, monkeypatch):
     """Both teachers at once, end to end: balance first, then the concepts on the pairs kept; every
     term logged; results.json's flops: the student's steps, each teacher's forward over the data
     and the CLIP teacher's training (this run trained it), their sum."""
-    counted, real_step = [], train.train_step  # (whose, FLOPs, batch) of every step, the teacher's too
+    counted, real_step = [], losses.train_step  # (whose, FLOPs, batch) of every step, the teacher's too
 
     def counting_step(student, batch, *rest, **kw):
         out, n = clip.count_flops(lambda: real_step(student, batch, *rest, **kw))
         counted.append(("student" if len(student.heads) else "teacher", n, batch))  # the own teacher: plain CLIP
         return out
-    monkeypatch.setattr(train, "train_step", counting_step)
+    monkeypatch.setattr(losses, "train_step", counting_step)
     res = run(tmp_path, "--method", "kclip+cid", "--teacher", "own", "--teacher-steps", "15", "--clusters", "4",
               "--concepts", "4", "--steps", "6", "--balance-threshold", "0.999", "--cd-weight", "0.5")
     assert sum(res["concept_sizes"]) == res["pairs_trained_on"] == res["balance"]["pairs_after"] < 1000
@@ -2003,6 +2039,60 @@ def test_the_front_doors_clip_reference_is_shipped_and_read_not_trained(monkeypa
     monkeypatch.setattr(train, "train", lambda a: pytest.fail("trained a reference that is shipped"))
     res, how = train.clip_reference(args)
     assert res == shipped and how.startswith(f"shipped in {os.path.relpath(path)}, made with ")
+
+
+# The same on a GPU, where one is at hand (docs/gpu_check.sh runs them there); skipped on a CPU. --preset cpu: the
+# tiny student and the pretrained teacher, not the gpu preset's own teacher, which would be trained first.
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (docs/gpu_check.sh runs it there)")
+CUDA_RUN = ("--device", "cuda", "--preset", "cpu", "--steps", "4", "--log-every", "1", "--ckpt-every", "2")
+
+
+@on_cuda
+@pytest.mark.parametrize("method", ["clip", "kclip", "cid", "kclip+cid", "kclip --text-corpus"])
+def test_every_method_steps_on_cuda(tmp_path, method):
+    """One short run of every method on CUDA: the bf16 step, the rows looked up before the forward, the fused
+    AdamW's skip flag read at log steps; every term logged and finite, the evaluation in range."""
+    res = run(tmp_path, *CUDA_RUN, "--method", *method.split(), "--clusters", "8", "--concepts", "8")
+    log = evaluation.read_log(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(v) for r in log for k, v in r.items()
+                                                             if k not in ("step", "skipped"))
+    assert 0 <= res["zero_shot_top1"] <= 100 and set(res["phase_seconds"]) == set(train.PHASES)
+
+
+@on_cuda
+def test_one_rank_nccl_group_runs_cid_on_shards_on_cuda(tmp_path):
+    """A process group created explicitly (file://, world size 1) with train.py's CUDA backends: CLIP-CID on
+    webdataset shards, its own teacher trained first, the store, the balance and k-means on the GPU."""
+    import torch.distributed as dist
+    shards = colour_shards(tmp_path, n_shards=2, per_shard=24)
+    dist.init_process_group(train.BACKENDS["cuda"], init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        res = run(tmp_path, *CUDA_RUN, "--method", "cid", "--data", shards, "--teacher-steps", "3", "--clusters", "4",
+                  "--batch-size", "8", "--image-size", "16", "--val-frac", "0.1", "--balance-threshold", "0.9999")
+        assert dist.is_initialized() and res["balance"]["pairs_before"] > 0 and "cd" in evaluation.read_log(tmp_path / "run")[-1]
+    finally:
+        dist.destroy_process_group()
+
+
+@on_cuda
+def test_resume_is_bit_exact_on_cuda(tmp_path, monkeypatch):
+    """Killed at step 5 of 8 on CUDA (CLIP-CID) and resumed: the same weights as the unbroken run."""
+    flags = (*CUDA_RUN, "--method", "cid", "--steps", "8", "--clusters", "8")
+    run(tmp_path, *flags, name="whole")
+    calls, real_loss = {"n": 0}, losses.clip_loss
+
+    def killed_at_step_5(*a):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_loss(*a)
+    monkeypatch.setattr(losses, "clip_loss", killed_at_step_5)
+    with pytest.raises(SystemExit, match="interrupted at step 5"):
+        run(tmp_path, *flags, name="broken")
+    monkeypatch.setattr(losses, "clip_loss", real_loss)
+    run(tmp_path, *flags, "--resume", name="broken")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("whole", "broken"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ========================================================================================
@@ -2830,6 +2920,27 @@ def test_bench_prints_each_variant(capsys):
     bench.main(["--bench-steps", "2", "--model", "tiny", "--batch-size", "16", "--n-train", "200"])
     out = capsys.readouterr().out
     assert "GFLOP per step" in out and out.count("x |") == 4 and "| naive" in out and "byte-pair tokens tower" in out
+
+
+# ========================================================================================
+# docs/gpu_check.py: one prepared GPU check (its smallest form, on any device)
+
+def test_gpu_check_prints_its_table_in_its_smallest_form(tmp_path, capsys):
+    """bash docs/gpu_check.sh --smoke: every row of the GPU check's table, measured at tiny sizes (on the CPU here):
+    the peak, the step's MFU, the bf16 teacher rows close to float32's, the phases of a real cid run (which add up
+    to its wall time), k-means on each device and its assignment against a matmul."""
+    rows = gpu_check.main(["--smoke", "--out", str(tmp_path / "check")])
+    out = capsys.readouterr().out
+    assert all(f"| {' | '.join(r)} |" in out for r in rows)
+    got = {name.split(",")[0]: value for name, value, _ in rows}
+    assert {"device", "matmul peak", "step", "teacher rows", "phase seconds", "before the first step",
+            "k-means fit", "k-means assign vs a plain float32 matmul + argmax"} <= set(got)
+    assert 0 < float(re.search(r"MFU (\d+)%", got["step"])[1]) <= 100
+    assert float(re.search(r"min cos ([\d.]+)", got["teacher rows"])[1]) > 0.999
+    res = json.load(open(tmp_path / "check" / "results.json"))
+    assert set(res["phase_seconds"]) == set(train.PHASES) and res["steps"] == 6
+    assert abs(sum(res["phase_seconds"].values()) - res["wall_seconds"]) < 0.1 * res["wall_seconds"] + 0.5
+    assert re.fullmatch(r"[\d,]+ vs [\d,]+ rows/s: \d+%", got["k-means assign vs a plain float32 matmul + argmax"])
 
 
 # ========================================================================================

@@ -7,7 +7,7 @@ What a run does, in order (`train`, at the end of this file):
    Knowledge-CLIP clusters its text teacher's caption embeddings into concepts (losses.prepare_kclip),
    CLIP-CID removes near-duplicate images and clusters its teacher's image embeddings (prepare_cid);
 3. the loop: each batch's loss terms (losses.loss_terms: where the methods differ), one AdamW
-   update (`train_step`: clip.lr_at's warmup + cosine, clipping, the logit-scale clamp, bf16 autocast on CUDA,
+   update (losses.train_step: clip.lr_at's warmup + cosine, clipping, the logit-scale clamp, bf16 autocast on CUDA,
    no update from a NaN or inf), DIR/log.jsonl, checkpoints that resume bit for bit;
 4. the evaluation (eval.py) into DIR/results.json, and pictures.
 `torchrun --nproc_per_node N train.py ...` runs the same loop on N processes (`init_distributed`).
@@ -34,10 +34,10 @@ import teachers
 # `gpu` is the reduced-scale run for one GPU. Every field is also a flag.
 PRESETS = {
     "cpu": dict(model="small", steps=500, batch_size=256, lr=2e-3, warmup=50, n_train=20000, vocab_size=1024,
-                teacher_steps=600),
-    "gpu": dict(model="base", steps=10000, batch_size=1024, lr=1e-3, warmup=500, n_train=400000, vocab_size=4096,
-                teacher_steps=20000),
-}  # teacher_steps: --teacher own trains a teacher on the student's data first, this long
+                teacher_model="teacher", teacher_steps=600),
+    "gpu": dict(model="vit-s-4", steps=10000, batch_size=2048, lr=1e-3, warmup=500, n_train=400000, vocab_size=4096,
+                teacher_model="vit-b-4", teacher_steps=10000),
+}  # teacher_*: --teacher own (the gpu preset's default) trains a teacher of that size on the student's data first
 METHODS = ["clip", "kclip", "cid", "kclip+cid"]  # kclip+cid: both teachers at once (beyond both papers)
 PRESET = "(preset)"  # a default taken from PRESETS
 # Every flag, grouped as a reader meets them: (flag, default, help[, argparse keywords]); the type is the default's,
@@ -60,6 +60,7 @@ FLAGS = {
         ("--store", os.path.join("runs", "store"), "root of the teacher store (kclip, cid)"),
         ("--store-dtype", "float16", "teacher rows on disk", dict(choices=["float16", "float32"])),
         ("--trust-remote-code", False, "allow a Hugging Face teacher's own code"),
+        ("--compile", False, "torch.compile the student's forward (for CUDA: docs/gpu_check.sh measures both)"),
         ("--vs-clip", True, "end beside plain CLIP on the same data and seed (trained once, kept beside the run)",
          dict(action=argparse.BooleanOptionalAction)),
     ],
@@ -87,7 +88,7 @@ FLAGS = {
         ("--csv-caption-key", "title", "CSV column of the captions"),
         ("--csv-label-key", None, "CSV column of class names: zero-shot and a probe over them"),
         ("--csv-key", None, "CSV column of a stable sample key (default: the image path)"),
-        ("--workers", 2, "DataLoader workers"),
+        ("--workers", min(8, os.cpu_count() or 2), "DataLoader workers (default: this machine's cores, at most 8)"),
     ],
     "Knowledge-CLIP (--method kclip)": [
         ("--text-teacher", teachers.DEFAULT_TEXT_TEACHER, "Hugging Face model name or folder, e.g. meta-llama/Llama-2-7b-hf"),
@@ -107,6 +108,7 @@ FLAGS = {
     "CLIP-CID (--method cid)": [
         ("--teacher", None, "'pretrained' (weights/, for shapes), 'own' (trained here first: other data), a run folder "
                             "or a Hugging Face CLIPModel"),
+        ("--teacher-model", PRESET, "size of --teacher own (clip.SIZES)", dict(choices=list(clip.SIZES))),
         ("--teacher-steps", PRESET, "steps of --teacher own"),
         ("--clusters", 64, "K of the k-means on teacher image embeddings"),
         ("--balance", True, "image semantic balance", dict(action=argparse.BooleanOptionalAction)),
@@ -129,6 +131,7 @@ METHOD_KEYS = ("method", "teacher", "clusters", "balance", "balance_threshold", 
                "class_frac", "text_teacher", "pool", "concepts", "concept_tau", "text_teacher_init", "text_corpus",
                "corpus_batch", "standardise_target")
 RESUME_MUST_MATCH = ("model", "batch_size", "vocab_size", "store_dtype", *DATA_KEYS, *METHOD_KEYS)
+PHASES = ("data", "teacher", "teacher_store", "balance", "kmeans", "loop", "eval")  # results.json phase_seconds
 RUN_KEYS = ("preset", "n_eval", "eval_split", "csv_label_key", "vocab_size", "workers", "device", "store",
             "store_dtype")  # how, where, evaluated on what
 
@@ -154,7 +157,7 @@ def parse_args(argv=None):
     preset = known.preset if known.preset in PRESETS else ("gpu" if device.startswith("cuda") else "cpu")
     model = known.model if known.model in clip.SIZES else PRESETS[preset]["model"]
     chosen = {"preset": preset, "image_size": clip.SIZES[model].image_size,
-              "teacher": "pretrained" if (known.data or "shapes") == "shapes" else "own"}
+              "teacher": "pretrained" if (known.data or "shapes") == "shapes" and preset == "cpu" else "own"}
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=ShowDefaults,
                                 epilog="The reproduction: python docs/reproduce.py --help. The step bench: python docs/bench.py.")
     for group, rows in FLAGS.items():
@@ -225,7 +228,7 @@ def make_stream(args):
     pairs = data.real_pairs(args.data, args.image_size, args.csv_img_key, args.csv_caption_key, args.csv_key,
                             os.path.join(args.store, "scans"), args.csv_label_key)
     return data.RealStream(pairs, args.batch_size, args.seed, args.vocab_size, context, args.val_frac, args.train_frac,
-                           args.workers)
+                           args.workers, pin_memory=args.device.startswith("cuda"))
 
 
 def loss_config(args):  # the flags that losses.loss_terms reads
@@ -248,51 +251,19 @@ def default_teacher_dir(args):  # --method cid's teacher (the method's preparati
     keys, the tokenizer and the teacher's steps>."""
     name = args.data if args.data in data.EMBEDDED else teachers.data_name(args.data, None)
     recipe = {k: getattr(args, k) for k in (*DATA_KEYS, "vocab_size", "teacher_steps")}
+    if args.teacher_model != "teacher":  # (the cpu preset's teachers keep the folders they were trained in)
+        recipe["teacher_model"] = args.teacher_model
     return os.path.join("runs", f"teacher-{args.preset}-{name}-"
                                 f"{hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]}")
 
 
 def train_own_teacher(args, stream, tdir):
-    """--teacher own, the first time: `--method clip --model teacher` on this data, into tdir (teachers.clip_teacher)."""
+    """--teacher own, the first time: `--method clip --model TEACHER_MODEL` on this data, into tdir (teachers.clip_teacher)."""
     say(f"cid: no teacher for this data and preset in {tdir}; training it first ({args.teacher_steps} steps)")
     batch = PRESETS[args.preset]["batch_size"]  # the preset's; the student's if the data holds fewer pairs
     batch = batch if len(stream.pool) >= batch else args.batch_size
-    train(parse_args(["--method", "clip", "--model", "teacher", "--steps", str(args.teacher_steps), "--batch-size",
+    train(parse_args(["--method", "clip", "--model", args.teacher_model, "--steps", str(args.teacher_steps), "--batch-size",
                       str(batch), *flags(args, DATA_KEYS + RUN_KEYS), "--out", tdir, "--resume"]))
-
-
-# ----------------------------------------------------------------------------------------
-# One training step (the optimiser, its schedule and checkpoints: clip.py).
-
-def on_device(batch, step, device):  # a stream's batch for `step`, its pixels (normalised) and tokens on device
-    return {**batch, "step": step, "images": clip.to_input(batch["images"], device), "tokens": batch["tokens"].to(device)}
-
-
-def train_step(student, batch, optimizer, weights, grad_clip, scales, amp):
-    """One update: the loss terms (bf16 autocast if amp), their weighted sum, backward, gradient
-    clipping, AdamW, and the clamp exp(t) <= 100 of every learned temperature in `scales`.
-    -> (the loss and each term (1 + T,), averaged over ranks; the term names; what went wrong or
-    None). A NaN or inf loss or gradient norm is not applied: the weights stay as they were."""
-    with torch.autocast(batch["images"].device.type, dtype=torch.bfloat16, enabled=amp):
-        terms = student(batch)
-        loss = sum(weights[k] * v for k, v in terms.items())
-    values = torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
-    if data.world()[1] > 1:  # what is logged and checked: the mean over ranks = the global batch's loss
-        dist.all_reduce(values)
-        values /= data.world()[1]
-    optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(values[0]):
-        return values, list(terms), ("loss", values[0])
-    loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # the same on every rank
-    if not torch.isfinite(grad_norm):
-        return values, list(terms), ("gradient norm", grad_norm)
-    optimizer.step()
-    with torch.no_grad():
-        for t in scales:
-            t.clamp_(0, clip.MAX_LOGIT_SCALE)
-    return values, list(terms), None
 
 
 # ----------------------------------------------------------------------------------------
@@ -303,8 +274,6 @@ def train(args):
     torch.manual_seed(args.seed)
     device, (rank, n_proc) = torch.device(args.device), data.world()
     main_rank = rank == 0  # writes logs, checkpoints, pictures, results
-    if device.type == "cuda":  # cuDNN's attention plans a kernel per shape: the text length changes per batch
-        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.batch_size % n_proc:
         raise SystemExit(f"error: with {n_proc} processes, --batch-size must be a multiple of {n_proc} "
                          f"(it is {args.batch_size})")
@@ -318,9 +287,11 @@ def train(args):
     os.makedirs(args.out, exist_ok=True)
     stream = make_stream(args)
     model = clip.build(args.model, image_size=args.image_size, merges=stream.merges).to(device)
+    model.text.trim = device.type != "cuda"  # CUDA: every step one shape (the whole context), nothing read on the host
     n_params = clip.count_params(model)
     say(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x {args.batch_size} pairs "
         f"on {device}{f' x {n_proc} processes' if n_proc > 1 else ''}, data {args.data} -> {args.out}")
+    phases, t_prep = {"data": time.time() - t_run}, time.time()  # results.json: where the run's time went
     extra, info, dims, teacher_flops = {}, {}, {}, {}  # the method's preparation (losses.py), once
     rng = torch.get_rng_state()  # loading or training a teacher must not change the student's init
     store_at = dict(root=args.store, name=teachers.data_name(args.data, stream.pairs), dtype=args.store_dtype,
@@ -333,6 +304,7 @@ def train(args):
         extra, info, teacher_flops = losses.prepare_cid(
             stream, teacher, store_at, args.out, device, args.seed, args.clusters, args.balance, args.balance_threshold,
             args.balance_copies, args.balance_buckets, spec=spec, record=record, trained_here=trained_here)
+        phases.update(info.pop("seconds"))
     if "kclip" in parts(args.method):
         teacher = teachers.load_text_teacher(args.text_teacher, device, args.pool, args.trust_remote_code,
                                              random_init_seed=args.seed if args.text_teacher_init == "random" else None)
@@ -341,7 +313,10 @@ def train(args):
             stream, teacher, store_at, args.out, device, args.seed, args.concepts, args.concept_tau, args.standardise_target,
             args.text_corpus, data.eval_captions(args.n_eval, args.seed, args.image_size)
             if args.text_corpus and args.data in data.EMBEDDED else frozenset(), clip.SIZES[args.model].context_length)
+        for k, v in more_info.pop("seconds").items():
+            phases[k] = phases.get(k, 0) + v
         extra, info, teacher_flops = {**extra, **more}, {**info, **more_info}, {**teacher_flops, **more_flops}
+    phases["teacher"] = time.time() - t_prep - sum(v for k, v in phases.items() if k != "data")  # loaded or trained
     torch.set_rng_state(rng)
     heads = nn.ModuleDict()  # the student's parameters beyond its CLIP: kclip first, as always
     if "kclip" in dims:
@@ -354,6 +329,7 @@ def train(args):
     student = losses.Student(model, heads, extra, cfg)
     if n_proc > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
+    compiled = torch.compile(student) if args.compile else student  # FLOPs are counted on the eager one
     start, flops, saved = 0, 0, None  # flops: the student's training FLOPs so far; saved: the step ckpt.pt holds
     if args.resume and os.path.exists(ckpt_path):
         start, flops = clip.load_for_resume(ckpt_path, model, heads, optimizer, vars(args), RESUME_MUST_MATCH)
@@ -382,26 +358,38 @@ def train(args):
                 raise SystemExit(f"error: the weights hold NaN or inf after step {step_done}; {on_disk()}")
             saved = step_done
 
+    pending = []  # (step, its (loss, gradient norm)) not checked yet: every step on the CPU, at log steps on CUDA
+
+    def check():  # a step whose update was not applied (NaN or inf): a clear stop, the checkpoint left as it was
+        if pending and not torch.isfinite(torch.stack([c for _, c in pending])).all():
+            step, c = next((s, c) for s, c in pending if not torch.isfinite(c).all())
+            what, value = ("loss", c[0]) if not torch.isfinite(c[0]) else ("gradient norm", c[1])
+            raise SystemExit(f"error: the {what} became {value.item()} at step {step}, which was not applied; "
+                             f"the checkpoint was left as it was. {on_disk()}")
+        pending.clear()
+
     step_flops = {}  # step_shape -> the FLOPs of one step of that shape, counted the first time it comes up
     try:
         for step in bar:
             lr = clip.lr_at(step, args.lr, args.warmup, args.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = on_device(stream.batch(step), step, device)
+            batch = stream.batch(step)
             if "corpus_tokens" in extra:
                 batch["corpus_index"] = losses.corpus_index(step, len(extra["corpus_tokens"]), args.corpus_batch, args.seed)
-            run_step = lambda: train_step(student, batch, optimizer, cfg.weights, args.grad_clip, scales,  # noqa: E731
-                                          amp=device.type == "cuda")
-            shape = clip.step_shape(batch["tokens"], extra["corpus_tokens"][batch["corpus_index"]]
-                                    if "corpus_index" in batch else None)
+            shape = clip.step_shape(batch["tokens"], extra["corpus_tokens"][batch["corpus_index"]]  # on the host
+                                    if "corpus_index" in batch else None, trimmed=model.text.trim)
+            batch = losses.on_device(batch, step, device, extra)
+            run_step = lambda net: losses.train_step(net, batch, optimizer, cfg.weights, args.grad_clip, scales,  # noqa: E731
+                                              amp=device.type == "cuda")
             if shape not in step_flops:  # a new shape: count this step's FLOPs (results.json: flops)
-                (values, names, bad), step_flops[shape] = clip.count_flops(run_step)
+                (values, names, checks), step_flops[shape] = clip.count_flops(lambda: run_step(student))
             else:
-                values, names, bad = run_step()
-            if bad is not None:  # stopped before the bad update
-                raise SystemExit(f"error: the {bad[0]} became {bad[1].item()} at step {step}, which was not applied; "
-                                 f"the checkpoint was left as it was. {on_disk()}")
+                values, names, checks = run_step(compiled)
+            pending.append((step, checks))
+            log_step = (step + 1) % args.log_every == 0 or (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps
+            if not optimizer.defaults.get("fused") or log_step:
+                check()
             completed = step + 1
             if flops is not None:  # under torchrun, each process's share has its own text length: rank 0's x W
                 flops += step_flops[shape] * n_proc
@@ -417,6 +405,7 @@ def train(args):
                 save(step + 1)
     except KeyboardInterrupt:
         bar.close()
+        check()
         save(completed)
         raise SystemExit(f"interrupted at step {completed}: saved {ckpt_path}; continue with --resume") from None
     bar.close()
@@ -435,6 +424,8 @@ def train(args):
     evaluation.plot_curves({args.method: evaluation.read_log(args.out)}, os.path.join(args.out, "curves.png"))
     if "kclip" in parts(args.method) and args.data in data.EMBEDDED:  # teacher vs student text space, by concept
         losses.plot_text_space(model, stream, extra, os.path.join(args.out, "text_pca.png"), device)
+    phases.update(loop=seconds, eval=time.time() - t_start - seconds)
+    results["phase_seconds"] = {k: round(phases.get(k, 0), 2) for k in PHASES}
     results["wall_seconds"] = round(time.time() - t_run, 1)  # the whole run: data, teachers, training, evaluation
     clip.write_json(os.path.join(args.out, "results.json"), results)
     data.barrier()
@@ -465,15 +456,19 @@ def clip_reference(args, use_shipped=True):
     return train(parse_args([*argv, "--out", out, "--resume"])), None
 
 
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}  # CUDA: NCCL for GPU tensors, gloo for the CPU's (the store's
+# k-means and balance over its rows, the real-data stream's counts), as NCCL has no CPU backend
+
+
 def init_distributed(device, out):
-    """Join the process group torchrun describes: nccl on CUDA (one GPU per process), gloo on CPU.
-    Each rank then takes its share of every batch (data.world). Rank 0 alone writes logs,
-    checkpoints, pictures and results, into the folder it chose. -> (this rank's device, out)."""
+    """Join the process group torchrun describes (BACKENDS; on CUDA one GPU per process). Each rank
+    then takes its share of every batch (data.world). Rank 0 alone writes logs, checkpoints,
+    pictures and results, into the folder it chose. -> (this rank's device, out)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(BACKENDS[torch.device(device).type])
         shared = [out]
         dist.broadcast_object_list(shared, src=0)  # every rank writes (or reads) rank 0's folder
         out = shared[0]

@@ -2,7 +2,7 @@
 
 1. The step bench: how fast is the student's training step, and why?
 `python docs/bench.py` (add --device cuda on a GPU, and any train.py flag: --model, --batch-size,
---vocab-size) times train.py's own update (`train.train_step`: the CLIP loss, backward,
+--vocab-size) times train.py's own update (`losses.train_step`: the CLIP loss, backward,
 clipping, AdamW, the logit-scale clamp) on the preset's real batches: first a naive version
 (byte tokens, textbook attention over every context position, fp32), then each optimisation in
 turn, each row adding one. Then each tower alone. FLOP/s are against the matmul peak measured on
@@ -43,12 +43,12 @@ def step_flops(model, batch, args, backward=True):
     import train  # here, not at the top: the k-means and store benches run without it (the store bench's peak RSS)
     cfg = train.loss_config(args)
     student = losses.Student(model, nn.ModuleDict(), {}, cfg)
-    batch = train.on_device(batch, 0, next(model.parameters()).device)
+    batch = losses.on_device(batch, 0, next(model.parameters()).device)
     if not backward:
         with torch.no_grad():
             return clip.count_flops(lambda: student(batch))[1]
     optimizer = clip.make_optimizer([model], 0.0, 0.0)  # lr 0: counting leaves the weights as they were
-    return clip.count_flops(lambda: train.train_step(student, batch, optimizer, cfg.weights, args.grad_clip,
+    return clip.count_flops(lambda: losses.train_step(student, batch, optimizer, cfg.weights, args.grad_clip,
                                                      [model.logit_scale], amp=False))[1]
 
 
@@ -80,7 +80,7 @@ def bench(args, steps):
         cfg = train.loss_config(args)
         student = losses.Student(net, nn.ModuleDict(), {}, cfg)
         optimizer = clip.make_optimizer([net], args.lr, args.weight_decay, fused=fused_adam)
-        return lambda b, i: train.train_step(student, train.on_device(b, i, device), optimizer, cfg.weights, args.grad_clip,
+        return lambda b, i: losses.train_step(student, losses.on_device(b, i, device), optimizer, cfg.weights, args.grad_clip,
                                              [net.logit_scale], amp)
 
     # (name, byte-pair tokens, fused attention, padding cut, bf16, fused AdamW)
@@ -115,7 +115,7 @@ def bench(args, steps):
     for name, tower, key, batches_ in (("image", model.encode_image, "images", batches),
                                        ("text, byte tokens", byte_model.encode_text, "tokens", byte_batches),
                                        ("text, byte-pair tokens", model.encode_text, "tokens", batches)):
-        t = seconds_per_step(lambda b, i: tower(train.on_device(b, i, device)[key]).sum().backward(), batches_)
+        t = seconds_per_step(lambda b, i: tower(losses.on_device(b, i, device)[key]).sum().backward(), batches_)
         length = np.mean([float(b["tokens"].ne(clip.PAD).sum(1).float().mean()) for b in batches_]) if key == "tokens" else None
         print(f"{name} tower forward + backward alone: {1000 * t:.1f} ms"
               + (f" ({length:.1f} tokens per caption)" if length else ""))
