@@ -1,16 +1,12 @@
 """Image-caption data, from a world of shapes to the batches a run trains on (evaluation sets: eval.py).
 
-1. The embedded "shapes" world: images of one or two coloured objects, drawn from a seed, with captions from several
-   templates and synonyms ("crimson" for red, "disk" for circle), so a pretrained text model's knowledge can matter,
-   and a text-only corpus in the same words. Nothing to download, any size. Like web data it is redundant on purpose
-   (near-duplicates, a long tail of classes), so CLIP-CID's semantic balance has something real to remove. Held out
-   from training: 8 shape x colour combinations (compositional zero-shot) and some wordings.
-2. Pairs by row: the embedded set, open_clip-style CSV/TSV rows, img2dataset webdataset tar shards (read with the
-   standard library) and text-only lines behind one interface (`Pairs`); a corrupt or missing image or an empty
-   caption is skipped and counted, never crashes a run.
-3. Data parallelism: which rank takes which rows.
-4. Batches: a run's stream of batches, each a pure function of (seed, step), the embedded set's from memory and real
-   pairs' through a DataLoader.
+1. The embedded "shapes" world: images of one or two coloured objects drawn from a seed, captions in several templates
+   and synonyms ("crimson" for red) so a pretrained text model's knowledge can matter, a text-only corpus in the same
+   words; redundant on purpose like web data (near-duplicates, a long tail of classes); some combinations and wordings
+   held out. Nothing to download, any size.
+2. Pairs by row: the embedded set, CSV/TSV rows, webdataset tar shards and text-only lines behind one interface
+   (`Pairs`); a corrupt or missing image or an empty caption is skipped and counted, never crashes a run.
+3. Data parallelism: which rank takes which rows. 4. Batches: each a pure function of (seed, step).
 """
 import contextlib
 import copy

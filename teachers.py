@@ -1,5 +1,5 @@
 """Frozen teachers, and the teacher store that holds their embeddings of every pair (CLIP-CID's semantic balance on
-those rows: losses.py).
+those rows: losses.py), with what else a run would compute again: what is derived from the rows, a large embedded set.
 
 A teacher is never run inside the training loop: before training, one pass over the pairs embeds each pair once into
 the store on disk (section 3), and the loop reads the rows of its batch. That is the pattern of MobileCLIP's reinforced
@@ -464,6 +464,25 @@ def open_store(stream, teacher, root, name, dtype="float16", workers=2):
         print(f"teacher store: {missing} training pairs have no row (the teacher could not read them); they are left out")
     stream.restrict(torch.from_numpy(store.ok))
     return store, {**summary, "training_pairs_missing": missing}
+
+
+def embedded_set(cfg, root, at_least=100_000):
+    """data.training_set(cfg), kept once in root/shapes when it holds at_least pairs or more (the gpu preset's 400,000
+    take ~2 minutes to draw on one thread), keyed by its settings and data.py's bytes (an edited data.py draws anew),
+    and read back by later runs and by every rank."""
+    if cfg["n_train"] < at_least:
+        return data.training_set(cfg)
+    with open(data.__file__, "rb") as f:
+        settings = [cfg[k] for k in ("data", "n_train", "seed", "image_size", "dup_frac", "imbalance")]
+        path = os.path.join(root, "shapes", data.fingerprint_of(settings, f.read()) + ".pt")
+    if data.world()[0] == 0 and not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with clip.atomic(path) as tmp:
+            torch.save(vars(data.training_set(cfg)), tmp)
+    data.barrier()
+    ds = object.__new__(data.ShapesDataset)  # its fields, as drawn
+    vars(ds).update(clip.load_file(path))
+    return ds
 
 
 def derived(store, name, params, compute):

@@ -1219,6 +1219,21 @@ def test_kmeans_distributed_two_ranks(tmp_path, batch_size):
 # ========================================================================================
 # teachers.py: CLIP and text teachers, the teacher store
 
+def test_a_large_embedded_set_is_drawn_once_and_read_back(tmp_path, monkeypatch):
+    """teachers.embedded_set: a set of at_least pairs or more is drawn once, kept under the store root and read back
+    (by later runs and every rank): the same images, captions and attributes as a fresh draw; other settings are
+    another file; a smaller set is drawn as always, nothing kept."""
+    cfg, real, draws = vars(train.parse_args(["--n-train", "300"])), data.training_set, []
+    monkeypatch.setattr(data, "training_set", lambda c: draws.append(c["seed"]) or real(c))
+    teachers.embedded_set(cfg, str(tmp_path), at_least=200)
+    kept, fresh = teachers.embedded_set(cfg, str(tmp_path), at_least=200), real(cfg)
+    assert draws == [0] and torch.equal(kept.images, fresh.images) and kept.captions == fresh.captions
+    assert all(torch.equal(kept.attributes[k], fresh.attributes[k]) for k in fresh.attributes) and len(kept) == 300
+    teachers.embedded_set({**cfg, "seed": 1}, str(tmp_path), at_least=200)
+    teachers.embedded_set({**cfg, "n_train": 100}, str(tmp_path), at_least=200)
+    assert draws == [0, 1, 0] and len(os.listdir(tmp_path / "shapes")) == 2
+
+
 def test_store_builds_reuses_rebuilds_what_changed_and_resumes(tmp_path, monkeypatch, capsys):
     """The teacher store on shards: rows equal the teacher's outputs (float16), a rerun embeds
     nothing, a changed shard rebuilds its own part only, a killed build and a full disk keep

@@ -224,7 +224,8 @@ def make_stream(args):
     """The batches of this run: the embedded set drawn from its flags, or your pairs read by row."""
     context = clip.SIZES[args.model].context_length
     if args.data in data.EMBEDDED:
-        return data.ShapesStream(data.training_set(vars(args)), args.batch_size, args.seed, args.vocab_size, context)
+        return data.ShapesStream(teachers.embedded_set(vars(args), args.store), args.batch_size, args.seed,
+                                 args.vocab_size, context)
     pairs = data.real_pairs(args.data, args.image_size, args.csv_img_key, args.csv_caption_key, args.csv_key,
                             os.path.join(args.store, "scans"), args.csv_label_key)
     return data.RealStream(pairs, args.batch_size, args.seed, args.vocab_size, context, args.val_frac, args.train_frac,
