@@ -297,15 +297,16 @@ def lookup(batch, extra, device):
     Looked up before the student's forward: DistributedDataParallel moves every tensor of the forward's inputs to the
     GPU, the indices too, while the stores are read on the CPU by them. extra: as loss_terms'."""
     out, idx = {}, batch["index"]  # (B / W,) this rank's rows of the data (and of the store)
+    go = dict(device=device, non_blocking=True)  # CUDA: the host does not wait for the GPU's queued work
     if "t_store" in extra:
-        out["text_teacher"] = extra["t_store"].rows("text", idx).to(device)  # (B, D_t) L(x)
+        out["text_teacher"] = extra["t_store"].rows("text", idx).to(**go)  # (B, D_t) L(x)
     if "corpus_index" in batch:
-        out["corpus_tokens"] = extra["corpus_tokens"][batch["corpus_index"]].to(device)  # (B_c, L)
-        out["corpus_rows"] = extra["corpus_store"].rows("text", batch["corpus_index"]).to(device)  # (B_c, D_t)
+        out["corpus_tokens"] = extra["corpus_tokens"][batch["corpus_index"]].to(**go)  # (B_c, L)
+        out["corpus_rows"] = extra["corpus_store"].rows("text", batch["corpus_index"]).to(**go)  # (B_c, D_t)
     if "store" in extra:
         every = batch["global_index"]  # the teacher's rows: the whole global batch
-        out["labels"] = extra["labels"][idx].to(device)  # (B,)
-        out["teacher_image"], out["teacher_text"] = (extra["store"].rows(f, every).to(device) for f in ("image", "text"))
+        out["labels"] = extra["labels"][idx].to(**go)  # (B,)
+        out["teacher_image"], out["teacher_text"] = (extra["store"].rows(f, every).to(**go) for f in ("image", "text"))
     return out
 
 
@@ -366,9 +367,9 @@ class Student(nn.Module):
 def on_device(batch, step, device, extra=None):
     """A stream's batch for `step`: its pixels (normalised) and tokens on device, and what its indices select from
     the method's preparation (lookup); on CUDA the copies do not wait (non_blocking, from pinned memory)."""
-    go = dict(non_blocking=torch.device(device).type == "cuda")
-    return {**batch, "step": step, "images": clip.to_input(batch["images"].to(device, **go), device),
-            "tokens": batch["tokens"].to(device, **go), "rows": lookup(batch, extra or {}, device)}
+    go = dict(device=device, non_blocking=True)  # (a no-op on the CPU)
+    return {**batch, "step": step, "images": clip.to_input(batch["images"].to(**go), device),
+            "tokens": batch["tokens"].to(**go), "rows": lookup(batch, extra or {}, device)}
 
 
 def train_step(student, batch, optimizer, weights, grad_clip, scales, amp):

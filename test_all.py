@@ -2075,6 +2075,35 @@ def test_every_method_steps_on_cuda(tmp_path, method):
 
 
 @on_cuda
+def test_a_cuda_step_never_waits_for_the_gpu():
+    """The hot path on CUDA (losses.on_device, lookup, train_step with the fused AdamW; kclip+cid's rows and heads)
+    makes no call that holds the host until the GPU is done: torch.cuda.set_sync_debug_mode('error') raises on any."""
+    torch.manual_seed(0)
+    args = train.parse_args(["--device", "cuda", "--preset", "cpu", "--model", "tiny", "--n-train", "600",
+                             "--batch-size", "64", "--method", "kclip+cid"])
+    stream = train.make_stream(args)
+    model = clip.build("tiny", merges=stream.merges).cuda()
+    model.text.trim = False  # as train.train on CUDA
+    heads = nn.ModuleDict({"kclip": losses.KCLIPHeads(64, 10, 5), "cid": losses.CIDHeads(64, 12)}).cuda()
+    extra = {"t_store": ArrayStore(text=torch.randn(600, 10)), "concept_centroids": torch.randn(5, 10).cuda(),
+             "labels": torch.randint(5, (600,)), "centroids": F.normalize(torch.randn(5, 12), dim=-1).cuda(),
+             "store": ArrayStore(image=F.normalize(torch.randn(600, 12), dim=-1), text=F.normalize(torch.randn(600, 12), dim=-1))}
+    cfg = train.loss_config(args)
+    optimizer = clip.make_optimizer([model, heads], 1e-3, 0.1, fused=True)
+    student = losses.Student(model, heads, extra, cfg)
+    step = lambda i: losses.train_step(student, losses.on_device(stream.batch(i), i, "cuda", extra), optimizer,  # noqa: E731
+                                       cfg.weights, 1.0, [model.logit_scale, heads["cid"].logit_scale], amp=True)
+    step(0)  # the first: allocations and kernel choices
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        checks = [step(i)[2] for i in range(1, 5)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(torch.stack(checks)).all()
+
+
+@on_cuda
 def test_one_rank_nccl_group_runs_cid_on_shards_on_cuda(tmp_path):
     """A process group created explicitly (file://, world size 1) with train.py's CUDA backends: CLIP-CID on
     webdataset shards, its own teacher trained first, the store, the balance and k-means on the GPU."""

@@ -35,7 +35,7 @@ import train  # noqa: E402
 
 # What each form runs. gpu: the gpu preset itself; cpu: the same steps, tiny; smoke: the smallest form.
 FORMS = {
-    "gpu": dict(model=None, batch=None, matmul=8192, steps=20, run=["--steps", "300", "--n-train", "100000"],
+    "gpu": dict(model=None, batch=None, matmul=8192, steps=20, run=["--steps", "200", "--n-train", "100000"],
                 kmeans=(1_000_000, 512, 1000), kmeans_iters=5, rows=2000, compile=True, tests=True),
     "cpu": dict(model="small", batch=256, matmul=1024, steps=10, run=["--model", "tiny", "--steps", "40", "--n-train",
                 "4000", "--n-eval", "400", "--batch-size", "64"], kmeans=(50_000, 128, 100), kmeans_iters=3, rows=500,
