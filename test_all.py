@@ -1484,20 +1484,24 @@ def test_short_training_run_learns(tmp_path):
     assert again["zero_shot_top1"] == res["zero_shot_top1"] and again["linear_probe_top1"] == res["linear_probe_top1"]
 
 
+def interrupt_at(monkeypatch, step):  # Ctrl-C inside step `step` (its CLIP loss: one call per step) -> undo
+    calls, real = {"n": 0}, losses.clip_loss
+
+    def killed(*a):
+        calls["n"] += 1
+        if calls["n"] == step + 1:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(losses, "clip_loss", killed)
+    return lambda: monkeypatch.setattr(losses, "clip_loss", real)
+
+
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
     whole = run(tmp_path, name="whole")
-    calls = {"n": 0}
-    real_loss = losses.clip_loss
-
-    def killed_at_step_17(*a):
-        calls["n"] += 1
-        if calls["n"] == 18:
-            raise KeyboardInterrupt
-        return real_loss(*a)
-    monkeypatch.setattr(losses, "clip_loss", killed_at_step_17)
+    undo = interrupt_at(monkeypatch, 17)
     with pytest.raises(SystemExit, match="interrupted at step 17"):
         run(tmp_path, name="broken")
-    monkeypatch.setattr(losses, "clip_loss", real_loss)
+    undo()
     ckpt = torch.load(tmp_path / "broken" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 17
     with pytest.raises(SystemExit, match="already holds a run"):
@@ -2123,17 +2127,10 @@ def test_resume_is_bit_exact_on_cuda(tmp_path, monkeypatch):
     """Killed at step 5 of 8 on CUDA (CLIP-CID) and resumed: the same weights as the unbroken run."""
     flags = (*CUDA_RUN, "--method", "cid", "--steps", "8", "--clusters", "8")
     run(tmp_path, *flags, name="whole")
-    calls, real_loss = {"n": 0}, losses.clip_loss
-
-    def killed_at_step_5(*a):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_loss(*a)
-    monkeypatch.setattr(losses, "clip_loss", killed_at_step_5)
+    undo = interrupt_at(monkeypatch, 5)
     with pytest.raises(SystemExit, match="interrupted at step 5"):
         run(tmp_path, *flags, name="broken")
-    monkeypatch.setattr(losses, "clip_loss", real_loss)
+    undo()
     run(tmp_path, *flags, "--resume", name="broken")
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("whole", "broken"))
     assert all(torch.equal(a[k], b[k]) for k in a)
