@@ -12,6 +12,7 @@ import contextlib
 import copy
 import csv
 import functools
+import itertools
 import hashlib
 import os
 import re
@@ -646,32 +647,33 @@ class RealStream(Stream):
                             for item in (view[int(i)] for i in idx)])
 
     def epochs(self, start_step):
-        """Yield (images, captions, tokens, local rows, global rows, n_skipped) from step `start_step` on. A whole pass that
-        yields no batch stops the run with one line that says why."""
-        (rank, n), B, step, epoch = world(), self.batch_size, 0, 0
+        """Yield (images, captions, tokens, local rows, global rows, n_skipped) from step `start_step` on, through one
+        DataLoader for the whole run (its workers read on across epochs): epoch e's order of the pool, this rank's share
+        of each global batch. A whole pass that yields no batch stops the run with one line that says why."""
+        (rank, n), B = world(), self.batch_size
         carry, reason = 0, self.pairs.skip_reason  # skipped pulls not yet reported; an example
-        while True:
-            order = self.order(epoch)
-            per_epoch = len(order) // B
-            if per_epoch == 0:
-                dropped = f" ({self.skipped} dropped, e.g. {reason})" if self.skipped else ""
-                raise SystemExit(f"error: --data {self.pairs.spec} has {len(order)} training pairs{dropped}, fewer than "
-                                 f"--batch-size {B}")
-            skip = min(max(start_step - step, 0), per_epoch)  # batches already trained on
-            step, full_pass, usable = step + skip, skip == 0, 0
-            mine = order[skip * B:per_epoch * B].view(-1, n, B // n)[:, rank]
-            loader = torch.utils.data.DataLoader(self.pairs, sampler=mine.flatten().tolist(), batch_size=B // n,
-                                                 num_workers=self.workers, pin_memory=self.pin_memory,
-                                                 collate_fn=functools.partial(collate, tokenizer=self.tokenizer,
-                                                                              context_length=self.context_length))
-            for images, captions, tokens, rows, skipped, why in loader:
-                step, reason, k = step + 1, reason or why, torch.tensor([len(captions)])
-                if n > 1:  # every rank keeps as many pairs as the one with fewest
-                    dist.all_reduce(k, op=dist.ReduceOp.MIN)
-                k = int(k)
-                if k < 2:  # nothing to contrast: skipped, its pairs counted
-                    carry += skipped + len(captions)
-                    continue
+        per_epoch = len(self.pool) // B
+        if per_epoch == 0:
+            dropped = f" ({self.skipped} dropped, e.g. {reason})" if self.skipped else ""
+            raise SystemExit(f"error: --data {self.pairs.spec} has {len(self.pool)} training pairs{dropped}, fewer than "
+                             f"--batch-size {B}")
+        epoch, skip = divmod(start_step, per_epoch)  # skip: the batches of this epoch already trained on
+
+        def mine():  # this rank's rows, epoch after epoch, from the first batch not trained on yet
+            for e in itertools.count(epoch):
+                yield from self.order(e)[(skip if e == epoch else 0) * B:per_epoch * B].view(-1, n, B // n)[:, rank].flatten().tolist()
+        loader = torch.utils.data.DataLoader(self.pairs, sampler=mine(), batch_size=B // n, num_workers=self.workers,
+                                             pin_memory=self.pin_memory, collate_fn=functools.partial(
+                                                 collate, tokenizer=self.tokenizer, context_length=self.context_length))
+        left, full_pass, usable = per_epoch - skip, skip == 0, 0  # batches left in this epoch, usable ones read in it
+        for images, captions, tokens, rows, skipped, why in loader:
+            reason, k = reason or why, torch.tensor([len(captions)])
+            if n > 1:  # every rank keeps as many pairs as the one with fewest
+                dist.all_reduce(k, op=dist.ReduceOp.MIN)
+            k = int(k)
+            if k < 2:  # nothing to contrast: skipped, its pairs counted
+                carry += skipped + len(captions)
+            else:
                 skipped, images, captions, tokens, rows = skipped + len(captions) - k, images[:k], captions[:k], tokens[:k], rows[:k]
                 every = rows
                 if n > 1:  # (k W,) the global batch's rows, in rank order
@@ -679,13 +681,14 @@ class RealStream(Stream):
                     dist.all_gather(shares, rows)
                     every = torch.cat(shares)
                 usable += 1
-                if step > start_step:
-                    yield images, captions, tokens, rows, every, carry + skipped
-                    carry = 0
-            if full_pass and usable == 0:
-                hint = " (CSV image paths are read relative to the CSV file's folder)" if isinstance(self.pairs, CsvPairs) else ""
-                raise SystemExit(f"error: --data {self.pairs.spec}: no usable pair in a whole pass ({carry} skipped), e.g. {reason}{hint}")
-            epoch += 1
+                yield images, captions, tokens, rows, every, carry + skipped
+                carry = 0
+            left -= 1
+            if left == 0:  # the epoch's last batch
+                if full_pass and usable == 0:
+                    hint = " (CSV image paths are read relative to the CSV file's folder)" if isinstance(self.pairs, CsvPairs) else ""
+                    raise SystemExit(f"error: --data {self.pairs.spec}: no usable pair in a whole pass ({carry} skipped), e.g. {reason}{hint}")
+                left, full_pass, usable = per_epoch, True, 0
 
     def batch(self, step):
         if self.iterator is None:
