@@ -12,8 +12,8 @@ import contextlib
 import copy
 import csv
 import functools
-import itertools
 import hashlib
+import itertools
 import os
 import re
 import tarfile

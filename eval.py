@@ -507,9 +507,6 @@ def plot_text_pca(panels, labels, path):
     print(f"wrote {path}")
 
 
-
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a CLIP checkpoint (zero-shot, retrieval, linear probe), or plot "
                                 "runs' loss curves. Elsewhere: the EM and vocabulary probes (docs/em_probe.py), AWA2 and "

@@ -37,8 +37,8 @@ rate 1/count, i.e. every centroid stays the running mean of all points ever assi
 Implementation notes
   * The nearest centroid is the argmax of x.c - ||c||^2 / 2 (from ||x - c||^2 = ||x||^2 +
     ||c||^2 - 2 x.c): one matmul per block of points and centroids, sized by a memory budget
-    (chunk_mb), never an (N, K, D) broadcast. The distance is then computed directly,
-    ||x - c||^2 with each row's own centroid.
+    (chunk_mb: 16 MiB on a CPU, more on a GPU), never an (N, K, D) broadcast. The distance is
+    then computed directly, ||x - c||^2 with each row's own centroid.
   * That matmul runs in bf16 where bf16 is faster (CPUs with AVX512-BF16 or AMX, GPUs: 2-4x
     float32), as a screen: a bound on bf16's rounding error says for which rows the best score
     cannot be overtaken, and only the other rows (none to a few % on teacher embeddings) are
@@ -81,7 +81,6 @@ SAMPLE_BYTES = 4 * 2**30  # fit(max_points=...) holds its sample in memory (floa
 # -----------------------------------------------------------------------------
 # distributed: torch.distributed when it is initialised; one process: no-ops
 
-
 def _world():
     """(rank, world size); (0, 1) when torch.distributed is not available or not initialised."""
     if dist.is_available() and dist.is_initialized():
@@ -104,7 +103,6 @@ def _shard_sizes(n, device):
 
 # -----------------------------------------------------------------------------
 # reading data: torch tensor, numpy array or np.memmap, one chunk at a time
-
 
 def _load(x, index, device, spherical, shift=None):
     """Rows x[index] (a slice or a sorted int64 numpy array) as float32 on device, (B, D),
@@ -143,12 +141,16 @@ def _device_for(x, device):
 # -----------------------------------------------------------------------------
 # assignment: nearest centroid by blocks of (points x centroids)
 
+def chunk_mb_for(device):  # the budget when chunk_mb is None: 16 MiB on a CPU, 1/16 of a GPU's free memory (<= 1 GiB)
+    device = torch.device(device)
+    return 16 if device.type != "cuda" else int(min(1024, max(16, torch.cuda.mem_get_info(device)[0] / 16 / 2 ** 20)))
 
-def _blocks(k, d, chunk_mb):
+
+def _blocks(k, d, chunk_mb, device):
     """(rows per point chunk, centroids per centroid chunk) so that a chunk of points plus
-    its (rows, kc) score block take about chunk_mb MiB of float32."""
+    its (rows, kc) score block take about chunk_mb MiB of float32 (None: chunk_mb_for(device))."""
     kc = min(k, 4096)
-    rows = max(1, int(chunk_mb * 2**20) // (4 * (kc + d)))
+    rows = max(1, int((chunk_mb or chunk_mb_for(device)) * 2**20) // (4 * (kc + d)))
     return rows, kc
 
 
@@ -248,7 +250,7 @@ class _Nearest:
         return labels, torch.linalg.vecdot(diff, diff)
 
 
-def assign(x, centroids, *, spherical=False, chunk_mb=16, device=None):
+def assign(x, centroids, *, spherical=False, chunk_mb=None, device=None):
     """Nearest centroid of every row of x.
 
     Returns labels (N,) int64 and distances (N,) float32: the squared L2 distance to the
@@ -263,12 +265,12 @@ def assign(x, centroids, *, spherical=False, chunk_mb=16, device=None):
         raise ValueError("kmeans: centroids contain NaN or inf values")
     shift = None if spherical else _centre_of(c)  # (D,) centre the problem near the origin
     c = F.normalize(c, dim=1) if spherical else c - shift
-    rows, kc = _blocks(c.shape[0], c.shape[1], chunk_mb)
+    rows, kc = _blocks(c.shape[0], c.shape[1], chunk_mb, device)
     out = list(map(_Nearest(c, spherical, kc), _chunks(x, rows, device, spherical, shift)))  # [(labels, dists)]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
-def inertia(x, centroids, *, spherical=False, chunk_mb=16, device=None):
+def inertia(x, centroids, *, spherical=False, chunk_mb=None, device=None):
     """Sum over points of the distance to the nearest centroid (squared L2, or 1 - cos when
     spherical), as a Python float. Under torch.distributed it is summed over all ranks."""
     _, d = assign(x, centroids, spherical=spherical, chunk_mb=chunk_mb, device=device)
@@ -284,7 +286,6 @@ def soft_assign(x, centroids, tau):
 
 # -----------------------------------------------------------------------------
 # initialisation: k-means++ (greedy D^2 sampling) on a random sample
-
 
 def sample_indices(n_total, size, g):
     """`size` distinct row indices of [0, n_total), sorted, uniformly at random (all of them if
@@ -405,7 +406,6 @@ def _init(x, k, init, init_sample, n_total, g, device, spherical):
 # -----------------------------------------------------------------------------
 # update steps
 
-
 def _split_empty(c, counts, empty):
     """Re-seed the clusters flagged in `empty` (K,) bool by splitting the currently largest
     cluster in two, like faiss: both copies perturbed symmetrically, count halved. In place."""
@@ -478,7 +478,6 @@ def _minibatch_epoch(x, c, counts, batch_size, g, kc, device, spherical, shift):
 # -----------------------------------------------------------------------------
 # fit
 
-
 def settings_at_scale(n, k, d):
     """How a large store is clustered (CLIP-CID's clusters and Knowledge-CLIP's concepts, in
     teachers.store_clusters; `python docs/bench.py --store` times it). Up to 200,000 rows or 256
@@ -495,7 +494,7 @@ def settings_at_scale(n, k, d):
 
 
 def fit(x, k, *, iters=20, batch_size=None, tol=0.0, spherical=False, init="k-means++", seed=0,
-        device=None, chunk_mb=16, init_sample=None, max_points=None, verbose=None, return_history=False):
+        device=None, chunk_mb=None, init_sample=None, max_points=None, verbose=None, return_history=False):
     """k-means on the rows of x (N, D): torch tensor, numpy array or np.memmap.
 
     batch_size=None runs full-batch Lloyd for at most `iters` iterations (it stops early once
@@ -504,7 +503,7 @@ def fit(x, k, *, iters=20, batch_size=None, tol=0.0, spherical=False, init="k-me
     batches of that size. init: "k-means++" (greedy, over-seeded, on a sample of init_sample
     rows, default 8 * k), "random", or a (K, D) tensor of initial centroids. spherical=True
     clusters by cosine similarity and returns unit-norm centroids. chunk_mb bounds the memory of
-    one distance block (MiB).
+    one distance block (MiB; None: chunk_mb_for(device)).
     max_points: train on a random sample of at most this many rows (faiss trains on at most 256
     per centroid): past that, more points move the centroids little and cost a pass each.
     verbose: tqdm progress bar (None: only when the work is long, and only on rank 0).
@@ -529,7 +528,7 @@ def fit(x, k, *, iters=20, batch_size=None, tol=0.0, spherical=False, init="k-me
     verbose = (slow if verbose is None else verbose) and _world()[0] == 0  # None: only when slow; rank 0 only
 
     c, shift = _init(x, k, init, init_sample, n_total, g, device, spherical)  # (K, D) in shifted coordinates
-    rows, kc = _blocks(k, d, chunk_mb)
+    rows, kc = _blocks(k, d, chunk_mb, device)
     counts = torch.zeros(k, dtype=torch.float64, device=device)  # mini-batch: points seen
     history = []
     bar = tqdm(range(iters), desc="k-means", disable=not verbose)

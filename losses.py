@@ -135,7 +135,7 @@ def semantic_balance(emb, threshold=0.95, n_buckets=None, seed=0, device="cpu"):
     groups of two or more)."""
     n = len(emb)
     parent = np.arange(n)
-    block = int((teachers.chunk_mb(device) * 2 ** 20 / 4) ** 0.5)  # (block, block) float32 similarities: 2048 on the CPU
+    block = int((kmeans.chunk_mb_for(device) * 2 ** 20 / 4) ** 0.5)  # (block, block) float32 similarities: 2048 on a CPU
     for pairs in (similar_pairs(emb, threshold, block, device) if n_buckets is None else
                   similar_pairs_bucketed(emb, threshold, n_buckets, seed, block, device)):
         union(parent, pairs)

@@ -504,23 +504,15 @@ def derived(store, name, params, compute):
     return arrays, figures, False
 
 
-def chunk_mb(device):
-    """Memory for one block of k-means' or the balance's similarities: 16 MiB on the CPU (cache-sized), a 16th of
-    the free memory on a GPU (up to 1 GiB), so a GPU gets blocks large enough to keep it busy."""
-    device = torch.device(device)
-    return 16 if device.type != "cuda" else int(min(1024, max(16, torch.cuda.mem_get_info(device)[0] / 16 / 2 ** 20)))
-
-
 def store_clusters(store, field, name, pool, k, seed=0, device="cpu"):
     """Spherical k-means of the `field` rows of the pool (N_pool,) into k clusters (CLIP-CID's
     pseudo-classes: the image rows; Knowledge-CLIP's concepts: the text rows) on `device`, computed
     once beside the store. -> centroids (K, D) and labels (N,) int64, -1 for rows outside the pool."""
     def compute():
         c = kmeans.fit(data.shard(store.view(field, pool)), k, spherical=True, seed=seed, device=device,
-                       chunk_mb=chunk_mb(device), **kmeans.settings_at_scale(len(pool), k, store.dim[field]))  # (K, D)
+                       **kmeans.settings_at_scale(len(pool), k, store.dim[field]))  # (K, D); every rank holds its share
         labels = np.full(len(store.ok), -1, dtype=np.int64)
-        labels[pool.numpy()] = kmeans.assign(store.view(field, pool), c, spherical=True, device=device,
-                                             chunk_mb=chunk_mb(device))[0].cpu().numpy()
+        labels[pool.numpy()] = kmeans.assign(store.view(field, pool), c, spherical=True, device=device)[0].cpu().numpy()
         return {"centroids": c.cpu().numpy(), "labels": labels}, {}
     out, _, _ = derived(store, name, {"field": field, "k": k, "seed": seed, "pool": data.fingerprint_of(pool)}, compute)
     return torch.from_numpy(out["centroids"]), torch.from_numpy(out["labels"])

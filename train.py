@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -292,7 +293,7 @@ def train(args):
     n_params = clip.count_params(model)
     say(f"{args.method}: model {args.model} ({n_params / 1e6:.2f}M params), {args.steps} steps x {args.batch_size} pairs "
         f"on {device}{f' x {n_proc} processes' if n_proc > 1 else ''}, data {args.data} -> {args.out}")
-    phases, t_prep = {"data": time.time() - t_run}, time.time()  # results.json: where the run's time went
+    phases, t_prep = Counter(data=time.time() - t_run), time.time()  # results.json: where the run's time went (sums)
     extra, info, dims, teacher_flops = {}, {}, {}, {}  # the method's preparation (losses.py), once
     rng = torch.get_rng_state()  # loading or training a teacher must not change the student's init
     store_at = dict(root=args.store, name=teachers.data_name(args.data, stream.pairs), dtype=args.store_dtype,
@@ -314,8 +315,7 @@ def train(args):
             stream, teacher, store_at, args.out, device, args.seed, args.concepts, args.concept_tau, args.standardise_target,
             args.text_corpus, data.eval_captions(args.n_eval, args.seed, args.image_size)
             if args.text_corpus and args.data in data.EMBEDDED else frozenset(), clip.SIZES[args.model].context_length)
-        for k, v in more_info.pop("seconds").items():
-            phases[k] = phases.get(k, 0) + v
+        phases.update(more_info.pop("seconds"))
         extra, info, teacher_flops = {**extra, **more}, {**info, **more_info}, {**teacher_flops, **more_flops}
     phases["teacher"] = time.time() - t_prep - sum(v for k, v in phases.items() if k != "data")  # loaded or trained
     torch.set_rng_state(rng)

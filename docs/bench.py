@@ -164,7 +164,7 @@ def bench_kmeans(n, d, k, iters, device):
     print(f"final inertia: {final:.6g} = {final / true:.4f} x the true centres' ({true:.6g})")
     print("inertia / true, per iteration (init first):", " ".join(f"{h / true:.3f}" for h in hist))
 
-    rows, kc = kmeans._blocks(k, d, 16)
+    rows, kc = kmeans._blocks(k, d, None, x.device)  # as kmeans.assign by default
     flop = 2.0 * n * k * d
     screened = kmeans._use_bf16(x.device)
     t_assign = {}

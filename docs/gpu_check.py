@@ -123,7 +123,7 @@ def kmeans_rows(device, form):
     c = x[torch.randperm(n, device=device)[:k]]
     fit = {dev: timed(lambda: kmeans.fit(x.to(dev), k, iters=form["kmeans_iters"], seed=0, init="random", device=dev),
                       dev, warmup=False) for dev in dict.fromkeys([str(device), "cpu"])}
-    assign = timed(lambda: kmeans.assign(x, c, device=device, chunk_mb=teachers.chunk_mb(device)), device, repeat=3)
+    assign = timed(lambda: kmeans.assign(x, c, device=device), device, repeat=3)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     xm, cm = x.to(dtype), c.to(dtype)
     matmul = timed(lambda: (xm @ cm.t()).argmax(1), device, repeat=3)
